@@ -1,0 +1,305 @@
+"""The planning problem of docs/planning-model.md section 2: models and validation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from rubberband_airflow.planning.errors import ProblemError
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class SHA:
+    """Synchronous successive halving: n1 trials, reduction factor eta, r1 epochs in stage 1."""
+
+    num_trials: int
+    eta: int
+    min_epochs: int
+    num_stages: int | None = None
+
+    @property
+    def stages(self) -> int:
+        if self.num_stages is not None:
+            return self.num_stages
+        return max_stages(self.num_trials, self.eta)
+
+    def trials(self, i: int) -> int:
+        """Trials in stage i (1-based)."""
+        return max(1, self.num_trials // self.eta ** (i - 1))
+
+    def epochs(self, i: int) -> int:
+        """Cumulative epochs at the end of stage i (1-based); r_0 = 0."""
+        return 0 if i == 0 else self.min_epochs * self.eta ** (i - 1)
+
+    def new_epochs(self, i: int) -> int:
+        """Epochs each trial trains in stage i: d_i = r_i - r_(i-1)."""
+        return self.epochs(i) - self.epochs(i - 1)
+
+
+def max_stages(num_trials: int, eta: int) -> int:
+    """Largest S with floor(n1 / eta^(S-1)) >= 1."""
+    s = 1
+    while num_trials // eta**s >= 1:
+        s += 1
+    return s
+
+
+@dataclass(frozen=True)
+class Workload:
+    epoch_seconds: dict[int, float]
+    trial_overhead_seconds: float
+    stage_overhead_seconds: float
+    straggler_sigma: float = 0.0
+    checkpoint_gb: float = 0.0
+
+
+@dataclass(frozen=True)
+class InstanceType:
+    name: str
+    gpus: int
+    price_per_hour: float
+    pending_seconds: float
+    boot_seconds: float
+    pending_sigma: float = 0.0
+    max_instances: int = 16
+
+
+@dataclass(frozen=True)
+class Billing:
+    minimum_seconds: float = 60.0
+    increment_seconds: float = 1.0
+    data_price_per_gb: float = 0.0
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    jct_quantile: float = 0.95
+    samples: int = 256
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Problem:
+    sha: SHA
+    workload: Workload
+    instance_types: tuple[InstanceType, ...]
+    deadline_seconds: float
+    billing: Billing = field(default_factory=Billing)
+    planner: PlannerSettings = field(default_factory=PlannerSettings)
+
+    @property
+    def num_stages(self) -> int:
+        return self.sha.stages
+
+    @property
+    def deterministic(self) -> bool:
+        """True when no noise is modelled: every Monte Carlo sample is the same run."""
+        return self.workload.straggler_sigma == 0 and all(t.pending_sigma == 0 for t in self.instance_types)
+
+    def instance_type(self, name: str) -> InstanceType:
+        for t in self.instance_types:
+            if t.name == name:
+                return t
+        raise ProblemError("instance_type", f"unknown instance type {name!r}; the problem has "
+                           f"{', '.join(t.name for t in self.instance_types)}")
+
+    def gpu_options(self, itype: InstanceType) -> list[int]:
+        """GPUs per trial allowed on this instance type: profiled g that fit on one instance."""
+        return sorted(g for g in self.workload.epoch_seconds if g <= itype.gpus)
+
+    def data_cost(self) -> float:
+        """Data movement cost: every promoted trial restores its checkpoint once per later stage."""
+        restores = sum(self.sha.trials(i) for i in range(2, self.num_stages + 1))
+        return self.billing.data_price_per_gb * self.workload.checkpoint_gb * restores
+
+    def to_dict(self) -> dict[str, Any]:
+        w = self.workload
+        return {
+            "sha": {"num_trials": self.sha.num_trials, "eta": self.sha.eta, "min_epochs": self.sha.min_epochs,
+                    "num_stages": self.sha.num_stages},
+            "workload": {"epoch_seconds": {str(g): s for g, s in sorted(w.epoch_seconds.items())},
+                         "trial_overhead_seconds": w.trial_overhead_seconds,
+                         "stage_overhead_seconds": w.stage_overhead_seconds,
+                         "straggler_sigma": w.straggler_sigma, "checkpoint_gb": w.checkpoint_gb},
+            "instance_types": [dict(t.__dict__) for t in self.instance_types],
+            "billing": dict(self.billing.__dict__),
+            "deadline_seconds": self.deadline_seconds,
+            "planner": dict(self.planner.__dict__),
+        }
+
+
+# --- parsing and validation -------------------------------------------------------------------
+
+
+class _Reader:
+    """Reads one JSON object, checking keys and types; every error names the dotted field."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, Mapping):
+            raise ProblemError(path or "problem", f"must be an object, got {_kind(data)}")
+        self.data = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def _name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def raw(self, key: str, default: Any = _MISSING) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            if default is _MISSING:
+                raise ProblemError(self._name(key), "is required")
+            return default
+        return self.data[key]
+
+    def integer(self, key: str, default: Any = _MISSING, *, minimum: int, maximum: int | None = None,
+                nullable: bool = False) -> Any:
+        value = self.raw(key, default)
+        name = self._name(key)
+        if value is None and nullable:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProblemError(name, f"must be an integer, got {_kind(value)}")
+        if value < minimum:
+            raise ProblemError(name, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ProblemError(name, f"must be at most {maximum}, got {value}")
+        return value
+
+    def number(self, key: str, default: Any = _MISSING, *, positive: bool = False, at_most: float | None = None) -> float:
+        value = self.raw(key, default)
+        return _number(value, self._name(key), positive=positive, at_most=at_most)
+
+    def string(self, key: str) -> str:
+        value = self.raw(key)
+        if not isinstance(value, str) or not value.strip():
+            raise ProblemError(self._name(key), f"must be a non-empty string, got {_kind(value)}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ProblemError(self._name(str(unknown[0])), f"unknown key (allowed: {', '.join(sorted(self.seen))})")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return type(value).__name__
+
+
+def _number(value: Any, name: str, *, positive: bool, at_most: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProblemError(name, f"must be a number, got {_kind(value)}")
+    if not math.isfinite(value):
+        raise ProblemError(name, f"must be finite, got {value!r}")
+    if positive and value <= 0:
+        raise ProblemError(name, f"must be positive, got {value!r}")
+    if not positive and value < 0:
+        raise ProblemError(name, f"must not be negative, got {value!r}")
+    if at_most is not None and value > at_most:
+        raise ProblemError(name, f"must be at most {at_most:g}, got {value!r}")
+    return float(value)
+
+
+def _gpu_count(key: Any, name: str) -> int:
+    text = str(key)
+    if isinstance(key, bool) or not text.isdigit():
+        raise ProblemError(name, f"GPU count must be a positive integer, got {key!r}")
+    g = int(text)
+    if g < 1 or g & (g - 1):
+        raise ProblemError(name, f"GPU count must be a power of two (1, 2, 4, ...), got {g}")
+    return g
+
+
+def parse_problem(data: Any) -> Problem:
+    """Build a Problem from its JSON form, raising ProblemError naming the first bad field."""
+    top = _Reader(data, "")
+
+    r = _Reader(top.raw("sha"), "sha")
+    num_trials = r.integer("num_trials", minimum=1)
+    eta = r.integer("eta", minimum=2)
+    min_epochs = r.integer("min_epochs", minimum=1)
+    limit = max_stages(num_trials, eta)
+    num_stages = r.integer("num_stages", None, minimum=1, maximum=limit, nullable=True)
+    r.done()
+    sha = SHA(num_trials, eta, min_epochs, num_stages)
+
+    r = _Reader(top.raw("workload"), "workload")
+    raw_curve = r.raw("epoch_seconds")
+    if not isinstance(raw_curve, Mapping) or not raw_curve:
+        raise ProblemError("workload.epoch_seconds", f"must be a non-empty object of GPU count to seconds, "
+                           f"got {_kind(raw_curve)}")
+    curve: dict[int, float] = {}
+    for key, seconds in raw_curve.items():
+        name = f"workload.epoch_seconds.{key}"
+        g = _gpu_count(key, name)
+        if g in curve:
+            raise ProblemError(name, f"GPU count {g} is given twice")
+        curve[g] = _number(seconds, name, positive=True)
+    workload = Workload(
+        epoch_seconds=dict(sorted(curve.items())),
+        trial_overhead_seconds=r.number("trial_overhead_seconds"),
+        stage_overhead_seconds=r.number("stage_overhead_seconds"),
+        straggler_sigma=r.number("straggler_sigma", 0.0, at_most=5.0),
+        checkpoint_gb=r.number("checkpoint_gb", 0.0),
+    )
+    r.done()
+
+    raw_types = top.raw("instance_types")
+    if not isinstance(raw_types, list) or not raw_types:
+        raise ProblemError("instance_types", f"must be a non-empty list, got {_kind(raw_types)}")
+    types = []
+    for k, raw in enumerate(raw_types):
+        r = _Reader(raw, f"instance_types[{k}]")
+        t = InstanceType(
+            name=r.string("name"),
+            gpus=r.integer("gpus", minimum=1, maximum=1024),
+            price_per_hour=r.number("price_per_hour", positive=True),
+            pending_seconds=r.number("pending_seconds"),
+            boot_seconds=r.number("boot_seconds"),
+            pending_sigma=r.number("pending_sigma", 0.0, at_most=5.0),
+            max_instances=r.integer("max_instances", 16, minimum=1, maximum=4096),
+        )
+        r.done()
+        if any(t.name == other.name for other in types):
+            raise ProblemError(f"instance_types[{k}].name", f"instance type {t.name!r} is listed twice")
+        types.append(t)
+    if not any(g <= t.gpus for t in types for g in workload.epoch_seconds):
+        raise ProblemError("workload.epoch_seconds", "no profiled GPU count fits on any instance type "
+                           f"(smallest g is {min(workload.epoch_seconds)}, largest instance has "
+                           f"{max(t.gpus for t in types)} GPUs)")
+
+    deadline = top.number("deadline_seconds", positive=True)
+
+    r = _Reader(top.raw("billing", {}), "billing")
+    billing = Billing(
+        minimum_seconds=r.number("minimum_seconds", 60.0),
+        increment_seconds=r.number("increment_seconds", 1.0, positive=True),
+        data_price_per_gb=r.number("data_price_per_gb", 0.0),
+    )
+    r.done()
+
+    r = _Reader(top.raw("planner", {}), "planner")
+    quantile = r.number("jct_quantile", 0.95, positive=True, at_most=1.0)
+    planner = PlannerSettings(
+        jct_quantile=quantile,
+        samples=r.integer("samples", 256, minimum=1, maximum=100_000),
+        seed=r.integer("seed", 0, minimum=0),
+    )
+    r.done()
+    top.done()
+    return Problem(sha, workload, tuple(types), deadline, billing, planner)
