@@ -32,10 +32,12 @@ def _load_json(path: str, what: str) -> Any:
         return json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise ProblemError(what, f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except ValueError as e:
+        raise ProblemError(what, f"{path} is not valid JSON: {e}") from None
 
 
 def _reject_constant(name: str) -> Any:
-    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _cmd_plan(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INPUT
     except InfeasibleError as e:
         print(f"rubberband: {e}", file=sys.stderr)
-        print(json.dumps({"error": "infeasible", "deadline_seconds": e.deadline_seconds,
-                          "fastest_jct_seconds": e.fastest_jct_seconds, "fastest_plan": e.fastest_plan}, indent=2))
+        if not args.table:
+            print(json.dumps({"error": "infeasible", "deadline_seconds": e.deadline_seconds,
+                              "fastest_jct_seconds": e.fastest_jct_seconds, "fastest_plan": e.fastest_plan},
+                             indent=2))
         return EXIT_INFEASIBLE
     print(plan_table(result) if args.table else json.dumps(result, indent=2))
     return 0

@@ -67,8 +67,9 @@ class StageTable:
     """Per stage, for every (instances before, instances, GPU option): duration and instance-seconds."""
 
     gpus: list[int]
-    seconds: np.ndarray  # (stages, max_instances + 1, max_instances, len(gpus)); inf where not allowed
-    instance_seconds: np.ndarray  # same shape
+    seconds: np.ndarray  # (stages, max_instances + 1, max_instances, len(gpus))
+    instance_seconds: np.ndarray  # same shape: live instance-seconds, before minimum billing and rounding
+    slack_seconds: np.ndarray  # same shape: the most minimum billing and rounding can add for new instances
 
 
 def stage_table(problem: Problem, itype: InstanceType) -> StageTable:
@@ -84,6 +85,8 @@ def stage_table(problem: Problem, itype: InstanceType) -> StageTable:
     shape = (problem.num_stages, m + 1, m, len(gpus))
     seconds = np.empty(shape)
     inst_seconds = np.empty(shape)
+    slack = np.empty(shape)
+    b = problem.billing
     for i in range(problem.num_stages):
         n = problem.sha.trials(i + 1)
         for k, g in enumerate(gpus):
@@ -92,29 +95,35 @@ def stage_table(problem: Problem, itype: InstanceType) -> StageTable:
             span = makespan(n, d, carried * slots, new * slots, delay)
             seconds[i, :, :, k] = h + span
             kept = np.where(after <= before, before * h + after * span, before * (h + span))
-            inst_seconds[i, :, :, k] = kept + new * np.maximum(0.0, span - pending)
-    return StageTable(gpus, seconds, inst_seconds)
+            first_life = np.maximum(0.0, span - pending)  # a new instance lives at least this long
+            inst_seconds[i, :, :, k] = kept + new * first_life
+            slack[i, :, :, k] = new * (b.increment_seconds + np.maximum(0.0, b.minimum_seconds - first_life))
+    return StageTable(gpus, seconds, inst_seconds, slack)
 
 
 def frontier(problem: Problem, itype: InstanceType, deadline: float = np.inf,
-             counts: list[int] | None = None, fastest_only: bool = False) -> list[FrontierPoint]:
+             same_count: bool = False, fastest_only: bool = False, every_end_state: bool = False
+             ) -> list[FrontierPoint]:
     """The noise-free cost/JCT frontier of plans on one instance type, fastest first.
 
-    Only plans whose noise-free JCT is within ``deadline`` are kept; ``counts`` limits the
-    instance counts a stage may use (``[c]`` gives the static-cluster plans of c instances);
-    ``fastest_only`` keeps one point per state, the fastest, and so returns the fastest plan.
+    Only plans whose noise-free JCT is within ``deadline`` are kept; ``same_count`` keeps the
+    instance count of stage 1 in every stage (the static-cluster plans); ``fastest_only`` keeps
+    one point per state, the fastest, and so returns the fastest plan. With ``every_end_state``
+    the frontier of each final instance count is returned, not only the overall one: plans that
+    tie without minimum billing and rounding can differ with them.
     """
     table = stage_table(problem, itype)
     stages = problem.num_stages
     m = itype.max_instances
-    allowed_c = np.arange(1, m + 1) if counts is None else np.asarray(counts)
+    allowed_c = np.arange(1, m + 1)
     # Lower bound on the time the stages after i still need, for deadline pruning.
     fastest = table.seconds.reshape(stages, -1).min(axis=1)
     remaining = np.concatenate([np.cumsum(fastest[::-1])[::-1][1:], [0.0]])
 
     state = np.zeros(1, dtype=np.int64)  # instances live after the stage
     time = np.zeros(1)
-    cost = np.zeros(1)
+    cost = np.zeros(1)  # lower bound, instance-seconds
+    slack = np.zeros(1)  # cost + slack bounds the billed instance-seconds from above
     history: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (parent, c, g index) per stage
     gi = np.arange(len(table.gpus))
     for i in range(stages):
@@ -122,20 +131,33 @@ def frontier(problem: Problem, itype: InstanceType, deadline: float = np.inf,
         cc, gg = cc.ravel(), gg.ravel()
         dt = table.seconds[i][state[:, None], cc[None, :] - 1, gg[None, :]]
         dk = table.instance_seconds[i][state[:, None], cc[None, :] - 1, gg[None, :]]
+        ds = table.slack_seconds[i][state[:, None], cc[None, :] - 1, gg[None, :]]
         new_time = (time[:, None] + dt).ravel()
         new_cost = (cost[:, None] + dk).ravel()
+        new_slack = (slack[:, None] + ds).ravel()
         parent = np.repeat(np.arange(len(state)), len(cc))
         new_c = np.tile(cc, len(state))
         new_g = np.tile(gg, len(state))
+        if same_count and i > 0:
+            same = new_c == state[parent]
+            new_time, new_cost, new_slack, parent, new_c, new_g = (
+                x[same] for x in (new_time, new_cost, new_slack, parent, new_c, new_g))
         keep = new_time + remaining[i] <= deadline * (1 + _EPS)
-        keep &= (_fastest_by_group if fastest_only else _pareto_by_group)(new_c, new_time, new_cost, keep)
+        if fastest_only:
+            keep &= _fastest_by_group(new_c, new_time, new_cost, keep)
+        else:
+            keep &= _pareto_by_group(new_c, new_time, new_cost, new_slack, keep)
         idx = np.nonzero(keep)[0]
         history.append((parent[idx], new_c[idx], new_g[idx]))
-        state, time, cost = new_c[idx], new_time[idx], new_cost[idx]
+        state, time, cost, slack = new_c[idx], new_time[idx], new_cost[idx], new_slack[idx]
         if len(idx) == 0:
             return []
-    final = (_fastest_by_group if fastest_only else _pareto_by_group)(
-        np.zeros_like(state), time, cost, np.ones(len(state), dtype=bool))
+    if every_end_state:
+        final = np.ones(len(state), dtype=bool)
+    elif fastest_only:
+        final = _fastest_by_group(np.zeros_like(state), time, cost, np.ones(len(state), dtype=bool))
+    else:
+        final = _pareto_by_group(np.zeros_like(state), time, cost, slack, np.ones(len(state), dtype=bool))
     points = []
     scale = itype.price_per_hour / 3600.0
     for j in np.nonzero(final)[0][np.argsort(time[final], kind="stable")]:
@@ -149,26 +171,33 @@ def frontier(problem: Problem, itype: InstanceType, deadline: float = np.inf,
     return points
 
 
-def _pareto_by_group(group: np.ndarray, time: np.ndarray, cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mask of points, among ``mask``, that no other point of the same group beats on time and cost."""
+def _pareto_by_group(group: np.ndarray, time: np.ndarray, low: np.ndarray, slack: np.ndarray,
+                     mask: np.ndarray) -> np.ndarray:
+    """Mask of the points, among ``mask``, that no other point of the same group surely beats.
+
+    Costs are known between ``low`` and ``low + slack`` (minimum billing and rounding), so a
+    point is dropped only when an earlier-or-equal point of its group costs at most its ``low``
+    even at worst, or is an exact duplicate of one kept.
+    """
     out = np.zeros(len(time), dtype=bool)
     idx = np.nonzero(mask)[0]
     if len(idx) == 0:
         return out
-    # Sort by group, then time, then cost; a point survives if its cost is below every earlier one's.
-    order = idx[np.lexsort((cost[idx], time[idx], group[idx]))]
-    g, c = group[order], cost[order]
+    high = low + slack
+    order = idx[np.lexsort((low[idx], high[idx], time[idx], group[idx]))]
+    g, t, lo, hi = group[order], time[order], low[order], high[order]
     starts = np.r_[True, g[1:] != g[:-1]]
     seg = np.cumsum(starts) - 1
-    # Running minimum of cost within each group: shift groups apart so one accumulate serves all.
-    span = c.max() - c.min() + 1.0
-    shifted = c - seg * span * 2
-    running = np.minimum.accumulate(shifted)
-    best = running + seg * span * 2
-    prev_best = np.r_[np.inf, best[:-1]]
-    prev_best[starts] = np.inf
+    # Running minimum of the upper bound within each group: shifting each group below the ones
+    # before it lets one accumulate serve all groups.
+    shift = (hi.max() - hi.min() + 1.0) * 2 * seg
+    best_high = np.minimum.accumulate(hi - shift) + shift
+    before = np.r_[np.inf, best_high[:-1]]
+    before[starts] = np.inf
+    duplicate = ~starts & np.r_[False, (t[1:] == t[:-1]) & (lo[1:] == lo[:-1]) & (hi[1:] == hi[:-1])]
     with np.errstate(invalid="ignore"):
-        out[order] = np.isinf(prev_best) | (c < prev_best - _EPS * np.maximum(1.0, np.abs(prev_best)))
+        beaten = np.isfinite(before) & (before <= lo + _EPS * np.maximum(1.0, np.abs(lo)))
+    out[order] = ~beaten & ~duplicate
     return out
 
 

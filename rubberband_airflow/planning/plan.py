@@ -46,7 +46,7 @@ def parse_plan(data: Any, problem: Problem) -> Plan:
     name = data["instance_type"]
     if not isinstance(name, str):
         raise ProblemError("plan.instance_type", f"must be a string, got {_kind(name)}")
-    itype = problem.instance_type(name) if any(t.name == name for t in problem.instance_types) else None
+    itype = next((t for t in problem.instance_types if t.name == name), None)
     if itype is None:
         raise ProblemError("plan.instance_type", f"{name!r} is not an instance type of the problem "
                            f"({', '.join(t.name for t in problem.instance_types)})")

@@ -9,6 +9,7 @@ noise). The ``greedy`` method is the seed's cost-marginal-benefit search, kept a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -20,9 +21,13 @@ from rubberband_airflow.planning.problem import InstanceType, Problem
 from rubberband_airflow.planning.simulator import Draws, simulate_outcome, summarize
 
 METHODS = ("exact", "greedy")
-# Frontier plans simulated on each side of the feasibility boundary, and local-search limits.
-_WINDOW = 6
+# Frontier plans simulated on each side of the feasibility boundary.
+_WINDOW = 2
+# Noise-free problems: at most this many frontier plans simulated in order of their cost bound.
+_BOUND_EVALS = 400
+# Local search: at most this many rounds, and at most this much simulated work (trials x samples).
 _POLISH_ROUNDS = 8
+_POLISH_WORK = 2e7
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class Evaluator:
         self.problem = problem
         self.draws = Draws.for_problem(problem)
         self.cache: dict[Plan, Prediction] = {}
+        trials = sum(problem.sha.trials(i) for i in range(1, problem.num_stages + 1))
+        self.work_per_run = trials * self.draws.samples
 
     def __call__(self, plan: Plan) -> Prediction:
         if plan not in self.cache:
@@ -48,7 +55,20 @@ class Evaluator:
         return self.cache[plan]
 
     def on_time(self, plan: Plan) -> bool:
-        return self(plan).jct_quantile <= self.problem.deadline_seconds * (1 + 1e-12)
+        return self(plan).jct_quantile <= self.problem.deadline_seconds
+
+
+def pruning_deadline(problem: Problem) -> float:
+    """Deadline for the noise-free search: the real one, relaxed where noise can help.
+
+    At a low quantile, or with high noise, the JCT at the quantile can be shorter than the
+    noise-free JCT: one mean-one lognormal factor exp(sigma Z - sigma^2/2) sits at
+    exp(sigma z_q - sigma^2/2) at quantile q. Plans over the deadline by at most the inverse of
+    that factor are kept for the simulator to judge.
+    """
+    sigma = max([problem.workload.straggler_sigma] + [t.pending_sigma for t in problem.instance_types])
+    z = NormalDist().inv_cdf(min(problem.planner.jct_quantile, 1 - 1e-12))
+    return problem.deadline_seconds * float(np.exp(max(0.0, sigma * sigma / 2 - sigma * z))) * 1.01
 
 
 def _cheapest_on_time(points: list[FrontierPoint], ev: Evaluator) -> Plan | None:
@@ -57,56 +77,110 @@ def _cheapest_on_time(points: list[FrontierPoint], ev: Evaluator) -> Plan | None
     Simulated JCT grows along the frontier, so a binary search finds the last plan on time;
     a window around it is simulated in full to settle billing details and noise.
     """
-    if not points or not ev.on_time(points[0].plan):
+    if not points:
         return None
     lo, hi = 0, len(points) - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if ev.on_time(points[mid].plan):
-            lo = mid
-        else:
-            hi = mid - 1
+    if ev.on_time(points[0].plan):
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if ev.on_time(points[mid].plan):
+                lo = mid
+            else:
+                hi = mid - 1
     window = points[max(0, lo - _WINDOW): lo + _WINDOW + 1]
-    on_time = [p.plan for p in window if ev.on_time(p.plan)]
-    return min(on_time, key=lambda plan: ev(plan).cost_mean)
+    return _cheapest([p.plan for p in window], ev)
 
 
-def _best(plans: Iterable[Plan | None], ev: Evaluator) -> Plan | None:
-    found = [p for p in plans if p is not None]
+def _cheapest_by_bound(points: list[FrontierPoint], ev: Evaluator) -> Plan | None:
+    """Noise-free problems: simulate plans in order of their noise-free cost, a lower bound on
+    the billed cost, until the bound passes the cheapest on-time plan found."""
+    best: Plan | None = None
+    for evaluated, p in enumerate(sorted(points, key=lambda p: (p.cost, p.jct))):
+        if best is not None and (p.cost > ev(best).cost_mean + 1e-9 or evaluated >= _BOUND_EVALS):
+            break
+        if ev.on_time(p.plan) and (best is None or ev(p.plan).cost_mean < ev(best).cost_mean - 1e-12):
+            best = p.plan
+    return best
+
+
+def _cheapest(plans: Iterable[Plan | None], ev: Evaluator) -> Plan | None:
+    """The on-time plan of lowest mean cost (then lowest JCT), or None."""
+    found = [p for p in plans if p is not None and ev.on_time(p)]
     return min(found, key=lambda plan: (ev(plan).cost_mean, ev(plan).jct_quantile)) if found else None
 
 
-def _neighbours(problem: Problem, plan: Plan) -> list[Plan]:
-    """Plans one move away: one stage's count up or down, its GPUs per trial changed, or its count
-    set to a neighbouring stage's."""
+def _neighbours(problem: Problem, plan: Plan, family: str = "elastic") -> list[Plan]:
+    """Plans one move away: a stage's count up or down or set to a neighbouring stage's, or its
+    GPUs per trial changed. In the ``static_cluster`` and ``static_allocation`` families a move
+    changes every stage, so that the plan stays in its family."""
     itype = problem.instance_type(plan.instance_type)
     options = problem.gpu_options(itype)
     stages = [(s.gpus_per_trial, s.instances) for s in plan.stages]
     out: set[Plan] = set()
-    for i, (g, c) in enumerate(stages):
-        counts = {c - 1, c + 1}
-        if i > 0:
-            counts.add(stages[i - 1][1])
-        if i + 1 < len(stages):
-            counts.add(stages[i + 1][1])
-        moves = [(g, k) for k in counts if 1 <= k <= itype.max_instances and k != c]
-        moves += [(other, c) for other in options if other != g]
-        for move in moves:
-            changed = list(stages)
-            changed[i] = move
+
+    def add(changed: list[tuple[int, int]]) -> None:
+        if all(1 <= c <= itype.max_instances for _, c in changed) and changed != stages:
             out.add(Plan.of(plan.instance_type, changed))
+
+    if family == "elastic":
+        for i, (g, c) in enumerate(stages):
+            counts = {c - 1, c + 1} | {stages[j][1] for j in (i - 1, i + 1) if 0 <= j < len(stages)}
+            for move in [(g, k) for k in counts] + [(other, c) for other in options]:
+                add(stages[:i] + [move] + stages[i + 1:])
+    else:
+        c = stages[0][1]
+        for k in (c - 1, c + 1):
+            add([(g, k) for g, _ in stages])
+        if family == "static_cluster":
+            for i, (g, _) in enumerate(stages):
+                for other in options:
+                    add(stages[:i] + [(other, c)] + stages[i + 1:])
+        else:
+            for other in options:
+                add([(other, c)] * len(stages))
     return sorted(out, key=lambda p: [(s.gpus_per_trial, s.instances) for s in p.stages])
 
 
-def _polish(plan: Plan, ev: Evaluator) -> Plan:
-    """Local search with the simulator: move to the cheapest on-time neighbour while one is cheaper."""
+def _descend(plan: Plan, ev: Evaluator, score: Callable[[Plan], tuple | None], family: str = "elastic",
+             done: Callable[[Plan], bool] = lambda plan: False) -> Plan:
+    """Local search with the simulator: move to the neighbour of lowest score (None: not allowed)
+    while that improves the score, looking two moves away when one does not help, within a fixed
+    amount of simulated work so large jobs still plan in seconds."""
+    budget = max(1, int(_POLISH_WORK / ev.work_per_run))
     for _ in range(_POLISH_ROUNDS):
-        current = ev(plan).cost_mean
-        better = [p for p in _neighbours(ev.problem, plan) if ev.on_time(p) and ev(p).cost_mean < current - 1e-9]
-        if not better:
+        if done(plan):
             break
-        plan = min(better, key=lambda p: ev(p).cost_mean)
+        single = _neighbours(ev.problem, plan, family)
+        rings = [single, sorted({q for p in single for q in _neighbours(ev.problem, p, family)} - {plan},
+                                key=lambda p: [(s.gpus_per_trial, s.instances) for s in p.stages])]
+        moved = False
+        for candidates in rings:
+            fresh = sum(p not in ev.cache for p in candidates)
+            if fresh > budget:
+                return plan
+            budget -= fresh
+            scored = [(sc, p) for p in candidates if (sc := score(p)) is not None]
+            current = score(plan)
+            if scored:
+                best_score, best = min(scored, key=lambda x: x[0])
+                if current is None or best_score < current:
+                    plan, moved = best, True
+                    break
+        if not moved:
+            break
     return plan
+
+
+def _polish(plan: Plan, ev: Evaluator, family: str = "elastic") -> Plan:
+    """Cheapen an on-time plan while it stays on time."""
+    def score(p: Plan) -> tuple | None:
+        return (round(ev(p).cost_mean, 9), ev(p).jct_quantile) if ev.on_time(p) else None
+    return _descend(plan, ev, score, family)
+
+
+def _speed_up(plan: Plan, ev: Evaluator) -> Plan:
+    """Shorten the JCT at the quantile until the plan is on time, or as far as moves go."""
+    return _descend(plan, ev, lambda p: (ev(p).jct_quantile, ev(p).cost_mean), done=ev.on_time)
 
 
 def _fastest(candidates: Iterable[Plan], ev: Evaluator) -> Plan:
@@ -127,12 +201,25 @@ def _infeasible(problem: Problem, ev: Evaluator, candidates: list[Plan]) -> Infe
     return InfeasibleError(problem.deadline_seconds, ev(plan).jct_quantile, plan.to_dict(problem))
 
 
-def plan_exact(problem: Problem, ev: Evaluator) -> Plan:
-    """Cheapest on-time plan: exact frontier search, simulator selection, local polish."""
+def plan_exact(problem: Problem, ev: Evaluator, baselines: Iterable[Plan] = ()) -> Plan:
+    """Cheapest on-time plan: exact frontier search, simulator selection, local polish.
+
+    ``baselines`` are on-time plans found otherwise (the static baselines); the result is never
+    more expensive than any of them.
+    """
     types = _usable_types(problem)
-    chosen = _best((_cheapest_on_time(frontier(problem, t, problem.deadline_seconds), ev) for t in types), ev)
-    if chosen is None:
-        raise _infeasible(problem, ev, [p for t in types if (p := _fastest_plan(problem, t))])
+    deadline = pruning_deadline(problem)
+    if problem.deterministic:
+        points = [p for t in types for p in frontier(problem, t, deadline, every_end_state=True)]
+        found = [_cheapest_by_bound(points, ev)]
+    else:
+        found = [_cheapest_on_time(frontier(problem, t, deadline), ev) for t in types]
+    chosen = _cheapest(found + list(baselines), ev)
+    if chosen is None:  # noise can make plans the noise-free model finds slower the faster ones
+        fastest = [_speed_up(p, ev) for t in types if (p := _fastest_plan(problem, t))]
+        chosen = _cheapest(fastest, ev)
+        if chosen is None:
+            raise _infeasible(problem, ev, fastest)
     return _polish(chosen, ev)
 
 
@@ -159,7 +246,7 @@ def plan_greedy(problem: Problem, ev: Evaluator) -> Plan:
                 break
             plan = best
         results.append(plan)
-    chosen = _best(results, ev)
+    chosen = _cheapest(results, ev)
     if chosen is None:
         raise _infeasible(problem, ev, starts)
     return chosen
@@ -182,8 +269,7 @@ def _static_allocation_frontier(problem: Problem, itype: InstanceType) -> list[F
 
 def _static_cluster_frontier(problem: Problem, itype: InstanceType) -> list[FrontierPoint]:
     """Every plan with the same instance count in each stage (GPUs per trial free), on the frontier."""
-    points = [p for c in range(1, itype.max_instances + 1) for p in frontier(problem, itype, counts=[c])]
-    return _pareto(points)
+    return frontier(problem, itype, pruning_deadline(problem), same_count=True)
 
 
 def _pareto(points: list[FrontierPoint]) -> list[FrontierPoint]:
@@ -194,14 +280,24 @@ def _pareto(points: list[FrontierPoint]) -> list[FrontierPoint]:
     return out
 
 
-def _baseline(problem: Problem, ev: Evaluator,
-              frontier_of: Callable[[Problem, InstanceType], list[FrontierPoint]]) -> dict[str, Any]:
+def _static_baseline(problem: Problem, ev: Evaluator, family: str, also: Iterable[Plan] = ()) -> Plan | None:
+    """The cheapest on-time plan of a static family, or None when none is on time."""
+    frontier_of = _static_allocation_frontier if family == "static_allocation" else _static_cluster_frontier
     fronts = [frontier_of(problem, t) for t in _usable_types(problem)]
-    plan = _best((_cheapest_on_time(f, ev) for f in fronts), ev)
-    if plan is None:
-        fastest = _fastest([f[0].plan for f in fronts if f], ev)
-        return {"feasible": False, "fastest": _with_prediction(problem, fastest, ev)}
-    return {"feasible": True, **_with_prediction(problem, plan, ev)}
+    plan = _cheapest([_cheapest_on_time(f, ev) for f in fronts] + list(also), ev)
+    return _polish(plan, ev, family) if plan is not None else None
+
+
+def _baseline_report(problem: Problem, ev: Evaluator, plan: Plan | None, family: str) -> dict[str, Any]:
+    if plan is not None:
+        return {"feasible": True, **_with_prediction(problem, plan, ev)}
+    if family == "static_allocation":
+        starts = [Plan.of(t.name, [(max(problem.gpu_options(t)), t.max_instances)] * problem.num_stages)
+                  for t in _usable_types(problem)]
+    else:
+        starts = [f[0].plan for t in _usable_types(problem) if (f := frontier(problem, t, same_count=True,
+                                                                              fastest_only=True))]
+    return {"feasible": False, "fastest": _with_prediction(problem, _fastest(starts, ev), ev)}
 
 
 def lower_bound_cost(problem: Problem) -> float:
@@ -225,7 +321,12 @@ def plan_problem(problem: Problem, method: str = "exact") -> dict[str, Any]:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     ev = Evaluator(problem)
-    plan = plan_exact(problem, ev) if method == "exact" else plan_greedy(problem, ev)
+    static_allocation = _static_baseline(problem, ev, "static_allocation")
+    static_cluster = _static_baseline(problem, ev, "static_cluster", [static_allocation])
+    if method == "exact":
+        plan = plan_exact(problem, ev, [p for p in (static_allocation, static_cluster) if p])
+    else:
+        plan = plan_greedy(problem, ev)
     out = _with_prediction(problem, plan, ev)
     out["gpus_per_instance"] = problem.instance_type(plan.instance_type).gpus
     out["deadline_seconds"] = problem.deadline_seconds
@@ -233,8 +334,8 @@ def plan_problem(problem: Problem, method: str = "exact") -> dict[str, Any]:
     out["samples"] = problem.planner.samples
     out["method"] = method
     out["baselines"] = {
-        "static_allocation": _baseline(problem, ev, _static_allocation_frontier),
-        "static_cluster": _baseline(problem, ev, _static_cluster_frontier),
+        "static_allocation": _baseline_report(problem, ev, static_allocation, "static_allocation"),
+        "static_cluster": _baseline_report(problem, ev, static_cluster, "static_cluster"),
         "lower_bound": {"cost_usd": lower_bound_cost(problem)},
     }
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -204,6 +205,8 @@ def _kind(value: Any) -> str:
 def _number(value: Any, name: str, *, positive: bool, at_most: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProblemError(name, f"must be a number, got {_kind(value)}")
+    if isinstance(value, int) and abs(value) > 10**15:
+        raise ProblemError(name, f"is too large (more than 1e15), got a {len(str(abs(value)))}-digit number")
     if not math.isfinite(value):
         raise ProblemError(name, f"must be finite, got {value!r}")
     if positive and value <= 0:
@@ -217,7 +220,7 @@ def _number(value: Any, name: str, *, positive: bool, at_most: float | None = No
 
 def _gpu_count(key: Any, name: str) -> int:
     text = str(key)
-    if isinstance(key, bool) or not text.isdigit():
+    if isinstance(key, bool) or not re.fullmatch(r"[0-9]{1,6}", text):
         raise ProblemError(name, f"GPU count must be a positive integer, got {key!r}")
     g = int(text)
     if g < 1 or g & (g - 1):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,10 +23,25 @@ class Draws:
 
     trial_z: np.ndarray  # (samples, stages, num_trials)
     pending_z: np.ndarray  # (samples, stages, max instances requested in one stage)
+    _factors: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def samples(self) -> int:
         return self.trial_z.shape[0]
+
+    def trial_factor(self, sigma: float) -> np.ndarray:
+        """Straggler multipliers xi for every (sample, stage, trial)."""
+        return self._factor("trial", self.trial_z, sigma)
+
+    def pending_factor(self, sigma: float) -> np.ndarray:
+        """Pending-latency multipliers for every (sample, stage, request)."""
+        return self._factor("pending", self.pending_z, sigma)
+
+    def _factor(self, kind: str, z: np.ndarray, sigma: float) -> np.ndarray:
+        key = (kind, sigma)
+        if key not in self._factors:
+            self._factors[key] = lognormal_factor(z, sigma)
+        return self._factors[key]
 
     @classmethod
     def for_problem(cls, problem: Problem, samples: int | None = None) -> "Draws":
@@ -89,38 +104,38 @@ def billed_seconds(running: np.ndarray, terminated: np.ndarray, minimum: float, 
 def schedule_stage(free: np.ndarray, durations: np.ndarray) -> np.ndarray:
     """Greedy list scheduling of trials in index order onto slots, for every sample at once.
 
-    ``free`` (samples, slots) is when each slot is first free, columns in tie-break order (older
-    instance first, then lower slot number); ``durations`` (samples, trials). Each trial goes to
-    the slot that is free earliest. Returns the latest finish time per sample.
+    ``free`` (samples, slots) is when each slot is first free; ``durations`` (samples, trials).
+    Each trial goes to the slot that is free earliest. Returns the latest finish time per sample.
 
-    Trials are placed in batches: with the slots sorted by (free time, order), every slot whose
-    free time is below the earliest free time plus the shortest remaining duration is taken by
-    the next trials in that order, exactly as one-by-one placement would take them, since each
-    slot it refills becomes free later than all of them.
+    Which of two equally free slots a trial takes changes neither the free times that follow
+    (as a set) nor any finish time, so only the sorted free times are kept. Trials are placed
+    in batches: every slot free before the earliest free time plus the shortest duration is
+    taken by the next trials in order of free time, exactly as one-by-one placement would take
+    them, since each slot it refills becomes free later than all of them. Only the n earliest
+    slots can ever be used by n trials.
     """
-    free = free.copy()
-    samples, _ = free.shape
     n = durations.shape[1]
-    shortest = durations.min(axis=1)
+    free = np.sort(free, axis=1)[:, :n]
+    samples = free.shape[0]
+    shortest = durations.min(axis=1)[:, None]
     placed = np.zeros(samples, dtype=np.int64)
     end = np.full(samples, -np.inf)
     rows = np.arange(samples)[:, None]
     while True:
         left = n - placed
-        if not left.any():
+        most = int(left.max())
+        if most == 0:
             return end
-        order = np.argsort(free, axis=1, kind="stable")
-        sorted_free = np.take_along_axis(free, order, axis=1)
-        batch = np.count_nonzero(sorted_free < sorted_free[:, :1] + shortest[:, None], axis=1)
-        batch = np.minimum(batch, left)
+        free = free[:, :most]
+        batch = np.minimum(np.count_nonzero(free < free[:, :1] + shortest, axis=1), left)
         width = int(batch.max())
         offsets = np.arange(width)
         take = offsets[None, :] < batch[:, None]
         trial = np.minimum(placed[:, None] + offsets[None, :], n - 1)
-        starts = sorted_free[:, :width]
-        finish = starts + durations[rows, trial]
-        free[rows, order[:, :width]] = np.where(take, finish, starts)
+        starts = free[:, :width]
+        finish = np.where(take, starts + durations[rows, trial], starts)
         end = np.maximum(end, np.where(take, finish, -np.inf).max(axis=1))
+        free = np.sort(np.concatenate([free[:, width:], finish], axis=1), axis=1)
         placed += batch
 
 
@@ -140,8 +155,7 @@ def simulate_outcome(problem: Problem, plan: Plan, draws: Draws) -> Outcome:
         start = end + h
         while len(live) > stage.instances:  # LIFO scale-in
             terminated[live.pop()] = start
-        pending = itype.pending_seconds * lognormal_factor(draws.pending_z[:, i, : stage.instances - len(live)],
-                                                           itype.pending_sigma)
+        pending = itype.pending_seconds * draws.pending_factor(itype.pending_sigma)[:, i, : stage.instances - len(live)]
         for k in range(stage.instances - len(live)):
             live.append(len(running))
             running.append(start + pending[:, k])
@@ -152,7 +166,7 @@ def simulate_outcome(problem: Problem, plan: Plan, draws: Draws) -> Outcome:
         free = np.repeat(instance_free, slots_per_instance, axis=1)
         n = problem.sha.trials(i + 1)
         train = problem.sha.new_epochs(i + 1) * w.epoch_seconds[stage.gpus_per_trial]
-        durations = w.trial_overhead_seconds + train * lognormal_factor(draws.trial_z[:, i, :n], w.straggler_sigma)
+        durations = w.trial_overhead_seconds + train * draws.trial_factor(w.straggler_sigma)[:, i, :n]
         end = schedule_stage(free, durations)
         stage_end[:, i] = end
     for k in live:

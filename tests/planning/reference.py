@@ -1,0 +1,67 @@
+"""A plain event-by-event simulator, written line by line from docs/planning-model.md section 4.
+
+It is the oracle for the vectorised simulator: one sample at a time, a heap of slots, no numpy.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+
+from rubberband_airflow.planning.plan import Plan
+from rubberband_airflow.planning.problem import Problem
+from rubberband_airflow.planning.simulator import Draws
+
+
+def _factor(z: float, sigma: float) -> float:
+    return math.exp(sigma * z - sigma * sigma / 2)
+
+
+def _billed(running: float, terminated: float, minimum: float, increment: float) -> float:
+    life = terminated - running
+    if life <= 0:
+        return 0.0
+    return max(minimum, math.ceil(round(life / increment, 6)) * increment)
+
+
+def reference_run(problem: Problem, plan: Plan, draws: Draws, sample: int) -> tuple[float, float, list[float]]:
+    """(JCT, cost, stage end times) of one sample."""
+    it = problem.instance_type(plan.instance_type)
+    w = problem.workload
+    end = 0.0
+    live: list[dict] = []  # in request order: oldest first
+    every: list[dict] = []
+    ends = []
+    for i, stage in enumerate(plan.stages):
+        start = end + w.stage_overhead_seconds
+        while len(live) > stage.instances:
+            live.pop()["terminated"] = start  # most recently requested first
+        k = 0
+        while len(live) < stage.instances:
+            pending = it.pending_seconds * _factor(float(draws.pending_z[sample, i, k]), it.pending_sigma)
+            inst = {"running": start + pending, "terminated": None}
+            inst["ready"] = inst["running"] + it.boot_seconds
+            live.append(inst)
+            every.append(inst)
+            k += 1
+        heap = []
+        for age, inst in enumerate(live):
+            for slot in range(it.gpus // stage.gpus_per_trial):
+                heapq.heappush(heap, (max(start, inst["ready"]), age, slot))
+        d = problem.sha.epochs(i + 1) - problem.sha.epochs(i)
+        latest = -math.inf
+        for j in range(problem.sha.trials(i + 1)):
+            free, age, slot = heapq.heappop(heap)
+            xi = _factor(float(draws.trial_z[sample, i, j]), w.straggler_sigma)
+            finish = free + w.trial_overhead_seconds + d * w.epoch_seconds[stage.gpus_per_trial] * xi
+            latest = max(latest, finish)
+            heapq.heappush(heap, (finish, age, slot))
+        end = latest
+        ends.append(end)
+    for inst in live:
+        inst["terminated"] = end
+    b = problem.billing
+    seconds = sum(_billed(x["running"], x["terminated"], b.minimum_seconds, b.increment_seconds) for x in every)
+    restores = sum(problem.sha.trials(i) for i in range(2, len(plan.stages) + 1))
+    cost = it.price_per_hour / 3600 * seconds + b.data_price_per_gb * w.checkpoint_gb * restores
+    return end, cost, ends
