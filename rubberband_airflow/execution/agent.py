@@ -1,0 +1,188 @@
+"""The instance agent (``rubberband-agent``): one per instance, it runs the trials assigned to it.
+
+It announces itself with a heartbeat (the first one after boot marks the instance ready),
+takes the trials assigned to it stage by stage from the run's storage, runs each in a worker
+process on ``gpus_per_trial`` of its slots (GPUs, or CPU cores where there are none), records
+each trial as done or failed with the reason (a crash, a NaN, a timeout), and stops when its
+``stop`` file appears or it receives SIGTERM (the instance is being terminated). The run URI,
+the instance id and the slot count are all it is given; hyperparameters come from storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from rubberband_airflow.execution.storage import RunStorage
+
+
+@dataclass
+class _Running:
+    task: dict[str, Any]
+    slots: list[int]
+    process: subprocess.Popen
+    started: float
+
+
+@dataclass
+class Agent:
+    storage: RunStorage
+    instance: str
+    slots: int
+    trial_timeout: float = 3600.0
+    poll_seconds: float = 0.5
+    heartbeat_seconds: float = 5.0
+    running: list[_Running] = field(default_factory=list)
+    seen: set[tuple[int, str]] = field(default_factory=set)
+    stopping: bool = False
+    ready_at: float | None = None
+    _last_beat: float = 0.0
+
+    def free_slots(self) -> list[int]:
+        busy = {s for r in self.running for s in r.slots}
+        return [s for s in range(self.slots) if s not in busy]
+
+    def beat(self, force: bool = False, **extra: Any) -> None:
+        now = time.time()
+        if not force and now - self._last_beat < self.heartbeat_seconds:
+            return
+        self._last_beat = now
+        self.storage.write_json({"instance": self.instance, "time": now, "ready": self.ready_at, "pid": os.getpid(),
+                                 "slots": self.slots, "state": "stopping" if self.stopping else "ready",
+                                 "running": [[r.task["stage"], r.task["trial"]] for r in self.running], **extra},
+                                "instances", self.instance, "heartbeat.json")
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Assigned tasks not yet started here and not yet finished (a restarted agent skips those)."""
+        out = []
+        for task in self.storage.assignments(self.instance):
+            key = (task["stage"], task["trial"])
+            if key in self.seen:
+                continue
+            if self.storage.read_result(task["trial"], task["stage"]) is not None:
+                self.seen.add(key)
+                continue
+            out.append(task)
+        return out
+
+    def start(self, task: dict[str, Any], slots: list[int]) -> None:
+        env = {**os.environ, "RUBBERBAND_SLOTS": ",".join(map(str, slots)), "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "rubberband_airflow.execution.worker", self.storage.uri, task["trial"],
+               str(task["stage"]), self.instance]
+        # Workers stay in the agent's process group: terminating the instance ends them too.
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.seen.add((task["stage"], task["trial"]))
+        self.running.append(_Running(task, slots, process, time.time()))
+
+    def reap(self) -> None:
+        """Record what finished; fail what crashed without a result or ran past the timeout."""
+        for r in list(self.running):
+            code = r.process.poll()
+            overdue = code is None and time.time() - r.started > self.trial_timeout
+            if overdue:
+                _kill_tree(r.process)
+                code = r.process.wait()
+            if code is None:
+                continue
+            self.running.remove(r)
+            stderr = r.process.stderr.read().decode(errors="replace") if r.process.stderr else ""
+            if overdue:
+                reason = f"timed out after {self.trial_timeout:g} s"
+            elif self.storage.read_result(r.task["trial"], r.task["stage"]) is not None:
+                continue
+            else:
+                tail = " | ".join(stderr.strip().splitlines()[-3:])
+                reason = f"worker exited with status {code}" + (f": {tail}" if tail else "")
+            self.storage.write_result(r.task["trial"], r.task["stage"], {
+                "state": "failed", "error": reason, "instance": self.instance, "stage": r.task["stage"],
+                "started": r.started, "finished": time.time()})
+
+    def step(self) -> None:
+        self.reap()
+        for task in self.pending():
+            free = self.free_slots()
+            if int(task["gpus"]) > len(free):
+                break  # keep the assigned order: the next task waits for slots
+            self.start(task, free[: int(task["gpus"])])
+        self.beat()
+
+    def stop_requested(self) -> bool:
+        return self.stopping or self.storage.exists("instances", self.instance, "stop")
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        for r in self.running:
+            _kill_tree(r.process)
+        for r in self.running:
+            r.process.wait()
+        self.reap_after_stop()
+        self.beat(force=True)
+
+    def reap_after_stop(self) -> None:
+        for r in self.running:
+            if self.storage.read_result(r.task["trial"], r.task["stage"]) is None:
+                self.storage.write_result(r.task["trial"], r.task["stage"], {
+                    "state": "failed", "error": "the instance was stopped while the trial ran",
+                    "instance": self.instance, "stage": r.task["stage"], "started": r.started,
+                    "finished": time.time()})
+        self.running.clear()
+
+    def run(self) -> None:
+        self.ready_at = time.time()
+        self.beat(force=True)
+        while not self.stop_requested():
+            self.step()
+            time.sleep(self.poll_seconds)
+        self.shutdown()
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """Kill a worker and every process it started (its rank processes)."""
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    for p in [*children]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.kill()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rubberband-agent", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", required=True, help="the run's storage URI, e.g. s3://bucket/prefix/dag/run")
+    p.add_argument("--instance", required=True, help="this instance's id")
+    p.add_argument("--slots", type=int, required=True, help="GPUs (or CPU cores) this instance offers")
+    p.add_argument("--trial-timeout", type=float, default=3600.0, help="seconds before a trial is failed")
+    p.add_argument("--pending-seconds", type=float, default=0.0, help="emulated: wait before 'running'")
+    p.add_argument("--boot-seconds", type=float, default=0.0, help="emulated: wait from running to ready")
+    p.add_argument("--poll-seconds", type=float, default=0.5)
+    a = p.parse_args(argv)
+    agent = Agent(RunStorage(a.run), a.instance, a.slots, trial_timeout=a.trial_timeout, poll_seconds=a.poll_seconds)
+    def on_sigterm(*_: Any) -> None:  # the instance is going away: end the trials at once
+        agent.stopping = True
+        for r in agent.running:
+            _kill_tree(r.process)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    time.sleep(a.pending_seconds)
+    if a.pending_seconds or a.boot_seconds:
+        agent.storage.write_json({"instance": a.instance, "running": time.time()}, "instances", a.instance,
+                                 "running.json")
+    time.sleep(a.boot_seconds)
+    agent.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Compute backends: where instances come from (local processes, or EC2)."""

@@ -1,0 +1,142 @@
+"""The embedded default backend: an "instance" is a local agent process with a number of slots.
+
+A slot is a GPU where the machine has them and a CPU core where it does not; the instance type
+says how many slots an instance has, and ``max_instances`` keeps the machine from being
+oversubscribed, so that the speed the profiler measured is the speed a run gets. Pending and
+boot latency can be injected so the planning model's latencies are exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.storage import RunStorage
+
+# Processes this Python process started, so their exit can be reaped (no zombies).
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+@dataclass(frozen=True)
+class LocalInstanceType:
+    name: str = "local"
+    slots: int = 1
+    pending_seconds: float = 0.0
+    boot_seconds: float = 0.0
+    price_per_hour: float = 0.0
+
+    def max_instances(self) -> int:
+        """How many such instances fit on this machine without sharing a core or GPU."""
+        return max(1, _machine_slots() // self.slots)
+
+
+def _machine_slots() -> int:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.device_count()
+    except ImportError:
+        pass
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class LocalBackend(ComputeBackend):
+    def __init__(self, storage: RunStorage, instance_type: LocalInstanceType, trial_timeout: float = 3600.0,
+                 env: dict[str, str] | None = None) -> None:
+        self.storage = storage
+        self.instance_type = instance_type
+        self.trial_timeout = trial_timeout
+        self.env = env
+
+    def launch(self, batch: str, count: int) -> list[str]:
+        existing = [e["instance"] for e in self.storage.ledger() if e.get("batch") == batch]
+        if existing:
+            return existing
+        t = self.instance_type
+        ids = []
+        for k in range(count):
+            instance = f"local-{batch}-{k}"
+            requested = time.time()
+            cmd = [sys.executable, "-m", "rubberband_airflow.execution.agent", "--run", self.storage.uri,
+                   "--instance", instance, "--slots", str(t.slots), "--trial-timeout", str(self.trial_timeout),
+                   "--pending-seconds", str(t.pending_seconds), "--boot-seconds", str(t.boot_seconds)]
+            process = subprocess.Popen(cmd, start_new_session=True, env=self.env, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+            _CHILDREN[process.pid] = process
+            self.storage.write_ledger({"instance": instance, "batch": batch, "type": t.name, "slots": t.slots,
+                                       "pid": process.pid, "requested": requested,
+                                       "running": requested if t.pending_seconds == 0 else None,
+                                       "ready": None, "terminated": None})
+            ids.append(instance)
+        return ids
+
+    def _entry(self, instance: str) -> dict[str, Any]:
+        entry = self.storage.read_json("ledger", f"{instance}.json")
+        if entry is None:
+            raise KeyError(f"instance {instance} is not in this run's ledger")
+        if entry.get("running") is None:
+            marker = self.storage.read_json("instances", instance, "running.json")
+            if marker:
+                entry["running"] = marker["running"]
+        return entry
+
+    def describe(self, instances: list[str]) -> dict[str, str]:
+        out = {}
+        for instance in instances:
+            e = self._entry(instance)
+            if e.get("terminated") is not None or not _alive(e["pid"]):
+                out[instance] = "terminated"
+            else:
+                out[instance] = "running" if e.get("running") is not None else "pending"
+        return out
+
+    def terminate(self, instances: list[str]) -> None:
+        for instance in instances:
+            e = self._entry(instance)
+            if e.get("terminated") is not None:
+                continue
+            _stop_group(e["pid"])
+            e["terminated"] = time.time()
+            self.storage.write_ledger(e)
+
+
+def _alive(pid: int) -> bool:
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _stop_group(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM the agent's process group, then SIGKILL what is left after ``grace`` seconds."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.time() + grace
+    while time.time() < deadline and _alive(pid):
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        child.wait()

@@ -1,0 +1,157 @@
+"""One tuning run's files in object storage (fsspec: file:// locally, s3:// on AWS).
+
+Layout under the run prefix:
+
+    plan.json                            the plan being executed
+    trials/<trial>/config.json           hyperparameters (JSON, never a shell argument)
+    trials/<trial>/metrics.jsonl         one line per epoch, written by rank 0
+    trials/<trial>/checkpoint.pt         the latest checkpoint
+    trials/<trial>/stage-<i>.json        the trial's result in stage i: done or failed, and why
+    stages/<i>/<instance>.json           the trials assigned to an instance in stage i, in order
+    instances/<instance>/heartbeat.json  the agent's latest heartbeat (its first one marks ready)
+    instances/<instance>/stop            asks the agent to stop
+    ledger/<instance>.json               request, running, ready and termination times
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import fsspec
+
+
+@dataclass(frozen=True)
+class RunStorage:
+    """Reads and writes the files of one run under ``uri`` (a directory URL)."""
+
+    uri: str
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return fsspec.core.url_to_fs(self.uri)[0]
+
+    @property
+    def root(self) -> str:
+        return fsspec.core.url_to_fs(self.uri)[1].rstrip("/")
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def url(self, *parts: str) -> str:
+        return "/".join([self.uri.rstrip("/"), *parts])
+
+    # --- plain objects ---
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write atomically where the store allows it (a temporary name, then a rename on file://)."""
+        fs, path = self.fs, self.path(*parts)
+        parent = path.rsplit("/", 1)[0]
+        fs.makedirs(parent, exist_ok=True)
+        if _is_local(fs):
+            tmp = f"{path}.tmp-{time.monotonic_ns()}"
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            fs.mv(tmp, path)
+        else:
+            with fs.open(path, "wb") as f:
+                f.write(data)
+
+    def read_bytes(self, *parts: str) -> bytes | None:
+        try:
+            with self.fs.open(self.path(*parts), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, value: Any, *parts: str) -> None:
+        self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode(), *parts)
+
+    def read_json(self, *parts: str) -> Any:
+        data = self.read_bytes(*parts)
+        return None if data is None else json.loads(data)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def delete(self, *parts: str) -> None:
+        try:
+            self.fs.rm(self.path(*parts))
+        except FileNotFoundError:
+            pass
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Names directly under a folder (empty if it does not exist)."""
+        try:
+            entries = self.fs.ls(self.path(*parts), detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    # --- the run's records ---
+    def write_config(self, trial: str, config: dict[str, Any]) -> None:
+        self.write_json(config, "trials", trial, "config.json")
+
+    def read_config(self, trial: str) -> dict[str, Any]:
+        config = self.read_json("trials", trial, "config.json")
+        if config is None:
+            raise FileNotFoundError(f"no config for trial {trial} in {self.uri}")
+        return config
+
+    def metrics(self, trial: str) -> list[dict[str, Any]]:
+        data = self.read_bytes("trials", trial, "metrics.jsonl")
+        return [json.loads(line) for line in data.decode().splitlines() if line.strip()] if data else []
+
+    def append_metrics(self, trial: str, record: dict[str, Any]) -> None:
+        """Add one epoch's record; a record for an epoch already there replaces it (a retried epoch)."""
+        records = [r for r in self.metrics(trial) if r.get("epoch") != record.get("epoch")]
+        records.append(record)
+        records.sort(key=lambda r: r.get("epoch", 0))
+        self.write_bytes("".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode(),
+                         "trials", trial, "metrics.jsonl")
+
+    def write_result(self, trial: str, stage: int, result: dict[str, Any]) -> None:
+        self.write_json(result, "trials", trial, f"stage-{stage}.json")
+
+    def read_result(self, trial: str, stage: int) -> dict[str, Any] | None:
+        return self.read_json("trials", trial, f"stage-{stage}.json")
+
+    def write_assignment(self, stage: int, instance: str, tasks: list[dict[str, Any]]) -> None:
+        self.write_json({"stage": stage, "tasks": tasks}, "stages", str(stage), f"{instance}.json")
+
+    def assignments(self, instance: str) -> Iterator[dict[str, Any]]:
+        """Every task assigned to this instance, stage by stage, in order."""
+        for stage in sorted(self.listdir("stages"), key=_stage_key):
+            data = self.read_json("stages", stage, f"{instance}.json")
+            if data:
+                for task in data["tasks"]:
+                    yield {**task, "stage": data["stage"]}
+
+    def heartbeat(self, instance: str) -> dict[str, Any] | None:
+        return self.read_json("instances", instance, "heartbeat.json")
+
+    def ledger(self) -> list[dict[str, Any]]:
+        """Every instance's ledger entry, with its ready time from the agent's first heartbeat."""
+        out = []
+        for name in self.listdir("ledger"):
+            entry = self.read_json("ledger", name)
+            if entry is None:
+                continue
+            beat = self.heartbeat(entry["instance"])
+            if beat and entry.get("ready") is None:
+                entry["ready"] = beat.get("ready")
+            out.append(entry)
+        return sorted(out, key=lambda e: (e.get("requested") or 0, e["instance"]))
+
+    def write_ledger(self, entry: dict[str, Any]) -> None:
+        self.write_json(entry, "ledger", f"{entry['instance']}.json")
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def _stage_key(name: str) -> int:
+    return int(name) if name.isdigit() else 1 << 30

@@ -1,0 +1,134 @@
+"""Runs one stage of one trial: ``world_size`` co-located worker processes around the trainable.
+
+Started by the agent as ``python -m rubberband_airflow.execution.worker RUN_URI TRIAL STAGE``;
+what to run comes from the run's files (``run.json``, the trial's ``config.json`` and the
+stage assignment), never from the command line. Rank 0 writes the trial's stage result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+import traceback
+import zlib
+from typing import Any
+
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.trainable import TrialContext, TrialFailed, load_trainable
+
+
+def trial_seed(run_seed: int, trial: str) -> int:
+    """The trial's own seed: fixed by the run's seed and the trial id, the same in every stage."""
+    return (run_seed * 1_000_003 + zlib.crc32(trial.encode())) % (2**31)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _device(rank: int, slots: list[int]) -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{slots[rank] if rank < len(slots) else rank}"
+    return "cpu"
+
+
+def _rank_main(rank: int, world_size: int, port: int, run_uri: str, trial: str, stage: int,
+               task: dict[str, Any], spec: dict[str, Any], slots: list[int]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # one slot, one core: the speed the profiler measured
+    device = _device(rank, slots)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    storage = RunStorage(run_uri)
+    ctx = TrialContext(trial_id=trial, config=storage.read_config(trial), start_epoch=int(task["start_epoch"]),
+                       stop_epoch=int(task["stop_epoch"]), rank=rank, world_size=world_size, device=device,
+                       seed=trial_seed(int(spec.get("seed", 0)), trial), stage=stage, storage=storage)
+    try:
+        load_trainable(spec["trainable"])(ctx)
+        if world_size > 1:
+            dist.barrier()
+    finally:
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        _check_reports(ctx, spec)
+
+
+def _check_reports(ctx: TrialContext, spec: dict[str, Any]) -> None:
+    metric = spec["metric"]
+    final = [r for r in ctx.reports if r["epoch"] == ctx.stop_epoch]
+    if not final:
+        raise TrialFailed(f"the trainable returned without reporting epoch {ctx.stop_epoch}")
+    if metric not in final[-1]:
+        raise TrialFailed(f"the trainable did not report the metric {metric!r} (it reported "
+                          f"{', '.join(k for k in final[-1] if k not in ('epoch', 'stage', 'time'))})")
+
+
+def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[int]) -> int:
+    """Run the trial's stage and write its result; returns the process exit status."""
+    storage = RunStorage(run_uri)
+    spec = storage.read_json("run.json") or {}
+    task = next((t for t in storage.assignments(instance) if t["trial"] == trial and t["stage"] == stage), None)
+    started = time.time()
+    result: dict[str, Any] = {"instance": instance, "started": started, "stage": stage}
+    try:
+        if task is None:
+            raise TrialFailed(f"trial {trial} is not assigned to {instance} in stage {stage}")
+        world = int(task["gpus"])
+        if world == 1:
+            _rank_main(0, 1, 0, run_uri, trial, stage, task, spec, slots)
+        else:
+            import torch.multiprocessing as mp
+
+            mp.spawn(_rank_main, args=(world, _free_port(), run_uri, trial, stage, task, spec, slots),
+                     nprocs=world, join=True)
+        metrics = storage.metrics(trial)
+        last = [m for m in metrics if m["epoch"] == task["stop_epoch"]][-1]
+        result.update(state="done", epoch=int(task["stop_epoch"]), metric=last[spec["metric"]])
+        code = 0
+    except BaseException as e:  # the reason is the product here: record it, whatever it is
+        result.update(state="failed", error=_reason(e))
+        code = 1
+    result["finished"] = time.time()
+    storage.write_result(trial, stage, result)
+    return code
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e)
+    if "ProcessRaisedException" in type(e).__name__ or "process " in text and "terminated" in text:
+        # torch.multiprocessing wraps a rank's error; keep its last line, the actual exception
+        lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+        return lines[-1] if lines else type(e).__name__
+    if isinstance(e, TrialFailed):
+        return text
+    tb = traceback.extract_tb(e.__traceback__)
+    where = f" (at {tb[-1].filename.rsplit('/', 1)[-1]}:{tb[-1].lineno})" if tb else ""
+    return f"{type(e).__name__}: {text}{where}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="rubberband-worker")
+    p.add_argument("run_uri")
+    p.add_argument("trial")
+    p.add_argument("stage", type=int)
+    p.add_argument("instance")
+    a = p.parse_args(argv)
+    slots = [int(s) for s in os.environ.get("RUBBERBAND_SLOTS", "").split(",") if s.strip()]
+    return run_task(a.run_uri, a.trial, a.stage, a.instance, slots)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

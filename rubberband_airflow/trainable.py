@@ -1,0 +1,95 @@
+"""The trainable API: what a user writes to train one trial, and what it is given.
+
+A trainable is a plain function ``train(ctx: TrialContext) -> None`` named by its import path,
+for example ``"rubberband_airflow.workloads.digits:train"``. For one stage of one trial it is
+called once per worker process (``ctx.world_size`` of them, co-located on one instance), and it:
+
+1. reads its hyperparameters from ``ctx.config``;
+2. restores ``ctx.load_checkpoint()`` when ``ctx.start_epoch > 0``;
+3. trains epochs ``ctx.start_epoch`` up to (not including) ``ctx.stop_epoch``, calling
+   ``ctx.report(epoch, **metrics)`` after each one and ``ctx.save_checkpoint(state)`` to keep
+   its progress;
+4. returns. Raising, or reporting a NaN metric, fails the trial with the reason recorded.
+
+With ``world_size > 1`` the process group is already set up (gloo on CPU, nccl on GPU);
+``ctx.device`` is this worker's device. Only rank 0's reports and checkpoints are stored.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from rubberband_airflow.execution.storage import RunStorage
+
+
+class TrialFailed(RuntimeError):
+    """The trial cannot go on (for example a NaN metric); the message is recorded as the reason."""
+
+
+@dataclass
+class TrialContext:
+    trial_id: str
+    config: dict[str, Any]
+    start_epoch: int
+    stop_epoch: int
+    rank: int
+    world_size: int
+    device: str
+    seed: int
+    stage: int
+    storage: RunStorage = field(repr=False)
+    reports: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
+
+    def load_checkpoint(self) -> Any | None:
+        """The state saved by the last ``save_checkpoint`` of this trial, or None."""
+        import torch
+
+        data = self.storage.read_bytes("trials", self.trial_id, "checkpoint.pt")
+        if data is None:
+            return None
+        return torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
+
+    def save_checkpoint(self, state: Any) -> None:
+        """Store the trial's state (tensors, numbers, dicts) so a promoted trial resumes from it."""
+        if not self.is_chief:
+            return
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        self.storage.write_bytes(buf.getvalue(), "trials", self.trial_id, "checkpoint.pt")
+
+    def report(self, epoch: int, **metrics: float) -> None:
+        """Record the metrics after ``epoch`` epochs in total; a NaN or infinite value fails the trial."""
+        values = {k: float(v) for k, v in metrics.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise TrialFailed(f"metric {bad[0]} is {values[bad[0]]} at epoch {epoch}")
+        record = {"epoch": int(epoch), "stage": self.stage, "time": time.time(), **values}
+        self.reports.append(record)
+        if self.is_chief:
+            self.storage.append_metrics(self.trial_id, record)
+
+
+def load_trainable(ref: str) -> Callable[[TrialContext], Any]:
+    """Import ``"package.module:function"``; errors say what is wrong with the reference."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"trainable must look like 'package.module:function', got {ref!r}")
+    module = importlib.import_module(module_name)
+    try:
+        fn = getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"trainable {ref!r}: module {module_name} has no {attr}") from None
+    if not callable(fn):
+        raise ValueError(f"trainable {ref!r} is not callable")
+    return fn

@@ -1,0 +1,112 @@
+"""The agent and its workers: resume exactness, data parallel trials, failing trainables."""
+
+import time
+
+import pytest
+
+from rubberband_airflow.execution import worker
+from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run, wait_stage
+from rubberband_airflow.search_space import sample
+from rubberband_airflow.workloads import digits
+from tests.execution.conftest import agent_processes
+
+CONFIG = {"lr": 0.05, "momentum": 0.9, "width": 64, "dropout": 0.2, "batch_size": 32, "weight_decay": 1e-4}
+
+
+def _start(storage, trainable="rubberband_airflow.workloads.digits:train", configs=None):
+    spec = RunSpec(trainable, "accuracy", "max", seed=5)
+    return start_run(storage, spec, configs or [CONFIG], {"instance_type": "local", "stages": []}, 2)
+
+
+def _task(trial, gpus=1, start=0, stop=2):
+    return {"trial": trial, "gpus": gpus, "start_epoch": start, "stop_epoch": stop}
+
+
+def test_resumed_trial_continues_exactly_where_it_stopped(tmp_path):
+    from rubberband_airflow.execution.storage import RunStorage
+
+    straight, split = RunStorage(f"file://{tmp_path}/a"), RunStorage(f"file://{tmp_path}/b")
+    for storage in (straight, split):
+        _start(storage)
+    straight.write_assignment(1, "i0", [_task("trial-0000", stop=4)])
+    assert worker.run_task(straight.uri, "trial-0000", 1, "i0", []) == 0
+    split.write_assignment(1, "i0", [_task("trial-0000", stop=2)])
+    split.write_assignment(2, "i0", [_task("trial-0000", start=2, stop=4)])
+    assert worker.run_task(split.uri, "trial-0000", 1, "i0", []) == 0
+    assert worker.run_task(split.uri, "trial-0000", 2, "i0", []) == 0
+    a, b = straight.metrics("trial-0000"), split.metrics("trial-0000")
+    assert [m["epoch"] for m in b] == [1, 2, 3, 4]
+    for ma, mb in zip(a, b):
+        assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-6)
+        assert ma["accuracy"] == pytest.approx(mb["accuracy"], rel=1e-6)
+
+
+def test_two_gpu_trial_runs_two_synchronised_processes(storage, local_backend):
+    backend = local_backend(slots=2)
+    _start(storage, "tests.trainables:ddp_probe")
+    [instance] = backend.launch("stage-1", 1)
+    assign_stage(storage, 1, {instance: [_task("trial-0000", gpus=2, stop=2)]})
+    results = wait_stage(storage, backend, 1, ["trial-0000"], timeout=180)
+    assert results["trial-0000"]["state"] == "done", results
+    probes = [storage.read_json("trials", "trial-0000", f"probe-rank-{r}.json") for r in (0, 1)]
+    assert {p["rank"] for p in probes} == {0, 1} and all(p["world_size"] == 2 for p in probes)
+    assert probes[0]["pid"] != probes[1]["pid"]  # two worker processes
+    assert all(p["backend"] == "gloo" and p["grads_equal"] for p in probes)  # gradients all-reduced
+    assert probes[0]["checkpoint_epoch"] == 2
+    backend.terminate_all()
+    assert agent_processes(storage) == []
+
+
+@pytest.mark.parametrize("trainable,reason", [
+    ("tests.trainables:raises", "ValueError: the learning rate is not a learning rate"),
+    ("tests.trainables:nan_metric", "metric loss is nan at epoch 2"),
+    ("tests.trainables:hangs", "timed out after 6 s"),
+    ("tests.trainables:no_metric", "did not report the metric 'accuracy'"),
+    ("tests.trainables:missing", "has no missing"),
+])
+def test_bad_trainable_fails_the_trial_and_the_agent_survives(storage, local_backend, trainable, reason):
+    backend = local_backend(slots=1, timeout=6)
+    _start(storage, trainable, configs=[CONFIG])
+    [instance] = backend.launch("stage-1", 1)
+    assign_stage(storage, 1, {instance: [_task("trial-0000")]})
+    result = wait_stage(storage, backend, 1, ["trial-0000"], timeout=120)["trial-0000"]
+    assert result["state"] == "failed" and reason in result["error"], result
+    # The agent is still alive and takes the next stage's work.
+    assert backend.describe([instance]) == {instance: "running"}
+    beat = storage.heartbeat(instance)
+    time.sleep(6)
+    assert storage.heartbeat(instance)["time"] > beat["time"]
+    backend.terminate_all()
+    assert agent_processes(storage) == []
+
+
+def test_launching_the_same_batch_twice_leaves_one_batch(storage, local_backend):
+    backend = local_backend(slots=1)
+    first = backend.launch("stage-1", 2)
+    again = backend.launch("stage-1", 2)
+    assert first == again and len(backend.live()) == 2
+    backend.terminate_all()
+    assert backend.live() == [] and agent_processes(storage) == []
+
+
+def test_terminating_an_instance_ends_its_running_trial(storage, local_backend):
+    backend = local_backend(slots=1)
+    _start(storage, "tests.trainables:hangs")
+    [instance] = backend.launch("stage-1", 1)
+    assign_stage(storage, 1, {instance: [_task("trial-0000")]})
+    deadline = time.time() + 60
+    while time.time() < deadline and not (storage.heartbeat(instance) or {}).get("running"):
+        time.sleep(0.2)
+    assert agent_processes(storage), "the trial should be running"
+    backend.terminate([instance])
+    assert agent_processes(storage) == []
+    assert backend.describe([instance]) == {instance: "terminated"}
+    result = storage.read_result("trial-0000", 1)
+    assert result is None or result["state"] == "failed"
+
+
+def test_search_space_sampling_is_seeded_and_in_range():
+    a, b = sample(digits.SEARCH_SPACE, 50, seed=1), sample(digits.SEARCH_SPACE, 50, seed=1)
+    assert a == b and a != sample(digits.SEARCH_SPACE, 50, seed=2)
+    assert all(1e-3 <= c["lr"] <= 0.5 and c["width"] in (16, 32, 64, 128, 256) for c in a)
+    assert len(a[0]) >= 5

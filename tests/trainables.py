@@ -1,0 +1,47 @@
+"""Trainables for tests: ones that misbehave, and a probe of data-parallel training."""
+
+import os
+import time
+
+from rubberband_airflow.trainable import TrialContext
+from rubberband_airflow.workloads import digits
+
+
+def raises(ctx: TrialContext) -> None:
+    raise ValueError("the learning rate is not a learning rate")
+
+
+def nan_metric(ctx: TrialContext) -> None:
+    ctx.report(ctx.stop_epoch, loss=float("nan"), accuracy=0.1)
+
+
+def hangs(ctx: TrialContext) -> None:
+    time.sleep(3600)
+
+
+def no_metric(ctx: TrialContext) -> None:
+    ctx.report(ctx.stop_epoch, loss=1.0)
+
+
+def ddp_probe(ctx: TrialContext) -> None:
+    """Train the digits model, then record this rank's process and a checksum of its weights."""
+    import torch
+    import torch.distributed as dist
+
+    digits.train(ctx)
+    state = ctx.load_checkpoint() if ctx.is_chief else None
+    model = digits._model(int(ctx.config["width"]), float(ctx.config["dropout"]))
+    # Each rank rebuilds the same model after training through DDP: compare ranks' gradients
+    # on one batch to see that they are synchronised.
+    torch.manual_seed(ctx.rank)
+    net = torch.nn.parallel.DistributedDataParallel(model)
+    x, y = digits._data()[0][ctx.rank * 8:(ctx.rank + 1) * 8], digits._data()[1][ctx.rank * 8:(ctx.rank + 1) * 8]
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    gathered = [torch.zeros_like(grad) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, grad)
+    ctx.storage.write_json({"pid": os.getpid(), "rank": ctx.rank, "world_size": ctx.world_size,
+                            "initialized": dist.is_initialized(), "backend": dist.get_backend(),
+                            "grads_equal": all(torch.allclose(g, gathered[0]) for g in gathered),
+                            "checkpoint_epoch": state["epoch"] if state else None},
+                           "trials", ctx.trial_id, f"probe-rank-{ctx.rank}.json")
