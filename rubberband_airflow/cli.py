@@ -7,8 +7,11 @@ meets the deadline (the message gives the fastest achievable JCT).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,48 @@ def _cmd_simulate(args: argparse.Namespace) -> dict[str, Any]:
     return simulate(problem, plan)
 
 
+def _load_object(ref: str, what: str) -> Any:
+    """A JSON file, or ``package.module:attribute``."""
+    if ":" in ref and not Path(ref).exists():
+        module, _, attr = ref.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ProblemError(what, f"cannot load {ref}: {e}") from None
+    return _load_json(ref, what)
+
+
+def _cmd_profile(args: argparse.Namespace) -> dict[str, Any]:
+    from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
+    from rubberband_airflow.execution.storage import RunStorage
+    from rubberband_airflow.profiler import profile
+    from rubberband_airflow.search_space import validate
+
+    space = validate(_load_object(args.search_space, "search_space"))
+    itype = LocalInstanceType(f"local-{args.slots}", args.slots, args.pending_seconds, args.boot_seconds)
+    if args.slots > itype.max_instances() * args.slots:
+        raise ProblemError("slots", f"this machine has fewer than {args.slots} GPUs or cores")
+    root = args.storage or f"file://{Path('.rubberband/profiles').resolve()}"
+    storage = RunStorage(f"{root.rstrip('/')}/{itype.name}-{int(time.time())}")
+    past = [entry for uri in args.ledgers for entry in RunStorage(uri).ledger()]
+    result = profile(storage, LocalBackend(storage, itype, trial_timeout=args.timeout), trainable=args.trainable,
+                     search_space=space, metric=args.metric, instance_type=args.name or itype.name,
+                     gpus=args.slots, configs=args.configs, epochs=args.epochs, timeout=args.timeout,
+                     past_ledgers=past, conditions={"backend": "local", "storage": storage.uri,
+                                                    "past_runs": args.ledgers})
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _cmd_problem(args: argparse.Namespace) -> dict[str, Any]:
+    from rubberband_airflow.profiler import to_problem
+
+    problem = to_problem(_load_json(args.profile, "profile"), _load_json(args.tuning, "tuning"))
+    parse_problem(problem)  # the planner must accept it
+    return problem
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rubberband", description="Plan and simulate cost-minimal, deadline-aware "
                      "hyperparameter tuning on elastic GPU instances.")
@@ -66,7 +111,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("problem", help="planning problem (JSON)")
     s.add_argument("plan", help="allocation plan (JSON)")
     s.set_defaults(run=_cmd_simulate, table=False)
+    f = sub.add_parser("profile", help="measure a trainable on a local instance and print its profile")
+    f.add_argument("--trainable", default="rubberband_airflow.workloads.digits:train",
+                   help="package.module:function (default: the digits example)")
+    f.add_argument("--search-space", default="rubberband_airflow.workloads.digits:SEARCH_SPACE",
+                   help="JSON file or package.module:attribute")
+    f.add_argument("--metric", default="accuracy")
+    f.add_argument("--slots", type=int, default=min(2, _cores()), help="GPUs (or CPU cores) of the instance")
+    f.add_argument("--pending-seconds", type=float, default=0.0, help="injected pending latency")
+    f.add_argument("--boot-seconds", type=float, default=0.0, help="injected boot latency")
+    f.add_argument("--configs", type=int, default=4, help="configurations timed on one GPU")
+    f.add_argument("--epochs", type=int, default=3, help="epochs per profiling task")
+    f.add_argument("--timeout", type=float, default=900.0, help="seconds before a profiling trial fails")
+    f.add_argument("--storage", help="where the profiling run's files go (default .rubberband/profiles)")
+    f.add_argument("--out", help="also write the profile to this file")
+    f.add_argument("--name", help="instance type name to record (default local-SLOTS; on a GPU instance, its type)")
+    f.add_argument("--ledgers", nargs="*", default=[], metavar="RUN_URI",
+                   help="storage URIs of past runs whose instance ledgers give pending and boot latency")
+    f.set_defaults(run=_cmd_profile, table=False)
+    q = sub.add_parser("problem", help="print the planning problem of a profile and a tuning spec")
+    q.add_argument("profile", help="profile (JSON) from `rubberband profile`")
+    q.add_argument("tuning", help="tuning spec (JSON): sha, deadline_seconds, instance_types, ...")
+    q.set_defaults(run=_cmd_problem, table=False)
     return parser
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,199 @@
+"""The profiler: measures what the planning model needs by running the real trainable.
+
+On one instance of the target type it runs short trials through the same agent and workers
+a tuning run uses: several sampled configurations on one GPU (their spread of epoch times is
+the straggler noise), then the first configuration on each larger power of two up to the
+instance's GPUs (the scaling curve), each one resumed once from its checkpoint. From the
+timings it fits:
+
+- ``epoch_seconds``: the curve t(g) = a + b / g (scipy), so g that were not measured (larger
+  instances) are predicted too; measured values are kept as measured;
+- ``trial_overhead_seconds``: a task's wall time less its epochs (process start, checkpoint
+  restore and save);
+- ``straggler_sigma``: the standard deviation of log epoch time across configurations;
+- ``checkpoint_gb``: the stored checkpoint's size;
+- ``pending_seconds``/``boot_seconds``/``pending_sigma``: from the ledgers of this and earlier
+  launches (request to running, running to ready; sigma of log pending latency);
+- ``stage_overhead_seconds``: the orchestrator's time between one stage's last result and the
+  next stage's start, from this profile's own stage changes unless measured elsewhere.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+import numpy as np
+from scipy import optimize
+
+from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run, stop_instances, wait_stage
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.errors import ProblemError
+from rubberband_airflow.search_space import sample
+
+
+class ProfileError(RuntimeError):
+    """Profiling could not measure something (for example every trial failed)."""
+
+
+def _powers_of_two(limit: int) -> list[int]:
+    g, out = 1, []
+    while g <= limit:
+        out.append(g)
+        g *= 2
+    return out
+
+
+def fit_scaling(measured: dict[int, float]) -> tuple[float, float]:
+    """Fit t(g) = a + b / g with a, b >= 0 (non-negative least squares) to measured epoch seconds.
+
+    ``a`` is the part that does not shrink with more GPUs (communication, serial work), ``b``
+    the part that does. One measured point gives a = 0 (perfect scaling assumed).
+    """
+    gs = np.array(sorted(measured), dtype=float)
+    ts = np.array([measured[int(g)] for g in gs])
+    if len(gs) == 1:
+        return 0.0, float(ts[0] * gs[0])
+    (a, b), _ = optimize.nnls(np.column_stack([np.ones_like(gs), 1.0 / gs]), ts)
+    return float(a), float(b)
+
+
+def predict_epoch_seconds(measured: dict[int, float], up_to: int) -> dict[int, float]:
+    """Measured epoch seconds, and the fitted curve's values for the powers of two not measured."""
+    a, b = fit_scaling(measured)
+    return {g: float(measured.get(g, a + b / g)) for g in _powers_of_two(max(up_to, max(measured)))}
+
+
+def _log_sigma(values: Iterable[float]) -> float:
+    logs = np.log([v for v in values if v > 0])
+    return float(np.std(logs, ddof=1)) if len(logs) >= 2 else 0.0
+
+
+def launch_latencies(ledgers: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Pending (request to running) and boot (running to ready) from ledger entries."""
+    pending, boot = [], []
+    for e in ledgers:
+        if e.get("requested") is not None and e.get("running") is not None:
+            pending.append(max(0.0, e["running"] - e["requested"]))
+            if e.get("ready") is not None:
+                boot.append(max(0.0, e["ready"] - e["running"]))
+    if not boot:
+        raise ProfileError("no launch in the ledgers reached ready: pending and boot latency are unknown")
+    return {"pending_seconds": float(np.mean(pending)), "boot_seconds": float(np.mean(boot)),
+            "pending_sigma": _log_sigma(pending) if len(pending) >= 3 else 0.0, "launches": len(boot)}
+
+
+def _epoch_times(metrics: list[dict[str, Any]], stage: int) -> list[float]:
+    times = [m["time"] for m in metrics if m.get("stage") == stage]
+    return list(np.diff(times)) if len(times) >= 2 else []
+
+
+def _run_stage(storage: RunStorage, backend: ComputeBackend, instance: str, stage: int, trials: list[str],
+               gpus: int, start: int, stop: int, timeout: float) -> dict[str, dict[str, Any]]:
+    tasks = [{"trial": t, "gpus": gpus, "start_epoch": start, "stop_epoch": stop} for t in trials]
+    assign_stage(storage, stage, {instance: tasks})
+    results = wait_stage(storage, backend, stage, trials, timeout, poll=0.2)
+    failed = {t: r["error"] for t, r in results.items() if r["state"] != "done"}
+    if failed:
+        raise ProfileError(f"profiling trials failed: {failed}")
+    return results
+
+
+def profile(storage: RunStorage, backend: ComputeBackend, *, trainable: str, search_space: dict[str, Any],
+            metric: str, instance_type: str, gpus: int, configs: int = 4, epochs: int = 3, seed: int = 0,
+            timeout: float = 900.0, past_ledgers: Iterable[dict[str, Any]] = (),
+            conditions: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Profile ``trainable`` on one instance of ``instance_type`` (``gpus`` slots); returns the profile."""
+    began = time.time()
+    spec = RunSpec(trainable, metric, "max", seed)
+    trial_configs = sample(search_space, configs, seed)
+    trials = start_run(storage, spec, trial_configs, {"profile": instance_type}, gpus)
+    stage_gaps: list[float] = []
+    task_records: list[tuple[float, float, int]] = []  # (wall seconds, epoch seconds, epochs) per task
+    try:
+        [instance] = backend.launch("profile", 1)
+        stage = 1
+        per_config: list[float] = []
+        results = _run_stage(storage, backend, instance, stage, trials, 1, 0, epochs, timeout)
+        for t in trials:
+            times = _epoch_times(storage.metrics(t), stage)
+            per_config.append(float(np.median(times)))
+            r = results[t]
+            task_records.append((r["finished"] - r["started"], float(np.median(times)), epochs))
+        measured = {1: float(np.exp(np.mean(np.log(per_config))))}
+        ratio_base = per_config[0]
+        last_end = max(r["finished"] for r in results.values())
+        for g in _powers_of_two(gpus)[1:]:
+            stage += 1
+            # The first configuration again on g workers, resumed from its checkpoint (restore cost included).
+            res = _run_stage(storage, backend, instance, stage, trials[:1], g, epochs * (stage - 1),
+                             epochs * stage, timeout)[trials[0]]
+            stage_gaps.append(max(0.0, res["started"] - last_end))  # result noticed, next stage placed, picked up
+            last_end = res["finished"]
+            times = _epoch_times(storage.metrics(trials[0]), stage)
+            measured[g] = measured[1] * float(np.median(times)) / ratio_base
+            task_records.append((res["finished"] - res["started"], float(np.median(times)), epochs))
+        checkpoint = storage.fs.size(storage.path("trials", trials[0], "checkpoint.pt"))
+    finally:
+        stop_instances(storage, backend)
+    overheads = [max(0.0, wall - n * per_epoch) for wall, per_epoch, n in task_records]
+    latencies = launch_latencies([*past_ledgers, *storage.ledger()])
+    return {
+        "trainable": trainable,
+        "metric": metric,
+        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "profiling_seconds": round(time.time() - began, 1),
+        "conditions": {"instance_type": instance_type, "gpus": gpus, "configs": configs, "epochs_per_task": epochs,
+                       "host": platform.node(), "python": platform.python_version(), **(conditions or {})},
+        "epoch_seconds_measured": {str(g): v for g, v in measured.items()},
+        "scaling_fit": dict(zip(("a", "b"), fit_scaling(measured)), model="a + b / g"),
+        "trial_overhead_seconds": float(np.median(overheads)),
+        "straggler_sigma": _log_sigma(per_config),
+        "checkpoint_gb": checkpoint / 1e9,
+        "stage_overhead_seconds": float(np.mean(stage_gaps)) if stage_gaps else None,
+        "instance_type": {"name": instance_type, "gpus": gpus, **latencies},
+    }
+
+
+def to_problem(profile_data: dict[str, Any], tuning: dict[str, Any]) -> dict[str, Any]:
+    """A planning problem from a profile and a tuning spec.
+
+    ``tuning`` has ``sha``, ``deadline_seconds``, ``instance_types`` (each: name, gpus,
+    price_per_hour, max_instances; pending and boot default to the profile's), and optionally
+    ``stage_overhead_seconds`` (the orchestrator's, measured from past runs), ``billing`` and
+    ``planner``.
+    """
+    for key in ("sha", "deadline_seconds", "instance_types"):
+        if key not in tuning:
+            raise ProblemError(f"tuning.{key}", "is required")
+    if not isinstance(tuning["instance_types"], list) or not tuning["instance_types"]:
+        raise ProblemError("tuning.instance_types", "must be a non-empty list")
+    measured = {int(g): float(v) for g, v in profile_data["epoch_seconds_measured"].items()}
+    types = []
+    launch = profile_data["instance_type"]
+    for t in tuning["instance_types"]:
+        types.append({"pending_seconds": launch["pending_seconds"], "boot_seconds": launch["boot_seconds"],
+                      "pending_sigma": launch["pending_sigma"], **t})
+    biggest = max(int(t["gpus"]) for t in types)
+    curve = predict_epoch_seconds(measured, biggest)
+    stage_overhead = tuning.get("stage_overhead_seconds", profile_data.get("stage_overhead_seconds"))
+    if stage_overhead is None:
+        raise ProblemError("tuning.stage_overhead_seconds", "is unknown: give it here, or profile an instance "
+                           "with more than one GPU so the profile measures it")
+    problem = {
+        "sha": tuning["sha"],
+        "workload": {"epoch_seconds": {str(g): round(v, 6) for g, v in curve.items()},
+                     "trial_overhead_seconds": round(profile_data["trial_overhead_seconds"], 6),
+                     "stage_overhead_seconds": round(float(stage_overhead), 6),
+                     "straggler_sigma": round(profile_data["straggler_sigma"], 6),
+                     "checkpoint_gb": profile_data["checkpoint_gb"]},
+        "instance_types": types,
+        "deadline_seconds": tuning["deadline_seconds"],
+    }
+    for key in ("billing", "planner"):
+        if key in tuning:
+            problem[key] = tuning[key]
+    return problem
