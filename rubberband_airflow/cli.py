@@ -84,6 +84,7 @@ def _cmd_profile(args: argparse.Namespace) -> dict[str, Any]:
                      past_ledgers=past, conditions={"backend": "local", "storage": storage.uri,
                                                     "past_runs": args.ledgers})
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -126,15 +126,17 @@ def profile(storage: RunStorage, backend: ComputeBackend, *, trainable: str, sea
         measured = {1: float(np.exp(np.mean(np.log(per_config))))}
         ratio_base = per_config[0]
         last_end = max(r["finished"] for r in results.values())
-        for g in _powers_of_two(gpus)[1:]:
+        for g in _powers_of_two(gpus):
             stage += 1
-            # The first configuration again on g workers, resumed from its checkpoint (restore cost included).
+            # The first configuration again on g workers, resumed from its checkpoint (restore cost included);
+            # on one GPU this measures the stage change and the resume without a new scaling point.
             res = _run_stage(storage, backend, instance, stage, trials[:1], g, epochs * (stage - 1),
                              epochs * stage, timeout)[trials[0]]
             stage_gaps.append(max(0.0, res["started"] - last_end))  # result noticed, next stage placed, picked up
             last_end = res["finished"]
             times = _epoch_times(storage.metrics(trials[0]), stage)
-            measured[g] = measured[1] * float(np.median(times)) / ratio_base
+            if g > 1:
+                measured[g] = measured[1] * float(np.median(times)) / ratio_base
             task_records.append((res["finished"] - res["started"], float(np.median(times)), epochs))
         checkpoint = storage.fs.size(storage.path("trials", trials[0], "checkpoint.pt"))
     finally:

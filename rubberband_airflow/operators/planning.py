@@ -1,0 +1,46 @@
+"""The planning operator: its XCom is the plan, as plain JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import BaseOperator, Context
+from airflow.sdk.exceptions import AirflowFailException
+
+from rubberband_airflow.planning.errors import InfeasibleError, ProblemError
+from rubberband_airflow.planning.planner import plan_problem
+from rubberband_airflow.planning.problem import parse_problem
+from rubberband_airflow.spec import load_spec
+from rubberband_airflow.tuning import load_profile, planning_problem
+
+
+class RubberBandPlanOperator(BaseOperator):
+    """Plans a tuning run: the cheapest allocation that meets the deadline at the planner's quantile.
+
+    Builds the planning problem from the spec's profile, the spec and the run's params, and
+    returns the plan with its predicted JCT and cost and the baselines. An impossible deadline
+    fails the task (no retry) with the fastest achievable JCT.
+    """
+
+    ui_color = "#e8f7e4"
+
+    def __init__(self, *, spec_path: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec_path = spec_path
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        spec = load_spec(self.spec_path)
+        try:
+            problem = planning_problem(spec, dict(context["params"]), load_profile(spec))
+            out = plan_problem(parse_problem(problem))
+        except ProblemError as e:
+            raise AirflowFailException(f"bad tuning input: {e}") from None
+        except InfeasibleError as e:
+            raise AirflowFailException(str(e)) from None
+        out["problem"] = problem
+        pred = out["predicted"]
+        self.log.info("Plan: %s, stages %s; predicted JCT p%g %.0f s, mean cost $%.2f (deadline %.0f s)",
+                      out["instance_type"], [(s["instances"], s["gpus_per_trial"]) for s in out["stages"]],
+                      out["jct_quantile"] * 100, pred["jct_seconds"]["quantile"], pred["cost_usd"]["mean"],
+                      out["deadline_seconds"])
+        return out

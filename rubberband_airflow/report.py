@@ -1,0 +1,129 @@
+"""The run report: best configuration, predicted against actual JCT and cost, per-stage table, every trial."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from rubberband_airflow.execution.backends.base import billed_cost
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.plan import parse_plan
+from rubberband_airflow.planning.problem import parse_problem
+from rubberband_airflow.planning.simulator import Draws, simulate_outcome
+from rubberband_airflow.spec import TuningSpec
+
+log = logging.getLogger(__name__)
+
+
+def _stage_numbers(storage: RunStorage) -> list[int]:
+    return sorted(int(s) for s in storage.listdir("stages") if s.isdigit() and storage.exists("stages", s, "end.json"))
+
+
+def build_report(storage: RunStorage, spec: TuningSpec) -> dict[str, Any]:
+    """Everything a user checks after a run, from the run's files alone."""
+    plan = storage.read_json("plan.json") or {}
+    run = storage.read_json("run.json") or {}
+    problem_data = plan.get("problem")
+    stages = []
+    previous_end = run.get("started")
+    results_by_trial: dict[str, dict[str, Any]] = {}
+    for stage in _stage_numbers(storage):
+        trials = storage.read_json("stages", str(stage), "trials.json")["trials"]
+        results = {t: storage.read_result(t, stage) or {"state": "failed", "error": "no result"} for t in trials}
+        for t, r in results.items():
+            results_by_trial.setdefault(t, {})[str(stage)] = r
+        done = {t: r for t, r in results.items() if r["state"] == "done"}
+        start = storage.read_json("stages", str(stage), "start.json")["time"]
+        ends = [r["finished"] for r in results.values() if r.get("finished")]
+        end = max(ends) if ends else storage.read_json("stages", str(stage), "end.json")["time"]
+        alloc = plan["stages"][stage - 1] if stage <= len(plan.get("stages", [])) else {}
+        stages.append({"stage": stage, "trials": len(trials), "done": len(done), "failed": sorted(set(results) - set(done)),
+                       "gpus_per_trial": alloc.get("gpus_per_trial"), "instances": alloc.get("instances"),
+                       "epochs": alloc.get("epochs"), "start": start, "end": end,
+                       "overhead_seconds": start - previous_end if previous_end else None,
+                       "seconds": end - start,
+                       "best_metric": _best(done.values(), spec.mode)})
+        previous_end = end
+    final = stages[-1] if stages else None
+    best = None
+    if final:
+        last = {t: r[str(final["stage"])] for t, r in results_by_trial.items() if str(final["stage"]) in r}
+        done = [(r["metric"], t) for t, r in last.items() if r["state"] == "done"]
+        if done:
+            metric, trial = (max if spec.mode == "max" else min)(done)
+            best = {"trial": trial, "metric": metric, "config": storage.read_config(trial)}
+    ledger = storage.ledger()
+    actual_cost = None
+    predicted_stage_ends = None
+    if problem_data:
+        problem = parse_problem(problem_data)
+        prices = {t.name: t.price_per_hour for t in problem.instance_types}
+        actual_cost = billed_cost(ledger, prices, problem.billing.minimum_seconds, problem.billing.increment_seconds) \
+            + problem.data_cost()
+        outcome = simulate_outcome(problem, parse_plan(plan, problem), Draws.for_problem(problem))
+        predicted_stage_ends = outcome.stage_end.mean(axis=0).tolist()
+    jct = (final["end"] - run["started"]) if final and run.get("started") else None
+    final_metrics = [r[str(s["stage"])]["metric"] for s in stages[:1] for r in results_by_trial.values()
+                     if r.get("1", {}).get("state") == "done"]
+    return {
+        "dag_id": spec.name, "run": storage.uri, "metric": spec.metric, "mode": spec.mode,
+        "best": best,
+        "median_stage1_metric": float(np.median(final_metrics)) if final_metrics else None,
+        "instance_type": plan.get("instance_type"),
+        "deadline_seconds": plan.get("deadline_seconds"),
+        "predicted": {"jct_seconds": (plan.get("predicted") or {}).get("jct_seconds"),
+                      "cost_usd": (plan.get("predicted") or {}).get("cost_usd"),
+                      "stage_end_seconds": predicted_stage_ends},
+        "actual": {"jct_seconds": jct, "cost_usd": actual_cost,
+                   "stage_end_seconds": [s["end"] - run["started"] for s in stages] if run.get("started") else None},
+        "stage_overhead_seconds": [s["overhead_seconds"] for s in stages],
+        "baselines": plan.get("baselines"),
+        "stages": stages,
+        "trials": {t: {"config": storage.read_config(t), "results": r} for t, r in sorted(results_by_trial.items())},
+        "ledger": ledger,
+    }
+
+
+def _best(results, mode: str) -> float | None:
+    values = [r["metric"] for r in results]
+    return (max(values) if mode == "max" else min(values)) if values else None
+
+
+def _pct(actual: float | None, predicted: float | None) -> str:
+    if actual is None or not predicted:
+        return "n/a"
+    return f"{(actual - predicted) / predicted * 100:+.1f}%"
+
+
+def summary_lines(rep: dict[str, Any]) -> list[str]:
+    """The report as a few readable lines (the task log and `make demo` print these)."""
+    lines = [f"RubberBand run {rep['run']}"]
+    best = rep["best"]
+    if best:
+        cfg = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(best["config"].items()))
+        lines.append(f"Best: {best['trial']} {rep['metric']}={best['metric']:.4f} "
+                     f"(median of stage 1: {rep['median_stage1_metric']:.4f}) with {cfg}")
+    else:
+        lines.append("Best: none (no trial finished)")
+    pred, act = rep["predicted"], rep["actual"]
+    pj = (pred["jct_seconds"] or {}).get("mean")
+    pc = (pred["cost_usd"] or {}).get("mean")
+    if act["jct_seconds"] is not None and pj is not None:
+        lines.append(f"JCT:  predicted {pj:.1f} s, actual {act['jct_seconds']:.1f} s ({_pct(act['jct_seconds'], pj)}); "
+                     f"deadline {rep['deadline_seconds']:.0f} s")
+    if act["cost_usd"] is not None and pc is not None:
+        lines.append(f"Cost: predicted ${pc:.4f}, actual ${act['cost_usd']:.4f} ({_pct(act['cost_usd'], pc)}) "
+                     f"on {rep['instance_type']}")
+    lines.append(f"{'stage':>5} {'trials':>6} {'done':>4} {'inst':>4} {'g':>2} {'seconds':>8} {'overhead':>8} {'best':>8}")
+    for s in rep["stages"]:
+        lines.append(f"{s['stage']:>5} {s['trials']:>6} {s['trials'] - len(s['failed']):>4} {s['instances'] or '-':>4} "
+                     f"{s['gpus_per_trial'] or '-':>2} {s['seconds']:>8.1f} {s['overhead_seconds'] or 0:>8.1f} "
+                     f"{s['best_metric'] if s['best_metric'] is not None else float('nan'):>8.4f}")
+    return lines
+
+
+def log_summary(rep: dict[str, Any]) -> None:
+    for line in summary_lines(rep):
+        log.info("%s", line)

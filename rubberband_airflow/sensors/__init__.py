@@ -1,0 +1,1 @@
+"""RubberBand sensors."""

@@ -1,0 +1,76 @@
+"""Sensor for one trial of one stage: done (its metric is the XCom) or failed (the task fails)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
+from airflow.sdk.exceptions import AirflowFailException
+
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.triggers.trial import TrialResultTrigger
+
+
+def config_summary(config: dict[str, Any], limit: int = 60) -> str:
+    """A short label of a configuration for the task list, e.g. ``lr=0.012 width=64``."""
+    parts = []
+    for key in sorted(config):
+        value = config[key]
+        parts.append(f"{key}={value:.3g}" if isinstance(value, float) else f"{key}={value}")
+    text = " ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class TrialResultSensor(BaseSensorOperator):
+    """Waits for a trial's result in run storage, deferring to the triggerer so no worker slot is held.
+
+    Map it over the trials of a stage; each mapped instance is labelled with the trial id and a
+    summary of its configuration. A failed trial fails this task (without retries) with its reason.
+    """
+
+    template_fields: Sequence[str] = ("run_uri", "trial", "stage")
+    ui_color = "#f0e4ff"
+
+    def __init__(self, *, run_uri: str, trial: str, stage: int, deferrable: bool = True,
+                 poll_interval: float = 5.0, **kwargs: Any) -> None:
+        kwargs.setdefault("map_index_template", "{{ rubberband_trial_label }}")
+        kwargs.setdefault("poke_interval", poll_interval)
+        super().__init__(**kwargs)
+        self.run_uri = run_uri
+        self.trial = trial
+        self.stage = stage
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+
+    def _label(self, context: Context) -> None:
+        try:
+            config = RunStorage(self.run_uri).read_config(self.trial)
+            context["rubberband_trial_label"] = f"{self.trial} {config_summary(config)}"  # type: ignore[typeddict-unknown-key]
+        except FileNotFoundError:
+            context["rubberband_trial_label"] = self.trial  # type: ignore[typeddict-unknown-key]
+
+    def execute(self, context: Context) -> Any:
+        self._label(context)
+        result = RunStorage(self.run_uri).read_result(self.trial, int(self.stage))
+        if result is not None:
+            return self._finish(result)
+        if not self.deferrable:
+            return super().execute(context)
+        self.defer(trigger=TrialResultTrigger(self.run_uri, self.trial, int(self.stage), self.poll_interval),
+                   method_name="execute_complete")
+
+    def poke(self, context: Context) -> bool | PokeReturnValue:
+        result = RunStorage(self.run_uri).read_result(self.trial, int(self.stage))
+        if result is None:
+            return False
+        return PokeReturnValue(is_done=True, xcom_value=self._finish(result))
+
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        self._label(context)
+        return self._finish(event["result"])
+
+    def _finish(self, result: dict[str, Any]) -> dict[str, Any]:
+        if result.get("state") != "done":
+            raise AirflowFailException(f"{self.trial} failed in stage {self.stage}: {result.get('error')}")
+        self.log.info("%s finished stage %s: %s = %s", self.trial, self.stage, "metric", result.get("metric"))
+        return {"trial": self.trial, "stage": int(self.stage), "metric": result.get("metric")}

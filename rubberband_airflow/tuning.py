@@ -1,0 +1,113 @@
+"""What a tuning DAG needs from its spec: the run's storage, its backend, its planning problem."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fsspec
+
+from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.errors import ProblemError
+from rubberband_airflow.profiler import to_problem
+from rubberband_airflow.spec import EC2BackendSpec, LocalBackendSpec, TuningSpec
+
+# Run parameters a trigger form may override, with the spec's value as default.
+OVERRIDABLE = ("deadline_seconds", "num_trials", "eta", "min_epochs", "instance_types", "max_instances", "seed")
+
+
+def run_uri(spec: TuningSpec, dag_id: str, run_id: str) -> str:
+    """Where one run's files live: ``<storage>/<dag_id>/<run_id>``."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    return f"{spec.storage.rstrip('/')}/{dag_id}/{safe}"
+
+
+def settings(spec: TuningSpec, params: dict[str, Any] | None) -> dict[str, Any]:
+    """The spec's run settings with the trigger form's values (``params``) applied."""
+    p = {k: v for k, v in (params or {}).items() if v is not None}
+    types = instance_type_names(spec)
+    chosen = p.get("instance_types") or types
+    unknown = [t for t in chosen if t not in types]
+    if unknown:
+        raise ProblemError("params.instance_types", f"{unknown[0]!r} is not in the spec's backend ({', '.join(types)})")
+    return {
+        "deadline_seconds": float(p.get("deadline_seconds", spec.deadline_seconds)),
+        "sha": {"num_trials": int(p.get("num_trials", spec.sha["num_trials"])),
+                "eta": int(p.get("eta", spec.sha["eta"])),
+                "min_epochs": int(p.get("min_epochs", spec.sha["min_epochs"])),
+                "num_stages": spec.sha.get("num_stages")},
+        "instance_types": list(chosen),
+        "max_instances": p.get("max_instances"),
+        "seed": int(p.get("seed", spec.seed)),
+    }
+
+
+def instance_type_names(spec: TuningSpec) -> list[str]:
+    if isinstance(spec.backend, LocalBackendSpec):
+        return [spec.backend.instance_type]
+    return [t["name"] for t in spec.backend.instance_types]
+
+
+def _instance_types(spec: TuningSpec, chosen: list[str], max_instances: int | None) -> list[dict[str, Any]]:
+    b = spec.backend
+    if isinstance(b, LocalBackendSpec):
+        limit = min(b.max_instances, LocalInstanceType(b.instance_type, b.slots).max_instances())
+        # Pending and boot come from the profile, measured on this backend with the same injected latency.
+        types = [{"name": b.instance_type, "gpus": b.slots, "price_per_hour": b.price_per_hour, "max_instances": limit}]
+    else:
+        from rubberband_airflow.execution.prices import lookup
+
+        types = []
+        for t in b.instance_types:
+            if t["name"] not in chosen:
+                continue
+            known = lookup(t["name"]) if "gpus" not in t or "price_per_hour" not in t else None
+            types.append({"name": t["name"], "gpus": int(t.get("gpus", known.gpus if known else 1)),
+                          "price_per_hour": float(t.get("price_per_hour", known.price_per_hour if known else 0)),
+                          "max_instances": int(t.get("max_instances", 16))})
+    if max_instances:
+        for t in types:
+            t["max_instances"] = min(t["max_instances"], int(max_instances))
+    return types
+
+
+def load_profile(spec: TuningSpec) -> dict[str, Any]:
+    """The workload profile the spec names (a local path or any fsspec URL)."""
+    try:
+        with fsspec.open(spec.profile, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ProblemError("profile", f"{spec.profile} does not exist: run `rubberband profile --out "
+                           f"{spec.profile}` first") from None
+
+
+def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: dict[str, Any]) -> dict[str, Any]:
+    """The planning problem of one run: the profile, the spec and the trigger form's values."""
+    s = settings(spec, params)
+    tuning: dict[str, Any] = {"sha": {k: v for k, v in s["sha"].items() if v is not None},
+                              "deadline_seconds": s["deadline_seconds"],
+                              "instance_types": _instance_types(spec, s["instance_types"], s["max_instances"])}
+    if spec.stage_overhead_seconds is not None:
+        tuning["stage_overhead_seconds"] = spec.stage_overhead_seconds
+    if spec.billing:
+        tuning["billing"] = spec.billing
+    tuning["planner"] = {**spec.planner, "seed": s["seed"]}
+    return to_problem(profile, tuning)
+
+
+def backend_for(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str, instance_type: str) -> ComputeBackend:
+    """The compute backend that runs this run's instances of ``instance_type``."""
+    b = spec.backend
+    if isinstance(b, LocalBackendSpec):
+        return LocalBackend(storage, LocalInstanceType(b.instance_type, b.slots, b.pending_seconds, b.boot_seconds,
+                                                       b.price_per_hour), trial_timeout=spec.trial_timeout_seconds)
+    assert isinstance(b, EC2BackendSpec)
+    from rubberband_airflow.execution.backends.ec2 import EC2Backend
+
+    gpus = next(t for t in _instance_types(spec, [instance_type], None) if t["name"] == instance_type)["gpus"]
+    return EC2Backend(storage=storage, instance_type=instance_type, ami=b.ami, subnets=list(b.subnets),
+                      security_groups=list(b.security_groups), instance_profile=b.instance_profile,
+                      key_name=b.key_name, dag_id=dag_id, run_id=run_id, slots=gpus,
+                      trial_timeout=spec.trial_timeout_seconds, aws_conn_id=b.aws_conn_id, region=b.region)
