@@ -15,7 +15,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/rubberband plan --table rubberband_airflow/examples/problem-resnet-p3.json
+	scripts/demo.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -80,7 +80,8 @@ def _cmd_profile(args: argparse.Namespace) -> dict[str, Any]:
     past = [entry for uri in args.ledgers for entry in RunStorage(uri).ledger()]
     result = profile(storage, LocalBackend(storage, itype, trial_timeout=args.timeout), trainable=args.trainable,
                      search_space=space, metric=args.metric, instance_type=args.name or itype.name,
-                     gpus=args.slots, configs=args.configs, epochs=args.epochs, timeout=args.timeout,
+                     gpus=args.slots, configs=args.configs or max(4, 2 * args.slots), epochs=args.epochs,
+                     timeout=args.timeout,
                      past_ledgers=past, conditions={"backend": "local", "storage": storage.uri,
                                                     "past_runs": args.ledgers})
     if args.out:
@@ -95,6 +96,22 @@ def _cmd_problem(args: argparse.Namespace) -> dict[str, Any]:
     problem = to_problem(_load_json(args.profile, "profile"), _load_json(args.tuning, "tuning"))
     parse_problem(problem)  # the planner must accept it
     return problem
+
+
+def _cmd_report(args: argparse.Namespace) -> str:
+    from rubberband_airflow.execution.storage import RunStorage
+    from rubberband_airflow.report import summary_lines
+
+    storage = RunStorage(args.run)
+    rep = storage.read_json("report.json")
+    if rep is None:  # a tuning DAG's folder: its newest run with a report
+        runs = [RunStorage(storage.url(name)) for name in storage.listdir()]
+        reports = [(s.read_json("report.json"), s) for s in runs]
+        reports = [(r, s) for r, s in reports if r]
+        if not reports:
+            raise ProblemError("run", f"no report under {args.run}")
+        rep = max(reports, key=lambda rs: rs[1].fs.modified(rs[1].path("report.json")).timestamp())[0]
+    return "\n".join(summary_lines(rep))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--slots", type=int, default=min(2, _cores()), help="GPUs (or CPU cores) of the instance")
     f.add_argument("--pending-seconds", type=float, default=0.0, help="injected pending latency")
     f.add_argument("--boot-seconds", type=float, default=0.0, help="injected boot latency")
-    f.add_argument("--configs", type=int, default=4, help="configurations timed on one GPU")
+    f.add_argument("--configs", type=int, help="configurations timed on one GPU (default: 2 per slot, at least 4)")
     f.add_argument("--epochs", type=int, default=3, help="epochs per profiling task")
     f.add_argument("--timeout", type=float, default=900.0, help="seconds before a profiling trial fails")
     f.add_argument("--storage", help="where the profiling run's files go (default .rubberband/profiles)")
@@ -134,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("profile", help="profile (JSON) from `rubberband profile`")
     q.add_argument("tuning", help="tuning spec (JSON): sha, deadline_seconds, instance_types, ...")
     q.set_defaults(run=_cmd_problem, table=False)
+    r = sub.add_parser("report", help="print the summary of a tuning run's report")
+    r.add_argument("run", help="a run's storage URI, or a tuning DAG's folder (its newest run)")
+    r.set_defaults(run=_cmd_report, table=False)
     return parser
 
 
@@ -155,7 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                               "fastest_jct_seconds": e.fastest_jct_seconds, "fastest_plan": e.fastest_plan},
                              indent=2))
         return EXIT_INFEASIBLE
-    print(plan_table(result) if args.table else json.dumps(result, indent=2))
+    if isinstance(result, str):
+        print(result)
+    else:
+        print(plan_table(result) if args.table else json.dumps(result, indent=2))
     return 0
 
 

@@ -187,6 +187,8 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         sha = storage.read_json("sha.json")
         spec_now = load_spec(spec_path)
         if stage == len(plan["stages"]):
+            # The job is done: release the fleet now, as the plan assumes (teardown stays the safety net).
+            runner.stop_instances(storage, _backend(storage.uri, plan))
             return {"stage": stage, "promoted": [], "failed": failed}
         keep = max(1, sha["num_trials"] // sha["eta"] ** stage)
         return {"stage": stage, "promoted": runner.promote(storage, stage, results, keep, spec_now.mode),

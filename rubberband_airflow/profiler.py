@@ -8,8 +8,9 @@ timings it fits:
 
 - ``epoch_seconds``: the curve t(g) = a + b / g (scipy), so g that were not measured (larger
   instances) are predicted too; measured values are kept as measured;
-- ``trial_overhead_seconds``: a task's wall time less its epochs (process start, checkpoint
-  restore and save);
+- ``trial_overhead_seconds``: the time a slot is busy per task beyond its epochs, from tasks
+  run back to back on one slot (process start, imports, checkpoint restore and save, the
+  agent noticing the slot is free);
 - ``straggler_sigma``: the standard deviation of log epoch time across configurations;
 - ``checkpoint_gb``: the stored checkpoint's size;
 - ``pending_seconds``/``boot_seconds``/``pending_sigma``: from the ledgers of this and earlier
@@ -91,6 +92,26 @@ def _epoch_times(metrics: list[dict[str, Any]], stage: int) -> list[float]:
     return list(np.diff(times)) if len(times) >= 2 else []
 
 
+def _slot_cycles(results: dict[str, dict[str, Any]], epoch_seconds: dict[str, float],
+                 epochs: int) -> list[tuple[float, float, int]]:
+    """(slot seconds, epoch seconds, epochs) of each task that followed another on the same slot.
+
+    A slot is busy from one task's spawn to the next one's: interpreter start, imports, checkpoint
+    restore and save, and the agent noticing the slot is free all count, as they do in a run.
+    """
+    by_slot: dict[str, list[tuple[float, str]]] = {}
+    for t, r in results.items():
+        by_slot.setdefault(f"{r['instance']}/{r.get('slots')}", []).append((r.get("spawned", r["started"]), t))
+    out = []
+    for runs in by_slot.values():
+        runs.sort()
+        for (spawned, t), (next_spawned, _) in zip(runs, runs[1:]):
+            out.append((next_spawned - spawned, epoch_seconds[t], epochs))
+    if not out:
+        raise ProfileError("no slot ran two profiling tasks in a row: profile more configurations than slots")
+    return out
+
+
 def _run_stage(storage: RunStorage, backend: ComputeBackend, instance: str, stage: int, trials: list[str],
                gpus: int, start: int, stop: int, timeout: float) -> dict[str, dict[str, Any]]:
     tasks = [{"trial": t, "gpus": gpus, "start_epoch": start, "stop_epoch": stop} for t in trials]
@@ -108,6 +129,9 @@ def profile(storage: RunStorage, backend: ComputeBackend, *, trainable: str, sea
             conditions: dict[str, Any] | None = None) -> dict[str, Any]:
     """Profile ``trainable`` on one instance of ``instance_type`` (``gpus`` slots); returns the profile."""
     began = time.time()
+    if configs <= gpus:
+        raise ProblemError("configs", f"must be more than the instance's {gpus} slots, so a slot runs tasks "
+                           "back to back and the overhead between them is measured")
     spec = RunSpec(trainable, metric, "max", seed)
     trial_configs = sample(search_space, configs, seed)
     trials = start_run(storage, spec, trial_configs, {"profile": instance_type}, gpus)
@@ -119,10 +143,8 @@ def profile(storage: RunStorage, backend: ComputeBackend, *, trainable: str, sea
         per_config: list[float] = []
         results = _run_stage(storage, backend, instance, stage, trials, 1, 0, epochs, timeout)
         for t in trials:
-            times = _epoch_times(storage.metrics(t), stage)
-            per_config.append(float(np.median(times)))
-            r = results[t]
-            task_records.append((r["finished"] - r["started"], float(np.median(times)), epochs))
+            per_config.append(float(np.median(_epoch_times(storage.metrics(t), stage))))
+        task_records += _slot_cycles(results, dict(zip(trials, per_config)), epochs)
         measured = {1: float(np.exp(np.mean(np.log(per_config))))}
         ratio_base = per_config[0]
         last_end = max(r["finished"] for r in results.values())
@@ -134,10 +156,9 @@ def profile(storage: RunStorage, backend: ComputeBackend, *, trainable: str, sea
                              epochs * stage, timeout)[trials[0]]
             stage_gaps.append(max(0.0, res["started"] - last_end))  # result noticed, next stage placed, picked up
             last_end = res["finished"]
-            times = _epoch_times(storage.metrics(trials[0]), stage)
             if g > 1:
+                times = _epoch_times(storage.metrics(trials[0]), stage)
                 measured[g] = measured[1] * float(np.median(times)) / ratio_base
-            task_records.append((res["finished"] - res["started"], float(np.median(times)), epochs))
         checkpoint = storage.fs.size(storage.path("trials", trials[0], "checkpoint.pt"))
     finally:
         stop_instances(storage, backend)

@@ -82,7 +82,10 @@ def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[in
     spec = storage.read_json("run.json") or {}
     task = next((t for t in storage.assignments(instance) if t["trial"] == trial and t["stage"] == stage), None)
     started = time.time()
-    result: dict[str, Any] = {"instance": instance, "started": started, "stage": stage}
+    # When the agent spawned this process: the slot was busy from then (interpreter start included).
+    spawned = float(os.environ.get("RUBBERBAND_SPAWNED", started))
+    result: dict[str, Any] = {"instance": instance, "started": started, "spawned": spawned, "stage": stage,
+                              "slots": slots}
     try:
         if task is None:
             raise TrialFailed(f"trial {trial} is not assigned to {instance} in stage {stage}")

@@ -42,7 +42,7 @@ def test_launch_latencies_from_ledgers():
 
 def test_profile_of_the_example_becomes_a_problem_the_planner_accepts(tmp_path):
     profile_path = tmp_path / "profile.json"
-    r = subprocess.run([RUBBERBAND, "profile", "--slots", "2", "--configs", "2", "--epochs", "2",
+    r = subprocess.run([RUBBERBAND, "profile", "--slots", "2", "--configs", "3", "--epochs", "2",
                         "--boot-seconds", "0.5", "--storage", f"file://{tmp_path}/profiles",
                         "--out", str(profile_path)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr

@@ -66,7 +66,8 @@ class LocalBackend(ComputeBackend):
             requested = time.time()
             cmd = [sys.executable, "-m", "rubberband_airflow.execution.agent", "--run", self.storage.uri,
                    "--instance", instance, "--slots", str(t.slots), "--trial-timeout", str(self.trial_timeout),
-                   "--pending-seconds", str(t.pending_seconds), "--boot-seconds", str(t.boot_seconds)]
+                   "--pending-seconds", str(t.pending_seconds), "--boot-seconds", str(t.boot_seconds),
+                   "--poll-seconds", "0.2"]
             process = subprocess.Popen(cmd, start_new_session=True, env=self.env, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
             _CHILDREN[process.pid] = process

@@ -1,0 +1,19 @@
+"""Provider metadata Airflow reads through the ``apache_airflow_provider`` entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "rubberband-airflow",
+        "name": "RubberBand",
+        "description": "Deadline-aware, cost-minimal hyperparameter tuning on elastic GPU instances "
+                       "(RubberBand, EuroSys 2021).",
+        "integrations": [{"integration-name": "RubberBand", "external-doc-url": "https://doi.org/10.1145/3447786.3456245",
+                          "tags": ["software"]}],
+        "operators": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.operators.planning"]}],
+        "sensors": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.sensors.trial"]}],
+        "triggers": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.triggers.trial"]}],
+    }

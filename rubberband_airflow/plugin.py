@@ -1,0 +1,89 @@
+"""The Airflow UI plugin: a RubberBand page listing tuning runs and their reports.
+
+Mounted on the api-server at ``/rubberband``; the page shows, per tuning DAG, the latest best
+configuration and each run's predicted against actual JCT and cost.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from airflow.plugins_manager import AirflowPlugin
+
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.spec import SpecError, load_spec
+
+
+def _specs() -> list[Any]:
+    folder = Path(os.environ.get("AIRFLOW__CORE__DAGS_FOLDER", Path(os.environ.get("AIRFLOW_HOME", "~/airflow")) / "dags"))
+    out = []
+    for path in sorted(folder.expanduser().glob("*.yaml")):
+        try:
+            out.append(load_spec(path))
+        except SpecError:
+            continue
+    return out
+
+
+def _reports(spec: Any) -> list[dict[str, Any]]:
+    root = RunStorage(f"{spec.storage.rstrip('/')}/{spec.name}")
+    reports = []
+    for run in root.listdir():
+        rep = RunStorage(root.url(run)).read_json("report.json")
+        if rep:
+            reports.append({"run": run, **{k: rep.get(k) for k in ("best", "predicted", "actual", "metric")}})
+    return sorted(reports, key=lambda r: r["run"], reverse=True)
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(title="RubberBand", description="Tuning runs and their reports")
+
+    @app.get("/api/runs")
+    def runs() -> JSONResponse:
+        return JSONResponse({s.name: _reports(s) for s in _specs()})
+
+    @app.get("/api/runs/{dag_id}/{run}")
+    def run_report(dag_id: str, run: str) -> JSONResponse:
+        spec = next((s for s in _specs() if s.name == dag_id), None)
+        if spec is None or "/" in run or run.startswith("."):
+            raise HTTPException(404, "no such tuning DAG or run")
+        rep = RunStorage(f"{spec.storage.rstrip('/')}/{dag_id}/{run}").read_json("report.json")
+        if rep is None:
+            raise HTTPException(404, "this run has no report yet")
+        return JSONResponse(rep)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        rows = []
+        for spec in _specs():
+            for r in _reports(spec):
+                best = r["best"] or {}
+                pj = ((r["predicted"] or {}).get("jct_seconds") or {}).get("mean")
+                pc = ((r["predicted"] or {}).get("cost_usd") or {}).get("mean")
+                aj, ac = (r["actual"] or {}).get("jct_seconds"), (r["actual"] or {}).get("cost_usd")
+                rows.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (
+                    spec.name, r["run"], best.get("trial", "-"),
+                    f"{best['metric']:.4f}" if best.get("metric") is not None else "-",
+                    f"{pj:.0f} / {aj:.0f}" if pj is not None and aj is not None else "-",
+                    f"{pc:.2f} / {ac:.2f}" if pc is not None and ac is not None else "-")) + "</tr>")
+        table = "".join(rows) or "<tr><td colspan=6>No tuning run has reported yet.</td></tr>"
+        return ("<!doctype html><html><head><title>RubberBand</title><style>body{font-family:sans-serif;margin:2em}"
+                "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}</style></head><body>"
+                "<h1>RubberBand tuning runs</h1><table><tr><th>DAG</th><th>run</th><th>best trial</th>"
+                "<th>metric</th><th>JCT s (predicted / actual)</th><th>cost $ (predicted / actual)</th></tr>"
+                f"{table}</table></body></html>")
+
+    return app
+
+
+class RubberBandPlugin(AirflowPlugin):
+    name = "rubberband"
+    fastapi_apps = [{"app": create_app(), "url_prefix": "/rubberband", "name": "RubberBand"}]
+    external_views = [{"name": "RubberBand", "href": "/rubberband/", "url_route": "rubberband", "destination": "nav",
+                       "category": "browse"}]

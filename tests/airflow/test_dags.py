@@ -1,0 +1,89 @@
+"""The example DAGs parse; bad specs become import errors naming the file and the field."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+import json
+
+from tests.airflow.conftest import BIN, ROOT, airflow_env, run
+
+
+@pytest.fixture
+def dagbag_for(monkeypatch, tmp_path):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+
+    def load(folder: Path):
+        from airflow.dag_processing.dagbag import DagBag
+
+        return DagBag(dag_folder=str(folder))
+    return load
+
+
+def test_example_dags_import_without_errors(dagbag_for):
+    bag = dagbag_for(ROOT / "dags")
+    assert bag.import_errors == {}
+    dag = bag.dags["digits_tuning"]
+    ids = set(dag.task_dict)
+    assert {"plan", "start_run", "teardown", "report", "stage_1.scale_out", "stage_1.scale_in",
+            "stage_1.provision", "stage_1.deprovision", "stage_1.place", "stage_1.wait", "stage_1.promote"} <= ids
+    assert dag.task_dict["teardown"].is_teardown
+    assert set(dag.params) >= {"deadline_seconds", "num_trials", "eta", "min_epochs", "instance_types", "seed"}
+    assert dag.params.get_param("deadline_seconds").schema["minimum"] == 1
+    assert dag.task_dict["report"].outlets[0].uri.endswith("/digits_tuning/best_config.json")
+
+
+BAD = [
+    ("sha", {"num_trials": 0, "eta": 2, "min_epochs": 1}, "sha.num_trials"),
+    ("search_space", {"lr": {"type": "gaussian"}}, "search_space.lr.type"),
+    ("backend", {"type": "k8s"}, "backend.type"),
+    ("deadline_seconds", -5, "deadline_seconds"),
+    ("colour", "blue", "colour"),
+]
+
+
+@pytest.mark.parametrize("key,value,field", BAD, ids=[b[2] for b in BAD])
+def test_bad_spec_is_an_import_error_naming_file_and_field(dagbag_for, tmp_path, key, value, field):
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    spec = yaml.safe_load((ROOT / "dags" / "digits_tuning.yaml").read_text())
+    spec[key] = value
+    (folder / "bad_tuning.yaml").write_text(yaml.safe_dump(spec))
+    shutil.copy(ROOT / "dags" / "digits_tuning.py", folder / "bad_tuning.py")
+    bag = dagbag_for(folder)
+    [(path, error)] = bag.import_errors.items()
+    assert path.endswith("bad_tuning.py")
+    assert "bad_tuning.yaml" in error and f"{field}:" in error
+
+
+def test_provider_and_plugin_are_registered(tmp_path):
+    env = airflow_env(tmp_path)
+    r = run([str(BIN / "airflow"), "providers", "list", "-o", "json"], env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert any(p["package_name"] == "rubberband-airflow" for p in json.loads(r.stdout))
+    r = run([str(BIN / "airflow"), "plugins", "-o", "json"], env, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    [plugin] = [p for p in json.loads(r.stdout) if p["name"] == "rubberband"]
+    assert "/rubberband" in json.dumps(plugin)
+
+
+def test_plugin_page_lists_runs_with_their_reports(tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from rubberband_airflow.execution.storage import RunStorage
+    from rubberband_airflow.plugin import create_app
+
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
+    run_storage = RunStorage(f"file://{tmp_path}/rubberband/digits_tuning/manual__1")
+    run_storage.write_json({"best": {"trial": "trial-0003", "metric": 0.97, "config": {"lr": 0.1}},
+                            "predicted": {"jct_seconds": {"mean": 70.0}, "cost_usd": {"mean": 0.002}},
+                            "actual": {"jct_seconds": 71.5, "cost_usd": 0.0021}, "metric": "accuracy"}, "report.json")
+    client = TestClient(create_app())
+    page = client.get("/")
+    assert page.status_code == 200 and "trial-0003" in page.text and "0.9700" in page.text
+    assert client.get("/api/runs").json()["digits_tuning"][0]["best"]["trial"] == "trial-0003"
+    assert client.get("/api/runs/digits_tuning/manual__1").json()["actual"]["jct_seconds"] == 71.5
+    assert client.get("/api/runs/digits_tuning/nope").status_code == 404
