@@ -21,7 +21,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_planner.py
+	$(BIN)/python -m benchmarks.bench_planner
+	$(BIN)/python -m benchmarks.bench_orchestration
 
 clean:
 	rm -rf $(VENV) build *.egg-info

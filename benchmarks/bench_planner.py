@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.doc_sections import write_section
 from rubberband_airflow.planning.errors import InfeasibleError
 from rubberband_airflow.planning.exhaustive import all_plans
 from rubberband_airflow.planning.plan import parse_plan
@@ -29,7 +30,6 @@ from rubberband_airflow.planning.simulator import Draws, simulate_outcome
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "rubberband_airflow" / "examples"
 RESULTS = ROOT / "benchmarks" / "results" / "planner.json"
-DOC = ROOT / "docs" / "benchmarks.md"
 LARGE = ROOT / "benchmarks" / "problems" / "large-1024-trials.json"
 
 
@@ -158,12 +158,10 @@ def _pct(plan: float | None, other: float | None) -> str:
 
 def write_doc(result: dict[str, Any]) -> None:
     lines = [
-        "# Benchmarks",
-        "",
-        "Made by `make bench` (`benchmarks/bench_planner.py`); raw numbers in",
-        "`benchmarks/results/planner.json`. Machine: " + result["machine"] + ".",
-        "",
         "## Planner against the exact optimum",
+        "",
+        "By `benchmarks/bench_planner.py` (raw numbers: `benchmarks/results/planner.json`). Machine: "
+        + result["machine"] + ".",
         "",
         "Every plan of each small problem was simulated (exhaustive search); *optimum* is the",
         "cheapest on time at the quantile. *exact* is `rubberband plan`, *greedy* the seed's",
@@ -203,7 +201,7 @@ def write_doc(result: dict[str, Any]) -> None:
               f"| one simulation of 256 samples | {s['simulation_ms_median']} ms | {s['simulation_ms_max']} ms | 50 ms |",
               f"| whole `rubberband plan` command (wall) | {s['plan_command_seconds_median']} s | "
               f"{s['plan_command_seconds_max']} s | 2 s |", ""]
-    DOC.write_text("\n".join(lines))
+    write_section("planner", "\n".join(lines))
 
 
 def main() -> None:
@@ -219,7 +217,7 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
     write_doc(result)
-    print(f"wrote {RESULTS.relative_to(ROOT)} and {DOC.relative_to(ROOT)}")
+    print(f"wrote {RESULTS.relative_to(ROOT)} and docs/benchmarks.md")
 
 
 if __name__ == "__main__":

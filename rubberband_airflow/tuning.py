@@ -83,14 +83,36 @@ def load_profile(spec: TuningSpec) -> dict[str, Any]:
                            f"{spec.profile}` first") from None
 
 
-def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: dict[str, Any]) -> dict[str, Any]:
-    """The planning problem of one run: the profile, the spec and the trigger form's values."""
+def past_runs(spec: TuningSpec, dag_id: str | None = None, limit: int = 5) -> list[dict[str, Any]]:
+    """Reports of the DAG's latest finished runs, newest first."""
+    root = RunStorage(f"{spec.storage.rstrip('/')}/{dag_id or spec.name}")
+    found = []
+    for name in root.listdir():
+        rep = RunStorage(root.url(name)).read_json("report.json")
+        if rep and rep.get("stages"):
+            found.append((max(s["end"] for s in rep["stages"]), rep))
+    return [rep for _, rep in sorted(found, key=lambda x: x[0], reverse=True)[:limit]]
+
+
+def measured_stage_overhead(reports: list[dict[str, Any]]) -> float | None:
+    """The orchestrator's time between stages (stage 2 on), averaged over past runs' reports."""
+    values = [o for rep in reports for o in (rep.get("stage_overhead_seconds") or [])[1:] if o is not None]
+    return sum(values) / len(values) if values else None
+
+
+def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: dict[str, Any],
+                     history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The planning problem of one run: the profile, the spec, the trigger form's values and,
+    where the spec does not fix it, the stage overhead measured in the DAG's past runs."""
     s = settings(spec, params)
     tuning: dict[str, Any] = {"sha": {k: v for k, v in s["sha"].items() if v is not None},
                               "deadline_seconds": s["deadline_seconds"],
                               "instance_types": _instance_types(spec, s["instance_types"], s["max_instances"])}
+    measured = measured_stage_overhead(history or [])
     if spec.stage_overhead_seconds is not None:
         tuning["stage_overhead_seconds"] = spec.stage_overhead_seconds
+    elif measured is not None:
+        tuning["stage_overhead_seconds"] = measured
     if spec.billing:
         tuning["billing"] = spec.billing
     tuning["planner"] = {**spec.planner, "seed": s["seed"]}

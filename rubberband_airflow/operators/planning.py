@@ -11,13 +11,14 @@ from rubberband_airflow.planning.errors import InfeasibleError, ProblemError
 from rubberband_airflow.planning.planner import plan_problem
 from rubberband_airflow.planning.problem import parse_problem
 from rubberband_airflow.spec import load_spec
-from rubberband_airflow.tuning import load_profile, planning_problem
+from rubberband_airflow.tuning import load_profile, past_runs, planning_problem
 
 
 class RubberBandPlanOperator(BaseOperator):
     """Plans a tuning run: the cheapest allocation that meets the deadline at the planner's quantile.
 
-    Builds the planning problem from the spec's profile, the spec and the run's params, and
+    Builds the planning problem from the spec's profile, the spec, the run's params and the
+    stage overhead measured in the DAG's last runs (so a nightly DAG plans better each night), and
     returns the plan with its predicted JCT and cost and the baselines. An impossible deadline
     fails the task (no retry) with the fastest achievable JCT.
     """
@@ -31,13 +32,15 @@ class RubberBandPlanOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         spec = load_spec(self.spec_path)
         try:
-            problem = planning_problem(spec, dict(context["params"]), load_profile(spec))
+            history = past_runs(spec, context["dag"].dag_id)
+            problem = planning_problem(spec, dict(context["params"]), load_profile(spec), history)
             out = plan_problem(parse_problem(problem))
         except ProblemError as e:
             raise AirflowFailException(f"bad tuning input: {e}") from None
         except InfeasibleError as e:
             raise AirflowFailException(str(e)) from None
         out["problem"] = problem
+        out["history_runs"] = len(history)
         pred = out["predicted"]
         self.log.info("Plan: %s, stages %s; predicted JCT p%g %.0f s, mean cost $%.2f (deadline %.0f s)",
                       out["instance_type"], [(s["instances"], s["gpus_per_trial"]) for s in out["stages"]],
