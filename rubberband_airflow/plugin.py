@@ -7,6 +7,7 @@ configuration and each run's predicted against actual JCT and cost.
 from __future__ import annotations
 
 import html
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from airflow.plugins_manager import AirflowPlugin
 
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.spec import SpecError, load_spec
+
+log = logging.getLogger(__name__)
 
 
 def _specs() -> list[Any]:
@@ -32,9 +35,15 @@ def _specs() -> list[Any]:
 
 
 def _reports(spec: Any) -> list[dict[str, Any]]:
+    """The reports of a DAG's runs, newest first; none if its storage cannot be read from here."""
     root = RunStorage(f"{spec.storage.rstrip('/')}/{spec.name}")
     reports = []
-    for run in root.listdir():
+    try:
+        runs = root.listdir()
+    except Exception as e:  # noqa: BLE001 - one unreachable bucket must not take the page down
+        log.warning("cannot list runs of %s in %s: %s", spec.name, root.uri, e)
+        return []
+    for run in runs:
         rep = RunStorage(root.url(run)).read_json("report.json")
         if rep:
             reports.append({"run": run, **{k: rep.get(k) for k in ("best", "predicted", "actual", "metric")}})

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,7 +75,8 @@ class Agent:
         return out
 
     def start(self, task: dict[str, Any], slots: list[int]) -> None:
-        env = {**os.environ, "RUBBERBAND_SLOTS": ",".join(map(str, slots)), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "RUBBERBAND_SLOTS": ",".join(map(str, slots)), "OMP_NUM_THREADS": "1",
+               "RUBBERBAND_SPAWNED": repr(time.time())}
         cmd = [sys.executable, "-m", "rubberband_airflow.execution.worker", self.storage.uri, task["trial"],
                str(task["stage"]), self.instance]
         # Workers stay in the agent's process group: terminating the instance ends them too.
@@ -158,16 +160,34 @@ def _kill_tree(process: subprocess.Popen) -> None:
     process.kill()
 
 
+def imds_instance_id(timeout: float = 5.0) -> str:
+    """This EC2 instance's id, from the instance metadata service with an IMDSv2 session token.
+
+    The endpoint is botocore's: ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` or http://169.254.169.254.
+    """
+    base = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # IMDS is never behind a proxy
+    put = urllib.request.Request(f"{base}/latest/api/token", method="PUT",
+                                 headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"})
+    with opener.open(put, timeout=timeout) as r:
+        token = r.read().decode()
+    get = urllib.request.Request(f"{base}/latest/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token})
+    with opener.open(get, timeout=timeout) as r:
+        return r.read().decode().strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rubberband-agent", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="the run's storage URI, e.g. s3://bucket/prefix/dag/run")
-    p.add_argument("--instance", required=True, help="this instance's id")
+    p.add_argument("--instance", required=True, help="this instance's id, or 'imds' to ask EC2's metadata service")
     p.add_argument("--slots", type=int, required=True, help="GPUs (or CPU cores) this instance offers")
     p.add_argument("--trial-timeout", type=float, default=3600.0, help="seconds before a trial is failed")
     p.add_argument("--pending-seconds", type=float, default=0.0, help="emulated: wait before 'running'")
     p.add_argument("--boot-seconds", type=float, default=0.0, help="emulated: wait from running to ready")
     p.add_argument("--poll-seconds", type=float, default=0.5)
     a = p.parse_args(argv)
+    if a.instance == "imds":
+        a.instance = imds_instance_id()
     agent = Agent(RunStorage(a.run), a.instance, a.slots, trial_timeout=a.trial_timeout, poll_seconds=a.poll_seconds)
     def on_sigterm(*_: Any) -> None:  # the instance is going away: end the trials at once
         agent.stopping = True

@@ -1,0 +1,256 @@
+"""The ``ec2`` backend: GPU instances launched through the amazon provider's ``EC2Hook``.
+
+Every instance carries the run's tags (``rubberband:dag_id``, ``rubberband:run_id``,
+``rubberband:batch``), which is how a batch is found again (a retried launch returns the
+batch it launched before) and how a sweeper finds what a run left behind even without its
+ledger. Instances require IMDSv2, and their user data only starts the agent with the run's
+storage URI, its slot count and the trial timeout: hyperparameters stay in storage. When the
+agent exits, the instance powers off, and powering off terminates it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shlex
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.storage import RunStorage
+
+if TYPE_CHECKING:
+    from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+
+# Launch errors after which the next subnet (another availability zone) is tried.
+RETRYABLE_LAUNCH_ERRORS: frozenset[str] = frozenset({"InsufficientInstanceCapacity"})
+# States in which an instance may still bill (compute or its volumes): what the sweeper terminates.
+BILLABLE_STATES = ("pending", "running", "stopping", "stopped")
+TAG_VALUE_MAX = 256  # characters, EC2's limit
+_FILTER_VALUES_MAX = 200  # instance ids per describe filter
+
+
+class LaunchError(RuntimeError):
+    """EC2 refused to launch a batch."""
+
+
+class CapacityError(LaunchError):
+    """No subnet had capacity for the batch."""
+
+
+class EC2Backend(ComputeBackend):
+    def __init__(self, storage: RunStorage, instance_type: str, image_id: str, subnets: Sequence[str],
+                 security_groups: Sequence[str], instance_profile: str, dag_id: str, run_id: str, slots: int,
+                 trial_timeout: float = 3600.0, key_name: str | None = None, aws_conn_id: str = "aws_default",
+                 region: str | None = None) -> None:
+        """``subnets`` are tried in order; ``instance_profile`` is a name or an ARN; ``slots`` is
+        the GPUs per instance."""
+        if not subnets:
+            raise ValueError("at least one subnet is needed")
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        for name, value in (("dag_id", dag_id), ("run_id", run_id)):
+            _check_tag_value(name, value)
+        # Imported here so that importing the backend does not initialise Airflow.
+        from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+
+        self.storage = storage
+        self.instance_type = instance_type
+        self.image_id = image_id
+        self.subnets = list(subnets)
+        self.security_groups = list(security_groups)
+        self.instance_profile = instance_profile
+        self.dag_id = dag_id
+        self.run_id = run_id
+        self.slots = slots
+        self.trial_timeout = trial_timeout
+        self.key_name = key_name
+        self._recorded: set[tuple[str, str]] = set()  # (instance, ledger key) already set
+        self.hook: EC2Hook = EC2Hook(api_type="client_type", aws_conn_id=aws_conn_id, region_name=region)
+
+    # --- what an instance is launched with ---
+    def user_data(self) -> str:
+        """The cloud-init script: run the agent, then power off (which terminates the instance)."""
+        agent = ["rubberband-agent", "--run", self.storage.uri, "--instance", "imds", "--slots", str(self.slots),
+                 "--trial-timeout", str(self.trial_timeout)]
+        return "\n".join([
+            "#!/bin/bash",
+            "# RubberBand instance agent. No secret and no hyperparameter here: trials come from the run's storage.",
+            "exec >>/var/log/rubberband-agent.log 2>&1",
+            shlex.join(agent),
+            "shutdown -h now",
+            "",
+        ])
+
+    def tags(self, batch: str) -> dict[str, str]:
+        """Instance and volume tags; the informational ones are cut to EC2's 256 characters."""
+        return {"rubberband:dag_id": self.dag_id, "rubberband:run_id": self.run_id, "rubberband:batch": batch,
+                "rubberband:run": self.storage.uri[:TAG_VALUE_MAX],
+                "Name": f"rubberband {self.dag_id} {batch}"[:TAG_VALUE_MAX]}
+
+    def client_token(self, batch: str, subnet: str) -> str:
+        """EC2's idempotency token for one launch request (64 characters, EC2's limit)."""
+        return hashlib.sha256("\n".join([self.dag_id, self.run_id, batch, subnet]).encode()).hexdigest()[:64]
+
+    def request(self, batch: str, count: int, subnet: str) -> dict[str, Any]:
+        """The ``run_instances`` arguments for ``count`` instances of ``batch`` in ``subnet``."""
+        tags = [{"Key": k, "Value": v} for k, v in self.tags(batch).items()]
+        profile = {"Arn" if self.instance_profile.startswith("arn:") else "Name": self.instance_profile}
+        out: dict[str, Any] = {
+            "ImageId": self.image_id, "InstanceType": self.instance_type, "MinCount": count, "MaxCount": count,
+            "ClientToken": self.client_token(batch, subnet), "SubnetId": subnet,
+            "SecurityGroupIds": self.security_groups, "IamInstanceProfile": profile,
+            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
+            "InstanceInitiatedShutdownBehavior": "terminate", "UserData": self.user_data(),
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
+                                  {"ResourceType": "volume", "Tags": tags}],
+        }
+        if self.key_name:
+            out["KeyName"] = self.key_name
+        return out
+
+    # --- the backend interface ---
+    def launch(self, batch: str, count: int) -> list[str]:
+        _check_tag_value("batch", batch)
+        found = self._instances(("pending", "running"), {"rubberband:batch": batch})
+        if found:  # a retry: EC2 already has this batch (moto ignores ClientToken, so look by tags)
+            for i in found:
+                if self._entry(i["InstanceId"]) is None:  # launched, but the ledger was not written
+                    self._write_new_entry(i["InstanceId"], batch, i["LaunchTime"].timestamp())
+            return [i["InstanceId"] for i in found]
+        requested = time.time()
+        ids = [i["InstanceId"] for i in self._run_instances(batch, count)]
+        for instance in ids:
+            self._write_new_entry(instance, batch, requested)
+        return ids
+
+    def describe(self, instances: list[str]) -> dict[str, str]:
+        """pending, running or terminated. Shutting-down, stopping and stopped count as terminated
+        (no agent runs there), and so does an instance EC2 no longer lists after it was seen running.
+        Records in the ledger when an instance is first seen running, and when it is first seen gone."""
+        return self._observe(instances, self._states(instances))
+
+    def _observe(self, instances: list[str], raw: dict[str, tuple[str, float]]) -> dict[str, str]:
+        now = time.time()
+        out = {}
+        for instance in instances:
+            if instance in raw:
+                name, launched = raw[instance]
+                state = name if name in ("pending", "running") else "terminated"
+            else:  # not listed yet (EC2 is eventually consistent), or long gone
+                entry = self._entry(instance)
+                state, launched = ("terminated" if entry and entry.get("running") is not None else "pending"), None
+            if state == "pending":
+                self._record(instance, "seen_pending", now)
+            else:
+                self._record_running(instance, now, launched)
+                if state == "terminated":
+                    self._record(instance, "terminated", now)
+            out[instance] = state
+        return out
+
+    def terminate(self, instances: list[str]) -> None:
+        raw = self._states(instances)
+        self._observe(instances, raw)  # the ledger learns when each instance started to bill
+        doomed = [i for i in instances if i in raw and raw[i][0] not in ("shutting-down", "terminated")]
+        for chunk in _chunks(doomed):
+            self.hook.terminate_instances(instance_ids=chunk)
+        now = time.time()
+        for instance in instances:
+            self._record(instance, "terminated", now)
+
+    def terminate_run(self) -> list[str]:
+        """Terminate every instance with this run's DAG and run tags that may still bill, ledger or not."""
+        ids = [i["InstanceId"] for i in self._instances(BILLABLE_STATES)]
+        if ids:
+            self.terminate(ids)
+        return ids
+
+    def terminate_all(self) -> list[str]:
+        """Terminate what the ledger lists, then sweep the run's tags for anything it missed."""
+        ids = super().terminate_all()
+        return ids + [i for i in self.terminate_run() if i not in ids]
+
+    # --- helpers ---
+    def _run_instances(self, batch: str, count: int) -> list[dict[str, Any]]:
+        refused = []
+        for subnet in self.subnets:
+            try:
+                return self.hook.conn.run_instances(**self.request(batch, count, subnet))["Instances"]
+            except ClientError as e:
+                error = e.response.get("Error", {})
+                code, message = error.get("Code", "?"), error.get("Message", "")
+                if code not in RETRYABLE_LAUNCH_ERRORS:
+                    raise LaunchError(f"EC2 refused to launch {count} {self.instance_type} for batch {batch!r} "
+                                      f"in subnet {subnet}: {code}: {message}") from e
+                refused.append(f"{subnet}: {code}")
+        raise CapacityError(f"no capacity for {count} {self.instance_type} for batch {batch!r} in any of the "
+                            f"subnets {', '.join(self.subnets)} ({'; '.join(refused)}); try other subnets "
+                            f"(availability zones), another instance type, or later")
+
+    def _instances(self, states: Iterable[str], tags: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+        """This run's instances in ``states`` that also carry ``tags``, oldest first."""
+        want = {"rubberband:dag_id": self.dag_id, "rubberband:run_id": self.run_id, **(tags or {})}
+        filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in want.items()]
+        filters.append({"Name": "instance-state-name", "Values": list(states)})
+        # Tag filters treat * and ? as wildcards: keep only exact matches.
+        found = [i for i in self._describe(filters)
+                 if want.items() <= {t["Key"]: t["Value"] for t in i.get("Tags", [])}.items()]
+        return sorted(found, key=lambda i: (i["LaunchTime"], i.get("AmiLaunchIndex", 0), i["InstanceId"]))
+
+    def _states(self, instances: list[str]) -> dict[str, tuple[str, float]]:
+        """EC2's state name and launch time of each listed instance (unlisted ones are left out)."""
+        out = {}
+        for chunk in _chunks(instances):
+            for i in self._describe([{"Name": "instance-id", "Values": chunk}]):
+                out[i["InstanceId"]] = (i["State"]["Name"], i["LaunchTime"].timestamp())
+        return out
+
+    def _describe(self, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        pages = self.hook.conn.get_paginator("describe_instances").paginate(Filters=filters)
+        return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+
+    def _entry(self, instance: str) -> dict[str, Any] | None:
+        return self.storage.read_json("ledger", f"{instance}.json")
+
+    def _record(self, instance: str, key: str, when: Any) -> None:
+        """Set a ledger field of an instance (``terminated``, ``seen_pending``) unless it is set."""
+        if (instance, key) in self._recorded:
+            return
+        entry = self._entry(instance)
+        if entry is not None and entry.get(key) is None:
+            entry[key] = when
+            self.storage.write_ledger(entry)
+        self._recorded.add((instance, key))
+
+    def _record_running(self, instance: str, now: float, launched: float | None) -> None:
+        """When the instance started to bill. Seen pending before: the first look that finds it
+        running, or its agent's ready time if earlier. Never seen pending: EC2's launch time, which
+        is up to the pending time early, so the bill is overestimated, never under."""
+        if (instance, "running") in self._recorded:
+            return
+        entry = self._entry(instance)
+        if entry is not None and entry.get("running") is None:
+            if entry.get("seen_pending") or launched is None:
+                ready = (self.storage.heartbeat(instance) or {}).get("ready")
+                entry["running"] = min(now, ready) if ready is not None else now
+            else:  # EC2 gives whole seconds: never before the request
+                entry["running"] = max(launched, entry.get("requested") or launched)
+            self.storage.write_ledger(entry)
+        self._recorded.add((instance, "running"))
+
+    def _write_new_entry(self, instance: str, batch: str, requested: float) -> None:
+        self.storage.write_ledger({"instance": instance, "batch": batch, "type": self.instance_type,
+                                   "slots": self.slots, "requested": requested, "running": None, "ready": None,
+                                   "terminated": None})
+
+
+def _check_tag_value(name: str, value: str) -> None:
+    if not value or len(value) > TAG_VALUE_MAX:
+        raise ValueError(f"{name} must be 1 to {TAG_VALUE_MAX} characters to be an EC2 tag, got {len(value)}")
+
+
+def _chunks(items: list[str], size: int = _FILTER_VALUES_MAX) -> list[list[str]]:
+    return [items[k:k + size] for k in range(0, len(items), size)]
