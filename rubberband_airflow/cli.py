@@ -78,12 +78,18 @@ def _cmd_profile(args: argparse.Namespace) -> dict[str, Any]:
     root = args.storage or f"file://{Path('.rubberband/profiles').resolve()}"
     storage = RunStorage(f"{root.rstrip('/')}/{itype.name}-{int(time.time())}")
     past = [entry for uri in args.ledgers for entry in RunStorage(uri).ledger()]
+    reports = [rep for uri in args.ledgers if (rep := RunStorage(uri).read_json("report.json"))]
     result = profile(storage, LocalBackend(storage, itype, trial_timeout=args.timeout), trainable=args.trainable,
                      search_space=space, metric=args.metric, instance_type=args.name or itype.name,
                      gpus=args.slots, configs=args.configs or max(4, 2 * args.slots), epochs=args.epochs,
                      timeout=args.timeout,
                      past_ledgers=past, conditions={"backend": "local", "storage": storage.uri,
                                                     "past_runs": args.ledgers})
+    from rubberband_airflow.tuning import measured_stage_overhead
+
+    if (measured := measured_stage_overhead(reports)) is not None:  # the orchestrator's, from real runs
+        result["stage_overhead_seconds"] = measured
+        result["conditions"]["stage_overhead_from"] = "past runs"
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -145,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="also write the profile to this file")
     f.add_argument("--name", help="instance type name to record (default local-SLOTS; on a GPU instance, its type)")
     f.add_argument("--ledgers", nargs="*", default=[], metavar="RUN_URI",
-                   help="storage URIs of past runs whose instance ledgers give pending and boot latency")
+                   help="storage URIs of past runs: their ledgers give pending and boot latency, their "
+                        "reports the orchestrator's stage overhead")
     f.set_defaults(run=_cmd_profile, table=False)
     q = sub.add_parser("problem", help="print the planning problem of a profile and a tuning spec")
     q.add_argument("profile", help="profile (JSON) from `rubberband profile`")

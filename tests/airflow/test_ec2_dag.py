@@ -1,0 +1,56 @@
+"""The tuning DAG on the ec2 backend: moto's server over HTTP, instances emulated by real agents."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import fsspec
+import yaml
+
+from rubberband_airflow.execution.backends.base import billed_cost
+from rubberband_airflow.execution.prices import lookup
+from rubberband_airflow.execution.storage import RunStorage
+from tests.airflow.conftest import BIN, ROOT, airflow_env, run
+from tests.execution.moto_cloud import BUCKET, REGION, moto_cloud  # noqa: F401 (the fixture)
+
+
+def test_digits_dag_runs_on_ec2_and_bills_what_the_ledger_says(airflow_home, moto_cloud, tmp_path):
+    spec = yaml.safe_load((ROOT / "dags" / "digits_tuning.yaml").read_text())
+    spec.update(name="digits_ec2", storage=f"s3://{BUCKET}/rubberband", profile=f"s3://{BUCKET}/profiles/g5.xlarge.json",
+                backend={"type": "ec2", "aws_conn_id": "aws_default", "region": REGION, "ami": moto_cloud.image_id,
+                         "subnets": moto_cloud.subnets, "security_groups": [moto_cloud.security_group],
+                         "instance_profile": moto_cloud.instance_profile,
+                         "instance_types": [{"name": "g5.xlarge", "max_instances": 2}]})
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "digits_ec2.yaml").write_text(yaml.safe_dump(spec))
+    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / "digits_ec2.py")
+    with fsspec.open(spec["profile"], "w") as f:  # the profiler's measurements, kept in the bucket
+        f.write((airflow_home / "rubberband" / "profiles" / "local-1.json").read_text())
+
+    home = tmp_path / "home"
+    env = {**airflow_env(home, dags), **{k: v for k, v in os.environ.items() if k.startswith(("AWS", "AIRFLOW_CONN",
+                                                                                                "FSSPEC"))}}
+    assert run([str(BIN / "airflow"), "db", "migrate"], env, timeout=300).returncode == 0
+    r = run([str(BIN / "airflow"), "dags", "test", "digits_ec2"], env, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+
+    root = RunStorage(f"s3://{BUCKET}/rubberband/digits_ec2")
+    [run_name] = [n for n in root.listdir() if n.startswith("manual__")]
+    storage = RunStorage(root.url(run_name))
+    rep = storage.read_json("report.json")
+    assert rep["best"] is not None and rep["best"]["metric"] > rep["median_stage1_metric"]
+    assert [s["trials"] for s in rep["stages"]] == [8, 4, 2, 1]
+    # Afterwards no instance of the DAG is pending or running, and every agent is gone.
+    assert moto_cloud.instances(dag_id="digits_ec2") == []
+    moto_cloud.hypervisor.sync()
+    assert moto_cloud.hypervisor.booted == {}
+    # The report's cost is the ledger's bill at the price table's g5.xlarge price.
+    ledger = storage.ledger()
+    assert ledger and all(e["running"] is not None and e["terminated"] is not None for e in ledger)
+    assert all(e["instance"].startswith("i-") for e in ledger)
+    bill = billed_cost(ledger, {"g5.xlarge": lookup("g5.xlarge").price_per_hour})
+    assert abs(rep["actual"]["cost_usd"] - bill) < 1e-9 and bill > 0
+    published = json.loads(RunStorage(f"s3://{BUCKET}/rubberband/digits_ec2").read_bytes("best_config.json"))
+    assert published["config"] == rep["best"]["config"]
