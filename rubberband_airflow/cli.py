@@ -111,7 +111,7 @@ def _cmd_report(args: argparse.Namespace) -> str:
     storage = RunStorage(args.run)
     rep = storage.read_json("report.json")
     if rep is None:  # a tuning DAG's folder: its newest run with a report
-        runs = [RunStorage(storage.url(name)) for name in storage.listdir()]
+        runs = [RunStorage(storage.url(name)) for name in storage.subfolders()]
         reports = [(s.read_json("report.json"), s) for s in runs]
         reports = [(r, s) for r, s in reports if r]
         if not reports:

@@ -209,6 +209,8 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         """Write the report, publish the best configuration, and log a summary."""
         uri = _uri()
         storage = RunStorage(uri)
+        if storage.read_json("run.json") is None:
+            raise AirflowSkipException("the run did not start: nothing to report")
         rep = build_report(storage, load_spec(spec_path))
         storage.write_json(rep, "report.json")
         log_summary(rep)

@@ -39,7 +39,7 @@ def _reports(spec: Any) -> list[dict[str, Any]]:
     root = RunStorage(f"{spec.storage.rstrip('/')}/{spec.name}")
     reports = []
     try:
-        runs = root.listdir()
+        runs = root.subfolders()
     except Exception as e:  # noqa: BLE001 - one unreachable bucket must not take the page down
         log.warning("cannot list runs of %s in %s: %s", spec.name, root.uri, e)
         return []

@@ -87,7 +87,7 @@ def past_runs(spec: TuningSpec, dag_id: str | None = None, limit: int = 5) -> li
     """Reports of the DAG's latest finished runs, newest first."""
     root = RunStorage(f"{spec.storage.rstrip('/')}/{dag_id or spec.name}")
     found = []
-    for name in root.listdir():
+    for name in root.subfolders():
         rep = RunStorage(root.url(name)).read_json("report.json")
         if rep and rep.get("stages"):
             found.append((max(s["end"] for s in rep["stages"]), rep))

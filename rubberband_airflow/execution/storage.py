@@ -89,6 +89,14 @@ class RunStorage:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
+    def subfolders(self, *parts: str) -> list[str]:
+        """Names of the folders directly under a folder (on S3: the common prefixes)."""
+        try:
+            entries = self.fs.ls(self.path(*parts), detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
     # --- the run's records ---
     def write_config(self, trial: str, config: dict[str, Any]) -> None:
         self.write_json(config, "trials", trial, "config.json")
