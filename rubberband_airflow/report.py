@@ -65,12 +65,11 @@ def build_report(storage: RunStorage, spec: TuningSpec) -> dict[str, Any]:
         outcome = simulate_outcome(problem, parse_plan(plan, problem), Draws.for_problem(problem))
         predicted_stage_ends = outcome.stage_end.mean(axis=0).tolist()
     jct = (final["end"] - run["started"]) if final and run.get("started") else None
-    final_metrics = [r[str(s["stage"])]["metric"] for s in stages[:1] for r in results_by_trial.values()
-                     if r.get("1", {}).get("state") == "done"]
+    stage1 = [r["1"]["metric"] for r in results_by_trial.values() if r.get("1", {}).get("state") == "done"]
     return {
         "dag_id": spec.name, "run": storage.uri, "metric": spec.metric, "mode": spec.mode,
         "best": best,
-        "median_stage1_metric": float(np.median(final_metrics)) if final_metrics else None,
+        "median_stage1_metric": float(np.median(stage1)) if stage1 else None,
         "instance_type": plan.get("instance_type"),
         "deadline_seconds": plan.get("deadline_seconds"),
         "predicted": {"jct_seconds": (plan.get("predicted") or {}).get("jct_seconds"),
