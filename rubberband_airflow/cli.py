@@ -108,14 +108,14 @@ def _cmd_report(args: argparse.Namespace) -> str:
     from rubberband_airflow.execution.storage import RunStorage
     from rubberband_airflow.report import summary_lines
 
-    storage = RunStorage(args.run)
+    storage = RunStorage(args.target)
     rep = storage.read_json("report.json")
     if rep is None:  # a tuning DAG's folder: its newest run with a report
         runs = [RunStorage(storage.url(name)) for name in storage.subfolders()]
         reports = [(s.read_json("report.json"), s) for s in runs]
         reports = [(r, s) for r, s in reports if r]
         if not reports:
-            raise ProblemError("run", f"no report under {args.run}")
+            raise ProblemError("run", f"no report under {args.target}")
         rep = max(reports, key=lambda rs: rs[1].fs.modified(rs[1].path("report.json")).timestamp())[0]
     return "\n".join(summary_lines(rep))
 
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("tuning", help="tuning spec (JSON): sha, deadline_seconds, instance_types, ...")
     q.set_defaults(run=_cmd_problem, table=False)
     r = sub.add_parser("report", help="print the summary of a tuning run's report")
-    r.add_argument("run", help="a run's storage URI, or a tuning DAG's folder (its newest run)")
+    r.add_argument("target", metavar="RUN", help="a run's storage URI, or a tuning DAG's folder (its newest run)")
     r.set_defaults(run=_cmd_report, table=False)
     return parser
 

@@ -6,7 +6,7 @@ from typing import Any
 
 
 def _money(x: float) -> str:
-    return f"${x:,.2f}"
+    return f"${x:,.2f}" if abs(x) >= 1 else f"${x:.4f}"
 
 
 def _secs(x: float) -> str:

@@ -41,6 +41,13 @@ def test_digits_dag_tunes_and_reports_within_15_percent(airflow_home):
     assert all(e["terminated"] is not None for e in rep["ledger"])
     assert _agents_alive(airflow_home) == []
     assert "Best: trial-" in r.stdout + r.stderr
+    # `rubberband report` prints the same summary for the DAG's newest run.
+    out = run([str(BIN / "rubberband"), "report", f"file://{airflow_home}/rubberband/digits_tuning"],
+              airflow_env(airflow_home), timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"Best: {best['trial']}" in out.stdout and "JCT:  predicted" in out.stdout
+    missing = run([str(BIN / "rubberband"), "report", f"file://{airflow_home}/nothing-here"], airflow_env(airflow_home))
+    assert missing.returncode == 2 and "no report under" in missing.stderr
 
 
 def test_impossible_deadline_fails_planning_with_fastest_jct(airflow_home):
