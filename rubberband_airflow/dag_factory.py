@@ -37,6 +37,12 @@ def best_config_uri(spec: TuningSpec) -> str:
     return f"{spec.storage.rstrip('/')}/{spec.name}/best_config.json"
 
 
+def best_config_asset(spec_path: str | Path) -> Asset:
+    """The Asset a tuning DAG publishes its best configuration to: schedule downstream DAGs on it."""
+    spec = load_spec(str(spec_path))
+    return Asset(name=f"{spec.name}.best_config", uri=best_config_uri(spec), group="rubberband")
+
+
 def _params(spec: TuningSpec) -> dict[str, Param]:
     types = instance_type_names(spec)
     sha = spec.sha
@@ -89,7 +95,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     """Build the tuning DAG of one spec file; a bad spec raises an error naming the file and field."""
     spec_path = str(spec_path)
     spec = load_spec(spec_path)
-    best = Asset(name=f"{spec.name}.best_config", uri=best_config_uri(spec), group="rubberband")
+    best = best_config_asset(spec_path)
 
     @task
     def start_run(plan: dict[str, Any]) -> str:

@@ -23,6 +23,9 @@ from typing import Any, Iterator
 import fsspec
 
 
+_READ_TRIES = 4
+
+
 @dataclass(frozen=True)
 class RunStorage:
     """Reads and writes the files of one run under ``uri`` (a directory URL)."""
@@ -59,11 +62,21 @@ class RunStorage:
                 f.write(data)
 
     def read_bytes(self, *parts: str) -> bytes | None:
-        try:
-            with self.fs.open(self.path(*parts), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
+        """The object's content in one GET, or None if it does not exist.
+
+        Heartbeats and ledgers are rewritten while others read them: on S3 an object replaced
+        between a read's requests fails it (precondition failed), so such a read is tried again.
+        """
+        for attempt in range(_READ_TRIES):
+            try:
+                return self.fs.cat_file(self.path(*parts))
+            except FileNotFoundError:
+                return None
+            except OSError:
+                if attempt == _READ_TRIES - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        return None
 
     def write_json(self, value: Any, *parts: str) -> None:
         self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode(), *parts)

@@ -92,3 +92,29 @@ def train(ctx: TrialContext) -> None:
             accuracy = float((logits.argmax(1).cpu() == y_val).float().mean())
         ctx.report(epoch + 1, loss=total / max(count, 1), val_loss=val_loss, accuracy=accuracy)
         ctx.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1})
+
+
+def train_final(config: dict[str, Any], epochs: int, seed: int = 0) -> dict[str, float]:
+    """Train one model with ``config`` for ``epochs`` epochs outside a tuning run; returns its
+    validation loss and accuracy (what a pipeline downstream of tuning does with the best config)."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(seed)
+    model = _model(int(config["width"]), float(config["dropout"]))
+    opt = torch.optim.SGD(model.parameters(), lr=float(config["lr"]), momentum=float(config["momentum"]),
+                          weight_decay=float(config["weight_decay"]))
+    x_train, y_train, x_val, y_val = _data()
+    loader = DataLoader(TensorDataset(x_train, y_train), batch_size=int(config["batch_size"]), shuffle=True)
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(epochs):
+        model.train()
+        for xb, yb in loader:
+            opt.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(x_val)
+        return {"val_loss": float(loss_fn(logits, y_val)), "accuracy": float((logits.argmax(1) == y_val).float().mean())}

@@ -48,6 +48,10 @@ def test_digits_dag_tunes_and_reports_within_15_percent(airflow_home):
     assert f"Best: {best['trial']}" in out.stdout and "JCT:  predicted" in out.stdout
     missing = run([str(BIN / "rubberband"), "report", f"file://{airflow_home}/nothing-here"], airflow_env(airflow_home))
     assert missing.returncode == 2 and "no report under" in missing.stderr
+    # The downstream example DAG, scheduled on the Asset, trains the final model with the published config.
+    down = run([str(BIN / "airflow"), "dags", "test", "train_best_digits"], airflow_env(airflow_home), timeout=600)
+    assert down.returncode == 0, (down.stdout + down.stderr)[-3000:]
+    assert f"final model from {best['trial']}" in down.stdout + down.stderr
 
 
 def test_impossible_deadline_fails_planning_with_fastest_jct(airflow_home):

@@ -33,6 +33,9 @@ def test_example_dags_import_without_errors(dagbag_for):
     assert set(dag.params) >= {"deadline_seconds", "num_trials", "eta", "min_epochs", "instance_types", "seed"}
     assert dag.params.get_param("deadline_seconds").schema["minimum"] == 1
     assert dag.task_dict["report"].outlets[0].uri.endswith("/digits_tuning/best_config.json")
+    # The downstream example is scheduled on that Asset.
+    downstream = bag.dags["train_best_digits"]
+    assert [a.uri for a in downstream.timetable.asset_condition.objects] == [dag.task_dict["report"].outlets[0].uri]
 
 
 BAD = [

@@ -110,3 +110,8 @@ def test_search_space_sampling_is_seeded_and_in_range():
     assert a == b and a != sample(digits.SEARCH_SPACE, 50, seed=2)
     assert all(1e-3 <= c["lr"] <= 0.5 and c["width"] in (16, 32, 64, 128, 256) for c in a)
     assert len(a[0]) >= 5
+
+
+def test_the_best_configuration_trains_a_final_model():
+    result = digits.train_final(CONFIG, epochs=5)
+    assert result["accuracy"] > 0.8 and result["val_loss"] > 0
