@@ -11,6 +11,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,torch]'
+	scripts/install-chromium.sh
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -7,7 +7,8 @@ process, in a session of its own); when the instance stops or terminates it ends
 group; when the agent exits by itself the user data's ``shutdown -h now`` runs, which here
 terminates or stops the instance as its InstanceInitiatedShutdownBehavior says.
 
-Use the ``moto_cloud`` fixture (import it into the test module).
+Use the ``moto_cloud`` fixture (import it into the test module), or ``cloud`` with a moto server of
+your own.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -229,29 +231,25 @@ class MotoCloud:
         return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
 
 
-@pytest.fixture
-def moto_cloud(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[MotoCloud]:
-    """A moto server with a VPC, two subnets, a security group, an instance profile and a bucket;
-    the AWS connection ``aws_default`` and s3:// storage point at it; a ``Hypervisor`` runs."""
-    werkzeug = logging.getLogger("werkzeug")  # moto's server logs every request
-    monkeypatch.setattr(werkzeug, "level", logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    # moto's state lives in this process and outlives a server: start from an empty cloud.
-    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
+def cloud_env(endpoint: str) -> dict[str, str]:
+    """What a process needs to reach the cloud at ``endpoint``: keys, the Airflow connection, s3fs's endpoint."""
+    return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION,
+            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "extra": {
+                "region_name": REGION, "endpoint_url": endpoint}}),
+            "FSSPEC_S3_ENDPOINT_URL": endpoint,  # s3fs's endpoint, through fsspec's config from the environment
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+
+
+@contextmanager
+def cloud(mp: pytest.MonkeyPatch, endpoint: str, log_dir: Path) -> Iterator[MotoCloud]:
+    """Set up the account behind a fresh moto server at ``endpoint`` (a VPC, two subnets, a security
+    group, an instance profile and a bucket), point this process's environment at it, run a Hypervisor."""
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_EC2_METADATA_SERVICE_ENDPOINT"):
-        monkeypatch.delenv(name, raising=False)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION,
-           "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "extra": {
-               "region_name": REGION, "endpoint_url": endpoint}}),
-           "FSSPEC_S3_ENDPOINT_URL": endpoint,  # s3fs's endpoint, through fsspec's config from the environment
-           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+        mp.delenv(name, raising=False)
+    for name, value in cloud_env(endpoint).items():
+        mp.setenv(name, value)
     # This process read fsspec's environment config when it imported fsspec: give it the endpoint too.
-    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
+    mp.setitem(fsspec.config.conf, "s3", {"endpoint_url": endpoint})
 
     boto3.client("s3", endpoint_url=endpoint, region_name=REGION).create_bucket(Bucket=BUCKET)
     ec2 = boto3.client("ec2", endpoint_url=endpoint, region_name=REGION)
@@ -267,13 +265,30 @@ def moto_cloud(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Moto
     iam.add_role_to_instance_profile(InstanceProfileName="rubberband-agent", RoleName="rubberband-agent")
     image = ec2.describe_images()["Images"][0]["ImageId"]
 
-    log_dir = tmp_path / "agents"
-    log_dir.mkdir()
+    log_dir.mkdir(parents=True, exist_ok=True)
     hypervisor = Hypervisor(endpoint, dict(os.environ), log_dir)
     hypervisor.start()
     try:
         yield MotoCloud(endpoint, image, subnets, group, profile, hypervisor)
     finally:
         hypervisor.close()
-        server.stop()
     assert hypervisor.errors == [], hypervisor.errors
+
+
+@pytest.fixture
+def moto_cloud(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[MotoCloud]:
+    """A moto server in this process, set up by ``cloud``: the AWS connection ``aws_default`` and
+    s3:// storage point at it."""
+    werkzeug = logging.getLogger("werkzeug")  # moto's server logs every request
+    monkeypatch.setattr(werkzeug, "level", logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    # moto's state lives in this process and outlives a server: start from an empty cloud.
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=30).close()
+    try:
+        with cloud(monkeypatch, endpoint, tmp_path / "agents") as c:
+            yield c
+    finally:
+        server.stop()

@@ -2,7 +2,9 @@
 
 The database is one of its own on the PostgreSQL at ``RUBBERBAND_TEST_PG`` (default
 postgresql://postgres@127.0.0.1:5432/postgres), created here and dropped afterwards; the
-components run on 127.0.0.1 with LocalExecutor and the repo's dags/, and are stopped at the end.
+components run on 127.0.0.1 with LocalExecutor and are stopped at the end. Their DAGs are the
+repo's dags/, with the EC2 example pointed at a moto server (its own process) whose instances
+a ``Hypervisor`` boots, and a second EC2 DAG (the digits spec on EC2) to run beside it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
+import fsspec
+import yaml
+
 from tests.airflow.conftest import BIN, ROOT, airflow_env, run
+from tests.execution.moto_cloud import BUCKET, REGION, MotoCloud, cloud
 
 PG = os.environ.get("RUBBERBAND_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
@@ -34,6 +40,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Wait until ``url`` answers; fail with the log's tail if ``process`` exits or time runs out."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            return
+        except (urllib.error.URLError, ConnectionError):
+            if time.time() > deadline or process.poll() is not None:
+                raise TimeoutError(f"{url} did not come up: " + log.read_text()[-3000:]) from None
+            time.sleep(0.5)
 
 
 class Stack:
@@ -72,6 +91,19 @@ class Stack:
             time.sleep(3)
         raise TimeoutError(f"{dag_id} {run_id} did not finish within {timeout:g} s")
 
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+        quoted = urllib.request.quote(run_id, safe="")
+        out = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/logs/{try_number}"
+                              "?full_content=true")
+        lines = []
+        for line in out["content"]:  # structured records: an event, and an exception's type and value if any
+            if isinstance(line, dict):
+                lines.append(str(line.get("event", "")))
+                lines += [f"{e.get('exc_type')}: {e.get('exc_value')}" for e in line.get("error_detail") or []]
+            else:
+                lines.append(str(line))
+        return "\n".join(lines)
+
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
         quoted = urllib.request.quote(run_id, safe="")
         tis = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=1000")["task_instances"]
@@ -79,7 +111,48 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def airflow_stack(tmp_path_factory, airflow_home) -> Iterator[Stack]:
+def stack_cloud(tmp_path_factory) -> Iterator[MotoCloud]:
+    """moto's server in a process of its own (its state apart from any other test's), set up by ``cloud``."""
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto_server.log", "w")
+    server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(f"{endpoint}/moto-api/", server, Path(log.name))
+        with pytest.MonkeyPatch.context() as mp, cloud(mp, endpoint, tmp_path_factory.mktemp("agents")) as c:
+            yield c
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def _ec2_backend(c: MotoCloud) -> dict[str, Any]:
+    return {"type": "ec2", "aws_conn_id": "aws_default", "region": REGION, "ami": c.image_id, "subnets": c.subnets,
+            "security_groups": [c.security_group], "instance_profile": c.instance_profile}
+
+
+def _stack_dags(dags: Path, c: MotoCloud, profile: Path) -> None:
+    """The repo's DAGs; the nightly EC2 example on the moto account (triggered by the tests, so no
+    schedule) and ``digits_ec2``, the digits spec on EC2. Their profile is the digits one, in the bucket."""
+    shutil.copytree(ROOT / "dags", dags, ignore=shutil.ignore_patterns("__pycache__"))
+    nightly = yaml.safe_load((dags / "nightly_ec2_tuning.yaml").read_text())
+    nightly.update(schedule=None, storage=f"s3://{BUCKET}/rubberband",
+                   profile=f"s3://{BUCKET}/rubberband/profiles/g5.12xlarge.json",
+                   backend={**nightly["backend"], **_ec2_backend(c)})
+    (dags / "nightly_ec2_tuning.yaml").write_text(yaml.safe_dump(nightly))
+    digits = yaml.safe_load((ROOT / "dags" / "digits_tuning.yaml").read_text())
+    digits.update(name="digits_ec2", description="The digits spec on EC2 instances.", storage=f"s3://{BUCKET}/rubberband", profile=nightly["profile"],
+                  backend={**_ec2_backend(c), "instance_types": [{"name": "g5.xlarge", "max_instances": 2}]})
+    (dags / "digits_ec2.yaml").write_text(yaml.safe_dump(digits))
+    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / "digits_ec2.py")
+    with fsspec.open(nightly["profile"], "w") as f:
+        f.write(profile.read_text())
+
+
+@pytest.fixture(scope="session")
+def airflow_stack(tmp_path_factory, airflow_home, stack_cloud) -> Iterator[Stack]:
     db = f"rubberband_test_{os.getpid()}"
     admin = psycopg2.connect(PG)
     admin.autocommit = True
@@ -89,9 +162,11 @@ def airflow_stack(tmp_path_factory, airflow_home) -> Iterator[Stack]:
     profile = home / "rubberband" / "profiles" / "local-1.json"
     profile.parent.mkdir(parents=True)
     shutil.copy(airflow_home / "rubberband" / "profiles" / "local-1.json", profile)  # from the profiler
+    dags = home / "dags"
+    _stack_dags(dags, stack_cloud, profile)
     port = _free_port()
     url = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://") + f"/{db}"
-    env = {**airflow_env(home), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url,
+    env = {**airflow_env(home, dags), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url,
            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__CORE__PARALLELISM": "8",
            "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
@@ -111,15 +186,7 @@ def airflow_stack(tmp_path_factory, airflow_home) -> Iterator[Stack]:
             processes.append(subprocess.Popen([str(BIN / "airflow"), name], env=env, cwd=ROOT, stdout=out,
                                               stderr=subprocess.STDOUT, start_new_session=True))
         stack = Stack(home, port, env)
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{stack.base}/api/v2/monitor/health", timeout=5).close()
-                break
-            except (urllib.error.URLError, ConnectionError):
-                if time.time() > deadline:
-                    raise TimeoutError("the api-server did not come up: " + (logs / "api-server.log").read_text()[-3000:])
-                time.sleep(1)
+        _wait_until_up(f"{stack.base}/api/v2/monitor/health", processes[0], logs / "api-server.log")
         yield stack
     finally:
         for p in processes:

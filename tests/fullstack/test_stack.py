@@ -1,28 +1,126 @@
-"""The digits DAG under the real scheduler, triggerer and LocalExecutor on PostgreSQL, triggered by REST."""
+"""The tuning DAGs under the real scheduler, triggerer and LocalExecutor on PostgreSQL, triggered by REST."""
+
+import base64
+import re
+import shutil
+import urllib.parse
 
 import psutil
+import pytest
 
 from rubberband_airflow.execution.storage import RunStorage
 from tests.airflow.conftest import airflow_home  # noqa: F401 (the session fixture the stack builds on)
-from tests.fullstack.conftest import airflow_stack  # noqa: F401
+from tests.execution.moto_cloud import BUCKET, agent_args
+from tests.fullstack.conftest import airflow_stack, stack_cloud  # noqa: F401
+from tests.fullstack.ui import CHROMIUM, trigger_from_form
 
 
-def test_rest_triggered_run_overrides_params_and_reports(airflow_stack):
-    stack = airflow_stack
-    stack.wait_for_dag("digits_tuning")
-    run_id = stack.trigger("digits_tuning", {"num_trials": 4, "deadline_seconds": 600})
+def _safe(run_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+
+
+def _agents_of(home) -> list[psutil.Process]:
+    return [p for p in psutil.process_iter(["cmdline"]) if "rubberband_airflow.execution" in
+            " ".join(p.info["cmdline"] or []) and str(home) in " ".join(p.info["cmdline"] or [])]
+
+
+def _finished_run(stack, run_id: str) -> tuple[dict[str, str], dict]:
+    """The task states and the report of a finished digits run, after checking what every run must show."""
     state = stack.wait_for_run("digits_tuning", run_id)
     states = stack.task_states("digits_tuning", run_id)
     assert state == "success", states
     assert states["plan[-1]"] == "success" and states["teardown[-1]"] == "success"
-    waits = [k for k in states if k.startswith("stage_1.wait[")]
-    assert len(waits) == 4  # one deferred sensor per trial: the form's num_trials, not the spec's 8
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-    storage = RunStorage(f"file://{stack.home}/rubberband/digits_tuning/{safe}")
-    rep = storage.read_json("report.json")
-    assert rep["best"] is not None and len(rep["trials"]) == 4
-    assert rep["deadline_seconds"] == 600
+    rep = RunStorage(f"file://{stack.home}/rubberband/digits_tuning/{_safe(run_id)}").read_json("report.json")
+    assert rep["best"] is not None
     events = stack.api("GET", "/assets/events?limit=100")["asset_events"]
     assert any(e.get("source_run_id") == run_id and e["extra"].get("metric") == rep["best"]["metric"] for e in events)
-    assert not [p for p in psutil.process_iter(["cmdline"]) if "rubberband_airflow.execution" in
-                " ".join(p.info["cmdline"] or []) and str(stack.home) in " ".join(p.info["cmdline"] or [])]
+    assert not _agents_of(stack.home)
+    return states, rep
+
+
+@pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (scripts/install-chromium.sh)")
+def test_rest_and_trigger_form_runs_override_params_and_behave_the_same(airflow_stack, tmp_path):
+    stack = airflow_stack
+    stack.wait_for_dag("digits_tuning")
+    rest_id = stack.trigger("digits_tuning", {"num_trials": 4, "deadline_seconds": 600})
+    rest_states, rest = _finished_run(stack, rest_id)
+    waits = [k for k in rest_states if k.startswith("stage_1.wait[")]
+    assert len(waits) == 4  # one deferred sensor per trial: the conf's num_trials, not the spec's 8
+    assert len(rest["trials"]) == 4 and rest["deadline_seconds"] == 600
+
+    # The same values typed into the trigger form, in a browser (which sends every param, defaults too).
+    form_id = trigger_from_form(stack.base, "digits_tuning", {"num_trials": 4, "deadline_seconds": 600},
+                                tmp_path / "screenshots")
+    run = stack.api("GET", f"/dags/digits_tuning/dagRuns/{urllib.parse.quote(form_id, safe='')}")
+    assert run["triggered_by"] == "ui" and run["conf"]["num_trials"] == 4
+    form_states, form = _finished_run(stack, form_id)
+    assert form_states.keys() == rest_states.keys()  # the same tasks, mapped as many times
+    assert form["deadline_seconds"] == 600 and form["stages"] and len(form["stages"]) == len(rest["stages"])
+    # Same seed, same trials: the form's run sampled the very configurations the REST run did.
+    assert {t: v["config"] for t, v in form["trials"].items()} == {t: v["config"] for t, v in rest["trials"].items()}
+
+
+def test_impossible_deadline_fails_the_plan_with_the_fastest_jct(airflow_stack):
+    stack = airflow_stack
+    stack.wait_for_dag("digits_tuning")
+    run_id = stack.trigger("digits_tuning", {"deadline_seconds": 2})
+    assert stack.wait_for_run("digits_tuning", run_id) == "failed"
+    states = stack.task_states("digits_tuning", run_id)
+    assert states["plan[-1]"] == "failed" and states["start_run[-1]"] == "upstream_failed", states
+    log = stack.task_log("digits_tuning", run_id, "plan")
+    found = re.search(r"no plan meets the deadline of 2 s; the fastest achievable JCT \(at the planner's "
+                      r"quantile\) is ([0-9.]+) s with plan local-1 \[", log)
+    assert found and float(found.group(1)) > 2, log[-3000:]
+    # Planning failed before anything started: no retry, no run files, no agent.
+    ti = stack.api("GET", f"/dags/digits_tuning/dagRuns/{run_id}/taskInstances/plan")
+    assert ti["try_number"] == 1
+    assert RunStorage(f"file://{stack.home}/rubberband/digits_tuning/{_safe(run_id)}").read_json("run.json") is None
+    assert not _agents_of(stack.home)
+
+
+def _interval(ledger: list[dict]) -> tuple[float, float]:
+    return min(e["running"] for e in ledger), max(e["terminated"] for e in ledger)
+
+
+def test_concurrent_ec2_runs_keep_their_instances_apart(airflow_stack, stack_cloud):
+    stack, cloud = airflow_stack, stack_cloud
+    for dag_id in ("nightly_ec2_tuning", "digits_ec2"):
+        stack.wait_for_dag(dag_id)
+    runs = {"nightly_ec2_tuning": stack.trigger("nightly_ec2_tuning", {
+                "num_trials": 9, "instance_types": ["g5.xlarge"], "max_instances": 2, "deadline_seconds": 1800}),
+            "digits_ec2": stack.trigger("digits_ec2", {"num_trials": 4, "max_instances": 2, "deadline_seconds": 900})}
+    for dag_id, run_id in runs.items():
+        assert stack.wait_for_run(dag_id, run_id, timeout=1500) == "success", stack.task_states(dag_id, run_id)
+
+    ec2 = cloud.client("ec2")
+    every = [i for page in ec2.get_paginator("describe_instances").paginate() for r in page["Reservations"]
+             for i in r["Instances"]]
+    seen: dict[str, set[str]] = {}
+    intervals = []
+    for dag_id, run_id in runs.items():
+        storage = RunStorage(f"s3://{BUCKET}/rubberband/{dag_id}/{_safe(run_id)}")
+        assert storage.read_json("report.json")["best"] is not None
+        ledger = storage.ledger()
+        mine = {e["instance"] for e in ledger}
+        tagged = [i for i in every if {"Key": "rubberband:run_id", "Value": run_id} in i.get("Tags", [])]
+        # The run's ledger is its tagged instances, and only they worked on its storage.
+        assert mine and mine == {i["InstanceId"] for i in tagged}
+        assert set(storage.subfolders("instances")) <= mine
+        for i in tagged:
+            assert {"Key": "rubberband:dag_id", "Value": dag_id} in i["Tags"]
+            user_data = ec2.describe_instance_attribute(InstanceId=i["InstanceId"], Attribute="userData")
+            args = agent_args(base64.b64decode(user_data["UserData"]["Value"]).decode())
+            assert args[args.index("--run") + 1] == storage.uri  # its agent reads this run's storage only
+        stages = len(storage.read_json("report.json")["stages"])
+        results = [r for t in storage.subfolders("trials") for s in range(1, stages + 1)
+                   if (r := storage.read_result(t, s))]
+        assert results and {r["instance"] for r in results} <= mine
+        seen[dag_id] = mine
+        intervals.append(_interval(ledger))
+    assert not seen["nightly_ec2_tuning"] & seen["digits_ec2"]
+    (a0, a1), (b0, b1) = intervals
+    assert a0 < b1 and b0 < a1  # the two runs' fleets were up at the same time
+    # Nothing is left: no instance pending or running, no agent process.
+    assert cloud.instances() == []
+    cloud.hypervisor.sync()
+    assert cloud.hypervisor.booted == {}
