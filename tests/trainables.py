@@ -45,3 +45,9 @@ def ddp_probe(ctx: TrialContext) -> None:
                             "grads_equal": all(torch.allclose(g, gathered[0]) for g in gathered),
                             "checkpoint_epoch": state["epoch"] if state else None},
                            "trials", ctx.trial_id, f"probe-rank-{ctx.rank}.json")
+
+
+def slow(ctx: TrialContext) -> None:
+    """Outlasts a short liveness window, then finishes."""
+    time.sleep(float(os.environ.get("RUBBERBAND_TEST_SLOW_SECONDS", "15")))
+    ctx.report(ctx.stop_epoch, loss=1.0, accuracy=0.5)

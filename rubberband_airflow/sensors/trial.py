@@ -25,7 +25,9 @@ class TrialResultSensor(BaseSensorOperator):
     """Waits for a trial's result in run storage, deferring to the triggerer so no worker slot is held.
 
     Map it over the trials of a stage; each mapped instance is labelled with the trial id and a
-    summary of its configuration. A failed trial fails this task (without retries) with its reason.
+    summary of its configuration. A failed trial fails this task (without retries) with its reason;
+    so does a trial whose instance is lost (its agent's heartbeat stops), which is recorded as
+    failed in run storage.
     """
 
     template_fields: Sequence[str] = ("run_uri", "trial", "stage")
@@ -67,6 +69,12 @@ class TrialResultSensor(BaseSensorOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         self._label(context)
+        if event.get("lost"):  # record why, unless the agent wrote a result after all
+            storage = RunStorage(self.run_uri)
+            recorded = storage.read_result(self.trial, int(self.stage))
+            if recorded is not None:
+                return self._finish(recorded)
+            storage.write_result(self.trial, int(self.stage), event["result"])
         return self._finish(event["result"])
 
     def _finish(self, result: dict[str, Any]) -> dict[str, Any]:

@@ -3,34 +3,99 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, AsyncIterator
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from rubberband_airflow.execution.storage import RunStorage
 
+# A trial's instance is lost when its agent's heartbeat (written every few seconds) has not
+# changed for this long, or when no heartbeat has appeared this long after the wait began.
+SILENT_SECONDS = 300.0
+BOOT_SECONDS = 1200.0
+# How often the heartbeat is looked at (the result is read every poll interval).
+LIVENESS_INTERVAL = 30.0
+
+
+def assigned_instance(storage: RunStorage, trial: str, stage: int) -> str | None:
+    """The instance a trial of a stage was placed on, from the stage's assignment files."""
+    for name in storage.listdir("stages", str(stage)):
+        data = storage.read_json("stages", str(stage), name)
+        if isinstance(data, dict) and any(t["trial"] == trial for t in data.get("tasks", [])):
+            return name.removesuffix(".json")
+    return None
+
+
+class Liveness:
+    """Tells when a trial's instance is lost, by the trigger's own clock (instance clocks may differ)."""
+
+    def __init__(self, storage: RunStorage, trial: str, stage: int, silent_seconds: float,
+                 boot_seconds: float) -> None:
+        self.storage, self.trial, self.stage = storage, trial, stage
+        self.silent_seconds, self.boot_seconds = silent_seconds, boot_seconds
+        self.instance: str | None = None
+        self.beat: Any = None
+        self.changed = time.monotonic()
+
+    def lost(self) -> str | None:
+        """Why the trial's instance is considered gone, or None while it looks alive."""
+        if self.instance is None:
+            self.instance = assigned_instance(self.storage, self.trial, self.stage)
+        beat = self.storage.heartbeat(self.instance) if self.instance else None
+        stamp = beat.get("time") if beat else None
+        if stamp != self.beat:
+            self.beat, self.changed = stamp, time.monotonic()
+        quiet = time.monotonic() - self.changed
+        if beat is None and quiet > self.boot_seconds:
+            where = f"instance {self.instance}" if self.instance else "no instance (the trial was never placed)"
+            return f"{where} sent no heartbeat within {self.boot_seconds:g} s: its agent never started"
+        if beat is not None and quiet > self.silent_seconds:
+            return f"instance {self.instance} was lost: no heartbeat for {quiet:.0f} s"
+        return None
+
 
 class TrialResultTrigger(BaseTrigger):
-    """Polls ``trials/<trial>/stage-<stage>.json`` until it exists, then fires with its content."""
+    """Polls ``trials/<trial>/stage-<stage>.json`` until it exists, then fires with its content.
 
-    def __init__(self, run_uri: str, trial: str, stage: int, poll_interval: float = 5.0) -> None:
+    Fires with a failed result instead when the trial's instance is lost (see ``Liveness``), so a
+    dead instance cannot stall the run while the rest of the fleet bills.
+    """
+
+    def __init__(self, run_uri: str, trial: str, stage: int, poll_interval: float = 5.0,
+                 silent_seconds: float = SILENT_SECONDS, boot_seconds: float = BOOT_SECONDS,
+                 liveness_interval: float = LIVENESS_INTERVAL) -> None:
         super().__init__()
         self.run_uri = run_uri
         self.trial = trial
         self.stage = stage
         self.poll_interval = poll_interval
+        self.silent_seconds = silent_seconds
+        self.boot_seconds = boot_seconds
+        self.liveness_interval = liveness_interval
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}",
                 {"run_uri": self.run_uri, "trial": self.trial, "stage": self.stage,
-                 "poll_interval": self.poll_interval})
+                 "poll_interval": self.poll_interval, "silent_seconds": self.silent_seconds,
+                 "boot_seconds": self.boot_seconds, "liveness_interval": self.liveness_interval})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         storage = RunStorage(self.run_uri)
+        liveness = Liveness(storage, self.trial, self.stage, self.silent_seconds, self.boot_seconds)
+        checked = float("-inf")
         while True:
             # fsspec calls block: keep them off the triggerer's event loop
             result = await asyncio.to_thread(storage.read_result, self.trial, self.stage)
             if result is not None:
                 yield TriggerEvent({"trial": self.trial, "stage": self.stage, "result": result})
                 return
+            if time.monotonic() - checked >= self.liveness_interval:
+                checked = time.monotonic()
+                reason = await asyncio.to_thread(liveness.lost)
+                if reason is not None:
+                    yield TriggerEvent({"trial": self.trial, "stage": self.stage, "lost": True,
+                                        "result": {"state": "failed", "stage": self.stage, "error": reason,
+                                                   "instance": liveness.instance}})
+                    return
             await asyncio.sleep(self.poll_interval)

@@ -1,0 +1,74 @@
+"""The trial trigger and sensor against real agents: a result ends the wait, a lost instance fails it."""
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
+
+from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run
+from rubberband_airflow.sensors.trial import TrialResultSensor
+from rubberband_airflow.triggers.trial import TrialResultTrigger
+from tests.execution.conftest import agent_processes, env, local_backend, storage  # noqa: F401 (fixtures)
+
+
+def _run(storage, backend, trainable: str) -> str:
+    start_run(storage, RunSpec(trainable, "accuracy", "max", seed=1), [{"lr": 0.1}],
+              {"instance_type": "local-1", "stages": []}, 1)
+    [instance] = backend.launch("stage-1", 1)
+    assign_stage(storage, 1, {instance: [{"trial": "trial-0000", "gpus": 1, "start_epoch": 0, "stop_epoch": 1}]})
+    return instance
+
+
+def _first_event(trigger: TrialResultTrigger, timeout: float) -> tuple[dict, float]:
+    async def first():
+        async for event in trigger.run():
+            return event.payload
+    began = time.monotonic()
+    payload = asyncio.run(asyncio.wait_for(first(), timeout))
+    return payload, time.monotonic() - began
+
+
+def _sensor(storage) -> TrialResultSensor:
+    return TrialResultSensor(task_id="wait", run_uri=storage.uri, trial="trial-0000", stage=1)
+
+
+def test_a_trial_outlasting_the_silence_window_is_not_lost_while_its_agent_beats(storage, local_backend, env):
+    env["RUBBERBAND_TEST_SLOW_SECONDS"] = "20"
+    _run(storage, local_backend(), "tests.trainables:slow")
+    trigger = TrialResultTrigger(storage.uri, "trial-0000", 1, poll_interval=0.2, silent_seconds=12,
+                                 boot_seconds=60, liveness_interval=0.5)
+    event, waited = _first_event(trigger, timeout=120)
+    assert waited > 12 and "lost" not in event
+    assert _sensor(storage).execute_complete({}, event)["metric"] == 0.5
+
+
+def test_a_killed_instance_fails_its_trial_and_the_failure_is_recorded(storage, local_backend):
+    instance = _run(storage, local_backend(), "tests.trainables:hangs")
+    deadline = time.monotonic() + 60
+    while (beat := storage.heartbeat(instance)) is None or not beat["running"]:
+        assert time.monotonic() < deadline, "the agent did not start the trial"
+        time.sleep(0.2)
+    os.killpg(beat["pid"], signal.SIGKILL)  # the instance dies: agent and worker, no result written
+    trigger = TrialResultTrigger(storage.uri, "trial-0000", 1, poll_interval=0.2, silent_seconds=3,
+                                 boot_seconds=60, liveness_interval=0.5)
+    event, waited = _first_event(trigger, timeout=60)
+    assert event["lost"] and waited < 10
+    assert event["result"]["error"].startswith(f"instance {instance} was lost: no heartbeat for")
+    with pytest.raises(AirflowFailException, match="trial-0000 failed in stage 1: instance .* was lost"):
+        _sensor(storage).execute_complete({}, event)
+    assert storage.read_result("trial-0000", 1)["state"] == "failed"  # recorded, not dropped
+    assert agent_processes(storage) == []
+
+
+def test_an_instance_whose_agent_never_starts_fails_its_trial(storage):
+    start_run(storage, RunSpec("tests.trainables:hangs", "accuracy", "max", seed=1), [{"lr": 0.1}],
+              {"instance_type": "local-1", "stages": []}, 1)
+    assign_stage(storage, 1, {"i-never": [{"trial": "trial-0000", "gpus": 1, "start_epoch": 0, "stop_epoch": 1}]})
+    trigger = TrialResultTrigger(storage.uri, "trial-0000", 1, poll_interval=0.2, silent_seconds=3,
+                                 boot_seconds=2, liveness_interval=0.5)
+    event, _ = _first_event(trigger, timeout=30)
+    assert event["lost"] and event["result"]["error"] == (
+        "instance i-never sent no heartbeat within 2 s: its agent never started")
