@@ -66,15 +66,18 @@ def _load_object(ref: str, what: str) -> Any:
 
 
 def _cmd_profile(args: argparse.Namespace) -> dict[str, Any]:
-    from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
+    import fsspec
+
+    from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType, machine_slots
     from rubberband_airflow.execution.storage import RunStorage
     from rubberband_airflow.profiler import profile
     from rubberband_airflow.search_space import validate
 
     space = validate(_load_object(args.search_space, "search_space"))
     itype = LocalInstanceType(f"local-{args.slots}", args.slots, args.pending_seconds, args.boot_seconds)
-    if args.slots > itype.max_instances() * args.slots:
-        raise ProblemError("slots", f"this machine has fewer than {args.slots} GPUs or cores")
+    if not 1 <= args.slots <= machine_slots():
+        raise ProblemError("slots", f"must be between 1 and this machine's {machine_slots()} GPUs (or CPU cores, "
+                                    f"where it has no GPU), got {args.slots}")
     root = args.storage or f"file://{Path('.rubberband/profiles').resolve()}"
     storage = RunStorage(f"{root.rstrip('/')}/{itype.name}-{int(time.time())}")
     past = [entry for uri in args.ledgers for entry in RunStorage(uri).ledger()]
@@ -90,9 +93,10 @@ def _cmd_profile(args: argparse.Namespace) -> dict[str, Any]:
     if (measured := measured_stage_overhead(reports)) is not None:  # the orchestrator's, from real runs
         result["stage_overhead_seconds"] = measured
         result["conditions"]["stage_overhead_from"] = "past runs"
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    if args.out:  # a path, or a URL such as s3://bucket/profiles/g5.12xlarge.json
+        local = fsspec.core.split_protocol(args.out)[0] in (None, "file", "local")
+        with fsspec.open(args.out, "w", **({"auto_mkdir": True} if local else {})) as f:
+            f.write(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -148,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--epochs", type=int, default=3, help="epochs per profiling task")
     f.add_argument("--timeout", type=float, default=900.0, help="seconds before a profiling trial fails")
     f.add_argument("--storage", help="where the profiling run's files go (default .rubberband/profiles)")
-    f.add_argument("--out", help="also write the profile to this file")
+    f.add_argument("--out", help="also write the profile here (a path or a URL such as s3://...)")
     f.add_argument("--name", help="instance type name to record (default local-SLOTS; on a GPU instance, its type)")
     f.add_argument("--ledgers", nargs="*", default=[], metavar="RUN_URI",
                    help="storage URIs of past runs: their ledgers give pending and boot latency, their "

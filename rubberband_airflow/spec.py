@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from rubberband_airflow.execution.prices import TABLE as PRICE_TABLE
 from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.problem import _number, _Reader, max_stages
 from rubberband_airflow.search_space import validate as validate_space
@@ -153,11 +154,14 @@ def _backend(value: Any) -> LocalBackendSpec | EC2BackendSpec:
             raise ProblemError("backend.instance_types", "must be a non-empty list of {name, max_instances}")
         for k, t in enumerate(types):
             tr = _Reader(t, f"backend.instance_types[{k}]")
-            tr.string("name")
+            name = tr.string("name")
             tr.integer("max_instances", 16, minimum=1)
             for opt in ("price_per_hour", "gpus"):
                 if opt in t:
                     tr.number(opt, positive=True)
+            if name not in PRICE_TABLE and not {"price_per_hour", "gpus"} <= set(t):
+                raise ProblemError(f"backend.instance_types[{k}]", f"{name!r} is not in the price table "
+                                   "(rubberband_airflow/execution/prices.py): give its gpus and price_per_hour")
             tr.done()
         subnets = r.raw("subnets")
         groups = r.raw("security_groups")

@@ -44,6 +44,9 @@ BAD = [
     ("backend", {"type": "k8s"}, "backend.type"),
     ("deadline_seconds", -5, "deadline_seconds"),
     ("colour", "blue", "colour"),
+    ("backend", {"type": "ec2", "ami": "ami-1", "subnets": ["subnet-1"], "security_groups": ["sg-1"],
+                 "instance_profile": "rubberband-agent", "instance_types": [{"name": "x9.huge", "max_instances": 2}]},
+     "backend.instance_types[0]"),
 ]
 
 

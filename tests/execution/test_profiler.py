@@ -41,10 +41,10 @@ def test_launch_latencies_from_ledgers():
 
 
 def test_profile_of_the_example_becomes_a_problem_the_planner_accepts(tmp_path):
-    profile_path = tmp_path / "profile.json"
+    profile_path = tmp_path / "profiles" / "local-2.json"  # --out takes a URL too, and makes the folder
     r = subprocess.run([RUBBERBAND, "profile", "--slots", "2", "--configs", "3", "--epochs", "2",
                         "--boot-seconds", "0.5", "--storage", f"file://{tmp_path}/profiles",
-                        "--out", str(profile_path)], capture_output=True, text=True, timeout=600)
+                        "--out", f"file://{profile_path}"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     profile = json.loads(profile_path.read_text())
     assert set(profile["epoch_seconds_measured"]) == {"1", "2"}
@@ -83,3 +83,10 @@ def test_problem_needs_the_tuning_fields(tmp_path):
     r = subprocess.run([RUBBERBAND, "problem", str(tmp_path / "p.json"), str(tmp_path / "t.json")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "tuning.sha" in r.stderr
+
+
+def test_profile_refuses_more_slots_than_the_machine_has(tmp_path):
+    r = subprocess.run([RUBBERBAND, "profile", "--slots", "4096", "--out", str(tmp_path / "p.json")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "slots: must be between 1 and this machine's" in r.stderr
+    assert not (tmp_path / "p.json").exists()

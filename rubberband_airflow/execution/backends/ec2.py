@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 
 # Launch errors after which the next subnet (another availability zone) is tried.
-RETRYABLE_LAUNCH_ERRORS: frozenset[str] = frozenset({"InsufficientInstanceCapacity"})
+RETRYABLE_LAUNCH_ERRORS: frozenset[str] = frozenset({"InsufficientInstanceCapacity", "Unsupported"})
 # States in which an instance may still bill (compute or its volumes): what the sweeper terminates.
 BILLABLE_STATES = ("pending", "running", "stopping", "stopped")
 TAG_VALUE_MAX = 256  # characters, EC2's limit

@@ -33,10 +33,11 @@ class LocalInstanceType:
 
     def max_instances(self) -> int:
         """How many such instances fit on this machine without sharing a core or GPU."""
-        return max(1, _machine_slots() // self.slots)
+        return max(1, machine_slots() // self.slots)
 
 
-def _machine_slots() -> int:
+def machine_slots() -> int:
+    """GPUs of this machine, or its usable CPU cores where it has none."""
     try:
         import torch
 
