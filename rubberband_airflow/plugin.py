@@ -1,7 +1,9 @@
 """The Airflow UI plugin: a RubberBand page listing tuning runs and their reports.
 
 Mounted on the api-server at ``/rubberband``; the page shows, per tuning DAG, the latest best
-configuration and each run's predicted against actual JCT and cost.
+configuration and each run's predicted against actual JCT and cost. It is behind Airflow's own
+login (the UI's session cookie, or a bearer token from ``/auth/token``), and shows a user only
+the DAGs whose runs Airflow's auth manager lets that user read.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from typing import Any
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from airflow.api_fastapi.app import get_auth_manager
+from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+from airflow.api_fastapi.core_api.security import GetUserDep
 from airflow.plugins_manager import AirflowPlugin
 
 from rubberband_airflow.execution.storage import RunStorage
@@ -23,14 +28,18 @@ from rubberband_airflow.spec import SpecError, load_spec
 log = logging.getLogger(__name__)
 
 
-def _specs() -> list[Any]:
+def _specs(user: Any) -> list[Any]:
+    """The tuning specs in the dags folder whose DAG runs ``user`` may read."""
     folder = Path(os.environ.get("AIRFLOW__CORE__DAGS_FOLDER", Path(os.environ.get("AIRFLOW_HOME", "~/airflow")) / "dags"))
     out = []
     for path in sorted(folder.expanduser().glob("*.yaml")):
         try:
-            out.append(load_spec(path))
+            spec = load_spec(path)
         except SpecError:
             continue
+        if get_auth_manager().is_authorized_dag(method="GET", access_entity=DagAccessEntity.RUN,
+                                                details=DagDetails(id=spec.name), user=user):
+            out.append(spec)
     return out
 
 
@@ -54,12 +63,12 @@ def create_app() -> FastAPI:
     app = FastAPI(title="RubberBand", description="Tuning runs and their reports")
 
     @app.get("/api/runs")
-    def runs() -> JSONResponse:
-        return JSONResponse({s.name: _reports(s) for s in _specs()})
+    def runs(user: GetUserDep) -> JSONResponse:
+        return JSONResponse({s.name: _reports(s) for s in _specs(user)})
 
     @app.get("/api/runs/{dag_id}/{run}")
-    def run_report(dag_id: str, run: str) -> JSONResponse:
-        spec = next((s for s in _specs() if s.name == dag_id), None)
+    def run_report(dag_id: str, run: str, user: GetUserDep) -> JSONResponse:
+        spec = next((s for s in _specs(user) if s.name == dag_id), None)
         if spec is None or "/" in run or run.startswith("."):
             raise HTTPException(404, "no such tuning DAG or run")
         rep = RunStorage(f"{spec.storage.rstrip('/')}/{dag_id}/{run}").read_json("report.json")
@@ -68,9 +77,9 @@ def create_app() -> FastAPI:
         return JSONResponse(rep)
 
     @app.get("/", response_class=HTMLResponse)
-    def page() -> str:
+    def page(user: GetUserDep) -> str:
         rows = []
-        for spec in _specs():
+        for spec in _specs(user):
             for r in _reports(spec):
                 best = r["best"] or {}
                 pj = ((r["predicted"] or {}).get("jct_seconds") or {}).get("mean")

@@ -75,21 +75,22 @@ def test_provider_and_plugin_are_registered(tmp_path):
     assert "/rubberband" in json.dumps(plugin)
 
 
-def test_plugin_page_lists_runs_with_their_reports(tmp_path, monkeypatch):
+def test_plugin_page_is_behind_airflows_login(tmp_path, monkeypatch):
+    """Without a valid token nothing is shown (the pages with a login: tests/fullstack)."""
     from fastapi.testclient import TestClient
 
+    from airflow.api_fastapi.app import create_auth_manager
     from rubberband_airflow.execution.storage import RunStorage
     from rubberband_airflow.plugin import create_app
 
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
     monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(ROOT / "dags"))
-    run_storage = RunStorage(f"file://{tmp_path}/rubberband/digits_tuning/manual__1")
-    run_storage.write_json({"best": {"trial": "trial-0003", "metric": 0.97, "config": {"lr": 0.1}},
-                            "predicted": {"jct_seconds": {"mean": 70.0}, "cost_usd": {"mean": 0.002}},
-                            "actual": {"jct_seconds": 71.5, "cost_usd": 0.0021}, "metric": "accuracy"}, "report.json")
+    RunStorage(f"file://{tmp_path}/rubberband/digits_tuning/manual__1").write_json({"best": None}, "report.json")
+    create_auth_manager()  # as the api-server does at startup: Airflow's configured auth manager
     client = TestClient(create_app())
-    page = client.get("/")
-    assert page.status_code == 200 and "trial-0003" in page.text and "0.9700" in page.text
-    assert client.get("/api/runs").json()["digits_tuning"][0]["best"]["trial"] == "trial-0003"
-    assert client.get("/api/runs/digits_tuning/manual__1").json()["actual"]["jct_seconds"] == 71.5
-    assert client.get("/api/runs/digits_tuning/nope").status_code == 404
+    for path in ("/", "/api/runs", "/api/runs/digits_tuning/manual__1"):
+        assert client.get(path).status_code == 401
+        assert client.get(path, headers={"Authorization": "Bearer forged"}).status_code == 403
+        client.cookies.set("_token", "forged")
+        assert client.get(path).status_code == 403
+        client.cookies.clear()

@@ -56,16 +56,34 @@ def _wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: floa
 
 
 class Stack:
-    def __init__(self, home: Path, port: int, env: dict[str, str]) -> None:
-        self.home, self.port, self.env = home, port, env
-        self.base = f"http://127.0.0.1:{port}"
+    """The running stack, reached as its user ``admin`` (the simple auth manager, with a password)."""
 
-    def api(self, method: str, path: str, body: Any = None) -> Any:
+    def __init__(self, home: Path, port: int, env: dict[str, str], password: str) -> None:
+        self.home, self.port, self.env, self.password = home, port, env, password
+        self.base = f"http://127.0.0.1:{port}"
+        self._token: str | None = None
+
+    @property
+    def token(self) -> str:
+        """A JWT from ``POST /auth/token``, as a REST client gets one."""
+        if self._token is None:
+            self._token = self.request("POST", "/auth/token", {"username": "admin", "password": self.password},
+                                       token=None)["access_token"]
+        return self._token
+
+    def request(self, method: str, path: str, body: Any = None, token: str | None = "") -> Any:
+        """JSON over HTTP to the api-server; with the admin's bearer token unless ``token`` says otherwise."""
+        headers = {"Content-Type": "application/json"}
+        token = self.token if token == "" else token
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"{self.base}/api/v2{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(f"{self.base}{path}", data=data, method=method, headers=headers)
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read() or b"null")
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        return self.request(method, f"/api/v2{path}", body)
 
     def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
         deadline = time.time() + timeout
@@ -164,6 +182,9 @@ def airflow_stack(tmp_path_factory, airflow_home, stack_cloud) -> Iterator[Stack
     shutil.copy(airflow_home / "rubberband" / "profiles" / "local-1.json", profile)  # from the profiler
     dags = home / "dags"
     _stack_dags(dags, stack_cloud, profile)
+    password = secrets.token_urlsafe(16)
+    passwords = home / "passwords.json"
+    passwords.write_text(json.dumps({"admin": password}))
     port = _free_port()
     url = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://") + f"/{db}"
     env = {**airflow_env(home, dags), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url,
@@ -171,7 +192,8 @@ def airflow_stack(tmp_path_factory, airflow_home, stack_cloud) -> Iterator[Stack
            "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2"}
@@ -185,7 +207,7 @@ def airflow_stack(tmp_path_factory, airflow_home, stack_cloud) -> Iterator[Stack
             out = open(logs / f"{name}.log", "w")
             processes.append(subprocess.Popen([str(BIN / "airflow"), name], env=env, cwd=ROOT, stdout=out,
                                               stderr=subprocess.STDOUT, start_new_session=True))
-        stack = Stack(home, port, env)
+        stack = Stack(home, port, env, password)
         _wait_until_up(f"{stack.base}/api/v2/monitor/health", processes[0], logs / "api-server.log")
         yield stack
     finally:

@@ -3,6 +3,7 @@
 import base64
 import re
 import shutil
+import urllib.error
 import urllib.parse
 
 import psutil
@@ -50,7 +51,7 @@ def test_rest_and_trigger_form_runs_override_params_and_behave_the_same(airflow_
 
     # The same values typed into the trigger form, in a browser (which sends every param, defaults too).
     form_id = trigger_from_form(stack.base, "digits_tuning", {"num_trials": 4, "deadline_seconds": 600},
-                                tmp_path / "screenshots")
+                                stack.token, tmp_path / "screenshots")
     run = stack.api("GET", f"/dags/digits_tuning/dagRuns/{urllib.parse.quote(form_id, safe='')}")
     assert run["triggered_by"] == "ui" and run["conf"]["num_trials"] == 4
     form_states, form = _finished_run(stack, form_id)
@@ -58,6 +59,16 @@ def test_rest_and_trigger_form_runs_override_params_and_behave_the_same(airflow_
     assert form["deadline_seconds"] == 600 and form["stages"] and len(form["stages"]) == len(rest["stages"])
     # Same seed, same trials: the form's run sampled the very configurations the REST run did.
     assert {t: v["config"] for t, v in form["trials"].items()} == {t: v["config"] for t, v in rest["trials"].items()}
+
+    # Both runs are on the RubberBand page of the api-server, for a logged-in user only.
+    for path in ("/rubberband/", "/rubberband/api/runs"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            stack.request("GET", path, token=None)
+        assert refused.value.code == 401
+    listed = {r["run"]: r for r in stack.request("GET", "/rubberband/api/runs")["digits_tuning"]}
+    for run_id, rep in ((rest_id, rest), (form_id, form)):
+        assert listed[_safe(run_id)]["best"] == rep["best"]
+        assert stack.request("GET", f"/rubberband/api/runs/digits_tuning/{_safe(run_id)}")["actual"] == rep["actual"]
 
 
 def test_impossible_deadline_fails_the_plan_with_the_fastest_jct(airflow_stack):

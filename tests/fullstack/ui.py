@@ -2,8 +2,8 @@
 
 Needs the ``playwright`` Python package and a Chromium binary (Debian's ``chromium`` at
 ``/usr/bin/chromium`` by default, or ``$RUBBERBAND_CHROMIUM``); ``playwright install`` is not
-needed. The api-server must let the browser in without a login (the simple auth manager with
-``AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=True``, as the fullstack stack runs it).
+needed. The browser is logged in by the UI's session cookie (``_token``) holding a JWT that the
+caller got from ``POST /auth/token``.
 
 What the form does, as of Airflow 3.3: it sends *every* param in ``conf`` (the changed ones and the
 defaults), a ``logical_date`` of the moment the form opened (to the second), and when the DAG is
@@ -29,10 +29,11 @@ CHROMIUM = os.environ.get("RUBBERBAND_CHROMIUM", "/usr/bin/chromium")
 DEFAULT_SECTION = "Run Parameters"  # the form's accordion item for params without a ``section``
 
 
-def param_fields(base_url: str, dag_id: str) -> dict[str, tuple[str, str]]:
+def param_fields(base_url: str, dag_id: str, token: str) -> dict[str, tuple[str, str]]:
     """Each param's (title, section) in the trigger form, from the DAG's details over REST."""
     url = f"{base_url}/api/v2/dags/{urllib.parse.quote(dag_id, safe='')}/details"
-    with urllib.request.urlopen(url, timeout=30) as resp:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
         params = json.loads(resp.read())["params"]
     return {name: (p["schema"].get("title") or name, p["schema"].get("section") or DEFAULT_SECTION)
             for name, p in params.items()}
@@ -74,9 +75,10 @@ def _shot(page: Page, screenshots: Path | None, name: str) -> None:
         page.screenshot(path=str(screenshots / f"{name}.png"), full_page=True)
 
 
-def trigger_from_form(base_url: str, dag_id: str, values: dict[str, object], screenshots: Path | None = None,
-                      *, unpause: bool = True, timeout_s: float = 60.0, chromium: str = CHROMIUM) -> str:
-    """Trigger ``dag_id`` from its trigger form with ``values`` typed in (by param name); returns the run id.
+def trigger_from_form(base_url: str, dag_id: str, values: dict[str, object], token: str,
+                      screenshots: Path | None = None, *, unpause: bool = True, timeout_s: float = 60.0, chromium: str = CHROMIUM) -> str:
+    """Trigger ``dag_id`` from its trigger form with ``values`` typed in (by param name), logged in with
+    ``token``; returns the run id.
 
     Fields are found by their Param title inside their section; params not in ``values`` keep the
     form's defaults. ``unpause`` sets the form's "Unpause on trigger" box (shown only for a paused
@@ -84,7 +86,7 @@ def trigger_from_form(base_url: str, dag_id: str, values: dict[str, object], scr
     """
     from playwright.sync_api import sync_playwright
 
-    fields = param_fields(base_url, dag_id)
+    fields = param_fields(base_url, dag_id, token)
     unknown = set(values) - set(fields)
     if unknown:
         raise KeyError(f"{dag_id} has no params {sorted(unknown)}; it has {sorted(fields)}")
@@ -100,7 +102,9 @@ def trigger_from_form(base_url: str, dag_id: str, values: dict[str, object], scr
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            context = browser.new_context(viewport={"width": 1400, "height": 1400})
+            context.add_cookies([{"name": "_token", "value": token, "url": base_url}])
+            page = context.new_page()
             page.set_default_timeout(timeout_s * 1000)
             page.goto(f"{base_url}/dags/{urllib.parse.quote(dag_id, safe='')}")
             page.get_by_role("button", name="Trigger Dag", exact=True).click()
