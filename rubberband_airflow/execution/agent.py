@@ -4,8 +4,10 @@ It announces itself with a heartbeat (the first one after boot marks the instanc
 takes the trials assigned to it stage by stage from the run's storage, runs each in a worker
 process on ``gpus_per_trial`` of its slots (GPUs, or CPU cores where there are none), records
 each trial as done or failed with the reason (a crash, a NaN, a timeout), and stops when its
-``stop`` file appears or it receives SIGTERM (the instance is being terminated). The run URI,
-the instance id and the slot count are all it is given; hyperparameters come from storage.
+``stop`` file appears or it receives SIGTERM (the instance is being terminated), or, given an
+idle timeout, when it has had nothing to run for that long (the orchestrator is gone: on EC2 the
+instance then powers off and terminates). The run URI, the instance id and the slot count are
+all it is given; hyperparameters come from storage.
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ class Agent:
     trial_timeout: float = 3600.0
     poll_seconds: float = 0.5
     heartbeat_seconds: float = 5.0
+    idle_timeout: float | None = None  # seconds with no trial running or assigned before it exits
     running: list[_Running] = field(default_factory=list)
     seen: set[tuple[int, str]] = field(default_factory=set)
     stopping: bool = False
     ready_at: float | None = None
     _last_beat: float = 0.0
+    _busy: float = field(default_factory=time.monotonic)  # when it last had a trial running or assigned
 
     def free_slots(self) -> list[int]:
         busy = {s for r in self.running for s in r.slots}
@@ -109,12 +113,18 @@ class Agent:
 
     def step(self) -> None:
         self.reap()
-        for task in self.pending():
+        pending = self.pending()
+        for task in pending:
             free = self.free_slots()
             if int(task["gpus"]) > len(free):
                 break  # keep the assigned order: the next task waits for slots
             self.start(task, free[: int(task["gpus"])])
+        if pending or self.running:
+            self._busy = time.monotonic()
         self.beat()
+
+    def idle_too_long(self) -> bool:
+        return self.idle_timeout is not None and time.monotonic() - self._busy > self.idle_timeout
 
     def stop_requested(self) -> bool:
         return self.stopping or self.storage.exists("instances", self.instance, "stop")
@@ -142,6 +152,10 @@ class Agent:
         self.beat(force=True)
         while not self.stop_requested():
             self.step()
+            if self.idle_too_long():
+                self.stopping = True
+                self.beat(force=True, idle_exit=True)
+                return
             time.sleep(self.poll_seconds)
         self.shutdown()
 
@@ -185,10 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pending-seconds", type=float, default=0.0, help="emulated: wait before 'running'")
     p.add_argument("--boot-seconds", type=float, default=0.0, help="emulated: wait from running to ready")
     p.add_argument("--poll-seconds", type=float, default=0.5)
+    p.add_argument("--idle-timeout", type=float, help="exit after this many seconds with nothing to run")
     a = p.parse_args(argv)
     if a.instance == "imds":
         a.instance = imds_instance_id()
-    agent = Agent(RunStorage(a.run), a.instance, a.slots, trial_timeout=a.trial_timeout, poll_seconds=a.poll_seconds)
+    agent = Agent(RunStorage(a.run), a.instance, a.slots, trial_timeout=a.trial_timeout, poll_seconds=a.poll_seconds,
+                  idle_timeout=a.idle_timeout)
     def on_sigterm(*_: Any) -> None:  # the instance is going away: end the trials at once
         agent.stopping = True
         for r in agent.running:

@@ -8,7 +8,7 @@ from rubberband_airflow.execution import worker
 from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run, wait_stage
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.workloads import digits
-from tests.execution.conftest import agent_processes
+from tests.execution.conftest import ROOT, agent_processes
 
 CONFIG = {"lr": 0.05, "momentum": 0.9, "width": 64, "dropout": 0.2, "batch_size": 32, "weight_decay": 1e-4}
 
@@ -115,3 +115,19 @@ def test_search_space_sampling_is_seeded_and_in_range():
 def test_the_best_configuration_trains_a_final_model():
     result = digits.train_final(CONFIG, epochs=5)
     assert result["accuracy"] > 0.8 and result["val_loss"] > 0
+
+
+def test_an_agent_with_nothing_to_run_past_its_idle_timeout_exits(storage, monkeypatch):
+    """The backstop for a run whose orchestrator is gone; a trial outlasting the timeout is not idleness."""
+    from rubberband_airflow.execution.agent import Agent
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("RUBBERBAND_TEST_SLOW_SECONDS", "4")
+    _start(storage, "tests.trainables:slow")
+    storage.write_assignment(1, "i0", [_task("trial-0000", stop=1)])
+    began = time.monotonic()
+    Agent(storage, "i0", 1, poll_seconds=0.1, idle_timeout=2.0).run()
+    took = time.monotonic() - began
+    assert storage.read_result("trial-0000", 1)["state"] == "done"  # it ran the 4 s trial first
+    assert 6.0 <= took < 60 and storage.heartbeat("i0")["idle_exit"] is True
+    assert agent_processes(storage) == []

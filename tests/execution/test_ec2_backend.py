@@ -90,7 +90,7 @@ def test_instances_require_imdsv2_and_user_data_holds_no_hyperparameter(moto_clo
     value = client.describe_instance_attribute(InstanceId=instance, Attribute="userData")["UserData"]["Value"]
     user_data = base64.b64decode(value).decode()
     assert user_data.startswith("#!/bin/bash\n")
-    assert f"--run {storage.uri} --instance imds --slots 1 --trial-timeout 120" in user_data
+    assert f"--run {storage.uri} --instance imds --slots 1 --trial-timeout 120 --idle-timeout 240" in user_data
     for key, v in config.items():  # neither a hyperparameter's value nor its name
         assert str(v) not in user_data and repr(v) not in user_data and key not in user_data
     assert "testing" not in user_data  # no credential either

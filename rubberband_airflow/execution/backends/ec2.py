@@ -66,6 +66,10 @@ class EC2Backend(ComputeBackend):
         self.run_id = run_id
         self.slots = slots
         self.trial_timeout = trial_timeout
+        # An agent with nothing to run this long exits and its instance terminates: a backstop for
+        # a run whose orchestrator is gone (its teardown never comes). Within a healthy run an
+        # instance idles only until the stage's other trials finish.
+        self.idle_timeout = 2 * trial_timeout
         self.key_name = key_name
         self._recorded: set[tuple[str, str]] = set()  # (instance, ledger key) already set
         self.hook: EC2Hook = EC2Hook(api_type="client_type", aws_conn_id=aws_conn_id, region_name=region)
@@ -74,7 +78,7 @@ class EC2Backend(ComputeBackend):
     def user_data(self) -> str:
         """The cloud-init script: run the agent, then power off (which terminates the instance)."""
         agent = ["rubberband-agent", "--run", self.storage.uri, "--instance", "imds", "--slots", str(self.slots),
-                 "--trial-timeout", str(self.trial_timeout)]
+                 "--trial-timeout", str(self.trial_timeout), "--idle-timeout", str(self.idle_timeout)]
         return "\n".join([
             "#!/bin/bash",
             "# RubberBand instance agent. No secret and no hyperparameter here: trials come from the run's storage.",
