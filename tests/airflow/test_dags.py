@@ -33,6 +33,10 @@ def test_example_dags_import_without_errors(dagbag_for):
     assert set(dag.params) >= {"deadline_seconds", "num_trials", "eta", "min_epochs", "instance_types", "seed"}
     assert dag.params.get_param("deadline_seconds").schema["minimum"] == 1
     assert dag.task_dict["report"].outlets[0].uri.endswith("/digits_tuning/best_config.json")
+    # The nightly example runs at 02:00 (UTC); the sweeper every 15 minutes, one run at a time.
+    assert bag.dags["nightly_ec2_tuning"].timetable.expression == "0 2 * * *"
+    sweeper = bag.dags["rubberband_sweeper"]
+    assert sweeper.timetable.expression == "*/15 * * * *" and sweeper.max_active_runs == 1
     # The downstream example is scheduled on that Asset.
     downstream = bag.dags["train_best_digits"]
     assert [a.uri for a in downstream.timetable.asset_condition.objects] == [dag.task_dict["report"].outlets[0].uri]

@@ -53,3 +53,39 @@ def test_digits_dag_runs_on_ec2_and_bills_what_the_ledger_says(airflow_home, mot
     assert abs(rep["actual"]["cost_usd"] - bill) < 1e-9 and bill > 0
     published = json.loads(RunStorage(f"s3://{BUCKET}/rubberband/digits_ec2").read_bytes("best_config.json"))
     assert published["config"] == rep["best"]["config"]
+
+
+def test_sweeper_terminates_instances_of_deleted_runs_and_keeps_live_ones(airflow_home, moto_cloud, tmp_path):
+    from rubberband_airflow.execution.backends.ec2 import EC2Backend
+
+    spec = yaml.safe_load((ROOT / "dags" / "digits_tuning.yaml").read_text())
+    spec.update(name="digits_ec2", storage=f"s3://{BUCKET}/rubberband", backend={
+        "type": "ec2", "aws_conn_id": "aws_default", "region": REGION, "ami": moto_cloud.image_id,
+        "subnets": moto_cloud.subnets, "security_groups": [moto_cloud.security_group],
+        "instance_profile": moto_cloud.instance_profile, "instance_types": [{"name": "g5.xlarge"}]})
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    (dags / "digits_ec2.yaml").write_text(yaml.safe_dump(spec))
+    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / "digits_ec2.py")
+    shutil.copy(ROOT / "dags" / "rubberband_sweeper.py", dags / "rubberband_sweeper.py")
+    env = {**airflow_env(tmp_path / "home", dags), **{k: v for k, v in os.environ.items()
+                                                      if k.startswith(("AWS", "AIRFLOW_CONN", "FSSPEC"))}}
+    for cmd in (["db", "migrate"], ["dags", "reserialize"], ["dags", "trigger", "digits_ec2", "-r", "live_run"]):
+        r = run([str(BIN / "airflow"), *cmd], env, timeout=300)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+    def launch(dag_id: str, run_id: str) -> list[str]:
+        backend = EC2Backend(RunStorage(f"s3://{BUCKET}/rubberband/{dag_id}/{run_id}"), "g5.xlarge",
+                             moto_cloud.image_id, moto_cloud.subnets, [moto_cloud.security_group],
+                             moto_cloud.instance_profile, dag_id=dag_id, run_id=run_id, slots=1, region=REGION)
+        return backend.launch("stage-1", 2)
+
+    live, deleted, foreign = launch("digits_ec2", "live_run"), launch("digits_ec2", "deleted_run"), \
+        launch("someone_elses_dag", "deleted_run")
+    r = run([str(BIN / "airflow"), "dags", "test", "rubberband_sweeper"], env, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    running = {i["InstanceId"] for i in moto_cloud.instances()}
+    assert not set(deleted) & running  # the run is gone from Airflow: its instances are terminated
+    assert set(live) <= running  # a queued run keeps its fleet
+    assert set(foreign) <= running  # the sweeper touches only the DAGs of its folder
+    moto_cloud.client("ec2").terminate_instances(InstanceIds=live + foreign)

@@ -1,0 +1,96 @@
+"""The sweeper: a DAG that terminates EC2 instances of tuning runs that have ended.
+
+Each run's teardown terminates its instances however the run ends. The sweeper is the net
+behind it, for runs whose teardown never ran: a DAG run deleted from Airflow, or marked
+success while its stages still ran. Every few minutes it lists the billable instances tagged
+with the DAG ids of the EC2 specs in a dags folder, asks Airflow for the state of each one's
+run, and terminates those whose run has finished or no longer exists.
+
+    # dags/rubberband_sweeper.py
+    from pathlib import Path
+    from rubberband_airflow.sweeper import sweeper_dag
+    dag = sweeper_dag(Path(__file__).parent)
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from airflow.sdk import DAG, task
+
+from rubberband_airflow.execution.backends.ec2 import BILLABLE_STATES
+from rubberband_airflow.spec import EC2BackendSpec, SpecError, load_spec
+
+ENDED = ("success", "failed")
+
+
+def ended_runs_instances(instances: list[dict[str, Any]], run_state: Callable[[str, str], str | None]) -> list[str]:
+    """Ids of the instances whose run (by their ``rubberband:`` tags) has ended or does not exist.
+
+    ``run_state(dag_id, run_id)`` is Airflow's state of the run, or None where there is no such run.
+    """
+    by_run: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for inst in instances:
+        tags = {t["Key"]: t["Value"] for t in inst.get("Tags", [])}
+        if "rubberband:dag_id" in tags and "rubberband:run_id" in tags:
+            by_run[tags["rubberband:dag_id"], tags["rubberband:run_id"]].append(inst["InstanceId"])
+    doomed = []
+    for (dag_id, run_id), ids in sorted(by_run.items()):
+        state = run_state(dag_id, run_id)
+        if state is None or state in ENDED:
+            doomed += ids
+    return doomed
+
+
+def ec2_dag_ids(dags_folder: str | Path) -> dict[tuple[str, str | None], list[str]]:
+    """The tuning DAG ids of the EC2 specs in a folder, by (AWS connection, region)."""
+    out: dict[tuple[str, str | None], list[str]] = defaultdict(list)
+    for path in sorted(Path(dags_folder).glob("*.yaml")):
+        try:
+            spec = load_spec(path)
+        except SpecError:
+            continue  # not a tuning spec, or a bad one (its DAG shows the import error)
+        if isinstance(spec.backend, EC2BackendSpec):
+            out[spec.backend.aws_conn_id, spec.backend.region].append(spec.name)
+    return dict(out)
+
+
+def _airflow_run_state(dag_id: str, run_id: str) -> str | None:
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    if RuntimeTaskInstance.get_dr_count(dag_id=dag_id, run_ids=[run_id]) == 0:
+        return None
+    return str(RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id))
+
+
+def sweeper_dag(dags_folder: str | Path, schedule: str = "*/15 * * * *") -> DAG:
+    """The sweeper DAG (``rubberband_sweeper``) for the EC2 tuning specs in ``dags_folder``."""
+    folder = str(dags_folder)
+
+    @task
+    def sweep() -> list[str]:
+        """Terminate the instances of ended or deleted tuning runs; returns their ids."""
+        from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+
+        terminated = []
+        for (conn_id, region), dag_ids in ec2_dag_ids(folder).items():
+            ec2 = EC2Hook(api_type="client_type", aws_conn_id=conn_id, region_name=region).conn
+            filters = [{"Name": "tag:rubberband:dag_id", "Values": dag_ids},
+                       {"Name": "instance-state-name", "Values": list(BILLABLE_STATES)}]
+            pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
+            instances = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+            doomed = ended_runs_instances(instances, _airflow_run_state)
+            for k in range(0, len(doomed), 200):
+                ec2.terminate_instances(InstanceIds=doomed[k:k + 200])
+            terminated += doomed
+        print(f"terminated {len(terminated)} instance(s) of ended tuning runs: {terminated}")
+        return terminated
+
+    with DAG(dag_id="rubberband_sweeper", schedule=schedule, start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+             catchup=False, max_active_runs=1, tags=["rubberband"],
+             description="Terminate EC2 instances of tuning runs that have ended (the net behind teardown)") as dag:
+        sweep()
+    return dag

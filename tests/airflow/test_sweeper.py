@@ -1,0 +1,29 @@
+"""Which instances the sweeper terminates: those of runs that ended or no longer exist."""
+
+from rubberband_airflow.sweeper import ec2_dag_ids, ended_runs_instances
+from tests.airflow.conftest import ROOT
+
+
+def _inst(iid: str, dag_id: str | None, run_id: str | None) -> dict:
+    tags = [{"Key": "rubberband:dag_id", "Value": dag_id}] if dag_id else []
+    tags += [{"Key": "rubberband:run_id", "Value": run_id}] if run_id else []
+    return {"InstanceId": iid, "Tags": tags}
+
+
+def test_instances_of_ended_or_missing_runs_are_chosen_and_each_run_is_asked_once():
+    states = {("d", "running"): "running", ("d", "queued"): "queued", ("d", "ok"): "success", ("d", "bad"): "failed"}
+    asked = []
+
+    def run_state(dag_id, run_id):
+        asked.append((dag_id, run_id))
+        return states.get((dag_id, run_id))
+
+    instances = [_inst("i-1", "d", "running"), _inst("i-2", "d", "queued"), _inst("i-3", "d", "ok"),
+                 _inst("i-4", "d", "bad"), _inst("i-5", "d", "deleted"), _inst("i-6", "d", "ok"),
+                 _inst("i-7", None, "ok"), _inst("i-8", "d", None)]
+    assert sorted(ended_runs_instances(instances, run_state)) == ["i-3", "i-4", "i-5", "i-6"]
+    assert len(asked) == len(set(asked)) == 5  # untagged instances are never touched nor asked about
+
+
+def test_the_sweeper_covers_the_ec2_specs_of_its_folder_only():
+    assert ec2_dag_ids(ROOT / "dags") == {("aws_default", "us-east-1"): ["nightly_ec2_tuning"]}
