@@ -44,7 +44,7 @@ def _specs(user: Any) -> list[Any]:
 
 
 def _reports(spec: Any) -> list[dict[str, Any]]:
-    """The reports of a DAG's runs, newest first; none if its storage cannot be read from here."""
+    """The reports of a DAG's runs, the latest to end first; none if its storage cannot be read from here."""
     root = RunStorage(f"{spec.storage.rstrip('/')}/{spec.name}")
     reports = []
     try:
@@ -55,8 +55,10 @@ def _reports(spec: Any) -> list[dict[str, Any]]:
     for run in runs:
         rep = RunStorage(root.url(run)).read_json("report.json")
         if rep:
-            reports.append({"run": run, **{k: rep.get(k) for k in ("best", "predicted", "actual", "metric")}})
-    return sorted(reports, key=lambda r: r["run"], reverse=True)
+            ended = max([s.get("end") or 0 for s in rep.get("stages") or []], default=0)
+            reports.append({"run": run, "ended": ended,
+                            **{k: rep.get(k) for k in ("best", "predicted", "actual", "metric")}})
+    return sorted(reports, key=lambda r: r["ended"], reverse=True)
 
 
 def create_app() -> FastAPI:

@@ -72,6 +72,7 @@ def build_report(storage: RunStorage, spec: TuningSpec) -> dict[str, Any]:
         "median_stage1_metric": float(np.median(stage1)) if stage1 else None,
         "instance_type": plan.get("instance_type"),
         "deadline_seconds": plan.get("deadline_seconds"),
+        "jct_quantile": plan.get("jct_quantile"),
         "predicted": {"jct_seconds": (plan.get("predicted") or {}).get("jct_seconds"),
                       "cost_usd": (plan.get("predicted") or {}).get("cost_usd"),
                       "stage_end_seconds": predicted_stage_ends},
@@ -110,8 +111,10 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
     pj = (pred["jct_seconds"] or {}).get("mean")
     pc = (pred["cost_usd"] or {}).get("mean")
     if act["jct_seconds"] is not None and pj is not None:
-        lines.append(f"JCT:  predicted {pj:.1f} s, actual {act['jct_seconds']:.1f} s ({_pct(act['jct_seconds'], pj)}); "
-                     f"deadline {rep['deadline_seconds']:.0f} s")
+        pq, q = (pred["jct_seconds"] or {}).get("quantile"), rep.get("jct_quantile")
+        at_q = f" (p{q * 100:g} {pq:.1f} s)" if pq is not None and q is not None else ""
+        lines.append(f"JCT:  predicted {pj:.1f} s{at_q}, actual {act['jct_seconds']:.1f} s "
+                     f"({_pct(act['jct_seconds'], pj)} of the mean); deadline {rep['deadline_seconds']:.0f} s")
     if act["cost_usd"] is not None and pc is not None:
         lines.append(f"Cost: predicted ${pc:.4f}, actual ${act['cost_usd']:.4f} ({_pct(act['cost_usd'], pc)}) "
                      f"on {rep['instance_type']}")

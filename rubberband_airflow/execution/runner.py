@@ -38,9 +38,12 @@ def trial_id(index: int) -> str:
 
 def start_run(storage: RunStorage, spec: RunSpec, configs: list[dict[str, Any]], plan: dict[str, Any],
               gpus_per_instance: int) -> list[str]:
-    """Write the run's spec, plan and one config per trial; returns the trial ids (idempotent)."""
+    """Write the run's spec, plan and one config per trial; returns the trial ids (idempotent: a
+    retry keeps the first attempt's start time, from which the run's JCT is measured)."""
+    before = storage.read_json("run.json")
+    started = before["started"] if before and "started" in before else time.time()
     storage.write_json({"trainable": spec.trainable, "metric": spec.metric, "mode": spec.mode, "seed": spec.seed,
-                        "gpus_per_instance": gpus_per_instance, "started": time.time()}, "run.json")
+                        "gpus_per_instance": gpus_per_instance, "started": started}, "run.json")
     storage.write_json(plan, "plan.json")
     trials = [trial_id(i) for i in range(len(configs))]
     for trial, config in zip(trials, configs):

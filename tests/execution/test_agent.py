@@ -131,3 +131,13 @@ def test_an_agent_with_nothing_to_run_past_its_idle_timeout_exits(storage, monke
     assert storage.read_result("trial-0000", 1)["state"] == "done"  # it ran the 4 s trial first
     assert 6.0 <= took < 60 and storage.heartbeat("i0")["idle_exit"] is True
     assert agent_processes(storage) == []
+
+
+def test_a_retried_start_keeps_the_first_start_time(storage):
+    """start_run is a task with a retry: a second attempt must not shorten the run's measured JCT."""
+    _start(storage)
+    first = storage.read_json("run.json")["started"]
+    time.sleep(0.05)
+    _start(storage)
+    assert storage.read_json("run.json")["started"] == first
+    assert storage.read_config("trial-0000") == CONFIG
