@@ -11,7 +11,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,torch]'
-	scripts/install-chromium.sh
+	scripts/install-test-tools.sh
 	touch $(STAMP)
 
 demo: $(STAMP)

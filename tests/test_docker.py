@@ -1,8 +1,12 @@
 """docker/: what can be checked without a Docker engine."""
 
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
@@ -48,3 +52,27 @@ def test_agent_policy_reaches_only_the_storage_prefix():
     for s in statements:
         assert all(a.startswith("s3:") for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"]))
         assert "rubberband" in json.dumps(s["Resource"]) or "rubberband" in json.dumps(s.get("Condition"))
+
+
+def _compose() -> list[str] | None:
+    """The compose client here: the plugin (`docker compose`) or the standalone `docker-compose`."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+@pytest.mark.skipif(_compose() is None, reason="no compose client (scripts/install-test-tools.sh installs one)")
+def test_compose_config_is_valid_and_demands_its_secrets():
+    """`compose config` resolves and validates the file without an engine."""
+    cmd = [*_compose(), "-f", str(DOCKER / "compose.yaml"), "config"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_")}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                       env={**env, "AIRFLOW_JWT_SECRET": "s" * 48, "AIRFLOW_FERNET_KEY": "k" * 44})
+    assert r.returncode == 0, r.stderr
+    services = yaml.safe_load(r.stdout)["services"]
+    for name in ("api-server", "scheduler", "dag-processor", "triggerer"):
+        assert services[name]["environment"]["AIRFLOW__API_AUTH__JWT_SECRET"] == "s" * 48
+        volume = services[name]["volumes"][0]  # the plugin writes the long form, docker-compose 1.x the short
+        assert (volume["target"] if isinstance(volume, dict) else volume.split(":")[1]) == "/opt/airflow/dags"
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**env, "AIRFLOW_FERNET_KEY": "k" * 44})
+    assert r.returncode != 0 and "set AIRFLOW_JWT_SECRET" in r.stderr

@@ -39,7 +39,7 @@ def _finished_run(stack, run_id: str) -> tuple[dict[str, str], dict]:
     return states, rep
 
 
-@pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (scripts/install-chromium.sh)")
+@pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (scripts/install-test-tools.sh)")
 def test_rest_and_trigger_form_runs_override_params_and_behave_the_same(airflow_stack, tmp_path):
     stack = airflow_stack
     stack.wait_for_dag("digits_tuning")
