@@ -11,13 +11,13 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,torch]'
-	scripts/install-test-tools.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
 	scripts/demo.sh
 
 test: $(STAMP)
+	scripts/install-test-tools.sh
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

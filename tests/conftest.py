@@ -1,6 +1,9 @@
 import json
+import os
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,3 +20,30 @@ def resnet_problem() -> dict:
 WORKED_PLAN = {"instance_type": "p3.8xlarge",
                "stages": [{"gpus_per_trial": 1, "instances": 4}, {"gpus_per_trial": 1, "instances": 4},
                           {"gpus_per_trial": 1, "instances": 1}, {"gpus_per_trial": 4, "instances": 1}]}
+
+
+# What the tests start and must not leave behind: agents and trial workers, Airflow components,
+# moto's server, the headless browser and its driver.
+_STARTED_BY_TESTS = ("rubberband_airflow.execution", "rubberband-agent", "moto_server", "bin/airflow ",
+                     "playwright/driver", "--headless")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running():
+    """After the whole session (every other fixture torn down), no process a test started is alive."""
+    began = time.time()
+    yield
+
+    def left() -> list[str]:
+        out = []
+        for p in psutil.process_iter(["pid", "cmdline", "create_time", "status"]):
+            cmd = " ".join(p.info["cmdline"] or []) + " "
+            if (p.pid != os.getpid() and p.info["create_time"] >= began - 1 and p.info["status"] != psutil.STATUS_ZOMBIE
+                    and any(mark in cmd for mark in _STARTED_BY_TESTS)):
+                out.append(f"{p.pid}: {cmd[:200]}")
+        return out
+
+    deadline = time.monotonic() + 30  # processes being stopped get a moment to exit
+    while (leaked := left()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not leaked, "tests left processes running:\n" + "\n".join(leaked)
