@@ -98,7 +98,7 @@ def assign_stage(storage: RunStorage, stage: int, placement: dict[str, list[dict
 
 
 def stage_results(storage: RunStorage, stage: int, trials: list[str]) -> dict[str, dict[str, Any] | None]:
-    return {t: storage.read_result(t, stage) for t in trials}
+    return dict(zip(trials, storage.read_json_many([("trials", t, f"stage-{stage}.json") for t in trials])))
 
 
 def wait_stage(storage: RunStorage, backend: ComputeBackend, stage: int, trials: list[str], timeout: float,

@@ -78,6 +78,24 @@ class RunStorage:
                 time.sleep(0.05 * (attempt + 1))
         return None
 
+    def read_json_many(self, paths: list[tuple[str, ...]]) -> list[Any]:
+        """Several JSON objects (None where one does not exist), fetched together: on S3 the GETs
+        run concurrently, so a ledger of hundreds of instances is one round of requests."""
+        if not paths:
+            return []
+        full = [self.path(*parts) for parts in paths]
+        got = self.fs.cat(full, on_error="return")
+        out = []
+        for parts, path in zip(paths, full):
+            data = got.get(path) if isinstance(got, dict) else None
+            if isinstance(data, FileNotFoundError):
+                out.append(None)
+            elif not isinstance(data, bytes):  # an error (e.g. replaced mid-read), or not returned: on its own
+                out.append(self.read_json(*parts))
+            else:
+                out.append(json.loads(data))
+        return out
+
     def write_json(self, value: Any, *parts: str) -> None:
         self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode(), *parts)
 
@@ -154,16 +172,13 @@ class RunStorage:
 
     def ledger(self) -> list[dict[str, Any]]:
         """Every instance's ledger entry, with its ready time from the agent's first heartbeat."""
-        out = []
-        for name in self.listdir("ledger"):
-            entry = self.read_json("ledger", name)
-            if entry is None:
-                continue
-            beat = self.heartbeat(entry["instance"])
-            if beat and entry.get("ready") is None:
+        entries = [e for e in self.read_json_many([("ledger", n) for n in self.listdir("ledger")]) if e is not None]
+        unready = [e for e in entries if e.get("ready") is None]
+        beats = self.read_json_many([("instances", e["instance"], "heartbeat.json") for e in unready])
+        for entry, beat in zip(unready, beats):
+            if beat:
                 entry["ready"] = beat.get("ready")
-            out.append(entry)
-        return sorted(out, key=lambda e: (e.get("requested") or 0, e["instance"]))
+        return sorted(entries, key=lambda e: (e.get("requested") or 0, e["instance"]))
 
     def write_ledger(self, entry: dict[str, Any]) -> None:
         self.write_json(entry, "ledger", f"{entry['instance']}.json")

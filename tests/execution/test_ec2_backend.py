@@ -177,3 +177,13 @@ def test_price_table_lookup_and_override():
         prices.lookup("x1.large")
     with pytest.raises(ValueError, match="must be positive"):
         prices.lookup("g5.xlarge", {"g5.xlarge": 0})
+
+
+def test_storage_reads_many_objects_in_one_round_on_s3(moto_cloud):
+    storage = moto_cloud.storage("tune_digits/run-many")
+    for k in range(5):
+        storage.write_json({"k": k}, "ledger", f"i-{k}.json")
+    paths = [("ledger", f"i-{k}.json") for k in (4, 0, 9, 2)]
+    assert storage.read_json_many(paths) == [{"k": 4}, {"k": 0}, None, {"k": 2}]
+    got = storage.fs.cat([storage.path(*p) for p in paths], on_error="return")
+    assert all(storage.path(*p) in got for p in paths)  # keyed as asked: no object is read twice
