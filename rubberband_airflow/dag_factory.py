@@ -24,7 +24,7 @@ from rubberband_airflow.report import build_report, log_summary
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.sensors.trial import TrialResultSensor
 from rubberband_airflow.spec import TuningSpec, load_spec
-from rubberband_airflow.tuning import backend_for, instance_type_names, run_uri, settings
+from rubberband_airflow.tuning import backend_for, instance_type_names, run_uri, settings, storage_conn_id, storage_for
 
 # Instances launched (or terminated) by one mapped scaling task.
 BATCH_SIZE = 8
@@ -104,7 +104,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         dag_id, run_id = _run_context()
         params = dict(get_current_context()["params"])
         cfg = settings(s, params)
-        storage = RunStorage(run_uri(s, dag_id, run_id))
+        storage = storage_for(s, run_uri(s, dag_id, run_id))
         configs = sample(s.search_space, cfg["sha"]["num_trials"], cfg["seed"])
         runner.start_run(storage, runner.RunSpec(s.trainable, s.metric, s.mode, cfg["seed"]), configs, plan,
                          plan["gpus_per_instance"])
@@ -117,9 +117,15 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         """This run's storage URI: the same in every task, from the spec, DAG id and run id."""
         return run_uri(load_spec(spec_path), *_run_context())
 
+    def _storage(uri: str | None = None) -> RunStorage:
+        """This run's storage (or another URI under the spec's storage), through the spec's connection."""
+        spec_now = load_spec(spec_path)
+        return storage_for(spec_now, uri or run_uri(spec_now, *_run_context()))
+
     def _backend(uri: str, plan: dict[str, Any]):
         dag_id, run_id = _run_context()
-        return backend_for(load_spec(spec_path), RunStorage(uri), dag_id, run_id, plan["instance_type"])
+        spec_now = load_spec(spec_path)
+        return backend_for(spec_now, storage_for(spec_now, uri), dag_id, run_id, plan["instance_type"])
 
     def _fleet(plan: dict[str, Any], stage: int) -> tuple[list[str], int]:
         return _backend(_uri(), plan).live(), int(_stage_alloc(plan, stage)["instances"])
@@ -127,7 +133,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     @task
     def scale_out(plan: dict[str, Any], stage: int) -> list[dict[str, Any]]:
         """The batches of instances this stage adds (empty when it adds none)."""
-        RunStorage(_uri()).write_json({"stage": stage, "time": time.time()}, "stages", str(stage), "start.json")
+        _storage().write_json({"stage": stage, "time": time.time()}, "stages", str(stage), "start.json")
         live, want = _fleet(plan, stage)
         missing = max(0, want - len(live))
         return [{"batch": f"stage-{stage}-batch-{k}", "count": len(chunk)}
@@ -155,7 +161,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         """Place the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
         alloc = _stage_alloc(plan, stage)
         uri = _uri()
-        storage = RunStorage(uri)
+        storage = _storage(uri)
         backend = _backend(uri, plan)
         trials = runner.stage_trials(storage, stage)
         sha = storage.read_json("sha.json")
@@ -178,7 +184,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     def promote(plan: dict[str, Any], stage: int) -> dict[str, Any]:
         """Promote the best trials that finished; failed trials are never promoted."""
         _stage_alloc(plan, stage)
-        storage = RunStorage(_uri())
+        storage = _storage()
         trials = runner.stage_trials(storage, stage)
         results = runner.stage_results(storage, stage, trials)
         missing = [t for t, r in results.items() if r is None]
@@ -204,7 +210,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     def teardown() -> list[str]:
         """Terminate every instance the run still has, however the run went."""
         uri = _uri()
-        storage = RunStorage(uri)
+        storage = _storage(uri)
         plan = storage.read_json("plan.json")
         if plan is None:
             return []  # the run never started: nothing was launched
@@ -214,7 +220,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     def report() -> dict[str, Any]:
         """Write the report, publish the best configuration, and log a summary."""
         uri = _uri()
-        storage = RunStorage(uri)
+        storage = _storage(uri)
         if storage.read_json("run.json") is None:
             raise AirflowSkipException("the run did not start: nothing to report")
         rep = build_report(storage, load_spec(spec_path))
@@ -222,7 +228,8 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         log_summary(rep)
         if rep["best"] is None:
             raise AirflowFailException("no trial finished: there is no best configuration")
-        publish = RunStorage(best_config_uri(load_spec(spec_path)).rsplit("/", 1)[0])
+        spec_now = load_spec(spec_path)
+        publish = storage_for(spec_now, best_config_uri(spec_now).rsplit("/", 1)[0])
         publish.write_json({"config": rep["best"]["config"], "metric": rep["best"]["metric"],
                             "metric_name": rep["metric"], "trial": rep["best"]["trial"], "run": uri,
                             "published": datetime.now(timezone.utc).isoformat()}, "best_config.json")
@@ -258,6 +265,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                 [launched, dropped] >> trials
                 waits = TrialResultSensor.partial(
                     task_id="wait", run_uri="{{ ti.xcom_pull(task_ids='start_run') }}", stage=stage, retries=1,
+                    storage_conn_id=storage_conn_id(spec),
                     poll_interval=2.0).expand(trial=trials)
                 promoted = promote(plan.output, stage)
                 waits >> promoted

@@ -22,8 +22,8 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessE
 from airflow.api_fastapi.core_api.security import GetUserDep
 from airflow.plugins_manager import AirflowPlugin
 
-from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.spec import SpecError, load_spec
+from rubberband_airflow.tuning import storage_for
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _specs(user: Any) -> list[Any]:
 
 def _reports(spec: Any) -> list[dict[str, Any]]:
     """The reports of a DAG's runs, the latest to end first; none if its storage cannot be read from here."""
-    root = RunStorage(f"{spec.storage.rstrip('/')}/{spec.name}")
+    root = storage_for(spec, f"{spec.storage.rstrip('/')}/{spec.name}")
     reports = []
     try:
         runs = root.subfolders()
@@ -53,7 +53,7 @@ def _reports(spec: Any) -> list[dict[str, Any]]:
         log.warning("cannot list runs of %s in %s: %s", spec.name, root.uri, e)
         return []
     for run in runs:
-        rep = RunStorage(root.url(run)).read_json("report.json")
+        rep = root.child(run).read_json("report.json")
         if rep:
             ended = max([s.get("end") or 0 for s in rep.get("stages") or []], default=0)
             reports.append({"run": run, "ended": ended,
@@ -73,7 +73,7 @@ def create_app() -> FastAPI:
         spec = next((s for s in _specs(user) if s.name == dag_id), None)
         if spec is None or "/" in run or run.startswith("."):
             raise HTTPException(404, "no such tuning DAG or run")
-        rep = RunStorage(f"{spec.storage.rstrip('/')}/{dag_id}/{run}").read_json("report.json")
+        rep = storage_for(spec, f"{spec.storage.rstrip('/')}/{dag_id}/{run}").read_json("report.json")
         if rep is None:
             raise HTTPException(404, "this run has no report yet")
         return JSONResponse(rep)

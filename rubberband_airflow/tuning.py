@@ -5,17 +5,26 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import fsspec
-
 from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.hooks.storage import read_text, run_storage
 from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.profiler import to_problem
 from rubberband_airflow.spec import EC2BackendSpec, LocalBackendSpec, TuningSpec
 
 # Run parameters a trigger form may override, with the spec's value as default.
 OVERRIDABLE = ("deadline_seconds", "num_trials", "eta", "min_epochs", "instance_types", "max_instances", "seed")
+
+
+def storage_conn_id(spec: TuningSpec) -> str | None:
+    """The Airflow connection the Airflow side reaches the spec's storage with (the EC2 backend's)."""
+    return spec.backend.aws_conn_id if isinstance(spec.backend, EC2BackendSpec) else None
+
+
+def storage_for(spec: TuningSpec, uri: str) -> RunStorage:
+    """Storage under the spec's ``storage`` (or its profile) as the Airflow side reaches it."""
+    return run_storage(uri, storage_conn_id(spec))
 
 
 def run_uri(spec: TuningSpec, dag_id: str, run_id: str) -> str:
@@ -76,8 +85,7 @@ def _instance_types(spec: TuningSpec, chosen: list[str], max_instances: int | No
 def load_profile(spec: TuningSpec) -> dict[str, Any]:
     """The workload profile the spec names (a local path or any fsspec URL)."""
     try:
-        with fsspec.open(spec.profile, "r") as f:
-            return json.load(f)
+        return json.loads(read_text(spec.profile, storage_conn_id(spec)))
     except FileNotFoundError:
         raise ProblemError("profile", f"{spec.profile} does not exist: run `rubberband profile --out "
                            f"{spec.profile}` first") from None
@@ -85,10 +93,10 @@ def load_profile(spec: TuningSpec) -> dict[str, Any]:
 
 def past_runs(spec: TuningSpec, dag_id: str | None = None, limit: int = 5) -> list[dict[str, Any]]:
     """Reports of the DAG's latest finished runs, newest first."""
-    root = RunStorage(f"{spec.storage.rstrip('/')}/{dag_id or spec.name}")
+    root = storage_for(spec, f"{spec.storage.rstrip('/')}/{dag_id or spec.name}")
     found = []
     for name in root.subfolders():
-        rep = RunStorage(root.url(name)).read_json("report.json")
+        rep = root.child(name).read_json("report.json")
         if rep and rep.get("stages"):
             found.append((max(s["end"] for s in rep["stages"]), rep))
     return [rep for _, rep in sorted(found, key=lambda x: x[0], reverse=True)[:limit]]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import fsspec
@@ -28,17 +28,29 @@ _READ_TRIES = 4
 
 @dataclass(frozen=True)
 class RunStorage:
-    """Reads and writes the files of one run under ``uri`` (a directory URL)."""
+    """Reads and writes the files of one run under ``uri`` (a directory URL).
+
+    ``filesystem`` is the fsspec filesystem to reach it with; by default fsspec's for the URL,
+    with the process's own credentials (an agent's instance profile). The Airflow side passes
+    one made from its connection (``rubberband_airflow.hooks.storage``).
+    """
 
     uri: str
+    filesystem: fsspec.AbstractFileSystem | None = field(default=None, compare=False, repr=False)
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        return fsspec.core.url_to_fs(self.uri)[0]
+        return self.filesystem if self.filesystem is not None else fsspec.core.url_to_fs(self.uri)[0]
 
     @property
     def root(self) -> str:
+        if self.filesystem is not None:
+            return self.filesystem._strip_protocol(self.uri).rstrip("/")
         return fsspec.core.url_to_fs(self.uri)[1].rstrip("/")
+
+    def child(self, *parts: str) -> RunStorage:
+        """The storage of a folder under this one, reached the same way."""
+        return RunStorage(self.url(*parts), self.filesystem)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])

@@ -8,6 +8,7 @@ from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
 from airflow.sdk.exceptions import AirflowFailException
 
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.hooks.storage import run_storage
 from rubberband_airflow.triggers.trial import TrialResultTrigger
 
 
@@ -33,36 +34,41 @@ class TrialResultSensor(BaseSensorOperator):
     template_fields: Sequence[str] = ("run_uri", "trial", "stage")
     ui_color = "#f0e4ff"
 
-    def __init__(self, *, run_uri: str, trial: str, stage: int, deferrable: bool = True,
-                 poll_interval: float = 5.0, **kwargs: Any) -> None:
+    def __init__(self, *, run_uri: str, trial: str, stage: int, storage_conn_id: str | None = None,
+                 deferrable: bool = True, poll_interval: float = 5.0, **kwargs: Any) -> None:
         kwargs.setdefault("map_index_template", "{{ rubberband_trial_label }}")
         kwargs.setdefault("poke_interval", poll_interval)
         super().__init__(**kwargs)
         self.run_uri = run_uri
         self.trial = trial
         self.stage = stage
+        self.storage_conn_id = storage_conn_id
         self.deferrable = deferrable
         self.poll_interval = poll_interval
 
+    def _storage(self) -> RunStorage:
+        return run_storage(self.run_uri, self.storage_conn_id)
+
     def _label(self, context: Context) -> None:
         try:
-            config = RunStorage(self.run_uri).read_config(self.trial)
+            config = self._storage().read_config(self.trial)
             context["rubberband_trial_label"] = f"{self.trial} {config_summary(config)}"  # type: ignore[typeddict-unknown-key]
         except FileNotFoundError:
             context["rubberband_trial_label"] = self.trial  # type: ignore[typeddict-unknown-key]
 
     def execute(self, context: Context) -> Any:
         self._label(context)
-        result = RunStorage(self.run_uri).read_result(self.trial, int(self.stage))
+        result = self._storage().read_result(self.trial, int(self.stage))
         if result is not None:
             return self._finish(result)
         if not self.deferrable:
             return super().execute(context)
-        self.defer(trigger=TrialResultTrigger(self.run_uri, self.trial, int(self.stage), self.poll_interval),
+        self.defer(trigger=TrialResultTrigger(self.run_uri, self.trial, int(self.stage), self.poll_interval,
+                                              storage_conn_id=self.storage_conn_id),
                    method_name="execute_complete")
 
     def poke(self, context: Context) -> bool | PokeReturnValue:
-        result = RunStorage(self.run_uri).read_result(self.trial, int(self.stage))
+        result = self._storage().read_result(self.trial, int(self.stage))
         if result is None:
             return False
         return PokeReturnValue(is_done=True, xcom_value=self._finish(result))
@@ -70,7 +76,7 @@ class TrialResultSensor(BaseSensorOperator):
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
         self._label(context)
         if event.get("lost"):  # record why, unless the agent wrote a result after all
-            storage = RunStorage(self.run_uri)
+            storage = self._storage()
             recorded = storage.read_result(self.trial, int(self.stage))
             if recorded is not None:
                 return self._finish(recorded)

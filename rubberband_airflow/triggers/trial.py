@@ -9,6 +9,7 @@ from typing import Any, AsyncIterator
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.hooks.storage import run_storage
 
 # A trial's instance is lost when its agent's heartbeat (written every few seconds) has not
 # changed for this long, or when no heartbeat has appeared this long after the wait began.
@@ -64,7 +65,7 @@ class TrialResultTrigger(BaseTrigger):
 
     def __init__(self, run_uri: str, trial: str, stage: int, poll_interval: float = 5.0,
                  silent_seconds: float = SILENT_SECONDS, boot_seconds: float = BOOT_SECONDS,
-                 liveness_interval: float = LIVENESS_INTERVAL) -> None:
+                 liveness_interval: float = LIVENESS_INTERVAL, storage_conn_id: str | None = None) -> None:
         super().__init__()
         self.run_uri = run_uri
         self.trial = trial
@@ -73,15 +74,17 @@ class TrialResultTrigger(BaseTrigger):
         self.silent_seconds = silent_seconds
         self.boot_seconds = boot_seconds
         self.liveness_interval = liveness_interval
+        self.storage_conn_id = storage_conn_id
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (f"{type(self).__module__}.{type(self).__qualname__}",
                 {"run_uri": self.run_uri, "trial": self.trial, "stage": self.stage,
                  "poll_interval": self.poll_interval, "silent_seconds": self.silent_seconds,
-                 "boot_seconds": self.boot_seconds, "liveness_interval": self.liveness_interval})
+                 "boot_seconds": self.boot_seconds, "liveness_interval": self.liveness_interval,
+                 "storage_conn_id": self.storage_conn_id})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        storage = RunStorage(self.run_uri)
+        storage = await asyncio.to_thread(run_storage, self.run_uri, self.storage_conn_id)
         liveness = Liveness(storage, self.trial, self.stage, self.silent_seconds, self.boot_seconds)
         checked = float("-inf")
         while True:

@@ -1,4 +1,5 @@
-"""The tuning DAG on the ec2 backend: moto's server over HTTP, instances emulated by real agents."""
+"""The tuning DAG on the ec2 backend: moto's server over HTTP, instances emulated by real agents. Airflow
+reaches EC2 and S3 through its connection only; the agents with their own (instance) credentials."""
 
 import json
 import os
@@ -11,7 +12,7 @@ from rubberband_airflow.execution.backends.base import billed_cost
 from rubberband_airflow.execution.prices import lookup
 from rubberband_airflow.execution.storage import RunStorage
 from tests.airflow.conftest import BIN, ROOT, airflow_env, run
-from tests.execution.moto_cloud import BUCKET, REGION, moto_cloud  # noqa: F401 (the fixture)
+from tests.execution.moto_cloud import BUCKET, REGION, airflow_side, moto_cloud  # noqa: F401 (the fixture)
 
 
 def test_digits_dag_runs_on_ec2_and_bills_what_the_ledger_says(airflow_home, moto_cloud, tmp_path):
@@ -29,8 +30,7 @@ def test_digits_dag_runs_on_ec2_and_bills_what_the_ledger_says(airflow_home, mot
         f.write((airflow_home / "rubberband" / "profiles" / "local-1.json").read_text())
 
     home = tmp_path / "home"
-    env = {**airflow_env(home, dags), **{k: v for k, v in os.environ.items() if k.startswith(("AWS", "AIRFLOW_CONN",
-                                                                                                "FSSPEC"))}}
+    env = airflow_side(airflow_env(home, dags))  # no ambient AWS keys: everything through the connection
     assert run([str(BIN / "airflow"), "db", "migrate"], env, timeout=300).returncode == 0
     r = run([str(BIN / "airflow"), "dags", "test", "digits_ec2"], env, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
@@ -68,8 +68,7 @@ def test_sweeper_terminates_instances_of_deleted_runs_and_keeps_live_ones(airflo
     (dags / "digits_ec2.yaml").write_text(yaml.safe_dump(spec))
     shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / "digits_ec2.py")
     shutil.copy(ROOT / "dags" / "rubberband_sweeper.py", dags / "rubberband_sweeper.py")
-    env = {**airflow_env(tmp_path / "home", dags), **{k: v for k, v in os.environ.items()
-                                                      if k.startswith(("AWS", "AIRFLOW_CONN", "FSSPEC"))}}
+    env = airflow_side(airflow_env(tmp_path / "home", dags))
     for cmd in (["db", "migrate"], ["dags", "reserialize"], ["dags", "trigger", "digits_ec2", "-r", "live_run"]):
         r = run([str(BIN / "airflow"), *cmd], env, timeout=300)
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

@@ -232,10 +232,11 @@ class MotoCloud:
 
 
 def cloud_env(endpoint: str) -> dict[str, str]:
-    """What a process needs to reach the cloud at ``endpoint``: keys, the Airflow connection, s3fs's endpoint."""
+    """What a process needs to reach the cloud at ``endpoint``: keys and s3fs's endpoint (as an agent on
+    an instance has them), and the Airflow connection ``aws_default`` (all the Airflow side needs)."""
     return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": REGION,
-            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "extra": {
-                "region_name": REGION, "endpoint_url": endpoint}}),
+            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "testing", "password": "testing",
+                                                    "extra": {"region_name": REGION, "endpoint_url": endpoint}}),
             "FSSPEC_S3_ENDPOINT_URL": endpoint,  # s3fs's endpoint, through fsspec's config from the environment
             "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
 
@@ -292,3 +293,8 @@ def moto_cloud(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Moto
             yield c
     finally:
         server.stop()
+
+
+def airflow_side(env: dict[str, str]) -> dict[str, str]:
+    """``env`` without the ambient AWS keys and s3fs endpoint: Airflow must reach the cloud through its connection."""
+    return {k: v for k, v in env.items() if not k.startswith(("AWS_", "FSSPEC_"))}

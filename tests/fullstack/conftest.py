@@ -30,7 +30,7 @@ import fsspec
 import yaml
 
 from tests.airflow.conftest import BIN, ROOT, airflow_env, run
-from tests.execution.moto_cloud import BUCKET, REGION, MotoCloud, cloud
+from tests.execution.moto_cloud import BUCKET, REGION, MotoCloud, airflow_side, cloud
 
 PG = os.environ.get("RUBBERBAND_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
@@ -187,7 +187,8 @@ def airflow_stack(tmp_path_factory, airflow_home, stack_cloud) -> Iterator[Stack
     passwords.write_text(json.dumps({"admin": password}))
     port = _free_port()
     url = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg2://") + f"/{db}"
-    env = {**airflow_env(home, dags), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url,
+    # The components reach AWS through the connection aws_default only (no ambient keys).
+    env = {**airflow_side(airflow_env(home, dags)), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": url,
            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor", "AIRFLOW__CORE__PARALLELISM": "8",
            "AIRFLOW__API__HOST": "127.0.0.1", "AIRFLOW__API__PORT": str(port),
            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",

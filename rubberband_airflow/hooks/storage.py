@@ -1,0 +1,26 @@
+"""Run storage as the Airflow side reaches it: through an Airflow connection.
+
+Tasks, the triggerer and the UI page read and write run files with the connection's
+credentials and endpoint (Airflow's ObjectStoragePath: for s3:// the amazon provider's S3
+filesystem). The instances' agents reach the same files with their instance profile.
+"""
+
+from __future__ import annotations
+
+from rubberband_airflow.execution.storage import RunStorage
+
+
+def run_storage(uri: str, conn_id: str | None) -> RunStorage:
+    """The storage at ``uri`` through connection ``conn_id``; local paths, and no connection, use fsspec's own."""
+    if conn_id is None or "://" not in uri or uri.startswith("file://"):
+        return RunStorage(uri)
+    from airflow.sdk import ObjectStoragePath
+
+    return RunStorage(uri, ObjectStoragePath(uri, conn_id=conn_id).fs)
+
+
+def read_text(uri: str, conn_id: str | None) -> str:
+    """A whole text file (a profile, say) through connection ``conn_id``."""
+    storage = run_storage(uri, conn_id)
+    with storage.fs.open(storage.root, "r") as f:
+        return f.read()
