@@ -128,7 +128,10 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         return backend_for(spec_now, storage_for(spec_now, uri), dag_id, run_id, plan["instance_type"])
 
     def _fleet(plan: dict[str, Any], stage: int) -> tuple[list[str], int]:
-        return _backend(_uri(), plan).live(), int(_stage_alloc(plan, stage)["instances"])
+        """The run's live instances (gone ones recorded as such first) and how many the stage wants."""
+        want = int(_stage_alloc(plan, stage)["instances"])
+        uri = _uri()
+        return runner.reconcile(_storage(uri), _backend(uri, plan)), want
 
     @task
     def scale_out(plan: dict[str, Any], stage: int) -> list[dict[str, Any]]:

@@ -24,13 +24,14 @@ from airflow.sdk import DAG, task
 from rubberband_airflow.execution.backends.ec2 import BILLABLE_STATES
 from rubberband_airflow.spec import EC2BackendSpec, SpecError, load_spec
 
-ENDED = ("success", "failed")
+ENDED = ("success", "failed")  # Airflow's run states after which a run launches nothing
 
 
 def ended_runs_instances(instances: list[dict[str, Any]], run_state: Callable[[str, str], str | None]) -> list[str]:
     """Ids of the instances whose run (by their ``rubberband:`` tags) has ended or does not exist.
 
-    ``run_state(dag_id, run_id)`` is Airflow's state of the run, or None where there is no such run.
+    ``run_state(dag_id, run_id)`` is Airflow's state of the run ("success", "failed", or "ended" for
+    either; anything else is active), or None where there is no such run.
     """
     by_run: dict[tuple[str, str], list[str]] = defaultdict(list)
     for inst in instances:
@@ -40,7 +41,7 @@ def ended_runs_instances(instances: list[dict[str, Any]], run_state: Callable[[s
     doomed = []
     for (dag_id, run_id), ids in sorted(by_run.items()):
         state = run_state(dag_id, run_id)
-        if state is None or state in ENDED:
+        if state is None or state in ("ended", *ENDED):
             doomed += ids
     return doomed
 
@@ -59,11 +60,13 @@ def ec2_dag_ids(dags_folder: str | Path) -> dict[tuple[str, str | None], list[st
 
 
 def _airflow_run_state(dag_id: str, run_id: str) -> str | None:
+    """"ended" or "active" as Airflow has the run, or None where it has no such run."""
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
     if RuntimeTaskInstance.get_dr_count(dag_id=dag_id, run_ids=[run_id]) == 0:
         return None
-    return str(RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id))
+    ended = RuntimeTaskInstance.get_dr_count(dag_id=dag_id, run_ids=[run_id], states=list(ENDED))
+    return "ended" if ended else "active"
 
 
 def sweeper_dag(dags_folder: str | Path, schedule: str = "*/15 * * * *") -> DAG:

@@ -51,3 +51,12 @@ def slow(ctx: TrialContext) -> None:
     """Outlasts a short liveness window, then finishes."""
     time.sleep(float(os.environ.get("RUBBERBAND_TEST_SLOW_SECONDS", "15")))
     ctx.report(ctx.stop_epoch, loss=1.0, accuracy=0.5)
+
+
+def chatty(ctx: TrialContext) -> None:
+    """Writes far more to stderr than a pipe holds (warnings, progress bars), then finishes."""
+    import sys
+
+    for k in range(4000):
+        print(f"warning {k}: " + "x" * 100, file=sys.stderr)
+    ctx.report(ctx.stop_epoch, loss=1.0, accuracy=0.5)

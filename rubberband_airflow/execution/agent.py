@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ class _Running:
     slots: list[int]
     process: subprocess.Popen
     started: float
+    stderr: Any = None  # the worker's stderr, a temporary file
 
 
 @dataclass
@@ -83,10 +85,12 @@ class Agent:
                "RUBBERBAND_SPAWNED": repr(time.time())}
         cmd = [sys.executable, "-m", "rubberband_airflow.execution.worker", self.storage.uri, task["trial"],
                str(task["stage"]), self.instance]
-        # Workers stay in the agent's process group: terminating the instance ends them too.
-        process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Workers stay in the agent's process group: terminating the instance ends them too. Their
+        # stderr goes to a file (a pipe would block a worker that writes much), whose tail explains a crash.
+        stderr = tempfile.TemporaryFile()
+        process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         self.seen.add((task["stage"], task["trial"]))
-        self.running.append(_Running(task, slots, process, time.time()))
+        self.running.append(_Running(task, slots, process, time.time(), stderr))
 
     def reap(self) -> None:
         """Record what finished; fail what crashed without a result or ran past the timeout."""
@@ -99,7 +103,7 @@ class Agent:
             if code is None:
                 continue
             self.running.remove(r)
-            stderr = r.process.stderr.read().decode(errors="replace") if r.process.stderr else ""
+            stderr = _tail(r.stderr)
             if overdue:
                 reason = f"timed out after {self.trial_timeout:g} s"
             elif self.storage.read_result(r.task["trial"], r.task["stage"]) is not None:
@@ -158,6 +162,17 @@ class Agent:
                 return
             time.sleep(self.poll_seconds)
         self.shutdown()
+
+
+def _tail(f: Any, size: int = 8192) -> str:
+    """The end of a worker's stderr file, which is then closed."""
+    if f is None:
+        return ""
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - size))
+    text = f.read().decode(errors="replace")
+    f.close()
+    return text
 
 
 def _kill_tree(process: subprocess.Popen) -> None:

@@ -59,9 +59,25 @@ def stage_trials(storage: RunStorage, stage: int) -> list[str]:
     return data["trials"]
 
 
+def reconcile(storage: RunStorage, backend: ComputeBackend) -> list[str]:
+    """The run's live instances, once those that are gone (the cloud says so) or whose agent quit
+    (its heartbeat says it stopped, e.g. idle) are terminated and so recorded: they get no more
+    trials, and a stage that needs instances launches replacements."""
+    live = backend.live()
+    if not live:
+        return []
+    states = backend.describe(live)
+    beats = storage.read_json_many([("instances", i, "heartbeat.json") for i in live])
+    gone = [i for i, beat in zip(live, beats)
+            if states.get(i) == "terminated" or (beat or {}).get("state") == "stopping"]
+    if gone:
+        backend.terminate(gone)
+    return [i for i in live if i not in gone]
+
+
 def scale(backend: ComputeBackend, stage: int, instances: int) -> dict[str, list[str]]:
     """Grow or shrink the run's fleet to ``instances``: terminate the newest first, or launch the missing."""
-    live = backend.live()
+    live = reconcile(backend.storage, backend)
     out: dict[str, list[str]] = {"launched": [], "terminated": [], "live": live}
     if len(live) > instances:
         surplus = live[instances:][::-1]  # most recently requested first

@@ -96,6 +96,8 @@ class RunStorage:
         if not paths:
             return []
         full = [self.path(*parts) for parts in paths]
+        if any(c in self.root for c in "*?["):  # fsspec would take the paths for glob patterns
+            return [self.read_json(*parts) for parts in paths]
         got = self.fs.cat(full, on_error="return")
         out = []
         for parts, path in zip(paths, full):

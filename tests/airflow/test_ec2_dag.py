@@ -4,6 +4,7 @@ reaches EC2 and S3 through its connection only; the agents with their own (insta
 import json
 import os
 import shutil
+import sys
 
 import fsspec
 import yaml
@@ -55,7 +56,18 @@ def test_digits_dag_runs_on_ec2_and_bills_what_the_ledger_says(airflow_home, mot
     assert published["config"] == rep["best"]["config"]
 
 
-def test_sweeper_terminates_instances_of_deleted_runs_and_keeps_live_ones(airflow_home, moto_cloud, tmp_path):
+# Test setup, not what is tested: put a DAG run in the state a user's "mark success" leaves it in.
+MARK_SUCCESS = """
+import sys
+from airflow.models import DagRun
+from airflow.utils.session import create_session
+with create_session() as session:
+    run = session.query(DagRun).filter_by(dag_id=sys.argv[1], run_id=sys.argv[2]).one()
+    run.state = "success"
+"""
+
+
+def test_sweeper_terminates_instances_of_ended_and_deleted_runs_and_keeps_live_ones(airflow_home, moto_cloud, tmp_path):
     from rubberband_airflow.execution.backends.ec2 import EC2Backend
 
     spec = yaml.safe_load((ROOT / "dags" / "digits_tuning.yaml").read_text())
@@ -69,9 +81,13 @@ def test_sweeper_terminates_instances_of_deleted_runs_and_keeps_live_ones(airflo
     shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / "digits_ec2.py")
     shutil.copy(ROOT / "dags" / "rubberband_sweeper.py", dags / "rubberband_sweeper.py")
     env = airflow_side(airflow_env(tmp_path / "home", dags))
-    for cmd in (["db", "migrate"], ["dags", "reserialize"], ["dags", "trigger", "digits_ec2", "-r", "live_run"]):
+    for cmd in (["db", "migrate"], ["dags", "reserialize"], ["dags", "trigger", "digits_ec2", "-r", "live_run"],
+                ["dags", "trigger", "digits_ec2", "-r", "done_run"]):
         r = run([str(BIN / "airflow"), *cmd], env, timeout=300)
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    # done_run ended (as if a user marked it success while its stages ran, so teardown was skipped).
+    r = run([sys.executable, "-c", MARK_SUCCESS, "digits_ec2", "done_run"], env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
 
     def launch(dag_id: str, run_id: str) -> list[str]:
         backend = EC2Backend(RunStorage(f"s3://{BUCKET}/rubberband/{dag_id}/{run_id}"), "g5.xlarge",
@@ -81,10 +97,12 @@ def test_sweeper_terminates_instances_of_deleted_runs_and_keeps_live_ones(airflo
 
     live, deleted, foreign = launch("digits_ec2", "live_run"), launch("digits_ec2", "deleted_run"), \
         launch("someone_elses_dag", "deleted_run")
+    ended = launch("digits_ec2", "done_run")
     r = run([str(BIN / "airflow"), "dags", "test", "rubberband_sweeper"], env, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     running = {i["InstanceId"] for i in moto_cloud.instances()}
     assert not set(deleted) & running  # the run is gone from Airflow: its instances are terminated
+    assert not set(ended) & running  # the run ended: so must its fleet
     assert set(live) <= running  # a queued run keeps its fleet
     assert set(foreign) <= running  # the sweeper touches only the DAGs of its folder
     moto_cloud.client("ec2").terminate_instances(InstanceIds=live + foreign)

@@ -141,3 +141,37 @@ def test_a_retried_start_keeps_the_first_start_time(storage):
     _start(storage)
     assert storage.read_json("run.json")["started"] == first
     assert storage.read_config("trial-0000") == CONFIG
+
+
+def test_a_trial_writing_much_to_stderr_is_not_blocked(storage, local_backend):
+    backend = local_backend(timeout=60)
+    _start(storage, "tests.trainables:chatty")
+    [instance] = backend.launch("stage-1", 1)
+    assign_stage(storage, 1, {instance: [_task("trial-0000", stop=1)]})
+    result = wait_stage(storage, backend, 1, ["trial-0000"], timeout=120)["trial-0000"]
+    assert result["state"] == "done", result
+    backend.terminate_all()
+
+
+def test_reconcile_forgets_an_instance_that_died_and_keeps_the_rest(storage, local_backend):
+    """A dead instance must get no more trials, and a stage that needs it launches a replacement."""
+    import os
+    import signal
+
+    from rubberband_airflow.execution.runner import reconcile, scale
+
+    backend = local_backend()
+    _start(storage)
+    first, second = backend.launch("stage-1", 2)
+    deadline = time.monotonic() + 60
+    while not (storage.heartbeat(first) and storage.heartbeat(second)):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    os.killpg(storage.heartbeat(first)["pid"], signal.SIGKILL)
+    time.sleep(0.5)
+    assert reconcile(storage, backend) == [second]
+    assert next(e for e in storage.ledger() if e["instance"] == first)["terminated"] is not None
+    out = scale(backend, 2, 2)  # the next stage wants two: one replacement
+    assert len(out["launched"]) == 1 and len(out["live"]) == 2 and first not in out["live"]
+    backend.terminate_all()
+    assert agent_processes(storage) == []
