@@ -9,7 +9,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.hooks.storage import run_storage
-from rubberband_airflow.triggers.trial import TrialResultTrigger
+from rubberband_airflow.triggers.trial import TrialResultTrigger, boot_limit
 
 
 def config_summary(config: dict[str, Any], limit: int = 60) -> str:
@@ -63,8 +63,9 @@ class TrialResultSensor(BaseSensorOperator):
             return self._finish(result)
         if not self.deferrable:
             return super().execute(context)
+        boot_seconds = boot_limit(self._storage().read_json("plan.json"))
         self.defer(trigger=TrialResultTrigger(self.run_uri, self.trial, int(self.stage), self.poll_interval,
-                                              storage_conn_id=self.storage_conn_id),
+                                              boot_seconds=boot_seconds, storage_conn_id=self.storage_conn_id),
                    method_name="execute_complete")
 
     def poke(self, context: Context) -> bool | PokeReturnValue:

@@ -19,6 +19,15 @@ BOOT_SECONDS = 1200.0
 LIVENESS_INTERVAL = 30.0
 
 
+def boot_limit(plan: dict[str, Any] | None) -> float:
+    """How long to wait for a trial's instance's first heartbeat: ``BOOT_SECONDS``, or three times
+    the launch latency (pending and boot) the plan expects of its instance type, if longer."""
+    types = ((plan or {}).get("problem") or {}).get("instance_types") or []
+    chosen = next((t for t in types if t.get("name") == (plan or {}).get("instance_type")), None)
+    expected = float(chosen.get("pending_seconds", 0)) + float(chosen.get("boot_seconds", 0)) if chosen else 0.0
+    return max(BOOT_SECONDS, 3 * expected)
+
+
 def assigned_instance(storage: RunStorage, trial: str, stage: int) -> str | None:
     """The instance a trial of a stage was placed on, from the stage's assignment files."""
     for name in storage.listdir("stages", str(stage)):

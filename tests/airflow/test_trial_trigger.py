@@ -10,7 +10,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run
 from rubberband_airflow.sensors.trial import TrialResultSensor
-from rubberband_airflow.triggers.trial import TrialResultTrigger
+from rubberband_airflow.triggers.trial import BOOT_SECONDS, TrialResultTrigger, boot_limit
 from tests.execution.conftest import agent_processes, env, local_backend, storage  # noqa: F401 (fixtures)
 
 
@@ -72,3 +72,13 @@ def test_an_instance_whose_agent_never_starts_fails_its_trial(storage):
     event, _ = _first_event(trigger, timeout=30)
     assert event["lost"] and event["result"]["error"] == (
         "instance i-never sent no heartbeat within 2 s: its agent never started")
+
+
+def test_the_wait_for_a_first_heartbeat_grows_with_the_launch_latency_the_plan_expects():
+    plan = {"instance_type": "g5.12xlarge", "problem": {"instance_types": [
+        {"name": "g5.xlarge", "pending_seconds": 10, "boot_seconds": 20},
+        {"name": "g5.12xlarge", "pending_seconds": 200, "boot_seconds": 400}]}}
+    assert boot_limit(plan) == 1800.0  # three times 600 s
+    plan["instance_type"] = "g5.xlarge"
+    assert boot_limit(plan) == BOOT_SECONDS  # never less than the default
+    assert boot_limit(None) == BOOT_SECONDS
