@@ -124,14 +124,11 @@ def tuning_dag(spec_path: str | Path) -> DAG:
 
     def _backend(uri: str, plan: dict[str, Any]):
         dag_id, run_id = _run_context()
-        spec_now = load_spec(spec_path)
-        return backend_for(spec_now, storage_for(spec_now, uri), dag_id, run_id, plan["instance_type"])
+        return backend_for(load_spec(spec_path), _storage(uri), dag_id, run_id, plan["instance_type"])
 
     def _fleet(plan: dict[str, Any], stage: int) -> tuple[list[str], int]:
         """The run's live instances (gone ones recorded as such first) and how many the stage wants."""
-        want = int(_stage_alloc(plan, stage)["instances"])
-        uri = _uri()
-        return runner.reconcile(_storage(uri), _backend(uri, plan)), want
+        return runner.reconcile(_backend(_uri(), plan)), int(_stage_alloc(plan, stage)["instances"])
 
     @task
     def scale_out(plan: dict[str, Any], stage: int) -> list[dict[str, Any]]:

@@ -59,7 +59,7 @@ def stage_trials(storage: RunStorage, stage: int) -> list[str]:
     return data["trials"]
 
 
-def reconcile(storage: RunStorage, backend: ComputeBackend) -> list[str]:
+def reconcile(backend: ComputeBackend) -> list[str]:
     """The run's live instances, once those that are gone (the cloud says so) or whose agent quit
     (its heartbeat says it stopped, e.g. idle) are terminated and so recorded: they get no more
     trials, and a stage that needs instances launches replacements."""
@@ -67,7 +67,7 @@ def reconcile(storage: RunStorage, backend: ComputeBackend) -> list[str]:
     if not live:
         return []
     states = backend.describe(live)
-    beats = storage.read_json_many([("instances", i, "heartbeat.json") for i in live])
+    beats = backend.storage.read_json_many([("instances", i, "heartbeat.json") for i in live])
     gone = [i for i, beat in zip(live, beats)
             if states.get(i) == "terminated" or (beat or {}).get("state") == "stopping"]
     if gone:
@@ -77,7 +77,7 @@ def reconcile(storage: RunStorage, backend: ComputeBackend) -> list[str]:
 
 def scale(backend: ComputeBackend, stage: int, instances: int) -> dict[str, list[str]]:
     """Grow or shrink the run's fleet to ``instances``: terminate the newest first, or launch the missing."""
-    live = reconcile(backend.storage, backend)
+    live = reconcile(backend)
     out: dict[str, list[str]] = {"launched": [], "terminated": [], "live": live}
     if len(live) > instances:
         surplus = live[instances:][::-1]  # most recently requested first

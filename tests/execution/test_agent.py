@@ -169,7 +169,7 @@ def test_reconcile_forgets_an_instance_that_died_and_keeps_the_rest(storage, loc
         time.sleep(0.2)
     os.killpg(storage.heartbeat(first)["pid"], signal.SIGKILL)
     time.sleep(0.5)
-    assert reconcile(storage, backend) == [second]
+    assert reconcile(backend) == [second]
     assert next(e for e in storage.ledger() if e["instance"] == first)["terminated"] is not None
     out = scale(backend, 2, 2)  # the next stage wants two: one replacement
     assert len(out["launched"]) == 1 and len(out["live"]) == 2 and first not in out["live"]
