@@ -101,7 +101,7 @@ def _cmd_profile(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_problem(args: argparse.Namespace) -> dict[str, Any]:
-    from rubberband_airflow.profiler import to_problem
+    from rubberband_airflow.planning.profile import to_problem
 
     problem = to_problem(_load_json(args.profile, "profile"), _load_json(args.tuning, "tuning"))
     parse_problem(problem)  # the planner must accept it
@@ -110,17 +110,15 @@ def _cmd_problem(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_report(args: argparse.Namespace) -> str:
     from rubberband_airflow.execution.storage import RunStorage
-    from rubberband_airflow.report import summary_lines
+    from rubberband_airflow.report import newest_reports, summary_lines
 
     storage = RunStorage(args.target)
     rep = storage.read_json("report.json")
     if rep is None:  # a tuning DAG's folder: its newest run with a report
-        runs = [RunStorage(storage.url(name)) for name in storage.subfolders()]
-        reports = [(s.read_json("report.json"), s) for s in runs]
-        reports = [(r, s) for r, s in reports if r]
+        reports = newest_reports(storage)
         if not reports:
             raise ProblemError("run", f"no report under {args.target}")
-        rep = max(reports, key=lambda rs: rs[1].fs.modified(rs[1].path("report.json")).timestamp())[0]
+        rep = reports[0][1]
     return "\n".join(summary_lines(rep))
 
 

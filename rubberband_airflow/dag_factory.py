@@ -8,7 +8,6 @@ a teardown that always terminates what the run launched; a report that publishes
 
 from __future__ import annotations
 
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,15 @@ from airflow.sdk import DAG, Asset, Param, TaskGroup, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from rubberband_airflow.execution import runner
-from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.hooks.storage import storage_for
 from rubberband_airflow.operators.planning import RubberBandPlanOperator
-from rubberband_airflow.planning.problem import max_stages
+from rubberband_airflow.planning.problem import SHA
 from rubberband_airflow.report import build_report, log_summary
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.sensors.trial import TrialResultSensor
 from rubberband_airflow.spec import TuningSpec, load_spec
-from rubberband_airflow.tuning import backend_for, instance_type_names, run_uri, settings, storage_conn_id, storage_for
+from rubberband_airflow.tuning import backend_for, dag_uri, instance_type_names, run_uri, settings, storage_conn_id
 
 # Instances launched (or terminated) by one mapped scaling task.
 BATCH_SIZE = 8
@@ -34,7 +34,7 @@ TRIALS_FACTOR = 4
 
 def best_config_uri(spec: TuningSpec) -> str:
     """Where the latest best configuration of a tuning DAG is published (the Asset's URI)."""
-    return f"{spec.storage.rstrip('/')}/{spec.name}/best_config.json"
+    return f"{dag_uri(spec)}/best_config.json"
 
 
 def best_config_asset(spec_path: str | Path) -> Asset:
@@ -51,13 +51,13 @@ def _params(spec: TuningSpec) -> dict[str, Param]:
                                   description="The run must finish within this many seconds at the planner's "
                                               "quantile; the cheapest plan that does is chosen.",
                                   section="Deadline"),
-        "num_trials": Param(sha["num_trials"], type="integer", minimum=1, maximum=sha["num_trials"] * TRIALS_FACTOR,
+        "num_trials": Param(sha.num_trials, type="integer", minimum=1, maximum=sha.num_trials * TRIALS_FACTOR,
                             title="Trials", description="Configurations sampled for stage 1.",
                             section="Successive halving"),
-        "eta": Param(sha["eta"], type="integer", minimum=2, maximum=8, title="Reduction factor (eta)",
+        "eta": Param(sha.eta, type="integer", minimum=2, maximum=8, title="Reduction factor (eta)",
                      description="Each stage keeps the best 1/eta of the trials and trains them eta times longer.",
                      section="Successive halving"),
-        "min_epochs": Param(sha["min_epochs"], type="integer", minimum=1, title="Epochs in stage 1",
+        "min_epochs": Param(sha.min_epochs, type="integer", minimum=1, title="Epochs in stage 1",
                             section="Successive halving"),
         "instance_types": Param(types, type="array", items={"type": "string", "enum": types},
                                 title="Instance types", description="Types the planner may choose from "
@@ -71,24 +71,26 @@ def _params(spec: TuningSpec) -> dict[str, Param]:
 
 
 def _stage_count(spec: TuningSpec) -> int:
-    """Task groups made at parse time: enough for the most stages the trigger form allows."""
-    return max_stages(spec.sha["num_trials"] * TRIALS_FACTOR, 2) if not spec.sha.get("num_stages") \
-        else spec.sha["num_stages"]
+    """Task groups made at parse time: enough for the most stages the trigger form allows (eta 2)."""
+    return SHA(spec.sha.num_trials * TRIALS_FACTOR, 2, spec.sha.min_epochs, spec.sha.num_stages).stages
 
 
-def _run_context() -> tuple[str, str]:
-    ctx = get_current_context()
-    return ctx["dag"].dag_id, ctx["run_id"]
+class _Run:
+    """What a task of one run works with: the spec, the run's storage, its plan and its backend."""
 
+    def __init__(self, spec_path: str, plan: dict[str, Any] | None = None, stage: int | None = None) -> None:
+        ctx = get_current_context()
+        self.dag_id, self.run_id, self.params = ctx["dag"].dag_id, ctx["run_id"], dict(ctx["params"])
+        self.spec = load_spec(spec_path)
+        self.storage = storage_for(self.spec, run_uri(self.spec, self.dag_id, self.run_id))
+        self.plan = runner.RunPlan.from_json(plan) if plan is not None else None
+        if self.plan is not None and stage is not None and not self.plan.has_stage(stage):
+            raise AirflowSkipException(f"this run's plan has {self.plan.stages} stages")
 
-def _stage_alloc(plan: dict[str, Any], stage: int) -> dict[str, Any]:
-    if stage > len(plan["stages"]):
-        raise AirflowSkipException(f"this run's plan has {len(plan['stages'])} stages")
-    return plan["stages"][stage - 1]
-
-
-def _chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[k:k + size] for k in range(0, len(items), size)]
+    @property
+    def backend(self) -> ComputeBackend:
+        assert self.plan is not None
+        return backend_for(self.spec, self.storage, self.dag_id, self.run_id, self.plan.plan.instance_type)
 
 
 def tuning_dag(spec_path: str | Path) -> DAG:
@@ -100,143 +102,83 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     @task
     def start_run(plan: dict[str, Any]) -> str:
         """Sample the configurations and write the run's files; returns the run's storage URI."""
-        s = load_spec(spec_path)
-        dag_id, run_id = _run_context()
-        params = dict(get_current_context()["params"])
-        cfg = settings(s, params)
-        storage = storage_for(s, run_uri(s, dag_id, run_id))
-        configs = sample(s.search_space, cfg["sha"]["num_trials"], cfg["seed"])
-        runner.start_run(storage, runner.RunSpec(s.trainable, s.metric, s.mode, cfg["seed"]), configs, plan,
-                         plan["gpus_per_instance"])
-        storage.write_json({"eta": cfg["sha"]["eta"], "min_epochs": cfg["sha"]["min_epochs"],
-                            "num_trials": cfg["sha"]["num_trials"], "instance_type": plan["instance_type"]},
-                           "sha.json")
-        return storage.uri
-
-    def _uri() -> str:
-        """This run's storage URI: the same in every task, from the spec, DAG id and run id."""
-        return run_uri(load_spec(spec_path), *_run_context())
-
-    def _storage(uri: str | None = None) -> RunStorage:
-        """This run's storage (or another URI under the spec's storage), through the spec's connection."""
-        spec_now = load_spec(spec_path)
-        return storage_for(spec_now, uri or run_uri(spec_now, *_run_context()))
-
-    def _backend(uri: str, plan: dict[str, Any]):
-        dag_id, run_id = _run_context()
-        return backend_for(load_spec(spec_path), _storage(uri), dag_id, run_id, plan["instance_type"])
-
-    def _fleet(plan: dict[str, Any], stage: int) -> tuple[list[str], int]:
-        """The run's live instances (gone ones recorded as such first) and how many the stage wants."""
-        return runner.reconcile(_backend(_uri(), plan)), int(_stage_alloc(plan, stage)["instances"])
+        run = _Run(spec_path, plan)
+        cfg = settings(run.spec, run.params)
+        configs = sample(run.spec.search_space, cfg.sha.num_trials, cfg.seed)
+        runner.start_run(run.storage, runner.RunSpec(run.spec.trainable, run.spec.metric, run.spec.mode, cfg.seed),
+                         configs, plan, plan["gpus_per_instance"])
+        return run.storage.uri
 
     @task
     def scale_out(plan: dict[str, Any], stage: int) -> list[dict[str, Any]]:
         """The batches of instances this stage adds (empty when it adds none)."""
-        _storage().write_json({"stage": stage, "time": time.time()}, "stages", str(stage), "start.json")
-        live, want = _fleet(plan, stage)
-        missing = max(0, want - len(live))
-        return [{"batch": f"stage-{stage}-batch-{k}", "count": len(chunk)}
-                for k, chunk in enumerate(_chunks(list(range(missing)), BATCH_SIZE))]
+        run = _Run(spec_path, plan, stage)
+        runner.begin_stage(run.storage, stage)
+        return [b.to_json() for b in runner.scale_out(run.backend, run.plan, stage, BATCH_SIZE)]
 
     @task
     def scale_in(plan: dict[str, Any], stage: int) -> list[list[str]]:
         """The batches of instances this stage drops: the most recently requested first."""
-        live, want = _fleet(plan, stage)
-        return _chunks(live[want:][::-1], BATCH_SIZE)
+        run = _Run(spec_path, plan, stage)
+        return runner.scale_in(run.backend, run.plan, stage, BATCH_SIZE)
 
     @task
     def provision(plan: dict[str, Any], batch: dict[str, Any]) -> list[str]:
         """Launch one batch of instances (a retry finds the batch by its tags and launches nothing)."""
-        return _backend(_uri(), plan).launch(batch["batch"], int(batch["count"]))
+        launch = runner.LaunchBatch.from_json(batch)
+        return _Run(spec_path, plan).backend.launch(launch.name, launch.count)
 
     @task
     def deprovision(plan: dict[str, Any], instances: list[str]) -> list[str]:
         """Terminate one batch of surplus instances."""
-        _backend(_uri(), plan).terminate(instances)
+        _Run(spec_path, plan).backend.terminate(instances)
         return instances
 
     @task(trigger_rule="none_failed")
     def place(plan: dict[str, Any], stage: int) -> list[str]:
         """Place the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
-        alloc = _stage_alloc(plan, stage)
-        uri = _uri()
-        storage = _storage(uri)
-        backend = _backend(uri, plan)
-        trials = runner.stage_trials(storage, stage)
-        sha = storage.read_json("sha.json")
-        problem = plan["problem"]
-        g = int(alloc["gpus_per_trial"])
-        itype = next(t for t in problem["instance_types"] if t["name"] == plan["instance_type"])
-        epochs_before = sha["min_epochs"] * sha["eta"] ** (stage - 2) if stage > 1 else 0
-        epochs_after = sha["min_epochs"] * sha["eta"] ** (stage - 1)
-        w = problem["workload"]
-        duration = w["trial_overhead_seconds"] + (epochs_after - epochs_before) * w["epoch_seconds"][str(g)]
-        live = backend.live()
-        ready_in = {i: 0.0 if storage.heartbeat(i) else itype["pending_seconds"] + itype["boot_seconds"]
-                    for i in live}
-        placement = runner.place(trials, live, ready_in, plan["gpus_per_instance"] // g, g, duration,
-                                 epochs_before, epochs_after)
-        runner.assign_stage(storage, stage, placement)
-        return trials
+        run = _Run(spec_path, plan, stage)
+        placement = runner.stage_placement(run.storage, run.backend, run.plan, stage)
+        return [t["trial"] for tasks in placement.values() for t in tasks]
 
     @task(trigger_rule="all_done")
     def promote(plan: dict[str, Any], stage: int) -> dict[str, Any]:
         """Promote the best trials that finished; failed trials are never promoted."""
-        _stage_alloc(plan, stage)
-        storage = _storage()
-        trials = runner.stage_trials(storage, stage)
-        results = runner.stage_results(storage, stage, trials)
-        missing = [t for t, r in results.items() if r is None]
-        for t in missing:  # a sensor that gave up: record the trial as failed, never drop it
-            storage.write_result(t, stage, {"state": "failed", "stage": stage, "error": "no result was recorded"})
-        results = runner.stage_results(storage, stage, trials)
-        done = [t for t, r in results.items() if r["state"] == "done"]
-        failed = sorted(set(trials) - set(done))
-        storage.write_json({"stage": stage, "time": time.time()}, "stages", str(stage), "end.json")
-        if not done:
-            raise AirflowFailException(f"every trial of stage {stage} failed: {failed}")
-        sha = storage.read_json("sha.json")
-        spec_now = load_spec(spec_path)
-        if stage == len(plan["stages"]):
-            # The job is done: release the fleet now, as the plan assumes (teardown stays the safety net).
-            runner.stop_instances(storage, _backend(storage.uri, plan))
-            return {"stage": stage, "promoted": [], "failed": failed}
-        keep = max(1, sha["num_trials"] // sha["eta"] ** stage)
-        return {"stage": stage, "promoted": runner.promote(storage, stage, results, keep, spec_now.mode),
-                "failed": failed}
+        run = _Run(spec_path, plan, stage)
+        try:
+            return runner.promote_stage(run.storage, run.backend, run.plan, stage, run.spec.mode).to_json()
+        except runner.StageFailed as e:
+            raise AirflowFailException(str(e)) from None
 
     @task
     def teardown() -> list[str]:
         """Terminate every instance the run still has, however the run went."""
-        uri = _uri()
-        storage = _storage(uri)
-        plan = storage.read_json("plan.json")
+        run = _Run(spec_path)
+        plan = run.storage.read_json("plan.json")
         if plan is None:
             return []  # the run never started: nothing was launched
-        return runner.stop_instances(storage, _backend(uri, plan))
+        run.plan = runner.RunPlan.from_json(plan)
+        return runner.stop_instances(run.storage, run.backend)
 
     @task(trigger_rule="all_done", outlets=[best])
     def report() -> dict[str, Any]:
         """Write the report, publish the best configuration, and log a summary."""
-        uri = _uri()
-        storage = _storage(uri)
-        if storage.read_json("run.json") is None:
+        run = _Run(spec_path)
+        if run.storage.read_json("run.json") is None:
             raise AirflowSkipException("the run did not start: nothing to report")
-        rep = build_report(storage, load_spec(spec_path))
-        storage.write_json(rep, "report.json")
+        rep = build_report(run.storage, run.dag_id)
+        run.storage.write_json(rep, "report.json")
         log_summary(rep)
         if rep["best"] is None:
             raise AirflowFailException("no trial finished: there is no best configuration")
-        spec_now = load_spec(spec_path)
-        publish = storage_for(spec_now, best_config_uri(spec_now).rsplit("/", 1)[0])
+        publish = storage_for(run.spec, dag_uri(run.spec, run.dag_id))
         publish.write_json({"config": rep["best"]["config"], "metric": rep["best"]["metric"],
-                            "metric_name": rep["metric"], "trial": rep["best"]["trial"], "run": uri,
+                            "metric_name": rep["metric"], "trial": rep["best"]["trial"], "run": run.storage.uri,
                             "published": datetime.now(timezone.utc).isoformat()}, "best_config.json")
-        get_current_context()["outlet_events"][best].extra = {"run": uri, "metric": rep["best"]["metric"]}
-        return {"run": uri, "best_trial": rep["best"]["trial"], "best_metric": rep["best"]["metric"],
+        get_current_context()["outlet_events"][best].extra = {"run": run.storage.uri, "metric": rep["best"]["metric"]}
+        return {"run": run.storage.uri, "best_trial": rep["best"]["trial"], "best_metric": rep["best"]["metric"],
                 "actual_jct_seconds": rep["actual"]["jct_seconds"], "actual_cost_usd": rep["actual"]["cost_usd"],
-                "report": storage.url("report.json")}
+                "report": run.storage.url("report.json")}
 
     with DAG(
         dag_id=spec.name,

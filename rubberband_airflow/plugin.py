@@ -23,7 +23,9 @@ from airflow.api_fastapi.core_api.security import GetUserDep
 from airflow.plugins_manager import AirflowPlugin
 
 from rubberband_airflow.spec import SpecError, load_spec
-from rubberband_airflow.tuning import storage_for
+from rubberband_airflow.hooks.storage import storage_for
+from rubberband_airflow.report import newest_reports, report_end
+from rubberband_airflow.tuning import dag_uri
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +47,13 @@ def _specs(user: Any) -> list[Any]:
 
 def _reports(spec: Any) -> list[dict[str, Any]]:
     """The reports of a DAG's runs, the latest to end first; none if its storage cannot be read from here."""
-    root = storage_for(spec, f"{spec.storage.rstrip('/')}/{spec.name}")
-    reports = []
     try:
-        runs = root.subfolders()
+        found = newest_reports(storage_for(spec, dag_uri(spec)))
     except Exception as e:  # noqa: BLE001 - one unreachable bucket must not take the page down
-        log.warning("cannot list runs of %s in %s: %s", spec.name, root.uri, e)
+        log.warning("cannot list runs of %s in %s: %s", spec.name, spec.storage, e)
         return []
-    for run in runs:
-        rep = root.child(run).read_json("report.json")
-        if rep:
-            ended = max([s.get("end") or 0 for s in rep.get("stages") or []], default=0)
-            reports.append({"run": run, "ended": ended,
-                            **{k: rep.get(k) for k in ("best", "predicted", "actual", "metric")}})
-    return sorted(reports, key=lambda r: r["ended"], reverse=True)
+    return [{"run": run, "ended": report_end(rep), **{k: rep.get(k) for k in ("best", "predicted", "actual", "metric")}}
+            for run, rep in found]
 
 
 def create_app() -> FastAPI:
@@ -73,7 +68,7 @@ def create_app() -> FastAPI:
         spec = next((s for s in _specs(user) if s.name == dag_id), None)
         if spec is None or "/" in run or run.startswith("."):
             raise HTTPException(404, "no such tuning DAG or run")
-        rep = storage_for(spec, f"{spec.storage.rstrip('/')}/{dag_id}/{run}").read_json("report.json")
+        rep = storage_for(spec, f"{dag_uri(spec)}/{run}").read_json("report.json")
         if rep is None:
             raise HTTPException(404, "this run has no report yet")
         return JSONResponse(rep)

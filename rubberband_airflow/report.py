@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 
 from rubberband_airflow.execution.backends.base import billed_cost
+from rubberband_airflow.execution.results import Mode, best_trial, is_done
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.plan import parse_plan
 from rubberband_airflow.planning.problem import parse_problem
 from rubberband_airflow.planning.simulator import Draws, simulate_outcome
-from rubberband_airflow.spec import TuningSpec
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +21,11 @@ def _stage_numbers(storage: RunStorage) -> list[int]:
     return sorted(int(s) for s in storage.listdir("stages") if s.isdigit() and storage.exists("stages", s, "end.json"))
 
 
-def build_report(storage: RunStorage, spec: TuningSpec) -> dict[str, Any]:
+def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
     """Everything a user checks after a run, from the run's files alone."""
     plan = storage.read_json("plan.json") or {}
     run = storage.read_json("run.json") or {}
+    mode = Mode(run.get("mode", Mode.MAX))
     problem_data = plan.get("problem")
     stages = []
     previous_end = run.get("started")
@@ -34,7 +35,7 @@ def build_report(storage: RunStorage, spec: TuningSpec) -> dict[str, Any]:
         results = {t: storage.read_result(t, stage) or {"state": "failed", "error": "no result"} for t in trials}
         for t, r in results.items():
             results_by_trial.setdefault(t, {})[str(stage)] = r
-        done = {t: r for t, r in results.items() if r["state"] == "done"}
+        done = {t: r for t, r in results.items() if is_done(r)}
         start = storage.read_json("stages", str(stage), "start.json")["time"]
         ends = [r["finished"] for r in results.values() if r.get("finished")]
         end = max(ends) if ends else storage.read_json("stages", str(stage), "end.json")["time"]
@@ -44,30 +45,29 @@ def build_report(storage: RunStorage, spec: TuningSpec) -> dict[str, Any]:
                        "epochs": alloc.get("epochs"), "start": start, "end": end,
                        "overhead_seconds": start - previous_end if previous_end else None,
                        "seconds": end - start,
-                       "best_metric": _best(done.values(), spec.mode)})
+                       "best_metric": _best_metric(done, mode)})
         previous_end = end
     final = stages[-1] if stages else None
     best = None
     if final:
         last = {t: r[str(final["stage"])] for t, r in results_by_trial.items() if str(final["stage"]) in r}
-        done = [(r["metric"], t) for t, r in last.items() if r["state"] == "done"]
-        if done:
-            metric, trial = (max if spec.mode == "max" else min)(done)
-            best = {"trial": trial, "metric": metric, "config": storage.read_config(trial)}
+        trial = best_trial(last, mode)
+        if trial is not None:
+            best = {"trial": trial, "metric": last[trial]["metric"], "config": storage.read_config(trial)}
     ledger = storage.ledger()
     actual_cost = None
     predicted_stage_ends = None
     if problem_data:
         problem = parse_problem(problem_data)
         prices = {t.name: t.price_per_hour for t in problem.instance_types}
-        actual_cost = billed_cost(ledger, prices, problem.billing.minimum_seconds, problem.billing.increment_seconds) \
+        actual_cost = billed_cost(ledger, prices, problem.billing) \
             + problem.data_cost()
         outcome = simulate_outcome(problem, parse_plan(plan, problem), Draws.for_problem(problem))
         predicted_stage_ends = outcome.stage_end.mean(axis=0).tolist()
     jct = (final["end"] - run["started"]) if final and run.get("started") else None
     stage1 = [r["1"]["metric"] for r in results_by_trial.values() if r.get("1", {}).get("state") == "done"]
     return {
-        "dag_id": spec.name, "run": storage.uri, "metric": spec.metric, "mode": spec.mode,
+        "dag_id": dag_id, "run": storage.uri, "metric": run.get("metric"), "mode": str(mode),
         "best": best,
         "median_stage1_metric": float(np.median(stage1)) if stage1 else None,
         "instance_type": plan.get("instance_type"),
@@ -86,9 +86,22 @@ def build_report(storage: RunStorage, spec: TuningSpec) -> dict[str, Any]:
     }
 
 
-def _best(results, mode: str) -> float | None:
-    values = [r["metric"] for r in results]
-    return (max(values) if mode == "max" else min(values)) if values else None
+def _best_metric(results: dict[str, dict[str, Any]], mode: Mode) -> float | None:
+    trial = best_trial(results, mode)
+    return None if trial is None else results[trial]["metric"]
+
+
+def newest_reports(root: RunStorage) -> list[tuple[str, dict[str, Any]]]:
+    """The reports of the runs in a tuning DAG's folder, the latest to end first, with each run's folder name."""
+    names = root.subfolders()
+    reports = root.read_json_many([(name, "report.json") for name in names])
+    found = [(name, rep) for name, rep in zip(names, reports) if rep]
+    return sorted(found, key=lambda nr: (report_end(nr[1]), nr[0]), reverse=True)
+
+
+def report_end(rep: dict[str, Any]) -> float:
+    """When a reported run ended: its last stage's end (0 if no stage ended)."""
+    return max([s.get("end") or 0.0 for s in rep.get("stages") or []], default=0.0)
 
 
 def _pct(actual: float | None, predicted: float | None) -> str:

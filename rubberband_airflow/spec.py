@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
 from rubberband_airflow.execution.prices import TABLE as PRICE_TABLE
+from rubberband_airflow.execution.results import Mode
 from rubberband_airflow.planning.errors import ProblemError
-from rubberband_airflow.planning.problem import _number, _Reader, max_stages
+from rubberband_airflow.planning.problem import SHA, max_stages
+from rubberband_airflow.planning.validation import Reader, number
 from rubberband_airflow.search_space import validate as validate_space
 
 
@@ -21,6 +24,13 @@ class SpecError(ValueError):
     def __init__(self, path: str, field_name: str, message: str) -> None:
         self.path, self.field, self.message = path, field_name, message
         super().__init__(f"{path}: {field_name}: {message}")
+
+
+class BackendType(StrEnum):
+    """Where a spec's instances run: local processes or EC2."""
+
+    LOCAL = "local"
+    EC2 = "ec2"
 
 
 @dataclass(frozen=True)
@@ -52,9 +62,9 @@ class TuningSpec:
     schedule: str | None
     trainable: str
     metric: str
-    mode: str
+    mode: Mode
     search_space: dict[str, Any]
-    sha: dict[str, Any]
+    sha: SHA
     deadline_seconds: float
     backend: LocalBackendSpec | EC2BackendSpec
     storage: str
@@ -68,9 +78,8 @@ class TuningSpec:
     tags: tuple[str, ...] = ()
 
     @property
-    def max_stages(self) -> int:
-        return max_stages(self.sha["num_trials"], self.sha["eta"]) if not self.sha.get("num_stages") \
-            else self.sha["num_stages"]
+    def backend_type(self) -> BackendType:
+        return BackendType.LOCAL if isinstance(self.backend, LocalBackendSpec) else BackendType.EC2
 
 
 def _expand(value: str) -> str:
@@ -87,7 +96,7 @@ def parse_spec(data: Any, path: str) -> TuningSpec:
 
 
 def _parse(data: Any, path: str) -> TuningSpec:
-    top = _Reader(data, "")
+    top = Reader(data, "")
     name = top.string("name")
     if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
         raise ProblemError("name", f"must be a DAG id (letters, digits, _ - .), got {name!r}")
@@ -99,21 +108,20 @@ def _parse(data: Any, path: str) -> TuningSpec:
         raise ProblemError("trainable", f"must look like 'package.module:function', got {trainable!r}")
     metric = top.string("metric")
     mode = top.raw("mode", "max")
-    if mode not in ("max", "min"):
+    if mode not in tuple(Mode):
         raise ProblemError("mode", f"must be 'max' or 'min', got {mode!r}")
     space = validate_space(top.raw("search_space"), "search_space")
-    r = _Reader(top.raw("sha"), "sha")
-    sha = {"num_trials": r.integer("num_trials", minimum=1, maximum=4096), "eta": r.integer("eta", minimum=2),
-           "min_epochs": r.integer("min_epochs", minimum=1)}
-    sha["num_stages"] = r.integer("num_stages", None, minimum=1, maximum=max_stages(sha["num_trials"], sha["eta"]),
-                                  nullable=True)
+    r = Reader(top.raw("sha"), "sha")
+    num_trials, eta = r.integer("num_trials", minimum=1, maximum=4096), r.integer("eta", minimum=2)
+    sha = SHA(num_trials, eta, r.integer("min_epochs", minimum=1),
+              r.integer("num_stages", None, minimum=1, maximum=max_stages(num_trials, eta), nullable=True))
     r.done()
     deadline = top.number("deadline_seconds", positive=True)
     backend = _backend(top.raw("backend"))
     storage = _expand(top.string("storage"))
     profile = _expand(top.string("profile"))
     spec = TuningSpec(
-        path=path, name=name, schedule=schedule, trainable=trainable, metric=metric, mode=mode, search_space=space,
+        path=path, name=name, schedule=schedule, trainable=trainable, metric=metric, mode=Mode(mode), search_space=space,
         sha=sha, deadline_seconds=deadline, backend=backend, storage=storage, profile=profile,
         stage_overhead_seconds=_optional_number(top, "stage_overhead_seconds"),
         trial_timeout_seconds=top.number("trial_timeout_seconds", 3600.0, positive=True),
@@ -127,9 +135,9 @@ def _parse(data: Any, path: str) -> TuningSpec:
     return spec
 
 
-def _optional_number(reader: _Reader, key: str) -> float | None:
+def _optional_number(reader: Reader, key: str) -> float | None:
     value = reader.raw(key, None)
-    return None if value is None else _number(value, key, positive=False)
+    return None if value is None else number(value, key, positive=False)
 
 
 def _mapping(value: Any, name: str) -> dict[str, Any]:
@@ -139,21 +147,21 @@ def _mapping(value: Any, name: str) -> dict[str, Any]:
 
 
 def _backend(value: Any) -> LocalBackendSpec | EC2BackendSpec:
-    r = _Reader(value, "backend")
+    r = Reader(value, "backend")
     kind = r.raw("type")
-    if kind == "local":
+    if kind == BackendType.LOCAL:
         b = LocalBackendSpec(instance_type=r.string("instance_type"), slots=r.integer("slots", minimum=1),
                              price_per_hour=r.number("price_per_hour", positive=True),
                              max_instances=r.integer("max_instances", minimum=1),
                              pending_seconds=r.number("pending_seconds", 0.0), boot_seconds=r.number("boot_seconds", 0.0))
         r.done()
         return b
-    if kind == "ec2":
+    if kind == BackendType.EC2:
         types = r.raw("instance_types")
         if not isinstance(types, list) or not types:
             raise ProblemError("backend.instance_types", "must be a non-empty list of {name, max_instances}")
         for k, t in enumerate(types):
-            tr = _Reader(t, f"backend.instance_types[{k}]")
+            tr = Reader(t, f"backend.instance_types[{k}]")
             name = tr.string("name")
             tr.integer("max_instances", 16, minimum=1)
             for opt in ("price_per_hour", "gpus"):

@@ -1,16 +1,20 @@
-"""What a tuning DAG needs from its spec: the run's storage, its backend, its planning problem."""
+"""What a tuning run needs from its spec: the run's settings, its storage URI, its planning
+problem and its backend. No Airflow here: the Airflow side reaches storage through its
+connection (``rubberband_airflow.hooks.storage``) and hands the results in.
+"""
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from typing import Any
 
 from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
 from rubberband_airflow.execution.storage import RunStorage
-from rubberband_airflow.hooks.storage import read_text, run_storage
 from rubberband_airflow.planning.errors import ProblemError
-from rubberband_airflow.profiler import to_problem
+from rubberband_airflow.planning.problem import SHA
+from rubberband_airflow.planning.profile import to_problem
+from rubberband_airflow.report import newest_reports
 from rubberband_airflow.spec import EC2BackendSpec, LocalBackendSpec, TuningSpec
 
 # Run parameters a trigger form may override, with the spec's value as default.
@@ -22,18 +26,29 @@ def storage_conn_id(spec: TuningSpec) -> str | None:
     return spec.backend.aws_conn_id if isinstance(spec.backend, EC2BackendSpec) else None
 
 
-def storage_for(spec: TuningSpec, uri: str) -> RunStorage:
-    """Storage under the spec's ``storage`` (or its profile) as the Airflow side reaches it."""
-    return run_storage(uri, storage_conn_id(spec))
+@dataclass(frozen=True)
+class RunSettings:
+    """A run's settings: the spec's, with the trigger form's values applied."""
+
+    deadline_seconds: float
+    sha: SHA
+    instance_types: list[str]
+    max_instances: int | None
+    seed: int
+
+
+def dag_uri(spec: TuningSpec, dag_id: str | None = None) -> str:
+    """Where a tuning DAG's runs live: ``<storage>/<dag_id>``."""
+    return f"{spec.storage.rstrip('/')}/{dag_id or spec.name}"
 
 
 def run_uri(spec: TuningSpec, dag_id: str, run_id: str) -> str:
     """Where one run's files live: ``<storage>/<dag_id>/<run_id>``."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-    return f"{spec.storage.rstrip('/')}/{dag_id}/{safe}"
+    return f"{dag_uri(spec, dag_id)}/{safe}"
 
 
-def settings(spec: TuningSpec, params: dict[str, Any] | None) -> dict[str, Any]:
+def settings(spec: TuningSpec, params: dict[str, Any] | None) -> RunSettings:
     """The spec's run settings with the trigger form's values (``params``) applied."""
     p = {k: v for k, v in (params or {}).items() if v is not None}
     types = instance_type_names(spec)
@@ -41,16 +56,12 @@ def settings(spec: TuningSpec, params: dict[str, Any] | None) -> dict[str, Any]:
     unknown = [t for t in chosen if t not in types]
     if unknown:
         raise ProblemError("params.instance_types", f"{unknown[0]!r} is not in the spec's backend ({', '.join(types)})")
-    return {
-        "deadline_seconds": float(p.get("deadline_seconds", spec.deadline_seconds)),
-        "sha": {"num_trials": int(p.get("num_trials", spec.sha["num_trials"])),
-                "eta": int(p.get("eta", spec.sha["eta"])),
-                "min_epochs": int(p.get("min_epochs", spec.sha["min_epochs"])),
-                "num_stages": spec.sha.get("num_stages")},
-        "instance_types": list(chosen),
-        "max_instances": p.get("max_instances"),
-        "seed": int(p.get("seed", spec.seed)),
-    }
+    sha = SHA(num_trials=int(p.get("num_trials", spec.sha.num_trials)), eta=int(p.get("eta", spec.sha.eta)),
+              min_epochs=int(p.get("min_epochs", spec.sha.min_epochs)), num_stages=spec.sha.num_stages)
+    max_instances = p.get("max_instances")
+    return RunSettings(deadline_seconds=float(p.get("deadline_seconds", spec.deadline_seconds)), sha=sha,
+                       instance_types=list(chosen), max_instances=None if max_instances is None else int(max_instances),
+                       seed=int(p.get("seed", spec.seed)))
 
 
 def instance_type_names(spec: TuningSpec) -> list[str]:
@@ -82,24 +93,9 @@ def _instance_types(spec: TuningSpec, chosen: list[str], max_instances: int | No
     return types
 
 
-def load_profile(spec: TuningSpec) -> dict[str, Any]:
-    """The workload profile the spec names (a local path or any fsspec URL)."""
-    try:
-        return json.loads(read_text(spec.profile, storage_conn_id(spec)))
-    except FileNotFoundError:
-        raise ProblemError("profile", f"{spec.profile} does not exist: run `rubberband profile --out "
-                           f"{spec.profile}` first") from None
-
-
-def past_runs(spec: TuningSpec, dag_id: str | None = None, limit: int = 5) -> list[dict[str, Any]]:
-    """Reports of the DAG's latest finished runs, newest first."""
-    root = storage_for(spec, f"{spec.storage.rstrip('/')}/{dag_id or spec.name}")
-    found = []
-    for name in root.subfolders():
-        rep = root.child(name).read_json("report.json")
-        if rep and rep.get("stages"):
-            found.append((max(s["end"] for s in rep["stages"]), rep))
-    return [rep for _, rep in sorted(found, key=lambda x: x[0], reverse=True)[:limit]]
+def past_runs(root: RunStorage, limit: int = 5) -> list[dict[str, Any]]:
+    """Reports of a DAG's latest finished runs (``root``: its folder), newest first."""
+    return [rep for _, rep in newest_reports(root)[:limit]]
 
 
 def measured_stage_overhead(reports: list[dict[str, Any]]) -> float | None:
@@ -113,9 +109,11 @@ def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: d
     """The planning problem of one run: the profile, the spec, the trigger form's values and,
     where the spec does not fix it, the stage overhead measured in the DAG's past runs."""
     s = settings(spec, params)
-    tuning: dict[str, Any] = {"sha": {k: v for k, v in s["sha"].items() if v is not None},
-                              "deadline_seconds": s["deadline_seconds"],
-                              "instance_types": _instance_types(spec, s["instance_types"], s["max_instances"])}
+    sha = {"num_trials": s.sha.num_trials, "eta": s.sha.eta, "min_epochs": s.sha.min_epochs}
+    if s.sha.num_stages is not None:
+        sha["num_stages"] = s.sha.num_stages
+    tuning: dict[str, Any] = {"sha": sha, "deadline_seconds": s.deadline_seconds,
+                              "instance_types": _instance_types(spec, s.instance_types, s.max_instances)}
     measured = measured_stage_overhead(history or [])
     if spec.stage_overhead_seconds is not None:
         tuning["stage_overhead_seconds"] = spec.stage_overhead_seconds
@@ -123,7 +121,7 @@ def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: d
         tuning["stage_overhead_seconds"] = measured
     if spec.billing:
         tuning["billing"] = spec.billing
-    tuning["planner"] = {**spec.planner, "seed": s["seed"]}
+    tuning["planner"] = {**spec.planner, "seed": s.seed}
     return to_problem(profile, tuning)
 
 

@@ -28,6 +28,19 @@ _STARTED_BY_TESTS = ("rubberband_airflow.execution", "rubberband-agent", "moto_s
                      "playwright/driver", "--headless")
 
 
+# Every process started by this test session inherits this mark in its environment, so that
+# processes of another test session running at the same time are not taken for ours.
+_SESSION_MARK = "RUBBERBAND_TEST_SESSION"
+_MARK = os.environ.setdefault(_SESSION_MARK, f"{os.getpid()}-{time.time()}")
+
+
+def _ours(p: psutil.Process, mark: str) -> bool:
+    try:
+        return p.environ().get(_SESSION_MARK) == mark
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_running():
     """After the whole session (every other fixture torn down), no process a test started is alive."""
@@ -39,7 +52,7 @@ def nothing_left_running():
         for p in psutil.process_iter(["pid", "cmdline", "create_time", "status"]):
             cmd = " ".join(p.info["cmdline"] or []) + " "
             if (p.pid != os.getpid() and p.info["create_time"] >= began - 1 and p.info["status"] != psutil.STATUS_ZOMBIE
-                    and any(mark in cmd for mark in _STARTED_BY_TESTS)):
+                    and any(m in cmd for m in _STARTED_BY_TESTS) and _ours(p, _MARK)):
                 out.append(f"{p.pid}: {cmd[:200]}")
         return out
 

@@ -1,21 +1,30 @@
 """Executing a plan stage by stage, as docs/planning-model.md section 4 says, on any backend.
 
-Each step is a function of the run's storage and the backend, so the Airflow tasks can call
-them one by one (and retry them): start the run, scale for a stage (LIFO scale-in), place the
-stage's trials on slots, wait for their results, promote the best, tear down, summarise.
-``run_sha`` strings them together for use without Airflow.
+This module is the one home of a stage's logic: which instances to launch or drop (LIFO),
+where each trial runs and for how many epochs, what it is expected to take, and which trials
+are promoted. The tuning DAG's tasks call these functions one by one (and may retry them);
+``run_sha`` strings them together for use without Airflow. Every function takes the run's
+storage, its backend and the plan it executes, parsed into the planning core's types.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.results import Mode, TrialState, best_trial, is_done, ranked, trial_id
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.plan import Plan, StageAllocation, parse_plan
+from rubberband_airflow.planning.problem import SHA, InstanceType, Problem, parse_problem
+
+__all__ = ["RunSpec", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run", "stage_trials",
+           "begin_stage", "reconcile", "scale_targets", "launch_batches", "scale_out", "scale_in", "scale",
+           "place", "stage_placement", "assign_stage", "stage_results", "wait_stage", "promote", "promote_stage",
+           "stop_instances", "run_sha", "summarize", "trial_id"]
 
 
 @dataclass(frozen=True)
@@ -24,16 +33,102 @@ class RunSpec:
 
     trainable: str  # "package.module:function"
     metric: str
-    mode: str = "max"  # "max" or "min"
+    mode: Mode = Mode.MAX
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode not in ("max", "min"):
+        if self.mode not in tuple(Mode):
             raise ValueError(f"mode must be 'max' or 'min', got {self.mode!r}")
+        object.__setattr__(self, "mode", Mode(self.mode))
 
 
-def trial_id(index: int) -> str:
-    return f"trial-{index:04d}"
+@dataclass(frozen=True)
+class RunPlan:
+    """The plan a run executes with the problem it was made for: the JSON a planning task returns, parsed."""
+
+    problem: Problem
+    plan: Plan
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunPlan:
+        """Parse a plan as `plan_problem` returns it with its ``problem`` beside it (errors name the field)."""
+        problem = parse_problem(data.get("problem"))
+        return cls(problem, parse_plan(data, problem))
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan, its per-stage trials and epochs, and the problem: what ``from_json`` reads back."""
+        return {**self.plan.to_dict(self.problem), "problem": self.problem.to_dict(),
+                "gpus_per_instance": self.instance_type.gpus}
+
+    @property
+    def sha(self) -> SHA:
+        return self.problem.sha
+
+    @property
+    def stages(self) -> int:
+        return len(self.plan.stages)
+
+    @property
+    def instance_type(self) -> InstanceType:
+        return self.problem.instance_type(self.plan.instance_type)
+
+    def has_stage(self, stage: int) -> bool:
+        return 1 <= stage <= self.stages
+
+    def allocation(self, stage: int) -> StageAllocation:
+        """GPUs per trial and instances of a stage (1-based)."""
+        if not self.has_stage(stage):
+            raise ValueError(f"the plan has {self.stages} stages, not a stage {stage}")
+        return self.plan.stages[stage - 1]
+
+    def slots_per_instance(self, stage: int) -> int:
+        return self.instance_type.gpus // self.allocation(stage).gpus_per_trial
+
+    def trial_seconds(self, stage: int) -> float:
+        """A trial's expected time in a stage: u + d_i * epoch_seconds[g_i] (section 4, step 4)."""
+        w = self.problem.workload
+        return w.trial_overhead_seconds + self.sha.new_epochs(stage) * w.epoch_seconds[self.allocation(stage).gpus_per_trial]
+
+    @property
+    def launch_seconds(self) -> float:
+        """Expected time from a launch request until the instance takes trials (pending and boot)."""
+        return self.instance_type.pending_seconds + self.instance_type.boot_seconds
+
+
+@dataclass(frozen=True)
+class LaunchBatch:
+    """Instances one scaling task launches together; the name finds the batch again on a retry."""
+
+    name: str
+    count: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"batch": self.name, "count": self.count}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LaunchBatch:
+        return cls(str(data["batch"]), int(data["count"]))
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What a stage ended with: its trials, those promoted to the next stage, those that failed."""
+
+    stage: int
+    trials: list[str]
+    promoted: list[str]
+    failed: list[str]
+    last: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "promoted": self.promoted, "failed": self.failed}
+
+
+class StageFailed(RuntimeError):
+    """Every trial of a stage failed: there is nothing to promote."""
+
+
+# --- starting a run ---------------------------------------------------------------------------
 
 
 def start_run(storage: RunStorage, spec: RunSpec, configs: list[dict[str, Any]], plan: dict[str, Any],
@@ -42,8 +137,8 @@ def start_run(storage: RunStorage, spec: RunSpec, configs: list[dict[str, Any]],
     retry keeps the first attempt's start time, from which the run's JCT is measured)."""
     before = storage.read_json("run.json")
     started = before["started"] if before and "started" in before else time.time()
-    storage.write_json({"trainable": spec.trainable, "metric": spec.metric, "mode": spec.mode, "seed": spec.seed,
-                        "gpus_per_instance": gpus_per_instance, "started": started}, "run.json")
+    storage.write_json({"trainable": spec.trainable, "metric": spec.metric, "mode": str(spec.mode),
+                        "seed": spec.seed, "gpus_per_instance": gpus_per_instance, "started": started}, "run.json")
     storage.write_json(plan, "plan.json")
     trials = [trial_id(i) for i in range(len(configs))]
     for trial, config in zip(trials, configs):
@@ -56,7 +151,16 @@ def stage_trials(storage: RunStorage, stage: int) -> list[str]:
     data = storage.read_json("stages", str(stage), "trials.json")
     if data is None:
         raise RuntimeError(f"stage {stage} has no trials yet: the stage before it was not promoted")
-    return data["trials"]
+    return list(data["trials"])
+
+
+def begin_stage(storage: RunStorage, stage: int) -> None:
+    """Record when the stage started (a retried task keeps the first time)."""
+    if storage.read_json("stages", str(stage), "start.json") is None:
+        storage.write_json({"stage": stage, "time": time.time()}, "stages", str(stage), "start.json")
+
+
+# --- scaling ----------------------------------------------------------------------------------
 
 
 def reconcile(backend: ComputeBackend) -> list[str]:
@@ -75,18 +179,42 @@ def reconcile(backend: ComputeBackend) -> list[str]:
     return [i for i in live if i not in gone]
 
 
-def scale(backend: ComputeBackend, stage: int, instances: int) -> dict[str, list[str]]:
-    """Grow or shrink the run's fleet to ``instances``: terminate the newest first, or launch the missing."""
-    live = reconcile(backend)
-    out: dict[str, list[str]] = {"launched": [], "terminated": [], "live": live}
-    if len(live) > instances:
-        surplus = live[instances:][::-1]  # most recently requested first
-        backend.terminate(surplus)
-        out["terminated"] = surplus
-    elif len(live) < instances:
-        out["launched"] = backend.launch(f"stage-{stage}", instances - len(live))
-    out["live"] = backend.live()
-    return out
+def scale_targets(live: Sequence[str], want: int) -> tuple[int, list[str]]:
+    """To go from ``live`` (oldest request first) to ``want`` instances: how many to launch, and
+    which to terminate, most recently requested first (LIFO, section 4 step 2)."""
+    return max(0, want - len(live)), list(live[want:])[::-1]
+
+
+def launch_batches(stage: int, count: int, batch_size: int) -> list[LaunchBatch]:
+    """``count`` new instances of a stage in batches of at most ``batch_size``."""
+    return [LaunchBatch(f"stage-{stage}-batch-{k}", min(batch_size, count - start))
+            for k, start in enumerate(range(0, count, batch_size))]
+
+
+def scale_out(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int) -> list[LaunchBatch]:
+    """The batches of instances a stage adds to the live fleet (none when it adds none)."""
+    missing, _ = scale_targets(reconcile(backend), run_plan.allocation(stage).instances)
+    return launch_batches(stage, missing, batch_size)
+
+
+def scale_in(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int) -> list[list[str]]:
+    """The batches of instances a stage drops, the most recently requested first."""
+    _, surplus = scale_targets(reconcile(backend), run_plan.allocation(stage).instances)
+    return [surplus[k:k + batch_size] for k in range(0, len(surplus), batch_size)]
+
+
+def scale(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int = 8) -> dict[str, list[str]]:
+    """Grow or shrink the fleet for a stage in one go: terminate the newest first, or launch the missing."""
+    launched: list[str] = []
+    terminated = [i for batch in scale_in(backend, run_plan, stage, batch_size) for i in batch]
+    if terminated:
+        backend.terminate(terminated)
+    for batch in scale_out(backend, run_plan, stage, batch_size):
+        launched += backend.launch(batch.name, batch.count)
+    return {"launched": launched, "terminated": terminated, "live": backend.live()}
+
+
+# --- placement --------------------------------------------------------------------------------
 
 
 def place(trials: list[str], instances: list[str], ready_in: dict[str, float], slots_per_instance: int,
@@ -108,13 +236,40 @@ def place(trials: list[str], instances: list[str], ready_in: dict[str, float], s
     return out
 
 
+def stage_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan,
+                    stage: int) -> dict[str, list[dict[str, Any]]]:
+    """Place the stage's trials on the live fleet's slots as the plan expects them to run, and
+    write the assignments the agents read. An instance whose agent has not reported yet is
+    expected ready after the plan's pending and boot latency."""
+    trials = stage_trials(storage, stage)
+    live = backend.live()
+    if trials and not live:
+        raise RuntimeError(f"stage {stage} has {len(trials)} trials and no live instance to run them")
+    beats = storage.read_json_many([("instances", i, "heartbeat.json") for i in live])
+    ready_in = {i: 0.0 if beat else run_plan.launch_seconds for i, beat in zip(live, beats)}
+    placement = place(trials, live, ready_in, run_plan.slots_per_instance(stage),
+                      run_plan.allocation(stage).gpus_per_trial, run_plan.trial_seconds(stage),
+                      run_plan.sha.epochs(stage - 1), run_plan.sha.epochs(stage))
+    assign_stage(storage, stage, placement)
+    return placement
+
+
 def assign_stage(storage: RunStorage, stage: int, placement: dict[str, list[dict[str, Any]]]) -> None:
     for instance, tasks in placement.items():
         storage.write_assignment(stage, instance, tasks)
 
 
+# --- results and promotion --------------------------------------------------------------------
+
+
 def stage_results(storage: RunStorage, stage: int, trials: list[str]) -> dict[str, dict[str, Any] | None]:
     return dict(zip(trials, storage.read_json_many([("trials", t, f"stage-{stage}.json") for t in trials])))
+
+
+def _fail(storage: RunStorage, trial: str, stage: int, reason: str) -> dict[str, Any]:
+    result = {"state": str(TrialState.FAILED), "stage": stage, "error": reason}
+    storage.write_result(trial, stage, result)
+    return result
 
 
 def wait_stage(storage: RunStorage, backend: ComputeBackend, stage: int, trials: list[str], timeout: float,
@@ -126,30 +281,51 @@ def wait_stage(storage: RunStorage, backend: ComputeBackend, stage: int, trials:
         results = stage_results(storage, stage, trials)
         missing = [t for t, r in results.items() if r is None]
         if not missing:
-            return results  # type: ignore[return-value]
+            return {t: r for t, r in results.items() if r is not None}
+        reason = None
         if time.monotonic() > deadline:
-            for t in missing:
-                results[t] = {"state": "failed", "stage": stage, "error": f"no result within {timeout:g} s"}
-                storage.write_result(t, stage, results[t])
-            return results  # type: ignore[return-value]
-        live = set(backend.live())
-        states = backend.describe(sorted(live)) if live else {}
-        if live and all(s == "terminated" for s in states.values()):
-            for t in missing:
-                results[t] = {"state": "failed", "stage": stage, "error": "every instance of the run is gone"}
-                storage.write_result(t, stage, results[t])
-            return results  # type: ignore[return-value]
+            reason = f"no result within {timeout:g} s"
+        else:
+            live = backend.live()
+            states = backend.describe(live) if live else {}
+            if live and all(s == "terminated" for s in states.values()):
+                reason = "every instance of the run is gone"
+        if reason is not None:
+            failed = {t: _fail(storage, t, stage, reason) for t in missing}
+            return {t: r if r is not None else failed[t] for t, r in results.items()}
         time.sleep(poll)
 
 
-def promote(storage: RunStorage, stage: int, results: dict[str, dict[str, Any]], keep: int, mode: str) -> list[str]:
+def promote(storage: RunStorage, stage: int, results: Mapping[str, Mapping[str, Any] | None], keep: int,
+            mode: Mode | str) -> list[str]:
     """Write and return the ``keep`` best trials that finished (failed trials are never promoted)."""
-    done = [(r["metric"], t) for t, r in results.items() if r and r.get("state") == "done"
-            and isinstance(r.get("metric"), (int, float)) and math.isfinite(r["metric"])]
-    done.sort(key=lambda x: (-x[0] if mode == "max" else x[0], x[1]))
-    chosen = [t for _, t in done[:keep]]
+    chosen = ranked(results, mode)[:keep]
     storage.write_json({"trials": chosen, "from_stage": stage}, "stages", str(stage + 1), "trials.json")
     return chosen
+
+
+def promote_stage(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
+                  mode: Mode | str) -> StageOutcome:
+    """End a stage: a trial without a result is recorded as failed (never dropped); the best
+    ``n_(i+1)`` that finished are promoted; after the last stage the fleet is released at once,
+    as the plan assumes. Raises StageFailed when no trial of the stage finished."""
+    trials = stage_trials(storage, stage)
+    results = stage_results(storage, stage, trials)
+    for t, r in results.items():
+        if r is None:
+            results[t] = _fail(storage, t, stage, "no result was recorded")
+    if storage.read_json("stages", str(stage), "end.json") is None:
+        storage.write_json({"stage": stage, "time": time.time()}, "stages", str(stage), "end.json")
+    failed = sorted(t for t, r in results.items() if not is_done(r))
+    if len(failed) == len(trials):
+        raise StageFailed(f"every trial of stage {stage} failed: {failed}")
+    last = stage == run_plan.stages
+    if last:
+        stop_instances(storage, backend)
+        promoted: list[str] = []
+    else:
+        promoted = promote(storage, stage, results, run_plan.sha.trials(stage + 1), mode)
+    return StageOutcome(stage, trials, promoted, failed, last)
 
 
 def stop_instances(storage: RunStorage, backend: ComputeBackend) -> list[str]:
@@ -159,35 +335,30 @@ def stop_instances(storage: RunStorage, backend: ComputeBackend) -> list[str]:
     return backend.terminate_all()
 
 
-def run_sha(storage: RunStorage, backend: ComputeBackend, spec: RunSpec, configs: list[dict[str, Any]],
-            plan: dict[str, Any], gpus_per_instance: int, eta: int, min_epochs: int,
-            expected_epoch_seconds: dict[int, float] | None = None, boot_seconds: float = 0.0,
-            stage_timeout: float = 3600.0) -> dict[str, Any]:
-    """Run successive halving under ``plan`` from start to teardown; returns a summary.
+# --- without Airflow --------------------------------------------------------------------------
 
-    Instances are always terminated at the end, however the run ends.
-    """
+
+def run_sha(storage: RunStorage, backend: ComputeBackend, spec: RunSpec, configs: list[dict[str, Any]],
+            plan: dict[str, Any], stage_timeout: float = 3600.0, batch_size: int = 8) -> dict[str, Any]:
+    """Run successive halving under ``plan`` (a plan with its ``problem``, as `plan_problem` and
+    the planning task return it) from start to teardown, with the same stage functions the DAG's
+    tasks call; returns a summary. Instances are always terminated at the end, however the run ends."""
+    run_plan = RunPlan.from_json(plan)
+    if len(configs) != run_plan.sha.num_trials:
+        raise ValueError(f"the plan is for {run_plan.sha.num_trials} trials, got {len(configs)} configurations")
     started = time.time()
-    trials = start_run(storage, spec, configs, plan, gpus_per_instance)
+    start_run(storage, spec, configs, plan, run_plan.instance_type.gpus)
     stages_out = []
     try:
-        for i, alloc in enumerate(plan["stages"], start=1):
-            g, c = int(alloc["gpus_per_trial"]), int(alloc["instances"])
-            trials = stage_trials(storage, i)
-            scaled = scale(backend, i, c)
-            r_prev, r_now = min_epochs * eta ** (i - 2) if i > 1 else 0, min_epochs * eta ** (i - 1)
-            per_epoch = (expected_epoch_seconds or {}).get(g, 1.0)
-            ready = {inst: (boot_seconds if inst in scaled["launched"] else 0.0) for inst in scaled["live"]}
-            placement = place(trials, scaled["live"], ready, gpus_per_instance // g, g,
-                              per_epoch * (r_now - r_prev), r_prev, r_now)
-            assign_stage(storage, i, placement)
-            results = wait_stage(storage, backend, i, trials, stage_timeout)
-            last = i == len(plan["stages"])
-            keep = max(1, len(configs) // eta ** i)
-            promoted = [] if last else promote(storage, i, results, keep, spec.mode)
-            stages_out.append({"stage": i, "trials": trials, "promoted": promoted,
-                               "failed": [t for t, r in results.items() if r["state"] != "done"],
-                               "ended": time.time()})
+        for stage in range(1, run_plan.stages + 1):
+            begin_stage(storage, stage)
+            scale(backend, run_plan, stage, batch_size)
+            placement = stage_placement(storage, backend, run_plan, stage)
+            wait_stage(storage, backend, stage, [t["trial"] for tasks in placement.values() for t in tasks],
+                       stage_timeout)
+            outcome = promote_stage(storage, backend, run_plan, stage, spec.mode)
+            stages_out.append({"stage": stage, "trials": outcome.trials, "promoted": outcome.promoted,
+                               "failed": outcome.failed, "ended": time.time()})
     finally:
         stop_instances(storage, backend)
     return summarize(storage, spec, stages_out, started)
@@ -199,8 +370,8 @@ def summarize(storage: RunStorage, spec: RunSpec, stages: list[dict[str, Any]], 
     final = stages[-1] if stages else None
     if final:
         results = stage_results(storage, final["stage"], final["trials"])
-        done = [(r["metric"], t) for t, r in results.items() if r and r.get("state") == "done"]
-        if done:
-            metric, trial = (max if spec.mode == "max" else min)(done)
-            best = {"trial": trial, "metric": metric, "config": storage.read_config(trial)}
+        trial = best_trial(results, spec.mode)
+        if trial is not None:
+            best = {"trial": trial, "metric": results[trial]["metric"],  # type: ignore[index]
+                    "config": storage.read_config(trial)}
     return {"best": best, "stages": stages, "ledger": storage.ledger(), "started": started, "ended": time.time()}

@@ -7,7 +7,13 @@ filesystem). The instances' agents reach the same files with their instance prof
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.errors import ProblemError
+from rubberband_airflow.spec import TuningSpec
+from rubberband_airflow.tuning import storage_conn_id
 
 
 def run_storage(uri: str, conn_id: str | None) -> RunStorage:
@@ -24,3 +30,17 @@ def read_text(uri: str, conn_id: str | None) -> str:
     storage = run_storage(uri, conn_id)
     with storage.fs.open(storage.root, "r") as f:
         return f.read()
+
+
+def storage_for(spec: TuningSpec, uri: str) -> RunStorage:
+    """Storage under a spec's ``storage`` (or its profile) through the spec's connection."""
+    return run_storage(uri, storage_conn_id(spec))
+
+
+def load_profile(spec: TuningSpec) -> dict[str, Any]:
+    """The workload profile the spec names (a local path or any fsspec URL), through the spec's connection."""
+    try:
+        return json.loads(read_text(spec.profile, storage_conn_id(spec)))
+    except FileNotFoundError:
+        raise ProblemError("profile", f"{spec.profile} does not exist: run `rubberband profile --out "
+                           f"{spec.profile}` first") from None

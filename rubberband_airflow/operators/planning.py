@@ -11,7 +11,8 @@ from rubberband_airflow.planning.errors import InfeasibleError, ProblemError
 from rubberband_airflow.planning.planner import plan_problem
 from rubberband_airflow.planning.problem import parse_problem
 from rubberband_airflow.spec import load_spec
-from rubberband_airflow.tuning import load_profile, past_runs, planning_problem
+from rubberband_airflow.hooks.storage import load_profile, storage_for
+from rubberband_airflow.tuning import dag_uri, past_runs, planning_problem
 
 
 class RubberBandPlanOperator(BaseOperator):
@@ -32,7 +33,7 @@ class RubberBandPlanOperator(BaseOperator):
     def execute(self, context: Context) -> dict[str, Any]:
         spec = load_spec(self.spec_path)
         try:
-            history = past_runs(spec, context["dag"].dag_id)
+            history = past_runs(storage_for(spec, dag_uri(spec, context["dag"].dag_id)))
             problem = planning_problem(spec, dict(context["params"]), load_profile(spec), history)
             out = plan_problem(parse_problem(problem))
         except ProblemError as e:

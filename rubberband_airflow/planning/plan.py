@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from rubberband_airflow.planning.errors import ProblemError
-from rubberband_airflow.planning.problem import Problem, _kind
+from rubberband_airflow.planning.problem import Problem
+from rubberband_airflow.planning.validation import kind
 
 
 @dataclass(frozen=True)
@@ -40,19 +41,19 @@ class Plan:
 def parse_plan(data: Any, problem: Problem) -> Plan:
     """Build a Plan from its JSON form and check it fits the problem; errors name the field."""
     if not isinstance(data, Mapping):
-        raise ProblemError("plan", f"must be an object, got {_kind(data)}")
+        raise ProblemError("plan", f"must be an object, got {kind(data)}")
     if "instance_type" not in data:
         raise ProblemError("plan.instance_type", "is required")
     name = data["instance_type"]
     if not isinstance(name, str):
-        raise ProblemError("plan.instance_type", f"must be a string, got {_kind(name)}")
+        raise ProblemError("plan.instance_type", f"must be a string, got {kind(name)}")
     itype = next((t for t in problem.instance_types if t.name == name), None)
     if itype is None:
         raise ProblemError("plan.instance_type", f"{name!r} is not an instance type of the problem "
                            f"({', '.join(t.name for t in problem.instance_types)})")
     raw_stages = data.get("stages")
     if not isinstance(raw_stages, list):
-        raise ProblemError("plan.stages", f"must be a list, got {_kind(raw_stages)}" if "stages" in data
+        raise ProblemError("plan.stages", f"must be a list, got {kind(raw_stages)}" if "stages" in data
                            else "is required")
     if len(raw_stages) != problem.num_stages:
         raise ProblemError("plan.stages", f"must have one entry per stage ({problem.num_stages}), "
@@ -62,13 +63,13 @@ def parse_plan(data: Any, problem: Problem) -> Plan:
     for i, raw in enumerate(raw_stages):
         where = f"plan.stages[{i}]"
         if not isinstance(raw, Mapping):
-            raise ProblemError(where, f"must be an object, got {_kind(raw)}")
+            raise ProblemError(where, f"must be an object, got {kind(raw)}")
         for key in ("gpus_per_trial", "instances"):
             value = raw.get(key)
             if key not in raw:
                 raise ProblemError(f"{where}.{key}", "is required")
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ProblemError(f"{where}.{key}", f"must be an integer, got {_kind(value)}")
+                raise ProblemError(f"{where}.{key}", f"must be an integer, got {kind(value)}")
         g, c = raw["gpus_per_trial"], raw["instances"]
         if g not in allowed:
             raise ProblemError(f"{where}.gpus_per_trial", f"must be a profiled GPU count that fits on one "

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from rubberband_airflow.planning.errors import ProblemError
-
-_MISSING = object()
+from rubberband_airflow.planning.validation import Reader, gpu_count, kind, number
 
 
 @dataclass(frozen=True)
@@ -132,107 +129,11 @@ class Problem:
         }
 
 
-# --- parsing and validation -------------------------------------------------------------------
-
-
-class _Reader:
-    """Reads one JSON object, checking keys and types; every error names the dotted field."""
-
-    def __init__(self, data: Any, path: str) -> None:
-        if not isinstance(data, Mapping):
-            raise ProblemError(path or "problem", f"must be an object, got {_kind(data)}")
-        self.data = data
-        self.path = path
-        self.seen: set[str] = set()
-
-    def _name(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def raw(self, key: str, default: Any = _MISSING) -> Any:
-        self.seen.add(key)
-        if key not in self.data:
-            if default is _MISSING:
-                raise ProblemError(self._name(key), "is required")
-            return default
-        return self.data[key]
-
-    def integer(self, key: str, default: Any = _MISSING, *, minimum: int, maximum: int | None = None,
-                nullable: bool = False) -> Any:
-        value = self.raw(key, default)
-        name = self._name(key)
-        if value is None and nullable:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ProblemError(name, f"must be an integer, got {_kind(value)}")
-        if value < minimum:
-            raise ProblemError(name, f"must be at least {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise ProblemError(name, f"must be at most {maximum}, got {value}")
-        return value
-
-    def number(self, key: str, default: Any = _MISSING, *, positive: bool = False, at_most: float | None = None) -> float:
-        value = self.raw(key, default)
-        return _number(value, self._name(key), positive=positive, at_most=at_most)
-
-    def string(self, key: str) -> str:
-        value = self.raw(key)
-        if not isinstance(value, str) or not value.strip():
-            raise ProblemError(self._name(key), f"must be a non-empty string, got {_kind(value)}")
-        return value
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
-        if unknown:
-            raise ProblemError(self._name(str(unknown[0])), f"unknown key (allowed: {', '.join(sorted(self.seen))})")
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, (int, float)):
-        return f"number {value!r}"
-    if isinstance(value, str):
-        return f"string {value!r}"
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    return type(value).__name__
-
-
-def _number(value: Any, name: str, *, positive: bool, at_most: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ProblemError(name, f"must be a number, got {_kind(value)}")
-    if isinstance(value, int) and abs(value) > 10**15:
-        raise ProblemError(name, f"is too large (more than 1e15), got a {len(str(abs(value)))}-digit number")
-    if not math.isfinite(value):
-        raise ProblemError(name, f"must be finite, got {value!r}")
-    if positive and value <= 0:
-        raise ProblemError(name, f"must be positive, got {value!r}")
-    if not positive and value < 0:
-        raise ProblemError(name, f"must not be negative, got {value!r}")
-    if at_most is not None and value > at_most:
-        raise ProblemError(name, f"must be at most {at_most:g}, got {value!r}")
-    return float(value)
-
-
-def _gpu_count(key: Any, name: str) -> int:
-    text = str(key)
-    if isinstance(key, bool) or not re.fullmatch(r"[0-9]{1,6}", text):
-        raise ProblemError(name, f"GPU count must be a positive integer, got {key!r}")
-    g = int(text)
-    if g < 1 or g & (g - 1):
-        raise ProblemError(name, f"GPU count must be a power of two (1, 2, 4, ...), got {g}")
-    return g
-
-
 def parse_problem(data: Any) -> Problem:
     """Build a Problem from its JSON form, raising ProblemError naming the first bad field."""
-    top = _Reader(data, "")
+    top = Reader(data, "")
 
-    r = _Reader(top.raw("sha"), "sha")
+    r = Reader(top.raw("sha"), "sha")
     num_trials = r.integer("num_trials", minimum=1)
     eta = r.integer("eta", minimum=2)
     min_epochs = r.integer("min_epochs", minimum=1)
@@ -241,18 +142,18 @@ def parse_problem(data: Any) -> Problem:
     r.done()
     sha = SHA(num_trials, eta, min_epochs, num_stages)
 
-    r = _Reader(top.raw("workload"), "workload")
+    r = Reader(top.raw("workload"), "workload")
     raw_curve = r.raw("epoch_seconds")
     if not isinstance(raw_curve, Mapping) or not raw_curve:
         raise ProblemError("workload.epoch_seconds", f"must be a non-empty object of GPU count to seconds, "
-                           f"got {_kind(raw_curve)}")
+                           f"got {kind(raw_curve)}")
     curve: dict[int, float] = {}
     for key, seconds in raw_curve.items():
         name = f"workload.epoch_seconds.{key}"
-        g = _gpu_count(key, name)
+        g = gpu_count(key, name)
         if g in curve:
             raise ProblemError(name, f"GPU count {g} is given twice")
-        curve[g] = _number(seconds, name, positive=True)
+        curve[g] = number(seconds, name, positive=True)
     workload = Workload(
         epoch_seconds=dict(sorted(curve.items())),
         trial_overhead_seconds=r.number("trial_overhead_seconds"),
@@ -264,10 +165,10 @@ def parse_problem(data: Any) -> Problem:
 
     raw_types = top.raw("instance_types")
     if not isinstance(raw_types, list) or not raw_types:
-        raise ProblemError("instance_types", f"must be a non-empty list, got {_kind(raw_types)}")
+        raise ProblemError("instance_types", f"must be a non-empty list, got {kind(raw_types)}")
     types = []
     for k, raw in enumerate(raw_types):
-        r = _Reader(raw, f"instance_types[{k}]")
+        r = Reader(raw, f"instance_types[{k}]")
         t = InstanceType(
             name=r.string("name"),
             gpus=r.integer("gpus", minimum=1, maximum=1024),
@@ -288,7 +189,7 @@ def parse_problem(data: Any) -> Problem:
 
     deadline = top.number("deadline_seconds", positive=True)
 
-    r = _Reader(top.raw("billing", {}), "billing")
+    r = Reader(top.raw("billing", {}), "billing")
     billing = Billing(
         minimum_seconds=r.number("minimum_seconds", 60.0),
         increment_seconds=r.number("increment_seconds", 1.0, positive=True),
@@ -296,7 +197,7 @@ def parse_problem(data: Any) -> Problem:
     )
     r.done()
 
-    r = _Reader(top.raw("planner", {}), "planner")
+    r = Reader(top.raw("planner", {}), "planner")
     quantile = r.number("jct_quantile", 0.95, positive=True, at_most=1.0)
     planner = PlannerSettings(
         jct_quantile=quantile,

@@ -7,12 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from rubberband_airflow.planning.billing import billed_seconds
 from rubberband_airflow.planning.plan import Plan
 from rubberband_airflow.planning.problem import Problem
-
-# Float tolerance when rounding billed seconds up to the billing increment.
-_ROUNDING_EPS = 1e-9
-
 
 @dataclass(frozen=True)
 class Draws:
@@ -76,6 +73,8 @@ class Outcome:
     jct: np.ndarray  # (samples,)
     cost: np.ndarray  # (samples,)
     stage_end: np.ndarray  # (samples, stages): E_i
+    running: np.ndarray  # (samples, instances): when each instance, in request order, starts to bill
+    terminated: np.ndarray  # (samples, instances): when it is terminated
 
 
 def quantile(values: np.ndarray, q: float) -> float:
@@ -92,13 +91,6 @@ def summarize(outcome: Outcome, jct_quantile: float, samples: int | None = None)
         "cost_usd": {"mean": float(c.mean()), "p50": quantile(c, 0.5), "p95": quantile(c, 0.95)},
         "samples": int(samples if samples is not None else len(j)),
     }
-
-
-def billed_seconds(running: np.ndarray, terminated: np.ndarray, minimum: float, increment: float) -> np.ndarray:
-    """Billed seconds per instance: from running to termination, rounded up, with a minimum; 0 if never running."""
-    life = terminated - running
-    steps = np.ceil(life / increment - _ROUNDING_EPS * np.maximum(1.0, life / increment))
-    return np.where(life > 0, np.maximum(minimum, steps * increment), 0.0)
 
 
 def schedule_stage(free: np.ndarray, durations: np.ndarray) -> np.ndarray:
@@ -171,10 +163,11 @@ def simulate_outcome(problem: Problem, plan: Plan, draws: Draws) -> Outcome:
         stage_end[:, i] = end
     for k in live:
         terminated[k] = end
-    billed = billed_seconds(np.stack(running, axis=1), np.stack(terminated, axis=1),
-                            problem.billing.minimum_seconds, problem.billing.increment_seconds)
+    running_at, terminated_at = np.stack(running, axis=1), np.stack(terminated, axis=1)
+    billed = billed_seconds(running_at, terminated_at, problem.billing.minimum_seconds,
+                            problem.billing.increment_seconds)
     cost = itype.price_per_hour / 3600.0 * billed.sum(axis=1) + problem.data_cost()
-    return Outcome(jct=end, cost=cost, stage_end=stage_end)
+    return Outcome(jct=end, cost=cost, stage_end=stage_end, running=running_at, terminated=terminated_at)
 
 
 def simulate(problem: Problem, plan: Plan, draws: Draws | None = None) -> dict[str, Any]:

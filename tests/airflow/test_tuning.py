@@ -22,8 +22,8 @@ def spec(monkeypatch, tmp_path):
 
 def test_form_values_override_the_spec(spec):
     s = settings(spec, {"deadline_seconds": 900, "num_trials": 16, "eta": 4, "max_instances": None})
-    assert s["deadline_seconds"] == 900 and s["sha"]["num_trials"] == 16 and s["sha"]["eta"] == 4
-    assert s["sha"]["min_epochs"] == spec.sha["min_epochs"]
+    assert s.deadline_seconds == 900 and s.sha.num_trials == 16 and s.sha.eta == 4
+    assert s.sha.min_epochs == spec.sha.min_epochs
     problem = parse_problem(planning_problem(spec, {"num_trials": 16, "max_instances": 1}, PROFILE))
     assert problem.sha.num_trials == 16 and problem.instance_types[0].max_instances == 1
     assert problem.workload.stage_overhead_seconds == 1.4  # no past run yet: the profile's estimate
@@ -38,7 +38,7 @@ def test_past_runs_give_the_stage_overhead(spec):
             {"stage_overhead_seconds": overheads, "stages": [{"end": 100.0 + k}]}, "report.json")
     RunStorage(root).write_json({"config": {}}, "best_config.json")  # a file beside the runs
     RunStorage(f"{root}/manual__unfinished").write_json({}, "run.json")
-    reports = past_runs(spec)
+    reports = past_runs(RunStorage(root))
     assert [r["stages"][0]["end"] for r in reports] == [101.0, 100.0]  # newest first, unfinished left out
     assert measured_stage_overhead(reports) == pytest.approx((2 + 3 + 1 + 2 + 3) / 5)  # stage 1 left out
     problem = planning_problem(spec, {}, PROFILE, reports)

@@ -5,7 +5,10 @@ import psutil
 import pytest
 
 from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
+from rubberband_airflow.execution.runner import RunPlan
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.plan import Plan
+from rubberband_airflow.planning.problem import parse_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,3 +47,16 @@ def agent_processes(storage: RunStorage) -> list[psutil.Process]:
         if storage.uri in cmd and p.status() != psutil.STATUS_ZOMBIE:
             out.append(p)
     return out
+
+
+def plan_json(instance_type: str, gpus: int, stages: list[tuple[int, int]], *, num_trials: int, eta: int,
+              min_epochs: int, epoch_seconds: float = 1.0, pending: float = 0.0, boot: float = 0.0) -> dict:
+    """A plan with its problem, as the planning task returns it: (gpus_per_trial, instances) per stage."""
+    problem = parse_problem({
+        "sha": {"num_trials": num_trials, "eta": eta, "min_epochs": min_epochs, "num_stages": len(stages)},
+        "workload": {"epoch_seconds": {str(g): epoch_seconds / g for g, _ in stages},
+                     "trial_overhead_seconds": 1.0, "stage_overhead_seconds": 1.0},
+        "instance_types": [{"name": instance_type, "gpus": gpus, "price_per_hour": 1.0,
+                            "pending_seconds": pending, "boot_seconds": boot}],
+        "deadline_seconds": 3600})
+    return RunPlan(problem, Plan.of(instance_type, stages)).to_json()

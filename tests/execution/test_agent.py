@@ -158,7 +158,8 @@ def test_reconcile_forgets_an_instance_that_died_and_keeps_the_rest(storage, loc
     import os
     import signal
 
-    from rubberband_airflow.execution.runner import reconcile, scale
+    from rubberband_airflow.execution.runner import RunPlan, reconcile, scale
+    from tests.execution.conftest import plan_json
 
     backend = local_backend()
     _start(storage)
@@ -171,7 +172,8 @@ def test_reconcile_forgets_an_instance_that_died_and_keeps_the_rest(storage, loc
     time.sleep(0.5)
     assert reconcile(backend) == [second]
     assert next(e for e in storage.ledger() if e["instance"] == first)["terminated"] is not None
-    out = scale(backend, 2, 2)  # the next stage wants two: one replacement
+    run_plan = RunPlan.from_json(plan_json("local-1", 1, [(1, 1), (1, 2)], num_trials=4, eta=2, min_epochs=1))
+    out = scale(backend, run_plan, 2)  # the next stage wants two: one replacement
     assert len(out["launched"]) == 1 and len(out["live"]) == 2 and first not in out["live"]
     backend.terminate_all()
     assert agent_processes(storage) == []

@@ -11,7 +11,7 @@ from rubberband_airflow.execution.backends.ec2 import CapacityError, EC2Backend,
 from rubberband_airflow.execution.runner import RunSpec, run_sha, start_run
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.workloads import digits
-from tests.execution.conftest import agent_processes
+from tests.execution.conftest import agent_processes, plan_json
 from tests.execution.moto_cloud import REGION, MotoCloud, moto_cloud  # noqa: F401 (the fixture)
 
 SPEC = RunSpec("rubberband_airflow.workloads.digits:train", "accuracy", "max", seed=3)
@@ -28,11 +28,9 @@ def _backend(cloud: MotoCloud, storage, run_id: str = "manual__2025-07-01T00:00:
 def test_two_stage_job_runs_on_ec2_and_leaves_nothing_running(moto_cloud):
     storage = moto_cloud.storage("tune_digits/run-1")
     backend = _backend(moto_cloud, storage)
-    plan = {"instance_type": TYPE,
-            "stages": [{"gpus_per_trial": 1, "instances": 2}, {"gpus_per_trial": 1, "instances": 1}]}
+    plan = plan_json(TYPE, 1, [(1, 2), (1, 1)], num_trials=4, eta=2, min_epochs=3)
     configs = sample(digits.SEARCH_SPACE, 4, seed=11)
-    out = run_sha(storage, backend, SPEC, configs, plan, gpus_per_instance=1, eta=2, min_epochs=3,
-                  stage_timeout=300)
+    out = run_sha(storage, backend, SPEC, configs, plan, stage_timeout=300)
 
     first, second = out["stages"]
     assert first["failed"] == [] and second["failed"] == [], out["stages"]

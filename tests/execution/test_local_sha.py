@@ -3,17 +3,16 @@
 from rubberband_airflow.execution.runner import RunSpec, run_sha
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.workloads import digits
-from tests.execution.conftest import agent_processes
+from tests.execution.conftest import agent_processes, plan_json
 
 SPEC = RunSpec("rubberband_airflow.workloads.digits:train", "accuracy", "max", seed=3)
-PLAN = {"instance_type": "local-1",
-        "stages": [{"gpus_per_trial": 1, "instances": 2}, {"gpus_per_trial": 1, "instances": 1}]}
+PLAN = plan_json("local-1", 1, [(1, 2), (1, 1)], num_trials=4, eta=2, min_epochs=3, pending=0.3, boot=0.5)
 
 
 def test_two_stage_job_trains_resumes_and_tears_down(storage, local_backend):
     backend = local_backend(slots=1, boot=0.5, pending=0.3)
     configs = sample(digits.SEARCH_SPACE, 4, seed=11)
-    out = run_sha(storage, backend, SPEC, configs, PLAN, gpus_per_instance=1, eta=2, min_epochs=3)
+    out = run_sha(storage, backend, SPEC, configs, PLAN)
 
     first, second = out["stages"]
     assert first["failed"] == [] and second["failed"] == []

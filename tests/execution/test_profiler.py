@@ -10,7 +10,8 @@ import pytest
 
 from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.problem import parse_problem
-from rubberband_airflow.profiler import ProfileError, fit_scaling, launch_latencies, predict_epoch_seconds, to_problem
+from rubberband_airflow.planning.profile import fit_scaling, predict_epoch_seconds, to_problem
+from rubberband_airflow.profiler import ProfileError, launch_latencies
 
 RUBBERBAND = str(Path(sys.executable).parent / "rubberband")
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import Any
 
+import numpy as np
+
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.billing import billed_seconds
+from rubberband_airflow.planning.problem import Billing
 
 
 class ComputeBackend(ABC):
@@ -39,15 +42,14 @@ class ComputeBackend(ABC):
         return ids
 
 
-def billed_cost(ledger: list[dict[str, Any]], prices: dict[str, float], minimum_seconds: float = 60.0,
-                increment_seconds: float = 1.0, now: float | None = None) -> float:
-    """The bill of a ledger: each instance from running to termination (or ``now``), rounded up."""
-    total = 0.0
-    for e in ledger:
-        running = e.get("running")
-        end = e.get("terminated") if e.get("terminated") is not None else now
-        if running is None or end is None or end <= running:
-            continue
-        seconds = max(minimum_seconds, math.ceil((end - running) / increment_seconds) * increment_seconds)
-        total += prices[e["type"]] / 3600.0 * seconds
-    return total
+def billed_cost(ledger: list[dict[str, Any]], prices: dict[str, float], billing: Billing = Billing(),
+                now: float | None = None) -> float:
+    """The bill of a ledger: each instance from running to termination (or ``now``), by the planner's rule."""
+    priced = [(prices[e["type"]], e["running"], e["terminated"] if e.get("terminated") is not None else now)
+              for e in ledger if e.get("running") is not None]
+    priced = [(p, r, t) for p, r, t in priced if t is not None]
+    if not priced:
+        return 0.0
+    price, running, terminated = (np.array(x, dtype=float) for x in zip(*priced))
+    seconds = billed_seconds(running, terminated, billing.minimum_seconds, billing.increment_seconds)
+    return float((price / 3600.0 * seconds).sum())

@@ -1,0 +1,148 @@
+"""The stage functions the tuning DAG's tasks call, on the model page's worked example.
+
+The backend here only keeps a ledger (no processes): what is tested is the runner's stage
+logic, which the DAG's tasks and `run_sha` share, against docs/planning-model.md section 4.
+"""
+
+import time
+
+import pytest
+
+from rubberband_airflow.execution import runner
+from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.runner import RunPlan, StageFailed
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.plan import parse_plan
+from rubberband_airflow.planning.problem import parse_problem
+from tests.conftest import WORKED_PLAN
+
+
+class LedgerBackend(ComputeBackend):
+    """Instances that are running as soon as they are launched; only the ledger is kept."""
+
+    def __init__(self, storage: RunStorage) -> None:
+        self.storage = storage
+
+    def launch(self, batch: str, count: int) -> list[str]:
+        existing = [e["instance"] for e in self.storage.ledger() if e["batch"] == batch]
+        if existing:
+            return existing
+        now = time.time()
+        ids = [f"{batch}-{k}" for k in range(count)]
+        for i in ids:
+            self.storage.write_ledger({"instance": i, "batch": batch, "type": "p3.8xlarge", "requested": now,
+                                       "running": now, "terminated": None})
+            time.sleep(0.001)  # distinct request times: LIFO is by request order
+        return ids
+
+    def describe(self, instances: list[str]) -> dict[str, str]:
+        return {i: "running" for i in instances}
+
+    def terminate(self, instances: list[str]) -> None:
+        for e in self.storage.ledger():
+            if e["instance"] in instances and e["terminated"] is None:
+                self.storage.write_ledger({**e, "terminated": time.time()})
+
+
+@pytest.fixture
+def worked(resnet_problem):
+    problem = parse_problem(resnet_problem)
+    return RunPlan(problem, parse_plan(WORKED_PLAN, problem))
+
+
+@pytest.fixture
+def started(tmp_path, worked):
+    storage = RunStorage(f"file://{tmp_path}/run")
+    configs = [{"x": k} for k in range(worked.sha.num_trials)]
+    runner.start_run(storage, runner.RunSpec("m:f", "acc"), configs, worked.to_json(), 4)
+    return storage, LedgerBackend(storage)
+
+
+def test_plan_json_round_trips(worked):
+    again = RunPlan.from_json(worked.to_json())
+    assert again == worked
+    assert [s["trials"] for s in worked.to_json()["stages"]] == [64, 16, 4, 1]
+
+
+def test_trial_seconds_are_the_model_pages(worked):
+    # Section 4's worked example: trials of 80 s, 200 s, 740 s and one 4-GPU trial of 884 s.
+    assert [worked.trial_seconds(i) for i in range(1, 5)] == [80, 200, 740, 884]
+    assert [worked.slots_per_instance(i) for i in range(1, 5)] == [4, 4, 4, 1]
+    assert worked.launch_seconds == 130
+
+
+def test_scale_targets_launch_the_missing_and_drop_the_newest_first():
+    assert runner.scale_targets(["a", "b"], 5) == (3, [])
+    assert runner.scale_targets(["a", "b", "c", "d"], 1) == (0, ["d", "c", "b"])
+    assert runner.scale_targets([], 0) == (0, [])
+    assert [(b.name, b.count) for b in runner.launch_batches(2, 19, 8)] == [
+        ("stage-2-batch-0", 8), ("stage-2-batch-1", 8), ("stage-2-batch-2", 3)]
+    assert runner.launch_batches(1, 0, 8) == []
+
+
+def _finish(storage: RunStorage, stage: int, metric=lambda t: int(t.split("-")[1]), skip=()) -> None:
+    for t in runner.stage_trials(storage, stage):
+        if t not in skip:
+            storage.write_result(t, stage, {"state": "done", "stage": stage, "metric": metric(t)})
+
+
+def test_stages_of_the_worked_example(started, worked):
+    storage, backend = started
+    sizes, epochs = [], []
+    for stage in range(1, 5):
+        runner.begin_stage(storage, stage)
+        for batch in runner.scale_in(backend, worked, stage, batch_size=2):
+            backend.terminate(batch)
+        for batch in runner.scale_out(backend, worked, stage, batch_size=3):
+            backend.launch(batch.name, batch.count)
+        placement = runner.stage_placement(storage, backend, worked, stage)
+        sizes.append({i: len(tasks) for i, tasks in placement.items()})
+        epochs.append({(t["start_epoch"], t["stop_epoch"], t["gpus"]) for tasks in placement.values() for t in tasks})
+        _finish(storage, stage)
+        outcome = runner.promote_stage(storage, backend, worked, stage, "max")
+        assert outcome.failed == [] and outcome.last == (stage == 4)
+    # 4 instances launched in batches of 3 and 1; 64 trials on 16 slots, then 16; stage 3 keeps the oldest.
+    assert sizes[0] == {"stage-1-batch-0-0": 16, "stage-1-batch-0-1": 16, "stage-1-batch-0-2": 16,
+                        "stage-1-batch-1-0": 16}
+    assert list(sizes[1].values()) == [4, 4, 4, 4]
+    assert sizes[2] == {"stage-1-batch-0-0": 4} and sizes[3] == {"stage-1-batch-0-0": 1}
+    assert epochs == [{(0, 1, 1)}, {(1, 4, 1)}, {(4, 16, 1)}, {(16, 64, 4)}]
+    # Promotion kept the highest metrics: trials 63..48, then 63..60, then 63.
+    assert runner.stage_trials(storage, 4) == ["trial-0063"]
+    assert backend.live() == []  # the last stage released the fleet
+
+
+def test_placement_expects_unready_instances_after_launch_latency(started, worked):
+    storage, backend = started
+    (old,) = backend.launch("old", 1)
+    storage.write_json({"instance": old, "time": time.time()}, "instances", old, "heartbeat.json")
+    (new,) = backend.launch("new", 1)
+    placement = runner.stage_placement(storage, backend, worked, 1)
+    # Trials of 80 s; the old instance's 4 slots start trials at 0, 80, 160, ... and the new one's,
+    # ready after 130 s of pending and boot, at 130, 210, ...: of 64 trials, 36 and 28.
+    assert {i: len(tasks) for i, tasks in placement.items()} == {old: 36, new: 28}
+    assert [t["trial"] for t in placement[old][:9]] == [f"trial-{k:04d}" for k in (0, 1, 2, 3, 4, 5, 6, 7, 12)]
+
+
+def test_promotion_records_missing_results_and_never_promotes_failures(started, worked):
+    storage, backend = started
+    runner.begin_stage(storage, 1)
+    for batch in runner.scale_out(backend, worked, 1, 8):
+        backend.launch(batch.name, batch.count)
+    runner.stage_placement(storage, backend, worked, 1)
+    _finish(storage, 1, metric=lambda t: -int(t.split("-")[1]), skip={"trial-0000", "trial-0001"})
+    storage.write_result("trial-0002", 1, {"state": "failed", "stage": 1, "error": "NaN loss"})
+    outcome = runner.promote_stage(storage, backend, worked, 1, "min")
+    assert outcome.failed == ["trial-0000", "trial-0001", "trial-0002"]
+    assert storage.read_result("trial-0000", 1) == {"state": "failed", "stage": 1, "error": "no result was recorded"}
+    # mode min: the lowest metrics, i.e. the highest trial numbers, 16 of them (n_2 = 64 / 4)
+    assert outcome.promoted == [f"trial-{k:04d}" for k in range(63, 47, -1)]
+    assert runner.stage_trials(storage, 2) == outcome.promoted
+    assert len(backend.live()) == 4  # not the last stage: the fleet stays
+
+
+def test_a_stage_where_every_trial_failed_is_an_error(started, worked):
+    storage, backend = started
+    with pytest.raises(StageFailed, match="every trial of stage 1 failed"):
+        runner.promote_stage(storage, backend, worked, 1, "max")
+    assert storage.exists("stages", "1", "end.json")
