@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
-from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue
+from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue, conf
+from airflow.sdk.bases.sensor import poke_mode_only
 from airflow.sdk.exceptions import AirflowFailException
 
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.hooks.storage import run_storage
-from rubberband_airflow.triggers.trial import TrialResultTrigger, boot_limit
+from rubberband_airflow.triggers.trial import (LIVENESS_INTERVAL, SILENT_SECONDS, Liveness, TrialResultTrigger,
+                                               boot_limit, lost_result)
 
 
 def config_summary(config: dict[str, Any], limit: int = 60) -> str:
@@ -22,20 +25,36 @@ def config_summary(config: dict[str, Any], limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+@poke_mode_only
 class TrialResultSensor(BaseSensorOperator):
-    """Waits for a trial's result in run storage, deferring to the triggerer so no worker slot is held.
+    """
+    Wait for one trial's result of one stage in a tuning run's storage.
 
     Map it over the trials of a stage; each mapped instance is labelled with the trial id and a
-    summary of its configuration. A failed trial fails this task (without retries) with its reason;
-    so does a trial whose instance is lost (its agent's heartbeat stops), which is recorded as
-    failed in run storage.
+    summary of its configuration, and returns ``{"trial", "stage", "metric"}``. A failed trial
+    fails this task (without retries) with its reason; so does a trial whose instance is lost (its
+    agent's heartbeat stops, or never starts), which is then recorded as failed in run storage.
+    Deferred, the wait runs on the triggerer (``TrialResultTrigger``) and holds no worker slot.
+    Otherwise the sensor pokes, in ``poke`` mode only: it tells a lost instance by how long the
+    heartbeat has not changed, which a rescheduled sensor would forget between pokes.
+
+    :param run_uri: the run's storage root, ``<storage>/<dag_id>/<run_id>`` (templated)
+    :param trial: the trial id, e.g. ``trial-0003`` (templated)
+    :param stage: the stage (from 1) whose result to wait for (templated)
+    :param storage_conn_id: the Airflow connection run storage is reached through; None for
+        fsspec's own credentials (local paths always use them) (templated)
+    :param deferrable: wait on the triggerer instead of a worker; defaults to
+        ``[operators] default_deferrable``
+    :param poll_interval: seconds between reads of the result, on the triggerer or by each poke
+        (the default ``poke_interval``)
     """
 
-    template_fields: Sequence[str] = ("run_uri", "trial", "stage")
+    template_fields: Sequence[str] = ("run_uri", "trial", "stage", "storage_conn_id")
     ui_color = "#f0e4ff"
 
     def __init__(self, *, run_uri: str, trial: str, stage: int, storage_conn_id: str | None = None,
-                 deferrable: bool = True, poll_interval: float = 5.0, **kwargs: Any) -> None:
+                 deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
+                 poll_interval: float = 5.0, **kwargs: Any) -> None:
         kwargs.setdefault("map_index_template", "{{ rubberband_trial_label }}")
         kwargs.setdefault("poke_interval", poll_interval)
         super().__init__(**kwargs)
@@ -45,6 +64,8 @@ class TrialResultSensor(BaseSensorOperator):
         self.storage_conn_id = storage_conn_id
         self.deferrable = deferrable
         self.poll_interval = poll_interval
+        self._liveness: Liveness | None = None
+        self._liveness_checked = float("-inf")
 
     def _storage(self) -> RunStorage:
         return run_storage(self.run_uri, self.storage_conn_id)
@@ -58,31 +79,50 @@ class TrialResultSensor(BaseSensorOperator):
 
     def execute(self, context: Context) -> Any:
         self._label(context)
-        result = self._storage().read_result(self.trial, int(self.stage))
+        storage = self._storage()
+        result = storage.read_result(self.trial, int(self.stage))
         if result is not None:
             return self._finish(result)
+        boot_seconds = boot_limit(storage.read_json("plan.json"))
         if not self.deferrable:
+            self._liveness = Liveness(storage, self.trial, int(self.stage), SILENT_SECONDS, boot_seconds)
             return super().execute(context)
-        boot_seconds = boot_limit(self._storage().read_json("plan.json"))
         self.defer(trigger=TrialResultTrigger(self.run_uri, self.trial, int(self.stage), self.poll_interval,
                                               boot_seconds=boot_seconds, storage_conn_id=self.storage_conn_id),
                    method_name="execute_complete")
 
     def poke(self, context: Context) -> bool | PokeReturnValue:
-        result = self._storage().read_result(self.trial, int(self.stage))
-        if result is None:
-            return False
-        return PokeReturnValue(is_done=True, xcom_value=self._finish(result))
+        storage = self._storage()
+        result = storage.read_result(self.trial, int(self.stage))
+        if result is not None:
+            return PokeReturnValue(is_done=True, xcom_value=self._finish(result))
+        if self._liveness is None:
+            self._liveness = Liveness(storage, self.trial, int(self.stage), SILENT_SECONDS,
+                                      boot_limit(storage.read_json("plan.json")))
+        if time.monotonic() - self._liveness_checked >= LIVENESS_INTERVAL:
+            self._liveness_checked = time.monotonic()
+            reason = self._liveness.lost()
+            if reason is not None:
+                self.log.warning("%s of stage %s is lost: %s", self.trial, self.stage, reason)
+                return PokeReturnValue(is_done=True, xcom_value=self._record_lost(
+                    storage, lost_result(int(self.stage), reason, self._liveness.instance)))
+        self.log.debug("%s has no result for stage %s yet", self.trial, self.stage)
+        return False
 
     def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
+        """Resumes from the trigger: the trial's result, or a failed one if its instance was lost."""
         self._label(context)
-        if event.get("lost"):  # record why, unless the agent wrote a result after all
-            storage = self._storage()
-            recorded = storage.read_result(self.trial, int(self.stage))
-            if recorded is not None:
-                return self._finish(recorded)
-            storage.write_result(self.trial, int(self.stage), event["result"])
+        if event.get("lost"):
+            return self._record_lost(self._storage(), event["result"])
         return self._finish(event["result"])
+
+    def _record_lost(self, storage: RunStorage, result: dict[str, Any]) -> dict[str, Any]:
+        """Records why the trial failed, unless its agent wrote a result after all, and finishes."""
+        recorded = storage.read_result(self.trial, int(self.stage))
+        if recorded is not None:
+            return self._finish(recorded)
+        storage.write_result(self.trial, int(self.stage), result)
+        return self._finish(result)
 
     def _finish(self, result: dict[str, Any]) -> dict[str, Any]:
         if result.get("state") != "done":

@@ -37,8 +37,23 @@ def assigned_instance(storage: RunStorage, trial: str, stage: int) -> str | None
     return None
 
 
+def lost_result(stage: int, reason: str, instance: str | None) -> dict[str, Any]:
+    """The failed result recorded for a trial whose instance is lost."""
+    return {"state": "failed", "stage": stage, "error": reason, "instance": instance}
+
+
 class Liveness:
-    """Tells when a trial's instance is lost, by the trigger's own clock (instance clocks may differ)."""
+    """Tells when a trial's instance is lost, by the watcher's own clock (instance clocks may differ).
+
+    The trigger, or a sensor that pokes, keeps one for the whole wait: it remembers when the
+    instance's heartbeat last changed.
+
+    :param storage: the run's storage
+    :param trial: the trial id
+    :param stage: the stage the trial runs
+    :param silent_seconds: an instance whose heartbeat has not changed for this long is lost
+    :param boot_seconds: an instance with no heartbeat this long after the wait began is lost
+    """
 
     def __init__(self, storage: RunStorage, trial: str, stage: int, silent_seconds: float,
                  boot_seconds: float) -> None:
@@ -66,10 +81,23 @@ class Liveness:
 
 
 class TrialResultTrigger(BaseTrigger):
-    """Polls ``trials/<trial>/stage-<stage>.json`` until it exists, then fires with its content.
+    """
+    Wait on the triggerer for one trial's result of one stage in a tuning run's storage.
 
-    Fires with a failed result instead when the trial's instance is lost (see ``Liveness``), so a
-    dead instance cannot stall the run while the rest of the fleet bills.
+    Polls ``trials/<trial>/stage-<stage>.json`` until it exists, then fires with
+    ``{"trial", "stage", "result"}``. Fires with a failed result and ``"lost": True`` instead when
+    the trial's instance is lost (see ``Liveness``), so a dead instance cannot stall the run while
+    the rest of the fleet bills. Storage is read in threads, off the triggerer's event loop.
+
+    :param run_uri: the run's storage root, ``<storage>/<dag_id>/<run_id>``
+    :param trial: the trial id, e.g. ``trial-0003``
+    :param stage: the stage (from 1) whose result to wait for
+    :param poll_interval: seconds between reads of the result
+    :param silent_seconds: the instance is lost when its heartbeat has not changed for this long
+    :param boot_seconds: the instance is lost when no heartbeat appeared this long after the wait began
+    :param liveness_interval: seconds between looks at the heartbeat
+    :param storage_conn_id: the Airflow connection run storage is reached through; None for
+        fsspec's own credentials (local paths always use them)
     """
 
     def __init__(self, run_uri: str, trial: str, stage: int, poll_interval: float = 5.0,
@@ -86,6 +114,7 @@ class TrialResultTrigger(BaseTrigger):
         self.storage_conn_id = storage_conn_id
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
+        """The class path and every constructor argument, as the triggerer recreates the trigger."""
         return (f"{type(self).__module__}.{type(self).__qualname__}",
                 {"run_uri": self.run_uri, "trial": self.trial, "stage": self.stage,
                  "poll_interval": self.poll_interval, "silent_seconds": self.silent_seconds,
@@ -100,14 +129,15 @@ class TrialResultTrigger(BaseTrigger):
             # fsspec calls block: keep them off the triggerer's event loop
             result = await asyncio.to_thread(storage.read_result, self.trial, self.stage)
             if result is not None:
+                self.log.info("%s has a result for stage %s: %s", self.trial, self.stage, result.get("state"))
                 yield TriggerEvent({"trial": self.trial, "stage": self.stage, "result": result})
                 return
             if time.monotonic() - checked >= self.liveness_interval:
                 checked = time.monotonic()
                 reason = await asyncio.to_thread(liveness.lost)
                 if reason is not None:
+                    self.log.warning("%s of stage %s is lost: %s", self.trial, self.stage, reason)
                     yield TriggerEvent({"trial": self.trial, "stage": self.stage, "lost": True,
-                                        "result": {"state": "failed", "stage": self.stage, "error": reason,
-                                                   "instance": liveness.instance}})
+                                        "result": lost_result(self.stage, reason, liveness.instance)})
                     return
             await asyncio.sleep(self.poll_interval)

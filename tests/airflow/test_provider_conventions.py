@@ -1,0 +1,130 @@
+"""Provider conventions as the amazon provider keeps them, for the operator, sensor, trigger, hook and plugin."""
+
+import ast
+import importlib
+import inspect
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import jsonschema
+import pytest
+from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
+
+import rubberband_airflow.sensors.trial as sensor_module
+from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run
+from rubberband_airflow.get_provider_info import get_provider_info
+from rubberband_airflow.hooks import storage as storage_hook
+from rubberband_airflow.operators.planning import RubberBandPlanOperator
+from rubberband_airflow.sensors.trial import TrialResultSensor
+from rubberband_airflow.triggers.trial import BOOT_SECONDS, LIVENESS_INTERVAL, SILENT_SECONDS, TrialResultTrigger
+from tests.airflow.conftest import ROOT, airflow_env
+from tests.execution.conftest import storage  # noqa: F401 (fixture)
+
+PROVIDER_MODULES = ["rubberband_airflow.operators.planning", "rubberband_airflow.sensors.trial",
+                    "rubberband_airflow.triggers.trial", "rubberband_airflow.hooks.storage",
+                    "rubberband_airflow.plugin", "rubberband_airflow.get_provider_info"]
+
+
+# deferrable follows [operators] default_deferrable
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_the_sensor_defers_by_default_as_operators_default_deferrable_says(tmp_path, value):
+    """Read when the module is imported, as the amazon provider's sensors do: a fresh interpreter each."""
+    env = {**airflow_env(tmp_path), "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": value}
+    code = ("from rubberband_airflow.sensors.trial import TrialResultSensor as S\n"
+            "print(S(task_id='w', run_uri='file:///r', trial='trial-0000', stage=1).deferrable,"
+            " S(task_id='x', run_uri='file:///r', trial='trial-0000', stage=1, deferrable=True).deferrable)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [value.capitalize(), "True"]
+
+
+def test_the_sensor_refuses_reschedule_mode_which_would_forget_the_heartbeat():
+    with pytest.raises(ValueError, match="Only 'poke' is acceptable"):
+        TrialResultSensor(task_id="w", run_uri="file:///r", trial="trial-0000", stage=1, deferrable=False,
+                          mode="reschedule")
+
+
+# The sensor's two paths
+
+
+def _placed(storage, instance: str = "i-never") -> None:  # noqa: F811
+    start_run(storage, RunSpec("tests.trainables:hangs", "accuracy", "max", seed=1), [{"lr": 0.1}],
+              {"instance_type": "local-1", "stages": []}, 1)
+    assign_stage(storage, 1, {instance: [{"trial": "trial-0000", "gpus": 1, "start_epoch": 0, "stop_epoch": 1}]})
+
+
+def _poking_sensor(storage) -> TrialResultSensor:  # noqa: F811
+    return TrialResultSensor(task_id="wait", run_uri=storage.uri, trial="trial-0000", stage=1, deferrable=False,
+                             poll_interval=0.05, timeout=30)
+
+
+@pytest.fixture
+def short_liveness(monkeypatch):
+    """The poking sensor's liveness windows, shortened: no heartbeat within 0.5 s, or none new for 0.5 s."""
+    monkeypatch.setattr(sensor_module, "boot_limit", lambda plan: 0.5)
+    monkeypatch.setattr(sensor_module, "SILENT_SECONDS", 0.5)
+    monkeypatch.setattr(sensor_module, "LIVENESS_INTERVAL", 0.0)
+
+
+def test_a_poking_sensor_returns_the_result_when_it_appears(storage):  # noqa: F811
+    _placed(storage, "i-alive")
+    done = {"state": "done", "stage": 1, "metric": 0.75}
+    threading.Timer(0.3, storage.write_result, ("trial-0000", 1, done)).start()
+    context: dict = {}
+    assert _poking_sensor(storage).execute(context) == {"trial": "trial-0000", "stage": 1, "metric": 0.75}
+    assert context["rubberband_trial_label"] == "trial-0000 lr=0.1"
+
+
+def test_a_poking_sensor_fails_a_trial_whose_agent_never_starts_and_records_why(storage, short_liveness):  # noqa: F811
+    _placed(storage)
+    with pytest.raises(AirflowFailException, match="instance i-never sent no heartbeat within 0.5 s"):
+        _poking_sensor(storage).execute({})
+    assert storage.read_result("trial-0000", 1) == {
+        "state": "failed", "stage": 1, "instance": "i-never",
+        "error": "instance i-never sent no heartbeat within 0.5 s: its agent never started"}
+
+
+def test_a_poking_sensor_fails_a_trial_whose_instance_falls_silent(storage, short_liveness):  # noqa: F811
+    _placed(storage, "i-dead")
+    storage.write_json({"time": 1.0, "running": True}, "instances", "i-dead", "heartbeat.json")  # then nothing
+    with pytest.raises(AirflowFailException, match="trial-0000 failed in stage 1: instance i-dead was lost"):
+        _poking_sensor(storage).execute({})
+    assert storage.read_result("trial-0000", 1)["state"] == "failed"
+
+
+def test_a_deferring_sensor_hands_the_wait_to_its_trigger(storage):  # noqa: F811
+    _placed(storage)
+    sensor = TrialResultSensor(task_id="wait", run_uri=storage.uri, trial="trial-0000", stage=1, deferrable=True,
+                               storage_conn_id="aws_default", poll_interval=2.0)
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute({})
+    assert deferred.value.method_name == "execute_complete"
+    assert deferred.value.trigger.serialize()[1] == {
+        "run_uri": storage.uri, "trial": "trial-0000", "stage": 1, "poll_interval": 2.0,
+        "silent_seconds": SILENT_SECONDS, "boot_seconds": BOOT_SECONDS, "liveness_interval": LIVENESS_INTERVAL,
+        "storage_conn_id": "aws_default"}
+
+
+# The trigger
+
+
+def test_trigger_serialize_round_trips_every_constructor_argument():
+    from airflow.models.trigger import Trigger
+    from airflow.sdk.module_loading import import_string
+
+    kwargs = {"run_uri": "s3://b/t/manual__1", "trial": "trial-0007", "stage": 3, "poll_interval": 1.5,
+              "silent_seconds": 120.0, "boot_seconds": 1800.0, "liveness_interval": 10.0,
+              "storage_conn_id": "aws_default"}
+    params = set(inspect.signature(TrialResultTrigger.__init__).parameters) - {"self"}
+    assert set(kwargs) == params  # every argument, none at its default
+    assert all(kwargs[p] != inspect.signature(TrialResultTrigger).parameters[p].default for p in params)
+    classpath, out = TrialResultTrigger(**kwargs).serialize()
+    assert out == kwargs
+    stored = Trigger._decrypt_kwargs(Trigger.encrypt_kwargs(out))  # as the trigger row keeps them
+    again = import_string(classpath)(**stored)
+    assert type(again) is TrialResultTrigger and again.serialize() == (classpath, kwargs)
