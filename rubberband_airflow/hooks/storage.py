@@ -3,6 +3,9 @@
 Tasks, the triggerer and the UI page read and write run files with the connection's
 credentials and endpoint (Airflow's ObjectStoragePath: for s3:// the amazon provider's S3
 filesystem). The instances' agents reach the same files with their instance profile.
+
+There is no hook class of its own: ``ObjectStoragePath`` looks the connection up and builds the
+filesystem with the provider that owns its type (the amazon provider's ``aws`` for ``s3://``).
 """
 
 from __future__ import annotations
@@ -17,7 +20,14 @@ from rubberband_airflow.tuning import storage_conn_id
 
 
 def run_storage(uri: str, conn_id: str | None) -> RunStorage:
-    """The storage at ``uri`` through connection ``conn_id``; local paths, and no connection, use fsspec's own."""
+    """
+    Reach the run storage at ``uri`` through an Airflow connection.
+
+    Local paths, and no connection, use fsspec's own filesystem and credentials.
+
+    :param uri: the storage root, ``file://...`` or ``s3://bucket/prefix``
+    :param conn_id: the Airflow connection to reach it through, or None
+    """
     if conn_id is None or "://" not in uri or uri.startswith("file://"):
         return RunStorage(uri)
     from airflow.sdk import ObjectStoragePath
@@ -26,7 +36,12 @@ def run_storage(uri: str, conn_id: str | None) -> RunStorage:
 
 
 def read_text(uri: str, conn_id: str | None) -> str:
-    """A whole text file (a profile, say) through connection ``conn_id``."""
+    """
+    Read a whole text file (a profile, say) through an Airflow connection.
+
+    :param uri: the file's path or URL
+    :param conn_id: the Airflow connection to reach it through, or None for fsspec's own
+    """
     storage = run_storage(uri, conn_id)
     with storage.fs.open(storage.root, "r") as f:
         return f.read()

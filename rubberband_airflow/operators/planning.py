@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
@@ -16,14 +16,18 @@ from rubberband_airflow.tuning import dag_uri, past_runs, planning_problem
 
 
 class RubberBandPlanOperator(BaseOperator):
-    """Plans a tuning run: the cheapest allocation that meets the deadline at the planner's quantile.
+    """
+    Plan a tuning run: the cheapest allocation that meets the deadline at the planner's quantile.
 
     Builds the planning problem from the spec's profile, the spec, the run's params and the
     stage overhead measured in the DAG's last runs (so a nightly DAG plans better each night), and
-    returns the plan with its predicted JCT and cost and the baselines. An impossible deadline
-    fails the task (no retry) with the fastest achievable JCT.
+    returns the plan as plain JSON with its predicted JCT and cost and the baselines. A bad input
+    or an impossible deadline fails the task (no retry), the latter with the fastest achievable JCT.
+
+    :param spec_path: path of the tuning spec (YAML) the run is planned for (templated)
     """
 
+    template_fields: Sequence[str] = ("spec_path",)
     ui_color = "#e8f7e4"
 
     def __init__(self, *, spec_path: str, **kwargs: Any) -> None:
@@ -31,6 +35,7 @@ class RubberBandPlanOperator(BaseOperator):
         self.spec_path = spec_path
 
     def execute(self, context: Context) -> dict[str, Any]:
+        """Plans the run for the spec and ``context["params"]``; the plan is the XCom."""
         spec = load_spec(self.spec_path)
         try:
             history = past_runs(storage_for(spec, dag_uri(spec, context["dag"].dag_id)))

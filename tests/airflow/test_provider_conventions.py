@@ -110,6 +110,23 @@ def test_a_deferring_sensor_hands_the_wait_to_its_trigger(storage):  # noqa: F81
         "storage_conn_id": "aws_default"}
 
 
+# template_fields
+
+
+def test_template_fields_are_attributes_and_render():
+    op = RubberBandPlanOperator(task_id="plan", spec_path="{{ params.dags }}/digits_tuning.yaml")
+    sensor = TrialResultSensor(task_id="wait", run_uri="{{ params.storage }}/{{ run_id }}", trial="{{ params.trial }}",
+                               stage=2, storage_conn_id="{{ params.conn }}")
+    assert op.template_fields == ("spec_path",)
+    for task in (op, sensor):
+        assert all(hasattr(task, name) for name in task.template_fields)
+        task.render_template_fields({"params": {"dags": "/opt/dags", "storage": "s3://b/t", "trial": "trial-0003",
+                                                "conn": "aws_default"}, "run_id": "manual__1"})
+    assert op.spec_path == "/opt/dags/digits_tuning.yaml"
+    assert (sensor.run_uri, sensor.trial, sensor.stage, sensor.storage_conn_id) == (
+        "s3://b/t/manual__1", "trial-0003", 2, "aws_default")
+
+
 # The trigger
 
 
@@ -128,3 +145,35 @@ def test_trigger_serialize_round_trips_every_constructor_argument():
     stored = Trigger._decrypt_kwargs(Trigger.encrypt_kwargs(out))  # as the trigger row keeps them
     again = import_string(classpath)(**stored)
     assert type(again) is TrialResultTrigger and again.serialize() == (classpath, kwargs)
+
+
+# :param docstrings, logging, imports
+
+
+def _documented(obj) -> set[str]:
+    return {line.split(":param ", 1)[1].split(":", 1)[0] for line in inspect.getdoc(obj).splitlines()
+            if line.strip().startswith(":param ")}
+
+
+@pytest.mark.parametrize("obj,signature_of", [
+    (RubberBandPlanOperator, RubberBandPlanOperator.__init__), (TrialResultSensor, TrialResultSensor.__init__),
+    (TrialResultTrigger, TrialResultTrigger.__init__), (storage_hook.run_storage, storage_hook.run_storage),
+    (storage_hook.read_text, storage_hook.read_text)], ids=lambda o: getattr(o, "__qualname__", ""))
+def test_every_public_class_and_hook_function_documents_each_parameter(obj, signature_of):
+    doc = inspect.getdoc(obj)
+    summary, blank = doc.splitlines()[:2]
+    assert summary.endswith(".") and not blank  # a one-line summary, then a paragraph
+    params = {n for n, p in inspect.signature(signature_of).parameters.items()
+              if n != "self" and p.kind is not p.VAR_KEYWORD}
+    assert _documented(obj) == params
+
+
+@pytest.mark.parametrize("module", PROVIDER_MODULES)
+def test_provider_modules_log_and_import_no_execution_time_internals(module):
+    tree = ast.parse(Path(importlib.import_module(module).__file__).read_text())
+    for node in ast.walk(tree):
+        assert not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"), (
+            f"{module}:{node.lineno} prints; use logging")
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        assert not any(n.startswith("airflow.sdk.execution_time") for n in names), f"{module}:{node.lineno}"
