@@ -6,6 +6,7 @@ from typing import Any
 
 
 def get_provider_info() -> dict[str, Any]:
+    """The provider's metadata, in the shape of Airflow's ``provider_info.schema.json``."""
     return {
         "package-name": "rubberband-airflow",
         "name": "RubberBand",
@@ -15,5 +16,6 @@ def get_provider_info() -> dict[str, Any]:
                           "tags": ["software"]}],
         "operators": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.operators.planning"]}],
         "sensors": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.sensors.trial"]}],
+        "hooks": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.hooks.storage"]}],
         "triggers": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.triggers.trial"]}],
     }

@@ -177,3 +177,22 @@ def test_provider_modules_log_and_import_no_execution_time_internals(module):
         names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                  else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
         assert not any(n.startswith("airflow.sdk.execution_time") for n in names), f"{module}:{node.lineno}"
+
+
+# Provider info
+
+
+def test_provider_info_validates_against_airflows_schema_and_names_importable_modules():
+    import airflow
+
+    schema = json.loads((Path(airflow.__file__).parent / "provider_info.schema.json").read_text())
+    info = get_provider_info()
+    jsonschema.validate(info, schema)
+    assert info["package-name"] == "rubberband-airflow"  # the distribution's name, as discovery requires
+    assert "plugins" not in info  # registered by the airflow.plugins entry point only (not both ways)
+    integrations = {i["integration-name"] for i in info["integrations"]}
+    for kind in ("operators", "sensors", "hooks", "triggers"):
+        for entry in info[kind]:
+            assert entry["integration-name"] in integrations
+            for module in entry["python-modules"]:
+                importlib.import_module(module)
