@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from airflow.api_fastapi.app import get_auth_manager
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 from airflow.api_fastapi.core_api.security import GetUserDep
+from airflow.configuration import conf
 from airflow.plugins_manager import AirflowPlugin
 
 from rubberband_airflow.spec import SpecError, load_spec
@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 
 def _specs(user: Any) -> list[Any]:
-    """The tuning specs in the dags folder whose DAG runs ``user`` may read."""
-    folder = Path(os.environ.get("AIRFLOW__CORE__DAGS_FOLDER", Path(os.environ.get("AIRFLOW_HOME", "~/airflow")) / "dags"))
+    """The tuning specs in the dags folder (``[core] dags_folder``) whose DAG runs ``user`` may read."""
+    folder = Path(conf.get_mandatory_value("core", "dags_folder"))
     out = []
     for path in sorted(folder.expanduser().glob("*.yaml")):
         try:
@@ -57,6 +57,7 @@ def _reports(spec: Any) -> list[dict[str, Any]]:
 
 
 def create_app() -> FastAPI:
+    """The page and its JSON API, mounted by the plugin at ``/rubberband``."""
     app = FastAPI(title="RubberBand", description="Tuning runs and their reports")
 
     @app.get("/api/runs")
@@ -98,6 +99,8 @@ def create_app() -> FastAPI:
 
 
 class RubberBandPlugin(AirflowPlugin):
+    """The RubberBand page on the api-server, listed under Browse (registered by the ``airflow.plugins`` entry point)."""
+
     name = "rubberband"
     fastapi_apps = [{"app": create_app(), "url_prefix": "/rubberband", "name": "RubberBand"}]
     external_views = [{"name": "RubberBand", "href": "/rubberband/", "url_route": "rubberband", "destination": "nav",

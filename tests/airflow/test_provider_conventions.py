@@ -196,3 +196,39 @@ def test_provider_info_validates_against_airflows_schema_and_names_importable_mo
             assert entry["integration-name"] in integrations
             for module in entry["python-modules"]:
                 importlib.import_module(module)
+
+
+# The plugin
+
+
+@pytest.fixture
+def dags_folder_in_conf(tmp_path, monkeypatch):
+    """``[core] dags_folder`` set in Airflow's config (no environment variable), with one spec in it."""
+    from airflow.configuration import conf
+
+    folder = tmp_path / "configured_dags"
+    folder.mkdir()
+    (folder / "digits_tuning.yaml").write_text((ROOT / "dags" / "digits_tuning.yaml").read_text())
+    (folder / "notes.yaml").write_text("not: a spec\n")
+    monkeypatch.delenv("AIRFLOW__CORE__DAGS_FOLDER", raising=False)
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "elsewhere"))  # a folder from the environment is not used
+    before = conf.get("core", "dags_folder")
+    conf.set("core", "dags_folder", str(folder))
+    yield folder
+    conf.set("core", "dags_folder", before)
+
+
+def test_the_plugin_lists_the_specs_of_the_configured_dags_folder(dags_folder_in_conf, monkeypatch):
+    from rubberband_airflow import plugin
+
+    class Allow:
+        def __init__(self, dag_ids: set[str]) -> None:
+            self.dag_ids = dag_ids
+
+        def is_authorized_dag(self, *, method, access_entity, details, user) -> bool:
+            return details.id in self.dag_ids
+
+    monkeypatch.setattr(plugin, "get_auth_manager", lambda: Allow({"digits_tuning"}))
+    assert [s.name for s in plugin._specs(user=None)] == ["digits_tuning"]
+    monkeypatch.setattr(plugin, "get_auth_manager", lambda: Allow(set()))
+    assert plugin._specs(user=None) == []
