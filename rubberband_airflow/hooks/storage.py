@@ -48,12 +48,23 @@ def read_text(uri: str, conn_id: str | None) -> str:
 
 
 def storage_for(spec: TuningSpec, uri: str) -> RunStorage:
-    """Storage under a spec's ``storage`` (or its profile) through the spec's connection."""
+    """
+    Reach storage under a spec's ``storage`` (or its profile) through the spec's connection.
+
+    :param spec: the tuning spec whose connection to use (its EC2 backend's ``aws_conn_id``; none for local)
+    :param uri: the storage root, under the spec's ``storage``
+    """
     return run_storage(uri, storage_conn_id(spec))
 
 
 def load_profile(spec: TuningSpec) -> dict[str, Any]:
-    """The workload profile the spec names (a local path or any fsspec URL), through the spec's connection."""
+    """
+    Read the workload profile a spec names (a local path or any fsspec URL) through its connection.
+
+    A missing profile is a ``ProblemError`` that says how to make it.
+
+    :param spec: the tuning spec whose ``profile`` to read
+    """
     try:
         return json.loads(read_text(spec.profile, storage_conn_id(spec)))
     except FileNotFoundError:
