@@ -205,9 +205,11 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                 dropped = deprovision.partial(plan=plan.output).expand(instances=shrink)
                 trials = place(plan.output, stage)
                 [launched, dropped] >> trials
+                # Deferred whatever [operators] default_deferrable says: a trial's wait lasts as long as
+                # the trial, and one sensor per trial must not hold a worker slot for it.
                 waits = TrialResultSensor.partial(
                     task_id="wait", run_uri="{{ ti.xcom_pull(task_ids='start_run') }}", stage=stage, retries=1,
-                    storage_conn_id=storage_conn_id(spec),
+                    storage_conn_id=storage_conn_id(spec), deferrable=True,
                     poll_interval=2.0).expand(trial=trials)
                 promoted = promote(plan.output, stage)
                 waits >> promoted

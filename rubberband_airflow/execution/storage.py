@@ -99,7 +99,7 @@ class RunStorage:
         if any(c in self.root for c in "*?["):  # fsspec would take the paths for glob patterns
             return [self.read_json(*parts) for parts in paths]
         got = self.fs.cat(full, on_error="return")
-        out = []
+        out: list[Any] = []
         for parts, path in zip(paths, full):
             data = got.get(path) if isinstance(got, dict) else None
             if isinstance(data, FileNotFoundError):

@@ -166,7 +166,7 @@ def parse_problem(data: Any) -> Problem:
     raw_types = top.raw("instance_types")
     if not isinstance(raw_types, list) or not raw_types:
         raise ProblemError("instance_types", f"must be a non-empty list, got {kind(raw_types)}")
-    types = []
+    types: list[InstanceType] = []
     for k, raw in enumerate(raw_types):
         r = Reader(raw, f"instance_types[{k}]")
         t = InstanceType(

@@ -163,7 +163,8 @@ def simulate_outcome(problem: Problem, plan: Plan, draws: Draws) -> Outcome:
         stage_end[:, i] = end
     for k in live:
         terminated[k] = end
-    running_at, terminated_at = np.stack(running, axis=1), np.stack(terminated, axis=1)
+    running_at = np.stack(running, axis=1)
+    terminated_at = np.stack([t if t is not None else end for t in terminated], axis=1)
     billed = billed_seconds(running_at, terminated_at, problem.billing.minimum_seconds,
                             problem.billing.increment_seconds)
     cost = itype.price_per_hour / 3600.0 * billed.sum(axis=1) + problem.data_cost()

@@ -30,6 +30,7 @@ def test_example_dags_import_without_errors(dagbag_for):
     assert {"plan", "start_run", "teardown", "report", "stage_1.scale_out", "stage_1.scale_in",
             "stage_1.provision", "stage_1.deprovision", "stage_1.place", "stage_1.wait", "stage_1.promote"} <= ids
     assert dag.task_dict["teardown"].is_teardown
+    assert dag.task_dict["stage_1.wait"].partial_kwargs["deferrable"] is True  # no worker slot per waiting trial
     assert set(dag.params) >= {"deadline_seconds", "num_trials", "eta", "min_epochs", "instance_types", "seed"}
     assert dag.params.get_param("deadline_seconds").schema["minimum"] == 1
     assert dag.task_dict["report"].outlets[0].uri.endswith("/digits_tuning/best_config.json")
