@@ -134,10 +134,13 @@ def backend_for(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str,
         return LocalBackend(storage, LocalInstanceType(b.instance_type, b.slots, b.pending_seconds, b.boot_seconds,
                                                        b.price_per_hour), trial_timeout=spec.trial_timeout_seconds)
     assert isinstance(b, EC2BackendSpec)
+    from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+
     from rubberband_airflow.execution.backends.ec2 import EC2Backend
 
     gpus = next(t for t in _instance_types(spec, [instance_type], None) if t["name"] == instance_type)["gpus"]
+    client = EC2Hook(api_type="client_type", aws_conn_id=b.aws_conn_id, region_name=b.region).conn
     return EC2Backend(storage=storage, instance_type=instance_type, image_id=b.ami, subnets=list(b.subnets),
                       security_groups=list(b.security_groups), instance_profile=b.instance_profile,
                       key_name=b.key_name, dag_id=dag_id, run_id=run_id, slots=gpus,
-                      trial_timeout=spec.trial_timeout_seconds, aws_conn_id=b.aws_conn_id, region=b.region)
+                      trial_timeout=spec.trial_timeout_seconds, client=client)
