@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,torch]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,torch,airflow]'
 	touch $(STAMP)
 
 demo: $(STAMP)

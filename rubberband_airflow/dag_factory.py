@@ -17,6 +17,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from rubberband_airflow.execution import runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.hooks.backend import run_backend
 from rubberband_airflow.hooks.storage import storage_for
 from rubberband_airflow.operators.planning import RubberBandPlanOperator
 from rubberband_airflow.planning.problem import SHA
@@ -24,7 +25,7 @@ from rubberband_airflow.report import build_report, log_summary
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.sensors.trial import TrialResultSensor
 from rubberband_airflow.spec import TuningSpec, load_spec
-from rubberband_airflow.tuning import backend_for, dag_uri, instance_type_names, run_uri, settings, storage_conn_id
+from rubberband_airflow.tuning import dag_uri, instance_type_names, run_uri, settings, storage_conn_id
 
 # Instances launched (or terminated) by one mapped scaling task.
 BATCH_SIZE = 8
@@ -90,7 +91,7 @@ class _Run:
     @property
     def backend(self) -> ComputeBackend:
         assert self.plan is not None
-        return backend_for(self.spec, self.storage, self.dag_id, self.run_id, self.plan.plan.instance_type)
+        return run_backend(self.spec, self.storage, self.dag_id, self.run_id, self.plan.plan.instance_type)
 
 
 def tuning_dag(spec_path: str | Path) -> DAG:

@@ -16,6 +16,7 @@ def get_provider_info() -> dict[str, Any]:
                           "tags": ["software"]}],
         "operators": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.operators.planning"]}],
         "sensors": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.sensors.trial"]}],
-        "hooks": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.hooks.storage"]}],
+        "hooks": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.hooks.storage",
+                                                                       "rubberband_airflow.hooks.backend"]}],
         "triggers": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.triggers.trial"]}],
     }

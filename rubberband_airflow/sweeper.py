@@ -14,15 +14,18 @@ run, and terminates those whose run has finished or no longer exists.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from airflow.sdk import DAG, task
+from airflow.sdk import DAG, TaskInstance, get_current_context, task
 
-from rubberband_airflow.execution.backends.ec2 import BILLABLE_STATES
+from rubberband_airflow.execution.backends.ec2 import BILLABLE_STATES, describe_instances, terminate_instances
 from rubberband_airflow.spec import EC2BackendSpec, SpecError, load_spec
+
+log = logging.getLogger(__name__)
 
 ENDED = ("success", "failed")  # Airflow's run states after which a run launches nothing
 
@@ -59,14 +62,17 @@ def ec2_dag_ids(dags_folder: str | Path) -> dict[tuple[str, str | None], list[st
     return dict(out)
 
 
-def _airflow_run_state(dag_id: str, run_id: str) -> str | None:
-    """"ended" or "active" as Airflow has the run, or None where it has no such run."""
-    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+def airflow_run_state(ti: TaskInstance) -> Callable[[str, str], str | None]:
+    """A ``run_state`` for ``ended_runs_instances`` that asks Airflow through the running task ``ti``."""
 
-    if RuntimeTaskInstance.get_dr_count(dag_id=dag_id, run_ids=[run_id]) == 0:
-        return None
-    ended = RuntimeTaskInstance.get_dr_count(dag_id=dag_id, run_ids=[run_id], states=list(ENDED))
-    return "ended" if ended else "active"
+    def run_state(dag_id: str, run_id: str) -> str | None:
+        """"ended" or "active" as Airflow has the run, or None where it has no such run."""
+        if ti.get_dr_count(dag_id=dag_id, run_ids=[run_id]) == 0:
+            return None
+        ended = ti.get_dr_count(dag_id=dag_id, run_ids=[run_id], states=list(ENDED))
+        return "ended" if ended else "active"
+
+    return run_state
 
 
 def sweeper_dag(dags_folder: str | Path, schedule: str = "*/15 * * * *") -> DAG:
@@ -78,18 +84,16 @@ def sweeper_dag(dags_folder: str | Path, schedule: str = "*/15 * * * *") -> DAG:
         """Terminate the instances of ended or deleted tuning runs; returns their ids."""
         from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 
+        run_state = airflow_run_state(get_current_context()["ti"])
         terminated = []
         for (conn_id, region), dag_ids in ec2_dag_ids(folder).items():
             ec2 = EC2Hook(api_type="client_type", aws_conn_id=conn_id, region_name=region).conn
             filters = [{"Name": "tag:rubberband:dag_id", "Values": dag_ids},
                        {"Name": "instance-state-name", "Values": list(BILLABLE_STATES)}]
-            pages = ec2.get_paginator("describe_instances").paginate(Filters=filters)
-            instances = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
-            doomed = ended_runs_instances(instances, _airflow_run_state)
-            for k in range(0, len(doomed), 200):
-                ec2.terminate_instances(InstanceIds=doomed[k:k + 200])
+            doomed = ended_runs_instances(describe_instances(ec2, filters), run_state)
+            terminate_instances(ec2, doomed)
             terminated += doomed
-        print(f"terminated {len(terminated)} instance(s) of ended tuning runs: {terminated}")
+        log.info("terminated %d instance(s) of ended tuning runs: %s", len(terminated), terminated)
         return terminated
 
     with DAG(dag_id="rubberband_sweeper", schedule=schedule, start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),

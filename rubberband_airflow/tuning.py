@@ -125,17 +125,23 @@ def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: d
     return to_problem(profile, tuning)
 
 
-def backend_for(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str, instance_type: str) -> ComputeBackend:
-    """The compute backend that runs this run's instances of ``instance_type``."""
+def backend_for(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str, instance_type: str,
+                ec2_client: Any = None) -> ComputeBackend:
+    """The compute backend that runs this run's instances of ``instance_type``; an EC2 spec needs a
+    boto3 EC2 client (the Airflow side makes it from the spec's connection: ``hooks.backend``)."""
     b = spec.backend
     if isinstance(b, LocalBackendSpec):
         return LocalBackend(storage, LocalInstanceType(b.instance_type, b.slots, b.pending_seconds, b.boot_seconds,
                                                        b.price_per_hour), trial_timeout=spec.trial_timeout_seconds)
-    assert isinstance(b, EC2BackendSpec)
     from rubberband_airflow.execution.backends.ec2 import EC2Backend
 
-    gpus = next(t for t in _instance_types(spec, [instance_type], None) if t["name"] == instance_type)["gpus"]
+    known = {t["name"]: t for t in _instance_types(spec, [instance_type], None)}
+    if instance_type not in known:
+        raise ProblemError("backend.instance_types", f"{instance_type!r}, which the run's plan uses, is not in the "
+                           f"spec's backend ({', '.join(instance_type_names(spec))})")
+    if ec2_client is None:
+        raise ValueError("an EC2 backend needs a boto3 EC2 client")
     return EC2Backend(storage=storage, instance_type=instance_type, image_id=b.ami, subnets=list(b.subnets),
                       security_groups=list(b.security_groups), instance_profile=b.instance_profile,
-                      key_name=b.key_name, dag_id=dag_id, run_id=run_id, slots=gpus,
-                      trial_timeout=spec.trial_timeout_seconds, aws_conn_id=b.aws_conn_id, region=b.region)
+                      key_name=b.key_name, dag_id=dag_id, run_id=run_id, slots=int(known[instance_type]["gpus"]),
+                      trial_timeout=spec.trial_timeout_seconds, client=ec2_client)

@@ -2,14 +2,18 @@
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
+PYPROJECT = tomllib.loads((DOCKER.parent / "pyproject.toml").read_text())["project"]
 
 
 def test_compose_runs_the_airflow_stack_on_postgres_with_the_provider():
@@ -25,6 +29,35 @@ def test_compose_runs_the_airflow_stack_on_postgres_with_the_provider():
     assert services["init"]["command"] == ["db", "migrate"]
     assert "apache/airflow:3.3.2" in (DOCKER / "airflow.Dockerfile").read_text()
     assert "rubberband-agent" in (DOCKER / "agent.Dockerfile").read_text()
+
+
+def _pip_installs(dockerfile: str) -> tuple[set[str], list[str]]:
+    """What a Dockerfile's ``pip install`` lines install: the package's extras, and every other requirement."""
+    text = (DOCKER / dockerfile).read_text()
+    [dest] = re.findall(r"^COPY (?:--\S+ )*\. (\S+)$", text, re.MULTILINE)  # where the repository is copied
+    extras: set[str] = set()
+    others = []
+    for line in re.findall(r"^RUN .*pip install (.*)$", text, re.MULTILINE):
+        for arg in shlex.split(line):
+            if arg.startswith(dest):
+                extras |= set(re.findall(r"\[(.*)\]", arg)[0].split(",")) if "[" in arg else set()
+            elif not arg.startswith("-"):
+                others.append(arg)
+    return extras, others
+
+
+def _requirements(extras: set[str]) -> list[str]:
+    """The package's requirements with these extras."""
+    return PYPROJECT["dependencies"] + [r for e in extras for r in PYPROJECT["optional-dependencies"][e]]
+
+
+def test_the_agent_image_installs_no_airflow_and_the_airflow_image_the_airflow_extra():
+    extras, others = _pip_installs("agent.Dockerfile")
+    assert extras == {"torch"}
+    assert not [r for r in _requirements(extras) + others if r.lower().startswith("apache-airflow")]
+    extras, _ = _pip_installs("airflow.Dockerfile")
+    assert extras == {"airflow"}
+    assert any(r.startswith("apache-airflow>=") for r in PYPROJECT["optional-dependencies"]["airflow"])
 
 
 def _statements(name: str) -> list[dict]:

@@ -60,3 +60,9 @@ def chatty(ctx: TrialContext) -> None:
     for k in range(4000):
         print(f"warning {k}: " + "x" * 100, file=sys.stderr)
     ctx.report(ctx.stop_epoch, loss=1.0, accuracy=0.5)
+
+
+def plain(ctx: TrialContext) -> None:
+    """Plain Python (no torch): each epoch's accuracy follows from the learning rate."""
+    for epoch in range(ctx.start_epoch + 1, ctx.stop_epoch + 1):
+        ctx.report(epoch, loss=1.0 / epoch, accuracy=1.0 - float(ctx.config["lr"]) / epoch)

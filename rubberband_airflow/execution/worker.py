@@ -8,6 +8,7 @@ stage assignment), never from the command line. Rank 0 writes the trial's stage 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import socket
 import sys
@@ -31,24 +32,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _device(rank: int, slots: list[int]) -> str:
-    import torch
+def _torch() -> Any | None:
+    """torch where it is installed: a one-slot trial of a plain-Python trainable runs without it."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
 
-    if torch.cuda.is_available():
+
+def _device(rank: int, slots: list[int]) -> str:
+    torch = _torch()
+    if torch is not None and torch.cuda.is_available():
         return f"cuda:{slots[rank] if rank < len(slots) else rank}"
     return "cpu"
 
 
 def _rank_main(rank: int, world_size: int, port: int, run_uri: str, trial: str, stage: int,
                task: dict[str, Any], spec: dict[str, Any], slots: list[int]) -> None:
-    import torch
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)  # one slot, one core: the speed the profiler measured
+    torch = _torch()
+    if torch is not None:
+        torch.set_num_threads(1)  # one slot, one core: the speed the profiler measured
     device = _device(rank, slots)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    if world_size > 1:
+    # Data parallel only: a one-rank trial needs no process group (nor torch).
+    dist = importlib.import_module("torch.distributed") if world_size > 1 else None
+    if dist is not None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
                                 init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     storage = RunStorage(run_uri)
@@ -57,10 +67,10 @@ def _rank_main(rank: int, world_size: int, port: int, run_uri: str, trial: str, 
                        seed=trial_seed(int(spec.get("seed", 0)), trial), stage=stage, storage=storage)
     try:
         load_trainable(spec["trainable"])(ctx)
-        if world_size > 1:
+        if dist is not None:
             dist.barrier()
     finally:
-        if world_size > 1 and dist.is_initialized():
+        if dist is not None and dist.is_initialized():
             dist.destroy_process_group()
     if rank == 0:
         _check_reports(ctx, spec)
@@ -93,6 +103,8 @@ def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[in
         if world == 1:
             _rank_main(0, 1, 0, run_uri, trial, stage, task, spec, slots)
         else:
+            if _torch() is None:
+                raise TrialFailed(f"a trial on {world} GPUs needs torch: install rubberband-airflow[torch]")
             import torch.multiprocessing as mp
 
             mp.spawn(_rank_main, args=(world, _free_port(), run_uri, trial, stage, task, spec, slots),

@@ -92,7 +92,8 @@ def test_sweeper_terminates_instances_of_ended_and_deleted_runs_and_keeps_live_o
     def launch(dag_id: str, run_id: str) -> list[str]:
         backend = EC2Backend(RunStorage(f"s3://{BUCKET}/rubberband/{dag_id}/{run_id}"), "g5.xlarge",
                              moto_cloud.image_id, moto_cloud.subnets, [moto_cloud.security_group],
-                             moto_cloud.instance_profile, dag_id=dag_id, run_id=run_id, slots=1, region=REGION)
+                             moto_cloud.instance_profile, dag_id=dag_id, run_id=run_id, slots=1,
+                             client=moto_cloud.client("ec2"))
         return backend.launch("stage-1", 2)
 
     live, deleted, foreign = launch("digits_ec2", "live_run"), launch("digits_ec2", "deleted_run"), \

@@ -17,6 +17,7 @@ import rubberband_airflow.sensors.trial as sensor_module
 from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run
 from rubberband_airflow.get_provider_info import get_provider_info
 from rubberband_airflow.hooks import storage as storage_hook
+from rubberband_airflow.hooks.backend import run_backend
 from rubberband_airflow.operators.planning import RubberBandPlanOperator
 from rubberband_airflow.sensors.trial import TrialResultSensor
 from rubberband_airflow.triggers.trial import BOOT_SECONDS, LIVENESS_INTERVAL, SILENT_SECONDS, TrialResultTrigger
@@ -25,6 +26,7 @@ from tests.execution.conftest import storage  # noqa: F401 (fixture)
 
 PROVIDER_MODULES = ["rubberband_airflow.operators.planning", "rubberband_airflow.sensors.trial",
                     "rubberband_airflow.triggers.trial", "rubberband_airflow.hooks.storage",
+                    "rubberband_airflow.hooks.backend", "rubberband_airflow.sweeper",
                     "rubberband_airflow.plugin", "rubberband_airflow.get_provider_info"]
 
 
@@ -159,7 +161,7 @@ def _documented(obj) -> set[str]:
     (RubberBandPlanOperator, RubberBandPlanOperator.__init__), (TrialResultSensor, TrialResultSensor.__init__),
     (TrialResultTrigger, TrialResultTrigger.__init__), (storage_hook.run_storage, storage_hook.run_storage),
     (storage_hook.read_text, storage_hook.read_text), (storage_hook.storage_for, storage_hook.storage_for),
-    (storage_hook.load_profile, storage_hook.load_profile)], ids=lambda o: getattr(o, "__qualname__", ""))
+    (storage_hook.load_profile, storage_hook.load_profile), (run_backend, run_backend)], ids=lambda o: getattr(o, "__qualname__", ""))
 def test_every_public_class_and_hook_function_documents_each_parameter(obj, signature_of):
     doc = inspect.getdoc(obj)
     summary, blank = doc.splitlines()[:2]

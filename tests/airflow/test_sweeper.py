@@ -1,6 +1,6 @@
 """Which instances the sweeper terminates: those of runs that ended or no longer exist."""
 
-from rubberband_airflow.sweeper import ec2_dag_ids, ended_runs_instances
+from rubberband_airflow.sweeper import airflow_run_state, ec2_dag_ids, ended_runs_instances
 from tests.airflow.conftest import ROOT
 
 
@@ -27,3 +27,15 @@ def test_instances_of_ended_or_missing_runs_are_chosen_and_each_run_is_asked_onc
 
 def test_the_sweeper_covers_the_ec2_specs_of_its_folder_only():
     assert ec2_dag_ids(ROOT / "dags") == {("aws_default", "us-east-1"): ["nightly_ec2_tuning"]}
+
+
+def test_run_states_are_asked_of_the_running_task_instance():
+    class TaskInstance:  # the two counts the Task SDK's get_dr_count gives, for runs "live" (queued) and "done"
+        def get_dr_count(self, dag_id, run_ids, states=None):
+            [run_id] = run_ids
+            exists = dag_id == "d" and run_id in ("live", "done")
+            return int(exists and (states is None or run_id == "done" and set(states) == {"success", "failed"}))
+
+    run_state = airflow_run_state(TaskInstance())
+    assert [run_state("d", r) for r in ("live", "done", "gone")] == ["active", "ended", None]
+    assert run_state("other", "live") is None

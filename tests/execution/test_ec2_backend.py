@@ -12,7 +12,7 @@ from rubberband_airflow.execution.runner import RunSpec, run_sha, start_run
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.workloads import digits
 from tests.execution.conftest import agent_processes, plan_json
-from tests.execution.moto_cloud import REGION, MotoCloud, moto_cloud  # noqa: F401 (the fixture)
+from tests.execution.moto_cloud import MotoCloud, moto_cloud  # noqa: F401 (the fixture)
 
 SPEC = RunSpec("rubberband_airflow.workloads.digits:train", "accuracy", "max", seed=3)
 TYPE = "g5.xlarge"  # one GPU: one slot, as this machine has two cores
@@ -22,7 +22,7 @@ def _backend(cloud: MotoCloud, storage, run_id: str = "manual__2025-07-01T00:00:
              subnets: list[str] | None = None) -> EC2Backend:
     return EC2Backend(storage, TYPE, cloud.image_id, subnets or cloud.subnets, [cloud.security_group],
                       cloud.instance_profile, dag_id="tune_digits", run_id=run_id,
-                      slots=prices.lookup(TYPE).gpus, trial_timeout=120, region=REGION)
+                      slots=prices.lookup(TYPE).gpus, trial_timeout=120, client=cloud.client("ec2"))
 
 
 def test_two_stage_job_runs_on_ec2_and_leaves_nothing_running(moto_cloud):

@@ -1,4 +1,7 @@
-"""The ``ec2`` backend: GPU instances launched through the amazon provider's ``EC2Hook``.
+"""The ``ec2`` backend: GPU instances launched through a boto3 EC2 client.
+
+The backend takes the client it is given (the Airflow side hands it ``EC2Hook``'s, so it acts
+with the spec's AWS connection) and imports nothing of Airflow.
 
 Every instance carries the run's tags (``rubberband:dag_id``, ``rubberband:run_id``,
 ``rubberband:batch``), which is how a batch is found again (a retried launch returns the
@@ -11,18 +14,18 @@ agent exits, the instance powers off, and powering off terminates it.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shlex
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from botocore.exceptions import ClientError
 
 from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.execution.storage import RunStorage
 
-if TYPE_CHECKING:
-    from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+log = logging.getLogger(__name__)
 
 # Launch errors after which the next subnet (another availability zone) is tried.
 RETRYABLE_LAUNCH_ERRORS: frozenset[str] = frozenset({"InsufficientInstanceCapacity", "Unsupported"})
@@ -43,19 +46,15 @@ class CapacityError(LaunchError):
 class EC2Backend(ComputeBackend):
     def __init__(self, storage: RunStorage, instance_type: str, image_id: str, subnets: Sequence[str],
                  security_groups: Sequence[str], instance_profile: str, dag_id: str, run_id: str, slots: int,
-                 trial_timeout: float = 3600.0, key_name: str | None = None, aws_conn_id: str = "aws_default",
-                 region: str | None = None) -> None:
-        """``subnets`` are tried in order; ``instance_profile`` is a name or an ARN; ``slots`` is
-        the GPUs per instance."""
+                 trial_timeout: float = 3600.0, key_name: str | None = None, *, client: Any) -> None:
+        """``client`` is a boto3 EC2 client; ``subnets`` are tried in order; ``instance_profile`` is
+        a name or an ARN; ``slots`` is the GPUs per instance."""
         if not subnets:
             raise ValueError("at least one subnet is needed")
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
         for name, value in (("dag_id", dag_id), ("run_id", run_id)):
             _check_tag_value(name, value)
-        # Imported here so that importing the backend does not initialise Airflow.
-        from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
-
         self.storage = storage
         self.instance_type = instance_type
         self.image_id = image_id
@@ -72,7 +71,7 @@ class EC2Backend(ComputeBackend):
         self.idle_timeout = 2 * trial_timeout
         self.key_name = key_name
         self._recorded: set[tuple[str, str]] = set()  # (instance, ledger key) already set
-        self.hook: EC2Hook = EC2Hook(api_type="client_type", aws_conn_id=aws_conn_id, region_name=region)
+        self.client = client
 
     # --- what an instance is launched with ---
     def user_data(self) -> str:
@@ -159,8 +158,7 @@ class EC2Backend(ComputeBackend):
         raw = self._states(instances)
         self._observe(instances, raw)  # the ledger learns when each instance started to bill
         doomed = [i for i in instances if i in raw and raw[i][0] not in ("shutting-down", "terminated")]
-        for chunk in _chunks(doomed):
-            self.hook.terminate_instances(instance_ids=chunk)
+        terminate_instances(self.client, doomed)
         now = time.time()
         for instance in instances:
             self._record(instance, "terminated", now)
@@ -182,7 +180,7 @@ class EC2Backend(ComputeBackend):
         refused = []
         for subnet in self.subnets:
             try:
-                return self.hook.conn.run_instances(**self.request(batch, count, subnet))["Instances"]
+                return self.client.run_instances(**self.request(batch, count, subnet))["Instances"]
             except ClientError as e:
                 error = e.response.get("Error", {})
                 code, message = error.get("Code", "?"), error.get("Message", "")
@@ -200,7 +198,7 @@ class EC2Backend(ComputeBackend):
         filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in want.items()]
         filters.append({"Name": "instance-state-name", "Values": list(states)})
         # Tag filters treat * and ? as wildcards: keep only exact matches.
-        found = [i for i in self._describe(filters)
+        found = [i for i in describe_instances(self.client, filters)
                  if want.items() <= {t["Key"]: t["Value"] for t in i.get("Tags", [])}.items()]
         return sorted(found, key=lambda i: (i["LaunchTime"], i.get("AmiLaunchIndex", 0), i["InstanceId"]))
 
@@ -208,13 +206,9 @@ class EC2Backend(ComputeBackend):
         """EC2's state name and launch time of each listed instance (unlisted ones are left out)."""
         out = {}
         for chunk in _chunks(instances):
-            for i in self._describe([{"Name": "instance-id", "Values": chunk}]):
+            for i in describe_instances(self.client, [{"Name": "instance-id", "Values": chunk}]):
                 out[i["InstanceId"]] = (i["State"]["Name"], i["LaunchTime"].timestamp())
         return out
-
-    def _describe(self, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        pages = self.hook.conn.get_paginator("describe_instances").paginate(Filters=filters)
-        return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
 
     def _entry(self, instance: str) -> dict[str, Any] | None:
         return self.storage.read_json("ledger", f"{instance}.json")
@@ -249,6 +243,19 @@ class EC2Backend(ComputeBackend):
         self.storage.write_ledger({"instance": instance, "batch": batch, "type": self.instance_type,
                                    "slots": self.slots, "requested": requested, "running": None, "ready": None,
                                    "terminated": None})
+
+
+def describe_instances(client: Any, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every instance the EC2 ``client`` lists under ``filters``, all pages read."""
+    pages = client.get_paginator("describe_instances").paginate(Filters=filters)
+    return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+
+
+def terminate_instances(client: Any, instances: list[str]) -> None:
+    """Terminate ``instances`` through the EC2 ``client``, at most 200 a request."""
+    for chunk in _chunks(instances):
+        log.info("Terminating instances: %s", chunk)
+        client.terminate_instances(InstanceIds=chunk)
 
 
 def _check_tag_value(name: str, value: str) -> None:
