@@ -44,7 +44,8 @@ def main() -> None:
         runs.append({"run": k + 1, "history_runs": plan.get("history_runs"),
                      "planned_stage_overhead": plan["problem"]["workload"]["stage_overhead_seconds"],
                      "stage_overhead_seconds": rep["stage_overhead_seconds"],
-                     "predicted_jct": rep["predicted"]["jct_seconds"]["mean"], "actual_jct": rep["actual"]["jct_seconds"],
+                     "predicted_jct": rep["predicted"]["jct_seconds"]["mean"],
+                     "actual_jct": rep["actual"]["jct_seconds"],
                      "predicted_cost": rep["predicted"]["cost_usd"]["mean"], "actual_cost": rep["actual"]["cost_usd"]})
         print(f"run {k + 1}: overheads {rep['stage_overhead_seconds']}", flush=True)
     between = [o for r in runs for o in r["stage_overhead_seconds"][1:]]

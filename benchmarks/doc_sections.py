@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-HEADER = "# Benchmarks\n\nEach section is written by a script in `benchmarks/`; raw numbers are in `benchmarks/results/`.\n"
+HEADER = ("# Benchmarks\n\nEach section is written by a script in `benchmarks/`; raw numbers are in "
+          "`benchmarks/results/`.\n")
 
 
 def write_section(name: str, markdown: str) -> None:

@@ -2,7 +2,7 @@
 model with it. Shows how a tuning DAG plugs into an existing pipeline through its Asset."""
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from airflow.sdk import ObjectStoragePath, dag, task
@@ -12,7 +12,7 @@ from rubberband_airflow.dag_factory import best_config_asset
 best = best_config_asset(Path(__file__).with_name("digits_tuning.yaml"))
 
 
-@dag(schedule=[best], start_date=datetime(2026, 1, 1, tzinfo=timezone.utc), catchup=False,
+@dag(schedule=[best], start_date=datetime(2026, 1, 1, tzinfo=UTC), catchup=False,
      tags=["rubberband", "example"], description="Train the final digits model with the tuned configuration")
 def train_best_digits():
     @task

@@ -8,7 +8,7 @@ a teardown that always terminates what the run launched; a report that publishes
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +175,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         publish = storage_for(run.spec, dag_uri(run.spec, run.dag_id))
         publish.write_json({"config": rep["best"]["config"], "metric": rep["best"]["metric"],
                             "metric_name": rep["metric"], "trial": rep["best"]["trial"], "run": run.storage.uri,
-                            "published": datetime.now(timezone.utc).isoformat()}, "best_config.json")
+                            "published": datetime.now(UTC).isoformat()}, "best_config.json")
         get_current_context()["outlet_events"][best].extra = {"run": run.storage.uri, "metric": rep["best"]["metric"]}
         return {"run": run.storage.uri, "best_trial": rep["best"]["trial"], "best_metric": rep["best"]["metric"],
                 "actual_jct_seconds": rep["actual"]["jct_seconds"], "actual_cost_usd": rep["actual"]["cost_usd"],
@@ -184,7 +184,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     with DAG(
         dag_id=spec.name,
         schedule=spec.schedule,
-        start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+        start_date=datetime(2026, 1, 1, tzinfo=UTC),
         catchup=False,
         max_active_runs=1,
         params=_params(spec),

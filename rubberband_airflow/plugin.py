@@ -13,18 +13,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
-from fastapi.responses import HTMLResponse, JSONResponse
-
 from airflow.api_fastapi.app import get_auth_manager
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 from airflow.api_fastapi.core_api.security import GetUserDep
 from airflow.configuration import conf
 from airflow.plugins_manager import AirflowPlugin
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse, JSONResponse
 
-from rubberband_airflow.spec import SpecError, load_spec
 from rubberband_airflow.hooks.storage import storage_for
 from rubberband_airflow.report import newest_reports, report_end
+from rubberband_airflow.spec import SpecError, load_spec
 from rubberband_airflow.tuning import dag_uri
 
 log = logging.getLogger(__name__)
@@ -99,7 +98,8 @@ def create_app() -> FastAPI:
 
 
 class RubberBandPlugin(AirflowPlugin):
-    """The RubberBand page on the api-server, listed under Browse (registered by the ``airflow.plugins`` entry point)."""
+    """The RubberBand page on the api-server, listed under Browse (registered by the ``airflow.plugins``
+    entry point)."""
 
     name = "rubberband"
     fastapi_apps = [{"app": create_app(), "url_prefix": "/rubberband", "name": "RubberBand"}]

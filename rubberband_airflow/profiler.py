@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import platform
 import time
-from datetime import datetime, timezone
-from typing import Any, Iterable
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 
 from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.results import Mode
 from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run, stop_instances, wait_stage
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.errors import ProblemError
@@ -104,7 +106,7 @@ def profile(storage: RunStorage, backend: ComputeBackend, *, trainable: str, sea
     if configs <= gpus:
         raise ProblemError("configs", f"must be more than the instance's {gpus} slots, so a slot runs tasks "
                            "back to back and the overhead between them is measured")
-    spec = RunSpec(trainable, metric, "max", seed)
+    spec = RunSpec(trainable, metric, Mode.MAX, seed)
     trial_configs = sample(search_space, configs, seed)
     trials = start_run(storage, spec, trial_configs, {"profile": instance_type}, gpus)
     stage_gaps: list[float] = []
@@ -139,7 +141,7 @@ def profile(storage: RunStorage, backend: ComputeBackend, *, trainable: str, sea
     return {
         "trainable": trainable,
         "metric": metric,
-        "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "profiling_seconds": round(time.time() - began, 1),
         "conditions": {"instance_type": instance_type, "gpus": gpus, "configs": configs, "epochs_per_task": epochs,
                        "host": platform.node(), "python": platform.python_version(), **(conditions or {})},

@@ -40,7 +40,8 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         ends = [r["finished"] for r in results.values() if r.get("finished")]
         end = max(ends) if ends else storage.read_json("stages", str(stage), "end.json")["time"]
         alloc = plan["stages"][stage - 1] if stage <= len(plan.get("stages", [])) else {}
-        stages.append({"stage": stage, "trials": len(trials), "done": len(done), "failed": sorted(set(results) - set(done)),
+        stages.append({"stage": stage, "trials": len(trials), "done": len(done),
+                       "failed": sorted(set(results) - set(done)),
                        "gpus_per_trial": alloc.get("gpus_per_trial"), "instances": alloc.get("instances"),
                        "epochs": alloc.get("epochs"), "start": start, "end": end,
                        "overhead_seconds": start - previous_end if previous_end else None,
@@ -115,7 +116,8 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
     lines = [f"RubberBand run {rep['run']}"]
     best = rep["best"]
     if best:
-        cfg = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(best["config"].items()))
+        cfg = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in sorted(best["config"].items()))
         lines.append(f"Best: {best['trial']} {rep['metric']}={best['metric']:.4f} "
                      f"(median of stage 1: {rep['median_stage1_metric']:.4f}) with {cfg}")
     else:
@@ -131,7 +133,8 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
     if act["cost_usd"] is not None and pc is not None:
         lines.append(f"Cost: predicted ${pc:.4f}, actual ${act['cost_usd']:.4f} ({_pct(act['cost_usd'], pc)}) "
                      f"on {rep['instance_type']}")
-    lines.append(f"{'stage':>5} {'trials':>6} {'done':>4} {'inst':>4} {'g':>2} {'seconds':>8} {'overhead':>8} {'best':>8}")
+    lines.append(f"{'stage':>5} {'trials':>6} {'done':>4} {'inst':>4} {'g':>2} {'seconds':>8} {'overhead':>8} "
+                 f"{'best':>8}")
     for s in rep["stages"]:
         lines.append(f"{s['stage']:>5} {s['trials']:>6} {s['trials'] - len(s['failed']):>4} {s['instances'] or '-':>4} "
                      f"{s['gpus_per_trial'] or '-':>2} {s['seconds']:>8.1f} {s['overhead_seconds'] or 0:>8.1f} "

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from airflow.sdk import DAG, TaskInstance, get_current_context, task
 
@@ -96,7 +97,7 @@ def sweeper_dag(dags_folder: str | Path, schedule: str = "*/15 * * * *") -> DAG:
         log.info("terminated %d instance(s) of ended tuning runs: %s", len(terminated), terminated)
         return terminated
 
-    with DAG(dag_id="rubberband_sweeper", schedule=schedule, start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    with DAG(dag_id="rubberband_sweeper", schedule=schedule, start_date=datetime(2026, 1, 1, tzinfo=UTC),
              catchup=False, max_active_runs=1, tags=["rubberband"],
              description="Terminate EC2 instances of tuning runs that have ended (the net behind teardown)") as dag:
         sweep()

@@ -21,8 +21,9 @@ import importlib
 import io
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from rubberband_airflow.execution.storage import RunStorage
 

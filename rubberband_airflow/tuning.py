@@ -72,14 +72,15 @@ def instance_type_names(spec: TuningSpec) -> list[str]:
 
 def _instance_types(spec: TuningSpec, chosen: list[str], max_instances: int | None) -> list[dict[str, Any]]:
     b = spec.backend
+    types: list[dict[str, Any]] = []
     if isinstance(b, LocalBackendSpec):
         limit = min(b.max_instances, LocalInstanceType(b.instance_type, b.slots).max_instances())
         # Pending and boot come from the profile, measured on this backend with the same injected latency.
-        types = [{"name": b.instance_type, "gpus": b.slots, "price_per_hour": b.price_per_hour, "max_instances": limit}]
+        types.append({"name": b.instance_type, "gpus": b.slots, "price_per_hour": b.price_per_hour,
+                      "max_instances": limit})
     else:
         from rubberband_airflow.execution.prices import lookup
 
-        types = []
         for t in b.instance_types:
             if t["name"] not in chosen:
                 continue

@@ -87,7 +87,8 @@ class RunPlan:
     def trial_seconds(self, stage: int) -> float:
         """A trial's expected time in a stage: u + d_i * epoch_seconds[g_i] (section 4, step 4)."""
         w = self.problem.workload
-        return w.trial_overhead_seconds + self.sha.new_epochs(stage) * w.epoch_seconds[self.allocation(stage).gpus_per_trial]
+        epoch = w.epoch_seconds[self.allocation(stage).gpus_per_trial]
+        return w.trial_overhead_seconds + self.sha.new_epochs(stage) * epoch
 
     @property
     def launch_seconds(self) -> float:

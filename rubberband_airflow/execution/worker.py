@@ -54,7 +54,7 @@ def _rank_main(rank: int, world_size: int, port: int, run_uri: str, trial: str, 
     if torch is not None:
         torch.set_num_threads(1)  # one slot, one core: the speed the profiler measured
     device = _device(rank, slots)
-    if device.startswith("cuda"):
+    if torch is not None and device.startswith("cuda"):
         torch.cuda.set_device(device)
     # Data parallel only: a one-rank trial needs no process group (nor torch).
     dist = importlib.import_module("torch.distributed") if world_size > 1 else None

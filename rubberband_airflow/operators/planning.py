@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from airflow.sdk import BaseOperator, Context
 from airflow.sdk.exceptions import AirflowFailException
 
+from rubberband_airflow.hooks.storage import load_profile, storage_for
 from rubberband_airflow.planning.errors import InfeasibleError, ProblemError
 from rubberband_airflow.planning.planner import plan_problem
 from rubberband_airflow.planning.problem import parse_problem
 from rubberband_airflow.spec import load_spec
-from rubberband_airflow.hooks.storage import load_profile, storage_for
 from rubberband_airflow.tuning import dag_uri, past_runs, planning_problem
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterator
+from collections.abc import Iterator
 
 from rubberband_airflow.planning.plan import Plan
 from rubberband_airflow.planning.planner import Evaluator

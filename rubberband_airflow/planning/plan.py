@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.problem import Problem
@@ -22,7 +23,7 @@ class Plan:
     stages: tuple[StageAllocation, ...]
 
     @classmethod
-    def of(cls, instance_type: str, stages: list[tuple[int, int]]) -> "Plan":
+    def of(cls, instance_type: str, stages: list[tuple[int, int]]) -> Plan:
         """Build from (gpus_per_trial, instances) pairs."""
         return cls(instance_type, tuple(StageAllocation(int(g), int(c)) for g, c in stages))
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.validation import Reader, gpu_count, kind, number

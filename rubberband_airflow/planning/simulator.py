@@ -11,6 +11,7 @@ from rubberband_airflow.planning.billing import billed_seconds
 from rubberband_airflow.planning.plan import Plan
 from rubberband_airflow.planning.problem import Problem
 
+
 @dataclass(frozen=True)
 class Draws:
     """Common random numbers: one standard normal per (sample, stage, trial) and per instance request.
@@ -41,7 +42,7 @@ class Draws:
         return self._factors[key]
 
     @classmethod
-    def for_problem(cls, problem: Problem, samples: int | None = None) -> "Draws":
+    def for_problem(cls, problem: Problem, samples: int | None = None) -> Draws:
         """Draws from the problem's seed; a deterministic problem needs one sample only."""
         if samples is None:
             samples = 1 if problem.deterministic else problem.planner.samples

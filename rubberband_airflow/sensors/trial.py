@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue, conf
 from airflow.sdk.bases.sensor import poke_mode_only
@@ -11,8 +12,14 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.hooks.storage import run_storage
-from rubberband_airflow.triggers.trial import (LIVENESS_INTERVAL, SILENT_SECONDS, Liveness, TrialResultTrigger,
-                                               boot_limit, lost_result)
+from rubberband_airflow.triggers.trial import (
+    LIVENESS_INTERVAL,
+    SILENT_SECONDS,
+    Liveness,
+    TrialResultTrigger,
+    boot_limit,
+    lost_result,
+)
 
 
 def config_summary(config: dict[str, Any], limit: int = 60) -> str:

@@ -117,4 +117,5 @@ def train_final(config: dict[str, Any], epochs: int, seed: int = 0) -> dict[str,
     model.eval()
     with torch.no_grad():
         logits = model(x_val)
-        return {"val_loss": float(loss_fn(logits, y_val)), "accuracy": float((logits.argmax(1) == y_val).float().mean())}
+        accuracy = float((logits.argmax(1) == y_val).float().mean())
+        return {"val_loss": float(loss_fn(logits, y_val)), "accuracy": accuracy}

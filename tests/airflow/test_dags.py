@@ -1,12 +1,11 @@
 """The example DAGs parse; bad specs become import errors naming the file and the field."""
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
-
-import json
 
 from tests.airflow.conftest import BIN, ROOT, airflow_env, run
 
@@ -82,9 +81,9 @@ def test_provider_and_plugin_are_registered(tmp_path):
 
 def test_plugin_page_is_behind_airflows_login(tmp_path, monkeypatch):
     """Without a valid token nothing is shown (the pages with a login: tests/fullstack)."""
+    from airflow.api_fastapi.app import create_auth_manager
     from fastapi.testclient import TestClient
 
-    from airflow.api_fastapi.app import create_auth_manager
     from rubberband_airflow.execution.storage import RunStorage
     from rubberband_airflow.plugin import create_app
 

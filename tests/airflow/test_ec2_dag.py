@@ -2,7 +2,6 @@
 reaches EC2 and S3 through its connection only; the agents with their own (instance) credentials."""
 
 import json
-import os
 import shutil
 import sys
 

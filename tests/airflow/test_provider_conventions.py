@@ -161,7 +161,8 @@ def _documented(obj) -> set[str]:
     (RubberBandPlanOperator, RubberBandPlanOperator.__init__), (TrialResultSensor, TrialResultSensor.__init__),
     (TrialResultTrigger, TrialResultTrigger.__init__), (storage_hook.run_storage, storage_hook.run_storage),
     (storage_hook.read_text, storage_hook.read_text), (storage_hook.storage_for, storage_hook.storage_for),
-    (storage_hook.load_profile, storage_hook.load_profile), (run_backend, run_backend)], ids=lambda o: getattr(o, "__qualname__", ""))
+    (storage_hook.load_profile, storage_hook.load_profile), (run_backend, run_backend)],
+    ids=lambda o: getattr(o, "__qualname__", ""))
 def test_every_public_class_and_hook_function_documents_each_parameter(obj, signature_of):
     doc = inspect.getdoc(obj)
     summary, blank = doc.splitlines()[:2]

@@ -25,11 +25,12 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import boto3
 import fsspec
@@ -44,7 +45,7 @@ BUCKET = "rubberband-test"
 
 
 class _ImdsHandler(BaseHTTPRequestHandler):
-    server: "_Imds"
+    server: _Imds
 
     def do_PUT(self) -> None:
         if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):

@@ -26,7 +26,8 @@ RUNTIME_MODULES = ("rubberband_airflow.execution.agent", "rubberband_airflow.exe
 IMPORT_ALL = f"""
 import importlib, pkgutil, sys
 import rubberband_airflow.planning as planning
-for name in {RUNTIME_MODULES!r} + tuple(m.name for m in pkgutil.iter_modules(planning.__path__, "rubberband_airflow.planning.")):
+core = tuple(m.name for m in pkgutil.iter_modules(planning.__path__, "rubberband_airflow.planning."))
+for name in {RUNTIME_MODULES!r} + core:
     importlib.import_module(name)
 print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("airflow", "torch"))))
 """

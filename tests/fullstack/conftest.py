@@ -19,15 +19,15 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
-
-import psycopg2
-import pytest
-from psycopg2 import sql
+from typing import Any
 
 import fsspec
+import psycopg2
+import pytest
 import yaml
+from psycopg2 import sql
 
 from tests.airflow.conftest import BIN, ROOT, airflow_env, run
 from tests.execution.moto_cloud import BUCKET, REGION, MotoCloud, airflow_side, cloud
@@ -161,7 +161,8 @@ def _stack_dags(dags: Path, c: MotoCloud, profile: Path) -> None:
                    backend={**nightly["backend"], **_ec2_backend(c)})
     (dags / "nightly_ec2_tuning.yaml").write_text(yaml.safe_dump(nightly))
     digits = yaml.safe_load((ROOT / "dags" / "digits_tuning.yaml").read_text())
-    digits.update(name="digits_ec2", description="The digits spec on EC2 instances.", storage=f"s3://{BUCKET}/rubberband", profile=nightly["profile"],
+    digits.update(name="digits_ec2", description="The digits spec on EC2 instances.", storage=f"s3://{BUCKET}/rubberband",
+                  profile=nightly["profile"],
                   backend={**_ec2_backend(c), "instance_types": [{"name": "g5.xlarge", "max_instances": 2}]})
     (dags / "digits_ec2.yaml").write_text(yaml.safe_dump(digits))
     shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / "digits_ec2.py")

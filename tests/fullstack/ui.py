@@ -76,7 +76,8 @@ def _shot(page: Page, screenshots: Path | None, name: str) -> None:
 
 
 def trigger_from_form(base_url: str, dag_id: str, values: dict[str, object], token: str,
-                      screenshots: Path | None = None, *, unpause: bool = True, timeout_s: float = 60.0, chromium: str = CHROMIUM) -> str:
+                      screenshots: Path | None = None, *, unpause: bool = True, timeout_s: float = 60.0,
+                      chromium: str = CHROMIUM) -> str:
     """Trigger ``dag_id`` from its trigger form with ``values`` typed in (by param name), logged in with
     ``token``; returns the run id.
 
@@ -120,7 +121,7 @@ def trigger_from_form(base_url: str, dag_id: str, values: dict[str, object], tok
                 # The real input is visually hidden under Chakra's control: click its label instead.
                 if box.is_checked() != unpause:
                     dialog.get_by_text(re.compile(r"^Unpause .* on trigger$")).click()
-                    page.wait_for_function("e => e.checked === %s" % json.dumps(unpause), arg=box.element_handle())
+                    page.wait_for_function(f"e => e.checked === {json.dumps(unpause)}", arg=box.element_handle())
                 unpausing = unpause
             advanced = dialog.get_by_role("button", name="Advanced Options", exact=True)
             if advanced.get_attribute("aria-expanded") != "true":
