@@ -1,7 +1,7 @@
 """Planner benchmarks: cost against the exact optimum and the static baselines, and planning speed.
 
-Writes benchmarks/results/planner.json and the tables of docs/benchmarks.md. Run with
-`make bench` (about two minutes on a 2-core machine).
+Writes benchmarks/results/planner.json, benchmarks/results/planner-quotas.json and the tables
+of docs/benchmarks.md. Run with `make bench` (a few minutes on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from rubberband_airflow.planning.simulator import Draws, simulate_outcome
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "rubberband_airflow" / "examples"
 RESULTS = ROOT / "benchmarks" / "results" / "planner.json"
+QUOTA_RESULTS = ROOT / "benchmarks" / "results" / "planner-quotas.json"
 LARGE = ROOT / "benchmarks" / "problems" / "large-1024-trials.json"
 
 
@@ -144,6 +146,77 @@ def bench_speed() -> dict[str, Any]:
             "plan_command_seconds_max": round(max(walls), 2)}
 
 
+# --- 4. large quotas: plan time and peak memory, each case in its own process ------------------
+
+QUOTA_TRIALS = (64, 256, 1024, 4096)
+QUOTA_INSTANCES = (16, 64, 256, 1024)
+# Each case runs under this address-space limit, so a runaway case cannot take the machine down.
+CASE_MEMORY_BYTES = 4 << 30
+EXACT_MEMORY_BYTES = 3 << 30
+EXACT_TIMEOUT_S = 180
+
+
+def _case(trials: int, instances: int, exact: bool, memory: int, timeout: float) -> dict[str, Any] | None:
+    """One case of benchmarks/quota_case.py in a fresh process; None if it failed or ran out of memory or time."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    command = [sys.executable, "-m", "benchmarks.quota_case", str(trials), str(instances)] + (["--exact"] if exact else [])
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, preexec_fn=limit, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return None
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def bench_quotas() -> list[dict[str, Any]]:
+    rows = []
+    for trials in QUOTA_TRIALS:
+        for instances in QUOTA_INSTANCES:
+            row = _case(trials, instances, False, CASE_MEMORY_BYTES, 300)
+            if row is None:
+                raise RuntimeError(f"quota case {trials} trials x {instances} instances failed")
+            exact = row if row["method"] == "exact" else _case(trials, instances, True, EXACT_MEMORY_BYTES,
+                                                                 EXACT_TIMEOUT_S)
+            row["exact_usd"] = exact["cost_usd"] if exact else None
+            row["exact_seconds"] = exact["seconds"] if exact else None
+            rows.append(row)
+            print(f"  {trials} trials x {instances}: {row['seconds']} s, {row['peak_mb']} MB, {row['method']}, "
+                  f"${row['cost_usd']:.2f} (exact {row['exact_usd']})", flush=True)
+    return rows
+
+
+def write_quota_doc(machine: str, rows: list[dict[str, Any]]) -> None:
+    lines = [
+        "## Planning at large quotas",
+        "",
+        "By `benchmarks/bench_planner.py` (raw numbers: `benchmarks/results/planner-quotas.json`). Machine: "
+        + machine + ".",
+        "",
+        "The 1024-trial benchmark problem's family (3 instance types, noise on, 256 samples) with other",
+        "trial counts and `max_instances`; each deadline is 1.5 times the fastest noise-free JCT of its",
+        "trials at 16 instances per type, so a larger quota never makes a case harder.",
+        "Each case runs `plan_problem` in its own process; *time* is the planning call, *peak* the",
+        "process's peak resident memory. *search* is the plan's `method`: `exact` when the bounded",
+        "Pareto programme ran for every instance type, `coarse-to-fine` where it would have been too",
+        "large. *exact* reruns those cases with the exact programme forced (3 GiB, 180 s at most;",
+        "`does not fit` otherwise).",
+        "",
+        "| trials | max instances per type | time | peak memory | search | cost | exact cost | gap | exact time |",
+        "|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        gap = "–" if r["exact_usd"] is None else f"{(r['cost_usd'] / r['exact_usd'] - 1) * 100:+.2f}%"
+        exact = "does not fit" if r["exact_usd"] is None else _usd(r["exact_usd"])
+        exact_s = "–" if r["exact_seconds"] is None else f"{r['exact_seconds']} s"
+        lines.append(f"| {r['trials']:,} | {r['instances']:,} | {r['seconds']} s | {r['peak_mb']:,} MB | "
+                     f"{r['method']} | {_usd(r['cost_usd'])} | {exact} | {gap} | {exact_s} |")
+    gaps = [(r["cost_usd"] / r["exact_usd"] - 1) * 100 for r in rows if r["exact_usd"] is not None]
+    lines += ["", f"Slowest case: {max(r['seconds'] for r in rows)} s; largest peak: "
+              f"{max(r['peak_mb'] for r in rows):,} MB; largest gap to exact: {max(gaps):+.2f}% "
+              "(targets: 5 s, 2 GB, 1%).", ""]
+    write_section("planner-quotas", "\n".join(lines))
+
+
 # --- report --------------------------------------------------------------------------------------
 
 def _usd(x: float | None) -> str:
@@ -207,16 +280,27 @@ def write_doc(result: dict[str, Any]) -> None:
 def main() -> None:
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_implementation()} "
                f"{platform.python_version()}, numpy {np.__version__}")
+    if sys.argv[1:] == ["--quotas"]:  # only the large-quota table
+        quotas = bench_quotas()
+        machine += f", load average {os.getloadavg()[0]:.1f} after the cases"
+        QUOTA_RESULTS.write_text(json.dumps({"machine": machine, "cases": quotas}, indent=2))
+        write_quota_doc(machine, quotas)
+        return
     print("exact optimum on small problems", flush=True)
     optimum = bench_optimum()
     print("savings on full-size problems", flush=True)
     savings = bench_savings()
     print("speed", flush=True)
     speed = bench_speed()
+    print("large quotas", flush=True)
+    quotas = bench_quotas()
+    quota_machine = machine + f", load average {os.getloadavg()[0]:.1f} after the cases"
     result = {"machine": machine, "optimum": optimum, "savings": savings, "speed": speed}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))
+    QUOTA_RESULTS.write_text(json.dumps({"machine": quota_machine, "cases": quotas}, indent=2))
     write_doc(result)
+    write_quota_doc(quota_machine, quotas)
     print(f"wrote {RESULTS.relative_to(ROOT)} and docs/benchmarks.md")
 
 

@@ -14,10 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rubberband_airflow.planning.bounds import UsableInstances, usable_instances
+from rubberband_airflow.planning.budget import MemoryBudget
 from rubberband_airflow.planning.plan import Plan
 from rubberband_airflow.planning.problem import InstanceType, Problem
 
 _EPS = 1e-9
+# Work of one stage-table entry (a makespan by binary search), in candidates of the programme.
+TABLE_ENTRY_WORK = 8
 
 
 @dataclass(frozen=True)
@@ -62,48 +66,52 @@ def makespan(n: int, duration: float, carried_slots: np.ndarray, new_slots: np.n
     return np.minimum(t_carried, t_new) + duration
 
 
-@dataclass(frozen=True)
-class StageTable:
-    """Per stage, for every (instances before, instances, GPU option): duration and instance-seconds."""
-
-    gpus: list[int]
-    seconds: np.ndarray  # (stages, max_instances + 1, max_instances, len(gpus))
-    instance_seconds: np.ndarray  # same shape: live instance-seconds, before minimum billing and rounding
-    slack_seconds: np.ndarray  # same shape: the most minimum billing and rounding can add for new instances
+class SearchTooLarge(Exception):
+    """The programme would evaluate more candidates than its work limit allows."""
 
 
-def stage_table(problem: Problem, itype: InstanceType) -> StageTable:
-    w = problem.workload
-    gpus = problem.gpu_options(itype)
-    m = itype.max_instances
+# Instance counts the programme tries, ascending: counts[stage][GPU option].
+Counts = list[list[np.ndarray]]
+
+
+def every_count(bounds: UsableInstances) -> Counts:
+    """Every count up to the bound of each stage and GPU option: the exact programme."""
+    return [[np.arange(1, int(c) + 1) for c in row] for row in bounds.per_option]
+
+
+def stage_costs(problem: Problem, itype: InstanceType, stage: int, g: int, before: np.ndarray,
+                after: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Duration, live instance-seconds and billing slack of a stage (0-based) on g GPUs per trial.
+
+    ``before`` instances are live when it starts and ``after`` run it (broadcast together).
+    Instance-seconds come before minimum billing and rounding; the slack bounds what those can
+    add for the instances it launches.
+    """
+    w, b = problem.workload, problem.billing
     h, pending = w.stage_overhead_seconds, itype.pending_seconds
-    delay = pending + itype.boot_seconds
-    before = np.arange(m + 1)[:, None]
-    after = np.arange(1, m + 1)[None, :]
+    before, after = np.broadcast_arrays(np.asarray(before, dtype=np.int64), np.asarray(after, dtype=np.int64))
     carried = np.minimum(before, after)
     new = after - carried
-    shape = (problem.num_stages, m + 1, m, len(gpus))
-    seconds = np.empty(shape)
-    inst_seconds = np.empty(shape)
-    slack = np.empty(shape)
-    b = problem.billing
-    for i in range(problem.num_stages):
-        n = problem.sha.trials(i + 1)
-        for k, g in enumerate(gpus):
-            slots = itype.gpus // g
-            d = w.trial_overhead_seconds + problem.sha.new_epochs(i + 1) * w.epoch_seconds[g]
-            span = makespan(n, d, carried * slots, new * slots, delay)
-            seconds[i, :, :, k] = h + span
-            kept = np.where(after <= before, before * h + after * span, before * (h + span))
-            first_life = np.maximum(0.0, span - pending)  # a new instance lives at least this long
-            inst_seconds[i, :, :, k] = kept + new * first_life
-            slack[i, :, :, k] = new * (b.increment_seconds + np.maximum(0.0, b.minimum_seconds - first_life))
-    return StageTable(gpus, seconds, inst_seconds, slack)
+    slots = itype.gpus // g
+    d = w.trial_overhead_seconds + problem.sha.new_epochs(stage + 1) * w.epoch_seconds[g]
+    span = makespan(problem.sha.trials(stage + 1), d, carried * slots, new * slots, pending + itype.boot_seconds)
+    kept = np.where(after <= before, before * h + after * span, before * (h + span))
+    first_life = np.maximum(0.0, span - pending)  # a new instance lives at least this long
+    slack = new * (b.increment_seconds + np.maximum(0.0, b.minimum_seconds - first_life))
+    return h + span, kept + new * first_life, slack
+
+
+def _quota_field(problem: Problem, itype: InstanceType, bounds: UsableInstances) -> str:
+    """The field that sizes this programme: the quota where it binds, else the trials."""
+    if int(bounds.live.max()) >= itype.max_instances:
+        return f"instance_types[{problem.instance_types.index(itype)}].max_instances"
+    return "sha.num_trials"
 
 
 def frontier(problem: Problem, itype: InstanceType, deadline: float = np.inf,
-             same_count: bool = False, fastest_only: bool = False, every_end_state: bool = False
-             ) -> list[FrontierPoint]:
+             same_count: bool = False, fastest_only: bool = False, every_end_state: bool = False,
+             counts: Counts | None = None, budget: MemoryBudget = MemoryBudget(),
+             work_limit: float = np.inf) -> list[FrontierPoint]:
     """The noise-free cost/JCT frontier of plans on one instance type, fastest first.
 
     Only plans whose noise-free JCT is within ``deadline`` are kept; ``same_count`` keeps the
@@ -111,64 +119,116 @@ def frontier(problem: Problem, itype: InstanceType, deadline: float = np.inf,
     one point per state, the fastest, and so returns the fastest plan. With ``every_end_state``
     the frontier of each final instance count is returned, not only the overall one: plans that
     tie without minimum billing and rounding can differ with them.
-    """
-    table = stage_table(problem, itype)
-    stages = problem.num_stages
-    m = itype.max_instances
-    allowed_c = np.arange(1, m + 1)
-    # Lower bound on the time the stages after i still need, for deadline pruning.
-    fastest = table.seconds.reshape(stages, -1).min(axis=1)
-    remaining = np.concatenate([np.cumsum(fastest[::-1])[::-1][1:], [0.0]])
 
-    state = np.zeros(1, dtype=np.int64)  # instances live after the stage
-    time = np.zeros(1)
-    cost = np.zeros(1)  # lower bound, instance-seconds
-    slack = np.zeros(1)  # cost + slack bounds the billed instance-seconds from above
+    ``counts`` are the instance counts tried (default: every count within the bounds, which is
+    exact). Raises SearchTooLarge when more than ``work_limit`` candidates would be evaluated,
+    and ProblemError when the budget cannot hold the search.
+    """
+    bounds = usable_instances(problem, itype)
+    field = _quota_field(problem, itype, bounds)
+    stages = problem.num_stages
+    gpus = bounds.gpus
+    if same_count:  # any count up to what some stage can use, kept throughout
+        widest = int(bounds.live[0])
+        first = np.arange(1, widest + 1) if counts is None else np.unique(np.concatenate(counts[0]))
+        counts = [[first[first <= widest]] * len(gpus)] + [[np.arange(1, widest + 1)] * len(gpus)] * (stages - 1)
+    elif counts is None:
+        counts = every_count(bounds)
+    remaining = _remaining_lower_bound(problem, itype, counts)
+    chunk = budget.candidates()
+
+    state_vals = np.zeros(1, dtype=np.int64)  # instances live after the stage (folded), per state
+    point_state = np.zeros(1, dtype=np.int64)
+    time, cost, slack = np.zeros(1), np.zeros(1), np.zeros(1)
     history: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (parent, c, g index) per stage
-    gi = np.arange(len(table.gpus))
+    work = 0.0
     for i in range(stages):
-        cc, gg = np.meshgrid(allowed_c, gi, indexing="ij")
-        cc, gg = cc.ravel(), gg.ravel()
-        dt = table.seconds[i][state[:, None], cc[None, :] - 1, gg[None, :]]
-        dk = table.instance_seconds[i][state[:, None], cc[None, :] - 1, gg[None, :]]
-        ds = table.slack_seconds[i][state[:, None], cc[None, :] - 1, gg[None, :]]
-        new_time = (time[:, None] + dt).ravel()
-        new_cost = (cost[:, None] + dk).ravel()
-        new_slack = (slack[:, None] + ds).ravel()
-        parent = np.repeat(np.arange(len(state)), len(cc))
-        new_c = np.tile(cc, len(state))
-        new_g = np.tile(gg, len(state))
-        if same_count and i > 0:
-            same = new_c == state[parent]
-            new_time, new_cost, new_slack, parent, new_c, new_g = (
-                x[same] for x in (new_time, new_cost, new_slack, parent, new_c, new_g))
-        keep = new_time + remaining[i] <= deadline * (1 + _EPS)
-        if fastest_only:
-            keep &= _fastest_by_group(new_c, new_time, new_cost, keep)
+        diagonal = same_count and i > 0
+        width = len(gpus) if diagonal else sum(len(c) for c in counts[i])
+        work += len(time) * width + TABLE_ENTRY_WORK * len(state_vals) * width
+        if work > work_limit:
+            raise SearchTooLarge(f"{work:.3g} candidates by stage {i + 1} of {itype.name}")
+        if diagonal:  # each point keeps its count: options are the GPU choices
+            opt_c = np.zeros(0, dtype=np.int64)
+            opt_k = np.arange(len(gpus))
+            columns = [stage_costs(problem, itype, i, g, state_vals[:, None], state_vals[:, None]) for g in gpus]
+            table = [np.concatenate([col[j] for col in columns], axis=1) for j in range(3)]
+            extra = np.zeros(len(gpus))
         else:
-            keep &= _pareto_by_group(new_c, new_time, new_cost, new_slack, keep)
-        idx = np.nonzero(keep)[0]
-        history.append((parent[idx], new_c[idx], new_g[idx]))
-        state, time, cost, slack = new_c[idx], new_time[idx], new_cost[idx], new_slack[idx]
-        if len(idx) == 0:
+            opt_c = np.concatenate(counts[i]).astype(np.int64)
+            opt_k = np.repeat(np.arange(len(gpus)), [len(c) for c in counts[i]])
+            budget.check(len(state_vals) * len(opt_c) * 8 * 14, field, f"the stage table of stage {i + 1}")
+            columns = [stage_costs(problem, itype, i, g, state_vals[:, None], counts[i][k][None, :])
+                       for k, g in enumerate(gpus)]
+            table = [np.concatenate([col[j] for col in columns], axis=1) for j in range(3)]
+            del columns
+            target, extra = (opt_c, np.zeros(len(opt_c))) if same_count else bounds.fold(i, opt_c)
+        kept: list[tuple[np.ndarray, ...]] = []
+        held = 0
+        rows = max(1, chunk // width)
+        for start in range(0, len(time), rows):
+            p = np.arange(start, min(len(time), start + rows))
+            s = point_state[p]
+            new_time = (time[p][:, None] + table[0][s]).ravel()
+            new_cost = (cost[p][:, None] + table[1][s] + extra[None, :]).ravel()
+            new_slack = (slack[p][:, None] + table[2][s]).ravel()
+            idx = np.nonzero(new_time + remaining[i] <= deadline * (1 + _EPS))[0]
+            parent, opt = p[idx // width], idx % width
+            if diagonal:
+                c, k = state_vals[point_state[parent]], opt_k[opt]
+                group = c
+            else:
+                c, k, group = opt_c[opt], opt_k[opt], target[opt]
+            batch = (group, new_time[idx], new_cost[idx], new_slack[idx], parent, c, k)
+            kept.append(_prune(batch, fastest_only))
+            held += len(kept[-1][0])
+            if held > chunk and len(kept) > 1:
+                kept = [_prune(_concat(kept), fastest_only)]
+                held = len(kept[0][0])
+        group, time, cost, slack, parent, c, k = _prune(_concat(kept), fastest_only)
+        history.append((parent, c, k))
+        budget.check(sum(len(h[0]) for h in history) * 24 + len(time) * 40, field,
+                     f"the partial plans kept by stage {i + 1}")
+        if len(time) == 0:
             return []
+        state_vals, point_state = np.unique(group, return_inverse=True)
     if every_end_state:
-        final = np.ones(len(state), dtype=bool)
+        final = np.ones(len(time), dtype=bool)
     elif fastest_only:
-        final = _fastest_by_group(np.zeros_like(state), time, cost, np.ones(len(state), dtype=bool))
+        final = _fastest_by_group(np.zeros(len(time), dtype=np.int64), time, cost, np.ones(len(time), dtype=bool))
     else:
-        final = _pareto_by_group(np.zeros_like(state), time, cost, slack, np.ones(len(state), dtype=bool))
+        final = _pareto_by_group(np.zeros(len(time), dtype=np.int64), time, cost, slack, np.ones(len(time), dtype=bool))
     points = []
     scale = itype.price_per_hour / 3600.0
     for j in np.nonzero(final)[0][np.argsort(time[final], kind="stable")]:
         allocation = []
-        k = j
-        for parent, c, g in reversed(history):
-            allocation.append((table.gpus[g[k]], int(c[k])))
-            k = parent[k]
+        q = j
+        for parent, c, k in reversed(history):
+            allocation.append((gpus[k[q]], int(c[q])))
+            q = parent[q]
         points.append(FrontierPoint(float(time[j]), float(cost[j] * scale + problem.data_cost()),
                                     Plan.of(itype.name, allocation[::-1])))
     return points
+
+
+def _remaining_lower_bound(problem: Problem, itype: InstanceType, counts: Counts) -> np.ndarray:
+    """Per stage, a lower bound on the time the stages after it still need (all instances carried)."""
+    fastest = np.array([min(float(stage_costs(problem, itype, i, g, c, c)[0].min()) for g, c in
+                            zip(problem.gpu_options(itype), counts[i]) if len(c)) for i in range(len(counts))])
+    return np.concatenate([np.cumsum(fastest[::-1])[::-1][1:], [0.0]])
+
+
+def _concat(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    return tuple(np.concatenate(cols) for cols in zip(*parts))
+
+
+def _prune(batch: tuple[np.ndarray, ...], fastest_only: bool) -> tuple[np.ndarray, ...]:
+    """The candidates (group, time, cost, slack, ...) that survive the pruning within their group."""
+    group, time, cost, slack = batch[:4]
+    everything = np.ones(len(time), dtype=bool)
+    keep = (_fastest_by_group(group, time, cost, everything) if fastest_only
+            else _pareto_by_group(group, time, cost, slack, everything))
+    return tuple(x[keep] for x in batch)
 
 
 def _pareto_by_group(group: np.ndarray, time: np.ndarray, low: np.ndarray, slack: np.ndarray,

@@ -1,7 +1,8 @@
 """The planner: the cheapest plan whose JCT at the quantile meets the deadline, and the baselines.
 
 The ``exact`` method searches the noise-free frontier of every instance type exactly
-(frontier.py), picks the cheapest frontier plan that the Monte Carlo simulator finds on time,
+(frontier.py, within the bounds of bounds.py; coarse to fine, grid.py, where the exact programme
+would be too large), picks the cheapest frontier plan that the Monte Carlo simulator finds on time,
 and polishes it with the simulator by local moves (which also settles minimum billing and
 noise). The ``greedy`` method is the seed's cost-marginal-benefit search, kept as a baseline.
 """
@@ -14,10 +15,13 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from rubberband_airflow.planning.bounds import usable_instances
+from rubberband_airflow.planning.budget import MemoryBudget
 from rubberband_airflow.planning.errors import InfeasibleError
-from rubberband_airflow.planning.frontier import FrontierPoint, frontier, stage_table
+from rubberband_airflow.planning.frontier import Counts, FrontierPoint, SearchTooLarge, frontier, stage_costs
+from rubberband_airflow.planning.grid import coarse_counts, refined_counts
 from rubberband_airflow.planning.plan import Plan
-from rubberband_airflow.planning.problem import InstanceType, Problem
+from rubberband_airflow.planning.problem import InstanceType, PlannerSettings, Problem
 from rubberband_airflow.planning.simulator import Draws, simulate_outcome, summarize
 
 METHODS = ("exact", "greedy")
@@ -25,9 +29,14 @@ METHODS = ("exact", "greedy")
 _WINDOW = 2
 # Noise-free problems: at most this many frontier plans simulated in order of their cost bound.
 _BOUND_EVALS = 400
-# Local search: at most this many rounds, and at most this much simulated work (trials x samples).
+# Local search: at most this many rounds, and at most this much simulated work (trials x samples),
+# each search and all of one planning together (so that the largest jobs still plan in seconds).
 _POLISH_ROUNDS = 8
 _POLISH_WORK = 2e7
+_TOTAL_WORK = 3e7
+# The exact programme is tried while it evaluates at most this many candidates per instance type;
+# beyond, the coarse-to-fine search runs instead.
+EXACT_WORK = 4e6
 
 
 @dataclass(frozen=True)
@@ -40,16 +49,29 @@ class Prediction:
 class Evaluator:
     """Simulates plans on the problem's common random numbers, remembering each result."""
 
-    def __init__(self, problem: Problem) -> None:
+    def __init__(self, problem: Problem, budget: MemoryBudget = MemoryBudget()) -> None:
         self.problem = problem
+        self.budget = budget
+        samples = 1 if problem.deterministic else problem.planner.samples
+        # The draws, their factors and one stage's durations: three arrays of samples x stages x trials.
+        budget.check(3 * 8 * samples * problem.num_stages * problem.sha.num_trials,
+                     "planner.samples" if samples > PlannerSettings.samples else "sha.num_trials",
+                     "the Monte Carlo draws (samples x stages x trials)")
         self.draws = Draws.for_problem(problem)
         self.cache: dict[Plan, Prediction] = {}
         trials = sum(problem.sha.trials(i) for i in range(1, problem.num_stages + 1))
         self.work_per_run = trials * self.draws.samples
+        self.spent = 0.0  # simulated work so far
 
     def __call__(self, plan: Plan) -> Prediction:
         if plan not in self.cache:
+            itype = self.problem.instance_type(plan.instance_type)
+            slots = max(s.instances * (itype.gpus // s.gpus_per_trial) for s in plan.stages)
+            self.budget.check(4 * 8 * self.draws.samples * slots,
+                              f"instance_types[{self.problem.instance_types.index(itype)}].max_instances",
+                              "simulating a plan (samples x GPU slots)")
             outcome = simulate_outcome(self.problem, plan, self.draws)
+            self.spent += self.work_per_run
             s = summarize(outcome, self.problem.planner.jct_quantile, samples=self.problem.planner.samples)
             self.cache[plan] = Prediction(s["jct_seconds"]["quantile"], s["cost_usd"]["mean"], s)
         return self.cache[plan]
@@ -146,7 +168,7 @@ def _descend(plan: Plan, ev: Evaluator, score: Callable[[Plan], tuple | None], f
     """Local search with the simulator: move to the neighbour of lowest score (None: not allowed)
     while that improves the score, looking two moves away when one does not help, within a fixed
     amount of simulated work so large jobs still plan in seconds."""
-    budget = max(1, int(_POLISH_WORK / ev.work_per_run))
+    budget = max(1, int(min(_POLISH_WORK, _TOTAL_WORK - ev.spent) / ev.work_per_run))
     for _ in range(_POLISH_ROUNDS):
         if done(plan):
             break
@@ -187,8 +209,19 @@ def _fastest(candidates: Iterable[Plan], ev: Evaluator) -> Plan:
     return min(candidates, key=lambda plan: (ev(plan).jct_quantile, ev(plan).cost_mean))
 
 
-def _fastest_plan(problem: Problem, itype: InstanceType) -> Plan | None:
-    points = frontier(problem, itype, fastest_only=True)
+def _search(problem: Problem, itype: InstanceType, budget: MemoryBudget, **options: Any
+            ) -> tuple[list[FrontierPoint], bool]:
+    """The frontier by the exact programme, or on the coarse grid where that would be too large;
+    and whether it was exact."""
+    try:
+        return frontier(problem, itype, budget=budget, work_limit=EXACT_WORK, **options), True
+    except SearchTooLarge:
+        counts = coarse_counts(problem, itype, usable_instances(problem, itype))
+        return frontier(problem, itype, counts=counts, budget=budget, **options), False
+
+
+def _fastest_plan(problem: Problem, itype: InstanceType, budget: MemoryBudget) -> Plan | None:
+    points, _ = _search(problem, itype, budget, fastest_only=True)
     return points[0].plan if points else None
 
 
@@ -201,32 +234,51 @@ def _infeasible(problem: Problem, ev: Evaluator, candidates: list[Plan]) -> Infe
     return InfeasibleError(problem.deadline_seconds, ev(plan).jct_quantile, plan.to_dict(problem))
 
 
-def plan_exact(problem: Problem, ev: Evaluator, baselines: Iterable[Plan] = ()) -> Plan:
-    """Cheapest on-time plan: exact frontier search, simulator selection, local polish.
+def _pick(points: list[FrontierPoint], ev: Evaluator) -> Plan | None:
+    """The simulator's choice from one instance type's frontier (step 2 of section 5)."""
+    return _cheapest_by_bound(points, ev) if ev.problem.deterministic else _cheapest_on_time(points, ev)
+
+
+def _cheapest_of_type(problem: Problem, itype: InstanceType, deadline: float, ev: Evaluator
+                      ) -> tuple[Plan | None, bool]:
+    """The frontier's cheapest on-time plan of one type, and whether the programme was exact.
+
+    Where it is not, the coarse grid's choice is refined with every count near its own.
+    """
+    options = {"deadline": deadline, "every_end_state": problem.deterministic}
+    points, exact = _search(problem, itype, ev.budget, **options)
+    chosen = _pick(points, ev)
+    if not exact and chosen is not None:
+        bounds = usable_instances(problem, itype)
+        counts: Counts = refined_counts(coarse_counts(problem, itype, bounds), bounds, chosen)
+        chosen = _cheapest([chosen, _pick(frontier(problem, itype, counts=counts, budget=ev.budget, **options), ev)], ev)
+    return chosen, exact
+
+
+def plan_exact(problem: Problem, ev: Evaluator, baselines: Iterable[Plan] = ()) -> tuple[Plan, str]:
+    """Cheapest on-time plan: frontier search, simulator selection, local polish; and the search
+    used: "exact", or "coarse-to-fine" where the exact programme was too large for some type.
 
     ``baselines`` are on-time plans found otherwise (the static baselines); the result is never
     more expensive than any of them.
     """
     types = _usable_types(problem)
     deadline = pruning_deadline(problem)
-    if problem.deterministic:
-        points = [p for t in types for p in frontier(problem, t, deadline, every_end_state=True)]
-        found = [_cheapest_by_bound(points, ev)]
-    else:
-        found = [_cheapest_on_time(frontier(problem, t, deadline), ev) for t in types]
-    chosen = _cheapest(found + list(baselines), ev)
+    found = [_cheapest_of_type(problem, t, deadline, ev) for t in types]
+    method = "exact" if all(exact for _, exact in found) else "coarse-to-fine"
+    chosen = _cheapest([p for p, _ in found] + list(baselines), ev)
     if chosen is None:  # noise can make plans the noise-free model finds slower the faster ones
-        fastest = [_speed_up(p, ev) for t in types if (p := _fastest_plan(problem, t))]
+        fastest = [_speed_up(p, ev) for t in types if (p := _fastest_plan(problem, t, ev.budget))]
         chosen = _cheapest(fastest, ev)
         if chosen is None:
             raise _infeasible(problem, ev, fastest)
-    return _polish(chosen, ev)
+    return _polish(chosen, ev), method
 
 
 def plan_greedy(problem: Problem, ev: Evaluator) -> Plan:
     """The seed's planner: from the fastest plan, take the neighbour with the best cost-marginal
     benefit M = (cost_now - cost_new) / (JCT_new - JCT_now) while one lowers the cost on time."""
-    starts = [p for t in _usable_types(problem) if (p := _fastest_plan(problem, t))]
+    starts = [p for t in _usable_types(problem) if (p := _fastest_plan(problem, t, ev.budget))]
     results = []
     for plan in starts:
         if not ev.on_time(plan):
@@ -252,24 +304,26 @@ def plan_greedy(problem: Problem, ev: Evaluator) -> Plan:
     return chosen
 
 
-def _static_allocation_frontier(problem: Problem, itype: InstanceType) -> list[FrontierPoint]:
-    """Every plan with the same (g, c) in each stage, as noise-free frontier points."""
-    table = stage_table(problem, itype)
+def _static_allocation_frontier(problem: Problem, itype: InstanceType, budget: MemoryBudget) -> list[FrontierPoint]:
+    """Every plan with the same (g, c) in each stage, up to the bounds, as noise-free frontier points."""
+    bounds = usable_instances(problem, itype)
     stages = problem.num_stages
     points = []
-    for k, g in enumerate(table.gpus):
-        for c in range(1, itype.max_instances + 1):
-            before = [0] + [c] * (stages - 1)
-            t = sum(table.seconds[i, before[i], c - 1, k] for i in range(stages))
-            s = sum(table.instance_seconds[i, before[i], c - 1, k] for i in range(stages))
-            cost = s * itype.price_per_hour / 3600.0 + problem.data_cost()
-            points.append(FrontierPoint(float(t), float(cost), Plan.of(itype.name, [(g, c)] * stages)))
+    for k, g in enumerate(bounds.gpus):
+        counts = np.arange(1, int(bounds.per_option[0, k]) + 1)
+        seconds, instance_seconds = np.zeros(len(counts)), np.zeros(len(counts))
+        for i in range(stages):
+            t, s, _ = stage_costs(problem, itype, i, g, 0 if i == 0 else counts, counts)
+            seconds, instance_seconds = seconds + t, instance_seconds + s
+        cost = instance_seconds * itype.price_per_hour / 3600.0 + problem.data_cost()
+        points += [FrontierPoint(float(t), float(x), Plan.of(itype.name, [(g, int(c))] * stages))
+                   for t, x, c in zip(seconds, cost, counts)]
     return _pareto(points)
 
 
-def _static_cluster_frontier(problem: Problem, itype: InstanceType) -> list[FrontierPoint]:
+def _static_cluster_frontier(problem: Problem, itype: InstanceType, budget: MemoryBudget) -> list[FrontierPoint]:
     """Every plan with the same instance count in each stage (GPUs per trial free), on the frontier."""
-    return frontier(problem, itype, pruning_deadline(problem), same_count=True)
+    return _search(problem, itype, budget, deadline=pruning_deadline(problem), same_count=True)[0]
 
 
 def _pareto(points: list[FrontierPoint]) -> list[FrontierPoint]:
@@ -283,7 +337,7 @@ def _pareto(points: list[FrontierPoint]) -> list[FrontierPoint]:
 def _static_baseline(problem: Problem, ev: Evaluator, family: str, also: Iterable[Plan] = ()) -> Plan | None:
     """The cheapest on-time plan of a static family, or None when none is on time."""
     frontier_of = _static_allocation_frontier if family == "static_allocation" else _static_cluster_frontier
-    fronts = [frontier_of(problem, t) for t in _usable_types(problem)]
+    fronts = [frontier_of(problem, t, ev.budget) for t in _usable_types(problem)]
     plan = _cheapest([_cheapest_on_time(f, ev) for f in fronts] + list(also), ev)
     return _polish(plan, ev, family) if plan is not None else None
 
@@ -295,8 +349,8 @@ def _baseline_report(problem: Problem, ev: Evaluator, plan: Plan | None, family:
         starts = [Plan.of(t.name, [(max(problem.gpu_options(t)), t.max_instances)] * problem.num_stages)
                   for t in _usable_types(problem)]
     else:
-        starts = [f[0].plan for t in _usable_types(problem) if (f := frontier(problem, t, same_count=True,
-                                                                              fastest_only=True))]
+        starts = [f[0].plan for t in _usable_types(problem)
+                  if (f := _search(problem, t, ev.budget, same_count=True, fastest_only=True)[0])]
     return {"feasible": False, "fastest": _with_prediction(problem, _fastest(starts, ev), ev)}
 
 
@@ -313,18 +367,19 @@ def _with_prediction(problem: Problem, plan: Plan, ev: Evaluator) -> dict[str, A
     return {**plan.to_dict(problem), "predicted": {"jct_seconds": s["jct_seconds"], "cost_usd": s["cost_usd"]}}
 
 
-def plan_problem(problem: Problem, method: str = "exact") -> dict[str, Any]:
+def plan_problem(problem: Problem, method: str = "exact", budget: MemoryBudget = MemoryBudget()) -> dict[str, Any]:
     """The chosen plan with its prediction and the baselines, as `rubberband plan` prints it.
 
-    Raises InfeasibleError when no plan meets the deadline.
+    Raises InfeasibleError when no plan meets the deadline, and ProblemError (naming the field to
+    reduce) when planning would need more memory than ``budget``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    ev = Evaluator(problem)
+    ev = Evaluator(problem, budget)
     static_allocation = _static_baseline(problem, ev, "static_allocation")
     static_cluster = _static_baseline(problem, ev, "static_cluster", [static_allocation])
     if method == "exact":
-        plan = plan_exact(problem, ev, [p for p in (static_allocation, static_cluster) if p])
+        plan, method = plan_exact(problem, ev, [p for p in (static_allocation, static_cluster) if p])
     else:
         plan = plan_greedy(problem, ev)
     out = _with_prediction(problem, plan, ev)
