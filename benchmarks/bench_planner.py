@@ -99,7 +99,8 @@ def bench_optimum() -> list[dict[str, Any]]:
 
 def bench_savings() -> list[dict[str, Any]]:
     cases = {
-        "resnet-p3 (64 trials, eta 4, 3 p3 types)": (load(EXAMPLES / "problem-resnet-p3.json"), [1200, 1600, 2400, 4000]),
+        "resnet-p3 (64 trials, eta 4, 3 p3 types)": (load(EXAMPLES / "problem-resnet-p3.json"),
+                                                     [1200, 1600, 2400, 4000]),
         "noisy g5 (81 trials, eta 3, 2 g5 types, noise)": (load(EXAMPLES / "problem-noisy-g5.json"),
                                                            [6600, 7200, 10800]),
         "large (1024 trials, eta 4, 3 types x 64, noise)": (load(LARGE), [17000, 18000, 24000]),
@@ -160,7 +161,8 @@ def _case(trials: int, instances: int, exact: bool, memory: int, timeout: float)
     """One case of benchmarks/quota_case.py in a fresh process; None if it failed or ran out of memory or time."""
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-    command = [sys.executable, "-m", "benchmarks.quota_case", str(trials), str(instances)] + (["--exact"] if exact else [])
+    command = [sys.executable, "-m", "benchmarks.quota_case", str(trials), str(instances),
+               *(["--exact"] if exact else [])]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, preexec_fn=limit, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -243,12 +245,13 @@ def write_doc(result: dict[str, Any]) -> None:
         "| problem | deadline | optimum | exact | exact vs optimum | greedy | greedy vs optimum |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    def gap(x: float | None, optimum: float | None) -> str:
+        return "–" if x is None or optimum is None else f"{(x / optimum - 1) * 100:+.2f}%"
+
     for r in result["optimum"]:
-        def gap(x: float | None) -> str:
-            return "–" if x is None or r["optimum_usd"] is None else f"{(x / r['optimum_usd'] - 1) * 100:+.2f}%"
         lines.append(f"| {r['problem']} | {r['deadline_seconds']:,} s | {_usd(r['optimum_usd'])} | "
-                     f"{_usd(r['exact_usd'])} | {gap(r['exact_usd'])} | {_usd(r['greedy_usd'])} | "
-                     f"{gap(r['greedy_usd'])} |")
+                     f"{_usd(r['exact_usd'])} | {gap(r['exact_usd'], r['optimum_usd'])} | {_usd(r['greedy_usd'])} | "
+                     f"{gap(r['greedy_usd'], r['optimum_usd'])} |")
     worst = max((r["exact_usd"] / r["optimum_usd"] - 1) * 100 for r in result["optimum"]
                 if r["optimum_usd"] is not None and r["exact_usd"] is not None)
     lines += ["", f"Largest gap of `exact` to the optimum: {worst:+.2f}% (target: within 1%).", "",
@@ -271,7 +274,8 @@ def write_doc(result: dict[str, Any]) -> None:
     s = result["speed"]
     lines += ["", "## Planning speed", "", f"Problem: {s['problem']}.", "",
               "| measure | median | max | target |", "|---|---:|---:|---:|",
-              f"| one simulation of 256 samples | {s['simulation_ms_median']} ms | {s['simulation_ms_max']} ms | 50 ms |",
+              f"| one simulation of 256 samples | {s['simulation_ms_median']} ms | {s['simulation_ms_max']} ms "
+              "| 50 ms |",
               f"| whole `rubberband plan` command (wall) | {s['plan_command_seconds_median']} s | "
               f"{s['plan_command_seconds_max']} s | 2 s |", ""]
     write_section("planner", "\n".join(lines))

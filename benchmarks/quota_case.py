@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from rubberband_airflow.planning import planner
-from rubberband_airflow.planning.planner import _search, _usable_types, plan_problem
 from rubberband_airflow.planning.budget import MemoryBudget
+from rubberband_airflow.planning.planner import _search, _usable_types, plan_problem
 from rubberband_airflow.planning.problem import Problem, parse_problem
 
 LARGE = Path(__file__).resolve().parent / "problems" / "large-1024-trials.json"

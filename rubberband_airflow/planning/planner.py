@@ -9,9 +9,10 @@ noise). The ``greedy`` method is the seed's cost-marginal-benefit search, kept a
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -154,7 +155,7 @@ def _neighbours(problem: Problem, plan: Plan, family: str = "elastic") -> list[P
         for k in (c - 1, c + 1):
             add([(g, k) for g, _ in stages])
         if family == "static_cluster":
-            for i, (g, _) in enumerate(stages):
+            for i in range(len(stages)):
                 for other in options:
                     add(stages[:i] + [(other, c)] + stages[i + 1:])
         else:
@@ -245,13 +246,14 @@ def _cheapest_of_type(problem: Problem, itype: InstanceType, deadline: float, ev
 
     Where it is not, the coarse grid's choice is refined with every count near its own.
     """
-    options = {"deadline": deadline, "every_end_state": problem.deterministic}
+    options: dict[str, Any] = {"deadline": deadline, "every_end_state": problem.deterministic}
     points, exact = _search(problem, itype, ev.budget, **options)
     chosen = _pick(points, ev)
     if not exact and chosen is not None:
         bounds = usable_instances(problem, itype)
         counts: Counts = refined_counts(coarse_counts(problem, itype, bounds), bounds, chosen)
-        chosen = _cheapest([chosen, _pick(frontier(problem, itype, counts=counts, budget=ev.budget, **options), ev)], ev)
+        refined = frontier(problem, itype, counts=counts, budget=ev.budget, **options)
+        chosen = _cheapest([chosen, _pick(refined, ev)], ev)
     return chosen, exact
 
 
@@ -313,7 +315,7 @@ def _static_allocation_frontier(problem: Problem, itype: InstanceType, budget: M
         counts = np.arange(1, int(bounds.per_option[0, k]) + 1)
         seconds, instance_seconds = np.zeros(len(counts)), np.zeros(len(counts))
         for i in range(stages):
-            t, s, _ = stage_costs(problem, itype, i, g, 0 if i == 0 else counts, counts)
+            t, s, _ = stage_costs(problem, itype, i, g, np.zeros_like(counts) if i == 0 else counts, counts)
             seconds, instance_seconds = seconds + t, instance_seconds + s
         cost = instance_seconds * itype.price_per_hour / 3600.0 + problem.data_cost()
         points += [FrontierPoint(float(t), float(x), Plan.of(itype.name, [(g, int(c))] * stages))
@@ -377,7 +379,7 @@ def plan_problem(problem: Problem, method: str = "exact", budget: MemoryBudget =
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     ev = Evaluator(problem, budget)
     static_allocation = _static_baseline(problem, ev, "static_allocation")
-    static_cluster = _static_baseline(problem, ev, "static_cluster", [static_allocation])
+    static_cluster = _static_baseline(problem, ev, "static_cluster", [static_allocation] if static_allocation else [])
     if method == "exact":
         plan, method = plan_exact(problem, ev, [p for p in (static_allocation, static_cluster) if p])
     else:

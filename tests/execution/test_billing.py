@@ -1,8 +1,7 @@
 """Predicted and actual cost follow one billing rule: the same timeline costs the same to the cent."""
 
 import numpy as np
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from rubberband_airflow.execution.backends.base import billed_cost
 from rubberband_airflow.planning.plan import parse_plan

@@ -3,8 +3,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rubberband_airflow.planning.errors import InfeasibleError
-from rubberband_airflow.planning.frontier import frontier
 from rubberband_airflow.planning.exhaustive import all_plans, exhaustive_optimum
+from rubberband_airflow.planning.frontier import frontier
 from rubberband_airflow.planning.plan import parse_plan
 from rubberband_airflow.planning.planner import Evaluator, lower_bound_cost, plan_problem
 from rubberband_airflow.planning.problem import parse_problem
@@ -62,7 +62,8 @@ def test_example_problem_plan_and_baselines(resnet_problem):
     out = plan_problem(problem)
     cost = out["predicted"]["cost_usd"]["mean"]
     # Every plan of p3.8xlarge with up to 3 instances (6,561 plans) costs at least as much.
-    small = parse_problem({**resnet_problem, "instance_types": [{**resnet_problem["instance_types"][1], "max_instances": 3}]})
+    small = parse_problem({**resnet_problem,
+                           "instance_types": [{**resnet_problem["instance_types"][1], "max_instances": 3}]})
     best = exhaustive_optimum(small)
     assert cost <= simulate(small, best)["cost_usd"]["mean"] + 1e-9
     base = out["baselines"]

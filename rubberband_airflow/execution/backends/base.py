@@ -11,8 +11,6 @@ from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.billing import billed_seconds
 from rubberband_airflow.planning.problem import Billing
 
-DEFAULT_BILLING = Billing()  # EC2 Linux on-demand: per second, at least a minute
-
 
 class ComputeBackend(ABC):
     """Launches, describes and terminates the instances of one run, keeping its ledger."""
@@ -44,7 +42,7 @@ class ComputeBackend(ABC):
         return ids
 
 
-def billed_cost(ledger: list[dict[str, Any]], prices: dict[str, float], billing: Billing = DEFAULT_BILLING,
+def billed_cost(ledger: list[dict[str, Any]], prices: dict[str, float], billing: Billing = Billing(),
                 now: float | None = None) -> float:
     """The bill of a ledger: each instance from running to termination (or ``now``), by the planner's rule."""
     priced = [(prices[e["type"]], e["running"], e["terminated"] if e.get("terminated") is not None else now)
