@@ -21,10 +21,12 @@ INT_LIMIT = 2**63  # a choice value's integers stay within 64 bits
 def validate(space: Any, where: str = "search_space") -> dict[str, dict[str, Any]]:
     """Check a search space; errors name the parameter and the field."""
     if not isinstance(space, Mapping) or not space:
-        raise ProblemError(where, f"must be a non-empty mapping of parameter name to distribution, got {describe(space)}")
+        raise ProblemError(where, "must be a non-empty mapping of parameter name to distribution, "
+                           f"got {describe(space)}")
     for name, dist in space.items():
         if not isinstance(name, str) or not name.strip():
-            raise ProblemError(f"{where}.{label(name)}", f"a parameter name must be a non-empty string, got {describe(name)}")
+            raise ProblemError(f"{where}.{label(name)}",
+                               f"a parameter name must be a non-empty string, got {describe(name)}")
         _distribution(dist, f"{where}.{name}")
     return dict(space)
 

@@ -140,7 +140,7 @@ def check_tree(data: Any) -> None:
 
 def _check_int(value: Any, where: str) -> None:
     if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
-        raise ProblemError(where or "yaml", f"integer too large: {describe(value)}, at most {MAX_INT_BITS}")
+        raise ProblemError(where or "yaml", f"integer too large ({value.bit_length()} bits, at most {MAX_INT_BITS})")
 
 
 # Airflow's own schedule presets (airflow.sdk.definitions.timetables._cron.CRON_PRESETS, and the two
@@ -149,7 +149,7 @@ CRON_PRESETS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@weekly": "0 0 *
                 "@quarterly": "0 0 1 */3 *", "@yearly": "0 0 1 1 *"}
 NON_CRON_PRESETS = ("@once", "@continuous")
 TAG_MAX_LEN = 100  # Airflow's limit on a DAG tag
-DAG_ID = re.compile(r"[A-Za-z0-9_.-]{1,250}")  # Airflow's DAG ids: ASCII letters, digits, _ - ., 250 at most
+DAG_ID = re.compile(r"[\w.-]{1,250}")  # Airflow's DAG ids (validate_key): letters, digits, _ - ., 250 at most
 TRAINABLE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
 MAX_INSTANCES = 4096  # the planning problem's limits (planning/problem.py)
 MAX_GPUS = 1024
@@ -182,7 +182,7 @@ def _parse(data: Any, path: str) -> TuningSpec:
     top = Reader(data, "")
     name = top.string("name")
     if not DAG_ID.fullmatch(name):
-        raise ProblemError("name", f"must be a DAG id (ASCII letters, digits, _ - ., at most 250), got {name!r}")
+        raise ProblemError("name", f"must be a DAG id (letters, digits, _ - ., at most 250), got {name!r}")
     schedule = _schedule(top.raw("schedule", None))
     trainable = top.string("trainable")
     if not TRAINABLE.fullmatch(trainable):
@@ -207,7 +207,7 @@ def _parse(data: Any, path: str) -> TuningSpec:
         stage_overhead_seconds=_optional_number(top, "stage_overhead_seconds"),
         trial_timeout_seconds=top.number("trial_timeout_seconds", 3600.0, positive=True),
         seed=top.integer("seed", 0, minimum=0),
-        planner=_planner(top.raw("planner", {})),
+        planner=_overrides(top.raw("planner", {}), "planner", PLANNER),
         billing=_overrides(top.raw("billing", {}), "billing", BILLING),
         description=_description(top.raw("description", None)),
         tags=_tags(top.raw("tags", None)),
@@ -244,8 +244,8 @@ def _tags(value: Any) -> tuple[str, ...]:
 
 
 # The planning problem's billing and planner settings a spec may give, checked as parse_problem
-# checks them (planning/problem.py), so that a bad one fails here rather than at plan time. The
-# planner's seed is the spec's `seed` (a run may override it), so it is not one of them.
+# checks them (planning/problem.py), so that a bad one fails here rather than at plan time. (A
+# run replaces the planner's seed by its own `seed`, as docs/user-guide.md says.)
 Check = Callable[[Any, str], Any]
 BILLING: dict[str, Check] = {
     "minimum_seconds": lambda v, name: number(v, name, positive=False),
@@ -255,15 +255,9 @@ BILLING: dict[str, Check] = {
 PLANNER: dict[str, Check] = {
     "jct_quantile": lambda v, name: number(v, name, positive=True, at_most=1.0),
     "samples": lambda v, name: integer(v, name, minimum=1, maximum=100_000),
+    "seed": lambda v, name: integer(v, name, minimum=0),
 }
 _ABSENT: Any = object()
-
-
-def _planner(value: Any) -> dict[str, Any]:
-    if isinstance(value, Mapping) and "seed" in value:
-        raise ProblemError("planner.seed", "is the spec's top-level `seed` (a run's seed parameter overrides it): "
-                           "set that instead")
-    return _overrides(value, "planner", PLANNER)
 
 
 def _overrides(value: Any, where: str, checks: dict[str, Check]) -> dict[str, Any]:

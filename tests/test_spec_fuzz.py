@@ -45,7 +45,8 @@ scalars = st.one_of(
                                            "a:b", "x" * 300, "g5.xlarge", "${HOME}", "2026-01-01"]),
     st.dates(), st.datetimes(), st.binary(max_size=4), st.just({1, 2}),
 )
-keys = st.one_of(st.text(max_size=6), st.integers(-3, 3), st.booleans(), st.none(),
+keys = st.one_of(st.text(max_size=6), st.integers(-3, 3), st.booleans(), st.none(), st.dates(), st.just(math.nan),
+                 st.integers(min_value=2**64, max_value=2**70),
                  st.sampled_from(["type", "values", "low", "high", "name", "seed", "gpus", "max_instances"]))
 yaml_values = st.recursive(
     scalars,
@@ -199,9 +200,11 @@ NAMED = [
     ({"billing": {"increment_seconds": 0}}, "billing.increment_seconds", "must be positive"),
     ({"planner": {"jct_quantile": 1.5}}, "planner.jct_quantile", "at most 1"),
     ({"planner": {"samples": 0}}, "planner.samples", "at least 1"),
-    ({"planner": {"seed": 3}}, "planner.seed", "top-level `seed`"),
+    ({"planner": {"seed": -3}}, "planner.seed", "at least 0"),
+    ({"planner": {"jct_quantiles": 0.9}}, "planner.jct_quantiles", "unknown key (allowed: jct_quantile, samples, seed)"),
     ({"mode": ["max"]}, "mode", "'max' or 'min'"),
-    ({"name": "tuning²"}, "name", "DAG id"),
+    ({"name": "nightly tuning"}, "name", "DAG id"),
+    ({"name": "x" * 251}, "name", "at most 250"),
     ({"trainable": "a:b:c"}, "trainable", "package.module:function"),
     ({"seed": 2**64}, "seed", "integer too large"),
     ({"backend__slots": 2000}, "backend.slots", "at most 1024"),
@@ -273,9 +276,10 @@ def test_unreadable_files_are_named(folder):
 
 def test_sample_rejects_what_is_not_json():
     """The search space checks hold for spaces built in Python too (sample validates first)."""
-    for space, field in [({"d": {"type": "choice", "values": [datetime.date(2026, 1, 1)]}}, "search_space.d.values[0]"),
-                         ({"d": {"type": "choice", "values": [b"x"]}}, "search_space.d.values[0]"),
-                         ({"d": {"type": "int", "low": 0, "high": 2**70}}, "search_space.d.high")]:
+    bad = [({"d": {"type": "choice", "values": [datetime.date(2026, 1, 1)]}}, "search_space.d.values[0]"),
+           ({"d": {"type": "choice", "values": [b"x"]}}, "search_space.d.values[0]"),
+           ({"d": {"type": "int", "low": 0, "high": 2**70}}, "search_space.d.high")]
+    for space, field in bad:
         with pytest.raises(ProblemError) as e:
             sample(space, 2, 0)
         assert e.value.field == field
