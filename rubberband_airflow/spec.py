@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 
@@ -202,8 +203,8 @@ def _parse(data: Any, path: str) -> TuningSpec:
     storage = _expand(top.string("storage"))
     profile = _expand(top.string("profile"))
     spec = TuningSpec(
-        path=path, name=name, schedule=schedule, trainable=trainable, metric=metric, mode=Mode(mode), search_space=space,
-        sha=sha, deadline_seconds=deadline, backend=backend, storage=storage, profile=profile,
+        path=path, name=name, schedule=schedule, trainable=trainable, metric=metric, mode=Mode(mode),
+        search_space=space, sha=sha, deadline_seconds=deadline, backend=backend, storage=storage, profile=profile,
         stage_overhead_seconds=_optional_number(top, "stage_overhead_seconds"),
         trial_timeout_seconds=top.number("trial_timeout_seconds", 3600.0, positive=True),
         seed=top.integer("seed", 0, minimum=0),
@@ -290,21 +291,22 @@ def _backend(value: Any) -> LocalBackendSpec | EC2BackendSpec:
     r = Reader(value, "backend")
     kind = r.raw("type")
     if kind == BackendType.LOCAL:
-        b = LocalBackendSpec(instance_type=r.string("instance_type"),
-                             slots=r.integer("slots", minimum=1, maximum=MAX_GPUS),
-                             price_per_hour=r.number("price_per_hour", positive=True),
-                             max_instances=r.integer("max_instances", minimum=1, maximum=MAX_INSTANCES),
-                             pending_seconds=r.number("pending_seconds", 0.0), boot_seconds=r.number("boot_seconds", 0.0))
+        local = LocalBackendSpec(instance_type=r.string("instance_type"),
+                                 slots=r.integer("slots", minimum=1, maximum=MAX_GPUS),
+                                 price_per_hour=r.number("price_per_hour", positive=True),
+                                 max_instances=r.integer("max_instances", minimum=1, maximum=MAX_INSTANCES),
+                                 pending_seconds=r.number("pending_seconds", 0.0),
+                                 boot_seconds=r.number("boot_seconds", 0.0))
         r.done()
-        return b
+        return local
     if kind == BackendType.EC2:
         types = _ec2_instance_types(r.raw("instance_types"))
-        b = EC2BackendSpec(instance_types=types, ami=r.string("ami"), subnets=_ids(r, "subnets"),
-                           security_groups=_ids(r, "security_groups"), instance_profile=r.string("instance_profile"),
-                           aws_conn_id=r.string("aws_conn_id", "aws_default"), region=_string_or_null(r, "region"),
-                           key_name=_string_or_null(r, "key_name"))
+        ec2 = EC2BackendSpec(instance_types=types, ami=r.string("ami"), subnets=_ids(r, "subnets"),
+                             security_groups=_ids(r, "security_groups"), instance_profile=r.string("instance_profile"),
+                             aws_conn_id=r.string("aws_conn_id", "aws_default"), region=_string_or_null(r, "region"),
+                             key_name=_string_or_null(r, "key_name"))
         r.done()
-        return b
+        return ec2
     raise ProblemError("backend.type", f"must be 'local' or 'ec2', got {describe(kind)}")
 
 
