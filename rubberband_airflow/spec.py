@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -14,7 +17,7 @@ from rubberband_airflow.execution.prices import TABLE as PRICE_TABLE
 from rubberband_airflow.execution.results import Mode
 from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.problem import SHA, max_stages
-from rubberband_airflow.planning.validation import Reader, number
+from rubberband_airflow.planning.validation import Reader, describe, integer, label, number
 from rubberband_airflow.search_space import validate as validate_space
 
 
@@ -90,26 +93,105 @@ def _expand(value: str) -> str:
 def parse_spec(data: Any, path: str) -> TuningSpec:
     """Validate a spec's content; every error names the file and the field."""
     try:
+        check_tree(data)
         return _parse(data, path)
     except ProblemError as e:
         raise SpecError(path, e.field, e.message) from None
 
 
+# What a spec's YAML may hold at all, before any field is read: no document is this deep, this
+# large (counting each use of an alias) or holds integers this long, and none refers to itself.
+MAX_DEPTH = 16
+MAX_NODES = 100_000
+MAX_INT_BITS = 63
+
+
+def check_tree(data: Any) -> None:
+    """Reject YAML no field accepts and the field checks could not even describe: an alias to an
+    enclosing node (a cycle), nesting over MAX_DEPTH, over MAX_NODES values, integers over 63 bits,
+    a blank key (no dotted field name could show it)."""
+    budget = [MAX_NODES]
+
+    def walk(value: Any, where: str, depth: int, enclosing: set[int]) -> None:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise ProblemError("yaml", f"the document is too large (more than {MAX_NODES} values, "
+                               "counting each use of an alias)")
+        _check_int(value, where)
+        if not isinstance(value, (Mapping, list, tuple)):
+            return
+        if id(value) in enclosing:
+            raise ProblemError(where or "yaml", "contains itself (a YAML alias to an enclosing node)")
+        if depth >= MAX_DEPTH:
+            raise ProblemError(where or "yaml", f"is nested too deeply (more than {MAX_DEPTH} levels)")
+        enclosing.add(id(value))
+        if isinstance(value, Mapping):
+            for key, item in value.items():
+                _check_int(key, where)
+                if isinstance(key, str) and not key.strip():
+                    raise ProblemError(where or "yaml", f"has a blank key {key!r}")
+                walk(item, f"{where}.{label(key)}" if where else label(key), depth + 1, enclosing)
+        else:
+            for k, item in enumerate(value):
+                walk(item, f"{where}[{k}]", depth + 1, enclosing)
+        enclosing.discard(id(value))
+
+    walk(data, "", 0, set())
+
+
+def _check_int(value: Any, where: str) -> None:
+    if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+        raise ProblemError(where or "yaml", f"integer too large ({value.bit_length()} bits, at most {MAX_INT_BITS})")
+
+
+# Airflow's own schedule presets (airflow.sdk.definitions.timetables._cron.CRON_PRESETS, and the two
+# that are no cron); importing them would import Airflow's SDK at every spec load.
+CRON_PRESETS = {"@hourly": "0 * * * *", "@daily": "0 0 * * *", "@weekly": "0 0 * * 0", "@monthly": "0 0 1 * *",
+                "@quarterly": "0 0 1 */3 *", "@yearly": "0 0 1 1 *"}
+NON_CRON_PRESETS = ("@once", "@continuous")
+TAG_MAX_LEN = 100  # Airflow's limit on a DAG tag
+DAG_ID = re.compile(r"[\w.-]{1,250}")  # Airflow's DAG ids (validate_key): letters, digits, _ - ., 250 at most
+TRAINABLE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
+MAX_INSTANCES = 4096  # the planning problem's limits (planning/problem.py)
+MAX_GPUS = 1024
+
+
+def _schedule(value: Any) -> str | None:
+    """Null, a preset, or a cron expression croniter accepts, as Airflow requires, that ever fires."""
+    if value is None:
+        return None
+    expected = "a cron expression such as '0 2 * * *', a preset such as '@daily', or null"
+    if not isinstance(value, str):
+        raise ProblemError("schedule", f"must be {expected}, got {describe(value)}")
+    if value in NON_CRON_PRESETS:
+        return value
+    from croniter import CroniterBadDateError, CroniterError, croniter
+
+    try:
+        croniter(CRON_PRESETS.get(value, value), datetime(2026, 1, 1)).get_next(datetime)
+    except CroniterBadDateError:
+        raise ProblemError("schedule", f"{value!r} never fires (no date matches it)") from None
+    except CroniterError as e:
+        raise ProblemError("schedule", f"must be {expected}, got {value!r} ({e})") from None
+    return value
+
+
 def _parse(data: Any, path: str) -> TuningSpec:
+    if not isinstance(data, Mapping):
+        raise ProblemError("yaml", f"the document must be a mapping of spec fields (name, trainable, ...), "
+                           f"got {describe(data)}")
     top = Reader(data, "")
     name = top.string("name")
-    if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
-        raise ProblemError("name", f"must be a DAG id (letters, digits, _ - .), got {name!r}")
-    schedule = top.raw("schedule", None)
-    if schedule is not None and not isinstance(schedule, str):
-        raise ProblemError("schedule", f"must be a cron expression, preset such as '@daily', or null, got {schedule!r}")
+    if not DAG_ID.fullmatch(name):
+        raise ProblemError("name", f"must be a DAG id (letters, digits, _ - ., at most 250), got {name!r}")
+    schedule = _schedule(top.raw("schedule", None))
     trainable = top.string("trainable")
-    if ":" not in trainable:
+    if not TRAINABLE.fullmatch(trainable):
         raise ProblemError("trainable", f"must look like 'package.module:function', got {trainable!r}")
     metric = top.string("metric")
     mode = top.raw("mode", "max")
-    if mode not in tuple(Mode):
-        raise ProblemError("mode", f"must be 'max' or 'min', got {mode!r}")
+    if not isinstance(mode, str) or mode not in tuple(Mode):
+        raise ProblemError("mode", f"must be 'max' or 'min', got {describe(mode)}")
     space = validate_space(top.raw("search_space"), "search_space")
     r = Reader(top.raw("sha"), "sha")
     num_trials, eta = r.integer("num_trials", minimum=1, maximum=4096), r.integer("eta", minimum=2)
@@ -121,15 +203,15 @@ def _parse(data: Any, path: str) -> TuningSpec:
     storage = _expand(top.string("storage"))
     profile = _expand(top.string("profile"))
     spec = TuningSpec(
-        path=path, name=name, schedule=schedule, trainable=trainable, metric=metric, mode=Mode(mode), search_space=space,
-        sha=sha, deadline_seconds=deadline, backend=backend, storage=storage, profile=profile,
+        path=path, name=name, schedule=schedule, trainable=trainable, metric=metric, mode=Mode(mode),
+        search_space=space, sha=sha, deadline_seconds=deadline, backend=backend, storage=storage, profile=profile,
         stage_overhead_seconds=_optional_number(top, "stage_overhead_seconds"),
         trial_timeout_seconds=top.number("trial_timeout_seconds", 3600.0, positive=True),
         seed=top.integer("seed", 0, minimum=0),
-        planner=_mapping(top.raw("planner", {}), "planner"),
-        billing=_mapping(top.raw("billing", {}), "billing"),
-        description=str(top.raw("description", "")),
-        tags=tuple(str(t) for t in top.raw("tags", []) or []),
+        planner=_overrides(top.raw("planner", {}), "planner", PLANNER),
+        billing=_overrides(top.raw("billing", {}), "billing", BILLING),
+        description=_description(top.raw("description", None)),
+        tags=_tags(top.raw("tags", None)),
     )
     top.done()
     return spec
@@ -140,56 +222,130 @@ def _optional_number(reader: Reader, key: str) -> float | None:
     return None if value is None else number(value, key, positive=False)
 
 
-def _mapping(value: Any, name: str) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ProblemError(name, "must be a mapping")
-    return dict(value)
+def _description(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ProblemError("description", f"must be a string, got {describe(value)}")
+    return value
+
+
+def _tags(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ProblemError("tags", f"must be a list of strings, got {describe(value)}")
+    for k, tag in enumerate(value):
+        if not isinstance(tag, str) or not tag.strip():
+            raise ProblemError(f"tags[{k}]", f"must be a non-empty string, got {describe(tag)}")
+        if len(tag) > TAG_MAX_LEN:
+            raise ProblemError(f"tags[{k}]", f"must be at most {TAG_MAX_LEN} characters (Airflow's limit), "
+                               f"got {len(tag)}")
+    return tuple(value)
+
+
+# The planning problem's billing and planner settings a spec may give, checked as parse_problem
+# checks them (planning/problem.py), so that a bad one fails here rather than at plan time. (A
+# run replaces the planner's seed by its own `seed`, as docs/user-guide.md says.)
+Check = Callable[[Any, str], Any]
+BILLING: dict[str, Check] = {
+    "minimum_seconds": lambda v, name: number(v, name, positive=False),
+    "increment_seconds": lambda v, name: number(v, name, positive=True),
+    "data_price_per_gb": lambda v, name: number(v, name, positive=False),
+}
+PLANNER: dict[str, Check] = {
+    "jct_quantile": lambda v, name: number(v, name, positive=True, at_most=1.0),
+    "samples": lambda v, name: integer(v, name, minimum=1, maximum=100_000),
+    "seed": lambda v, name: integer(v, name, minimum=0),
+}
+_ABSENT: Any = object()
+
+
+def _overrides(value: Any, where: str, checks: dict[str, Check]) -> dict[str, Any]:
+    r = Reader(value, where)
+    out = {}
+    for key, check in checks.items():
+        given = r.raw(key, _ABSENT)
+        if given is not _ABSENT:
+            out[key] = check(given, r.name(key))
+    r.done()
+    return out
+
+
+def _string_or_null(reader: Reader, key: str) -> str | None:
+    value = reader.raw(key, None)
+    return None if value is None else reader.string(key)
+
+
+def _ids(reader: Reader, key: str) -> tuple[str, ...]:
+    value = reader.raw(key)
+    if not isinstance(value, list) or not value:
+        raise ProblemError(reader.name(key), f"must be a non-empty list of ids, got {describe(value)}")
+    for k, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            raise ProblemError(f"{reader.name(key)}[{k}]", f"must be a non-empty string, got {describe(item)}")
+    return tuple(value)
 
 
 def _backend(value: Any) -> LocalBackendSpec | EC2BackendSpec:
     r = Reader(value, "backend")
     kind = r.raw("type")
     if kind == BackendType.LOCAL:
-        b = LocalBackendSpec(instance_type=r.string("instance_type"), slots=r.integer("slots", minimum=1),
-                             price_per_hour=r.number("price_per_hour", positive=True),
-                             max_instances=r.integer("max_instances", minimum=1),
-                             pending_seconds=r.number("pending_seconds", 0.0), boot_seconds=r.number("boot_seconds", 0.0))
+        local = LocalBackendSpec(instance_type=r.string("instance_type"),
+                                 slots=r.integer("slots", minimum=1, maximum=MAX_GPUS),
+                                 price_per_hour=r.number("price_per_hour", positive=True),
+                                 max_instances=r.integer("max_instances", minimum=1, maximum=MAX_INSTANCES),
+                                 pending_seconds=r.number("pending_seconds", 0.0),
+                                 boot_seconds=r.number("boot_seconds", 0.0))
         r.done()
-        return b
+        return local
     if kind == BackendType.EC2:
-        types = r.raw("instance_types")
-        if not isinstance(types, list) or not types:
-            raise ProblemError("backend.instance_types", "must be a non-empty list of {name, max_instances}")
-        for k, t in enumerate(types):
-            tr = Reader(t, f"backend.instance_types[{k}]")
-            name = tr.string("name")
-            tr.integer("max_instances", 16, minimum=1)
-            for opt in ("price_per_hour", "gpus"):
-                if opt in t:
-                    tr.number(opt, positive=True)
-            if name not in PRICE_TABLE and not {"price_per_hour", "gpus"} <= set(t):
-                raise ProblemError(f"backend.instance_types[{k}]", f"{name!r} is not in the price table "
-                                   "(rubberband_airflow/execution/prices.py): give its gpus and price_per_hour")
-            tr.done()
-        subnets = r.raw("subnets")
-        groups = r.raw("security_groups")
-        for key, val in (("subnets", subnets), ("security_groups", groups)):
-            if not isinstance(val, list) or not val or not all(isinstance(v, str) for v in val):
-                raise ProblemError(f"backend.{key}", "must be a non-empty list of ids")
-        b = EC2BackendSpec(instance_types=tuple(dict(t) for t in types), ami=r.string("ami"), subnets=tuple(subnets),
-                           security_groups=tuple(groups), instance_profile=r.string("instance_profile"),
-                           aws_conn_id=str(r.raw("aws_conn_id", "aws_default")), region=r.raw("region", None),
-                           key_name=r.raw("key_name", None))
+        types = _ec2_instance_types(r.raw("instance_types"))
+        ec2 = EC2BackendSpec(instance_types=types, ami=r.string("ami"), subnets=_ids(r, "subnets"),
+                             security_groups=_ids(r, "security_groups"), instance_profile=r.string("instance_profile"),
+                             aws_conn_id=r.string("aws_conn_id", "aws_default"), region=_string_or_null(r, "region"),
+                             key_name=_string_or_null(r, "key_name"))
         r.done()
-        return b
-    raise ProblemError("backend.type", f"must be 'local' or 'ec2', got {kind!r}")
+        return ec2
+    raise ProblemError("backend.type", f"must be 'local' or 'ec2', got {describe(kind)}")
+
+
+def _ec2_instance_types(value: Any) -> tuple[dict[str, Any], ...]:
+    if not isinstance(value, list) or not value:
+        raise ProblemError("backend.instance_types", f"must be a non-empty list of {{name, max_instances}}, "
+                           f"got {describe(value)}")
+    types: list[dict[str, Any]] = []
+    for k, t in enumerate(value):
+        where = f"backend.instance_types[{k}]"
+        tr = Reader(t, where)
+        name = tr.string("name")
+        if any(other["name"] == name for other in types):
+            raise ProblemError(f"{where}.name", f"{name!r} is listed twice")
+        out: dict[str, Any] = {"name": name,
+                               "max_instances": tr.integer("max_instances", 16, minimum=1, maximum=MAX_INSTANCES)}
+        if (price := tr.raw("price_per_hour", _ABSENT)) is not _ABSENT:
+            out["price_per_hour"] = number(price, f"{where}.price_per_hour", positive=True)
+        if (gpus := tr.raw("gpus", _ABSENT)) is not _ABSENT:
+            out["gpus"] = integer(gpus, f"{where}.gpus", minimum=1, maximum=MAX_GPUS)
+        if name not in PRICE_TABLE and not {"price_per_hour", "gpus"} <= set(out):
+            raise ProblemError(where, f"{name!r} is not in the price table "
+                               "(rubberband_airflow/execution/prices.py): give its gpus and price_per_hour")
+        tr.done()
+        types.append(out)
+    return tuple(types)
 
 
 def load_spec(path: str | Path) -> TuningSpec:
     """Read and validate one spec file."""
     path = str(path)
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as e:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(path, "file", f"cannot be read: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise SpecError(path, "yaml", "not valid YAML: nested too deeply") from None
+    except Exception as e:  # noqa: BLE001 - PyYAML raises ValueError, TypeError, AttributeError, ... besides YAMLError
         raise SpecError(path, "yaml", f"not valid YAML: {e}") from None
     return parse_spec(data, path)

@@ -85,6 +85,31 @@ def kind(value: Any) -> str:
     return type(value).__name__
 
 
+def describe(value: Any) -> str:
+    """``kind``, also for an integer too long to print (Python prints at most 4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    return kind(value)
+
+
+def label(key: Any) -> str:
+    """A mapping key as it appears in a dotted field name, whatever its type."""
+    if isinstance(key, int) and not isinstance(key, bool) and key.bit_length() > 64:
+        return f"<integer of {key.bit_length()} bits>"
+    return str(key)
+
+
+def integer(value: Any, name: str, *, minimum: int, maximum: int | None = None) -> int:
+    """An integer (not a boolean) in [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProblemError(name, f"must be an integer, got {describe(value)}")
+    if value < minimum:
+        raise ProblemError(name, f"must be at least {minimum}, got {describe(value)}")
+    if maximum is not None and value > maximum:
+        raise ProblemError(name, f"must be at most {maximum}, got {describe(value)}")
+    return value
+
+
 def number(value: Any, name: str, *, positive: bool, at_most: float | None = None) -> float:
     """A finite number (positive, or else not negative), at most ``at_most``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
