@@ -16,7 +16,7 @@ import yaml
 from rubberband_airflow.execution.prices import TABLE as PRICE_TABLE
 from rubberband_airflow.execution.results import Mode
 from rubberband_airflow.planning.errors import ProblemError
-from rubberband_airflow.planning.problem import SHA, max_stages
+from rubberband_airflow.planning.problem import SHA, max_stages, parse_billing, parse_planner
 from rubberband_airflow.planning.validation import Reader, describe, integer, label, number
 from rubberband_airflow.search_space import validate as validate_space
 
@@ -208,8 +208,8 @@ def _parse(data: Any, path: str) -> TuningSpec:
         stage_overhead_seconds=_optional_number(top, "stage_overhead_seconds"),
         trial_timeout_seconds=top.number("trial_timeout_seconds", 3600.0, positive=True),
         seed=top.integer("seed", 0, minimum=0),
-        planner=_overrides(top.raw("planner", {}), "planner", PLANNER),
-        billing=_overrides(top.raw("billing", {}), "billing", BILLING),
+        planner=_overrides(top.raw("planner", {}), "planner", parse_planner),
+        billing=_overrides(top.raw("billing", {}), "billing", parse_billing),
         description=_description(top.raw("description", None)),
         tags=_tags(top.raw("tags", None)),
     )
@@ -244,33 +244,15 @@ def _tags(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-# The planning problem's billing and planner settings a spec may give, checked as parse_problem
-# checks them (planning/problem.py), so that a bad one fails here rather than at plan time. (A
-# run replaces the planner's seed by its own `seed`, as docs/user-guide.md says.)
-Check = Callable[[Any, str], Any]
-BILLING: dict[str, Check] = {
-    "minimum_seconds": lambda v, name: number(v, name, positive=False),
-    "increment_seconds": lambda v, name: number(v, name, positive=True),
-    "data_price_per_gb": lambda v, name: number(v, name, positive=False),
-}
-PLANNER: dict[str, Check] = {
-    "jct_quantile": lambda v, name: number(v, name, positive=True, at_most=1.0),
-    "samples": lambda v, name: integer(v, name, minimum=1, maximum=100_000),
-    "seed": lambda v, name: integer(v, name, minimum=0),
-}
 _ABSENT: Any = object()
 
 
-def _overrides(value: Any, where: str, checks: dict[str, Check]) -> dict[str, Any]:
-    r = Reader(value, where)
-    out = {}
-    for key, check in checks.items():
-        given = r.raw(key, _ABSENT)
-        if given is not _ABSENT:
-            out[key] = check(given, r.name(key))
-    r.done()
-    return out
-
+def _overrides(value: Any, where: str, parse: Callable[[Any, str], Any]) -> dict[str, Any]:
+    """The planning problem's billing or planner settings a spec gives, checked as the planning
+    problem checks them, so a bad one fails here rather than at plan time. (A run replaces the
+    planner's seed by its own `seed`, as docs/user-guide.md says.)"""
+    parse(value, where)
+    return dict(value)
 
 def _string_or_null(reader: Reader, key: str) -> str | None:
     value = reader.raw(key, None)

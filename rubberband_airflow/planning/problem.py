@@ -190,21 +190,31 @@ def parse_problem(data: Any) -> Problem:
 
     deadline = top.number("deadline_seconds", positive=True)
 
-    r = Reader(top.raw("billing", {}), "billing")
+    billing = parse_billing(top.raw("billing", {}))
+    planner = parse_planner(top.raw("planner", {}))
+    top.done()
+    return Problem(sha, workload, tuple(types), deadline, billing, planner)
+
+
+def parse_billing(data: Any, where: str = "billing") -> Billing:
+    """The billing settings (each field may be left out for its default); errors name the field."""
+    r = Reader(data, where)
     billing = Billing(
         minimum_seconds=r.number("minimum_seconds", 60.0),
         increment_seconds=r.number("increment_seconds", 1.0, positive=True),
         data_price_per_gb=r.number("data_price_per_gb", 0.0),
     )
     r.done()
+    return billing
 
-    r = Reader(top.raw("planner", {}), "planner")
-    quantile = r.number("jct_quantile", 0.95, positive=True, at_most=1.0)
+
+def parse_planner(data: Any, where: str = "planner") -> PlannerSettings:
+    """The planner settings (each field may be left out for its default); errors name the field."""
+    r = Reader(data, where)
     planner = PlannerSettings(
-        jct_quantile=quantile,
+        jct_quantile=r.number("jct_quantile", 0.95, positive=True, at_most=1.0),
         samples=r.integer("samples", 256, minimum=1, maximum=100_000),
         seed=r.integer("seed", 0, minimum=0),
     )
     r.done()
-    top.done()
-    return Problem(sha, workload, tuple(types), deadline, billing, planner)
+    return planner
