@@ -9,52 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rubberband_airflow.planning.frontier import _EPS, FrontierPoint, makespan
 from rubberband_airflow.planning.plan import Plan
 from rubberband_airflow.planning.problem import InstanceType, Problem
-
-_EPS = 1e-9
-
-
-@dataclass(frozen=True)
-class FrontierPoint:
-    jct: float  # noise-free JCT, seconds
-    cost: float  # noise-free cost in USD, before minimum billing and rounding
-    plan: Plan
-
-
-def makespan(n: int, duration: float, carried_slots: np.ndarray, new_slots: np.ndarray, delay: float) -> np.ndarray:
-    """Time from stage start until n equal trials finish on carried slots (free at 0) and new slots (free at delay).
-
-    Greedy placement of equal trials makes the k-th start the k-th smallest element of the union
-    of {j d} (once per carried slot) and {delay + j d} (once per new slot); the makespan is the
-    n-th smallest start plus d. Vectorised over arrays of slot counts.
-    """
-    a = np.asarray(carried_slots, dtype=np.int64)
-    b = np.asarray(new_slots, dtype=np.int64)
-    a, b = np.broadcast_arrays(a, b)
-    q = delay / duration
-
-    def count_carried_start(j: np.ndarray) -> np.ndarray:  # starts <= j*d
-        new_waves = np.where(j + _EPS >= q, np.floor(j - q + _EPS) + 1, 0)
-        return a * (j + 1) + b * new_waves
-
-    def count_new_start(j: np.ndarray) -> np.ndarray:  # starts <= delay + j*d
-        return a * (np.floor(q + j + _EPS) + 1) + b * (j + 1)
-
-    def first_reaching(count, slots: np.ndarray) -> np.ndarray:
-        hi = np.where(slots > 0, -(-n // np.maximum(slots, 1)) - 1, 0).astype(np.int64)
-        lo = np.zeros_like(hi)
-        while np.any(lo < hi):
-            mid = (lo + hi) // 2
-            ok = count(mid.astype(float)) >= n
-            hi = np.where(ok, mid, hi)
-            lo = np.where(ok, lo, mid + 1)
-        return lo.astype(float)
-
-    with np.errstate(invalid="ignore"):
-        t_carried = np.where(a > 0, first_reaching(count_carried_start, a) * duration, np.inf)
-        t_new = np.where(b > 0, delay + first_reaching(count_new_start, b) * duration, np.inf)
-    return np.minimum(t_carried, t_new) + duration
 
 
 @dataclass(frozen=True)
