@@ -32,8 +32,10 @@ def run_backend(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str,
 
 def backend_of_run(spec_path: str, storage: RunStorage, dag_id: str, run_id: str) -> ComputeBackend | None:
     """
-    The backend of a started run, as a sensor or trigger of the run makes it (None before the
-    run's plan is written): the spec's backend for the instance type of the plan in run storage.
+    The backend of a started run, as a sensor or trigger of the run makes it.
+
+    It is the spec's backend for the instance type of the plan in run storage (None before the
+    run's plan is written).
 
     :param spec_path: the tuning spec's file
     :param storage: the run's storage

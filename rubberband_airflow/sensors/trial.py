@@ -171,6 +171,14 @@ class TrialResultSensor(BaseSensorOperator):
                          f"placed again on {moved}" if moved else "not placed again")
         return moved is not None or storage.read_result(self.trial, int(self.stage)) is not None
 
+    def _record_lost(self, storage: RunStorage, result: dict[str, Any]) -> dict[str, Any]:
+        """Records why the trial failed, unless its agent wrote a result after all, and finishes."""
+        recorded = storage.read_result(self.trial, int(self.stage))
+        if recorded is not None:
+            return self._finish(recorded)
+        storage.write_result(self.trial, int(self.stage), result)
+        return self._finish(result)
+
     def _finish(self, result: dict[str, Any]) -> dict[str, Any]:
         if result.get("state") != "done":
             raise AirflowFailException(f"{self.trial} failed in stage {self.stage}: {result.get('error')}")
