@@ -210,7 +210,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                 # the trial, and one sensor per trial must not hold a worker slot for it.
                 waits = TrialResultSensor.partial(
                     task_id="wait", run_uri="{{ ti.xcom_pull(task_ids='start_run') }}", stage=stage, retries=1,
-                    storage_conn_id=storage_conn_id(spec), deferrable=True,
+                    storage_conn_id=storage_conn_id(spec), spec_path=spec_path, deferrable=True,
                     poll_interval=2.0).expand(trial=trials)
                 promoted = promote(plan.output, stage)
                 waits >> promoted

@@ -7,11 +7,13 @@ from typing import Any
 
 import numpy as np
 
+from rubberband_airflow.execution import recovery
 from rubberband_airflow.execution.backends.base import billed_cost
 from rubberband_airflow.execution.results import Mode, best_trial, is_done
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.billing import billed_seconds
 from rubberband_airflow.planning.plan import parse_plan
-from rubberband_airflow.planning.problem import parse_problem
+from rubberband_airflow.planning.problem import Billing, parse_problem
 from rubberband_airflow.planning.simulator import Draws, simulate_outcome
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,11 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
     ledger = storage.ledger()
     actual_cost = None
     predicted_stage_ends = None
+    prices: dict[str, float] = {}
+    billing = Billing()
     if problem_data:
         problem = parse_problem(problem_data)
-        prices = {t.name: t.price_per_hour for t in problem.instance_types}
+        prices, billing = {t.name: t.price_per_hour for t in problem.instance_types}, problem.billing
         actual_cost = billed_cost(ledger, prices, problem.billing) \
             + problem.data_cost()
         outcome = simulate_outcome(problem, parse_plan(plan, problem), Draws.for_problem(problem))
@@ -83,8 +87,34 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         "baselines": plan.get("baselines"),
         "stages": stages,
         "trials": {t: {"config": storage.read_config(t), "results": r} for t, r in sorted(results_by_trial.items())},
+        "recoveries": recoveries(storage, ledger, prices, billing),
         "ledger": ledger,
     }
+
+
+def recoveries(storage: RunStorage, ledger: list[dict[str, Any]], prices: dict[str, float],
+               billing: Billing) -> list[dict[str, Any]]:
+    """Each lost instance's recovery: the trials placed again, from which epoch, where, and what
+    the loss cost over the plan: the lost instance's billed time after its last useful work, and
+    the replacement's billed time (from the ledger)."""
+    entries = {e["instance"]: e for e in ledger}
+    out = []
+    for stage in sorted(int(s) for s in storage.listdir("stages") if s.isdigit()):
+        for rec in recovery.records(storage, stage):
+            lost = entries.get(rec["lost"], {})
+            useful, end = rec.get("last_useful"), lost.get("terminated")
+            idle = max(0.0, end - useful) if useful is not None and end is not None else 0.0
+            price = prices.get(lost.get("type", ""), 0.0)
+            replaced = [entries[i] for i in (rec.get("replacement") or {}).get("instances", []) if i in entries]
+            billed = [(e, float(billed_seconds(e["running"], e["terminated"], billing.minimum_seconds,
+                                               billing.increment_seconds)))
+                      for e in replaced if e.get("running") is not None and e.get("terminated") is not None]
+            extra_usd = price / 3600.0 * idle + sum(prices.get(e["type"], 0.0) / 3600.0 * b for e, b in billed)
+            out.append({"stage": stage, "lost": rec["lost"], "reason": rec.get("reason"), "trials": rec["trials"],
+                        "replacement": [e["instance"] for e in replaced], "lost_idle_seconds": idle,
+                        "replacement_seconds": sum(b for _, b in billed),
+                        "extra_seconds": idle + sum(b for _, b in billed), "extra_usd": extra_usd})
+    return out
 
 
 def _best_metric(results: dict[str, dict[str, Any]], mode: Mode) -> float | None:
@@ -139,6 +169,11 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
         lines.append(f"{s['stage']:>5} {s['trials']:>6} {s['trials'] - len(s['failed']):>4} {s['instances'] or '-':>4} "
                      f"{s['gpus_per_trial'] or '-':>2} {s['seconds']:>8.1f} {s['overhead_seconds'] or 0:>8.1f} "
                      f"{s['best_metric'] if s['best_metric'] is not None else float('nan'):>8.4f}")
+    for r in rep.get("recoveries") or []:
+        moved = ", ".join(f"{t['trial']} from epoch {t['from_epoch']} -> {t['to'] or 'failed: ' + str(t['error'])}"
+                          for t in r["trials"]) or "no unfinished trial"
+        lines.append(f"Recovery in stage {r['stage']}: {r['reason']}; {moved}; extra {r['extra_seconds']:.1f} "
+                     f"instance-seconds, ${r['extra_usd']:.4f}")
     return lines
 
 

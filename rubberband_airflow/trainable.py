@@ -8,11 +8,16 @@ called once per worker process (``ctx.world_size`` of them, co-located on one in
 2. restores ``ctx.load_checkpoint()`` when ``ctx.start_epoch > 0``;
 3. trains epochs ``ctx.start_epoch`` up to (not including) ``ctx.stop_epoch``, calling
    ``ctx.report(epoch, **metrics)`` after each one and ``ctx.save_checkpoint(state)`` to keep
-   its progress;
+   its progress (the checkpoint records the epoch last reported);
 4. returns. Raising, or reporting a NaN metric, fails the trial with the reason recorded.
 
 With ``world_size > 1`` the process group is already set up (gloo on CPU, nccl on GPU);
 ``ctx.device`` is this worker's device. Only rank 0's reports and checkpoints are stored.
+
+``ctx.start_epoch`` is where the trial's last checkpoint was taken: the stage's first epoch, or
+an epoch inside the stage when the trial resumes after its instance was lost. The worker checks
+the checkpoint before the trainable runs (this trial's, not from after the stage, intact), so
+"resume from ``start_epoch``" is all a trainable does.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from rubberband_airflow.execution import checkpoint
 from rubberband_airflow.execution.storage import RunStorage
 
 
@@ -51,23 +57,40 @@ class TrialContext:
         return self.rank == 0
 
     def load_checkpoint(self) -> Any | None:
-        """The state saved by the last ``save_checkpoint`` of this trial, or None."""
+        """The state of this trial's last checkpoint (taken at ``start_epoch`` when the stage
+        begins), or None if it has none. Loaded with ``torch.load(weights_only=True)``: torch >= 2.6."""
         import torch
 
-        data = self.storage.read_bytes("trials", self.trial_id, "checkpoint.pt")
-        if data is None:
-            return None
-        return torch.load(io.BytesIO(data), map_location=self.device, weights_only=True)
+        try:
+            found = checkpoint.read(self.storage, self.trial_id)
+            if found is None:
+                return None
+            info, payload = found
+            checkpoint.resume_epoch(info, self.trial_id, 0, self.stop_epoch)  # never one from the future
+            return checkpoint.load_state(payload, self.device, torch)
+        except checkpoint.CheckpointError as e:
+            raise TrialFailed(str(e)) from None
 
-    def save_checkpoint(self, state: Any) -> None:
-        """Store the trial's state (tensors, numbers, dicts) so a promoted trial resumes from it."""
+    def save_checkpoint(self, state: Any, epoch: int | None = None) -> None:
+        """Store the trial's state (tensors, numbers, dicts) after ``epoch`` epochs in total (by
+        default the epoch last reported), so the trial resumes from it: when promoted, or when its
+        instance is lost mid-stage."""
+        if epoch is None:
+            if not self.reports:
+                raise TrialFailed("save_checkpoint needs the epoch it is taken at: report the epoch first, "
+                                  "or pass epoch=")
+            epoch = int(self.reports[-1]["epoch"])
+        if not self.start_epoch <= epoch <= self.stop_epoch:
+            raise TrialFailed(f"a checkpoint at epoch {epoch} is outside this stage's epochs "
+                              f"{self.start_epoch} to {self.stop_epoch}")
         if not self.is_chief:
             return
         import torch
 
         buf = io.BytesIO()
         torch.save(state, buf)
-        self.storage.write_bytes(buf.getvalue(), "trials", self.trial_id, "checkpoint.pt")
+        self.storage.write_bytes(checkpoint.encode(self.trial_id, epoch, self.stage, buf.getvalue()),
+                                 *checkpoint.path(self.trial_id))
 
     def report(self, epoch: int, **metrics: float) -> None:
         """Record the metrics after ``epoch`` epochs in total; a NaN or infinite value fails the trial."""

@@ -60,6 +60,22 @@ def test_the_agent_image_installs_no_airflow_and_the_airflow_image_the_airflow_e
     assert any(r.startswith("apache-airflow>=") for r in PYPROJECT["optional-dependencies"]["airflow"])
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.match(r"(\d+(?:\.\d+)*)", text).group(1).split("."))
+
+
+def test_checkpoints_are_loaded_with_a_safe_torch_everywhere():
+    """torch.load(weights_only=True) is safe from torch 2.6: the torch extra and the agent image's base require it."""
+    [torch] = [r for r in PYPROJECT["optional-dependencies"]["torch"] if re.match(r"torch\b", r)]
+    assert re.fullmatch(r"torch>=[\d.]+", torch) and _version(torch.split(">=")[1]) >= (2, 6), torch
+    [base] = re.findall(r"^FROM (\S+)", (DOCKER / "agent.Dockerfile").read_text(), re.MULTILINE)
+    image, _, tag = base.partition(":")
+    assert image == "pytorch/pytorch" and _version(tag) >= (2, 6), base
+    loads = [ln for f in (DOCKER.parent / "rubberband_airflow").rglob("*.py") for ln in f.read_text().splitlines()
+             if "torch.load(" in ln]
+    assert loads and all("weights_only=True" in ln for ln in loads), loads
+
+
 def _statements(name: str) -> list[dict]:
     policy = json.loads((DOCKER / "iam" / name).read_text())
     assert policy["Version"] == "2012-10-17"

@@ -66,3 +66,20 @@ def plain(ctx: TrialContext) -> None:
     """Plain Python (no torch): each epoch's accuracy follows from the learning rate."""
     for epoch in range(ctx.start_epoch + 1, ctx.stop_epoch + 1):
         ctx.report(epoch, loss=1.0 / epoch, accuracy=1.0 - float(ctx.config["lr"]) / epoch)
+
+
+def steady(ctx: TrialContext) -> None:
+    """A checkpointed trainable whose epochs take RUBBERBAND_TEST_EPOCH_SECONDS each: its state
+    (one tensor) evolves deterministically, so a resumed trial's metrics equal an uninterrupted one's.
+    Each epoch also reports the epoch its stage started from and the process that trained it."""
+    import torch
+
+    w = torch.tensor([1.0])
+    if ctx.start_epoch > 0:
+        w = ctx.load_checkpoint()["w"]
+    for epoch in range(ctx.start_epoch, ctx.stop_epoch):
+        time.sleep(float(os.environ.get("RUBBERBAND_TEST_EPOCH_SECONDS", "1")))
+        w = w * (1.0 - float(ctx.config["lr"]))
+        ctx.report(epoch + 1, loss=float(w), accuracy=1.0 - float(w), started_from=ctx.start_epoch,
+                   pid=os.getpid())
+        ctx.save_checkpoint({"w": w})

@@ -108,6 +108,8 @@ class Agent:
                 reason = f"timed out after {self.trial_timeout:g} s"
             elif self.storage.read_result(r.task["trial"], r.task["stage"]) is not None:
                 continue
+            elif self.stopping:  # ended because the instance is going: not the trial's fault, it is re-placed
+                continue
             else:
                 tail = " | ".join(stderr.strip().splitlines()[-3:])
                 reason = f"worker exited with status {code}" + (f": {tail}" if tail else "")
@@ -143,12 +145,8 @@ class Agent:
         self.beat(force=True)
 
     def reap_after_stop(self) -> None:
-        for r in self.running:
-            if self.storage.read_result(r.task["trial"], r.task["stage"]) is None:
-                self.storage.write_result(r.task["trial"], r.task["stage"], {
-                    "state": "failed", "error": "the instance was stopped while the trial ran",
-                    "instance": self.instance, "stage": r.task["stage"], "started": r.started,
-                    "finished": time.time()})
+        """Trials the stop interrupted get no result: not their fault; the orchestrator places them
+        again (a lost instance) or records them as unfinished (the run is over)."""
         self.running.clear()
 
     def run(self) -> None:

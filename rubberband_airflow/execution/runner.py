@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rubberband_airflow.execution import recovery
 from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.execution.results import Mode, TrialState, best_trial, is_done, ranked, trial_id
 from rubberband_airflow.execution.storage import RunStorage
@@ -23,8 +24,8 @@ from rubberband_airflow.planning.problem import SHA, InstanceType, Problem, pars
 
 __all__ = ["RunSpec", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run", "stage_trials",
            "begin_stage", "reconcile", "scale_targets", "launch_batches", "scale_out", "scale_in", "scale",
-           "place", "stage_placement", "assign_stage", "stage_results", "wait_stage", "promote", "promote_stage",
-           "stop_instances", "run_sha", "summarize", "trial_id"]
+           "place", "stage_placement", "assign_stage", "stage_results", "wait_stage", "recover_trials", "promote",
+           "promote_stage", "stop_instances", "run_sha", "summarize", "trial_id"]
 
 
 @dataclass(frozen=True)
@@ -274,10 +275,15 @@ def _fail(storage: RunStorage, trial: str, stage: int, reason: str) -> dict[str,
 
 
 def wait_stage(storage: RunStorage, backend: ComputeBackend, stage: int, trials: list[str], timeout: float,
-               poll: float = 0.5) -> dict[str, dict[str, Any]]:
-    """Wait until every trial of the stage has a result; trials whose instance died, or that are
-    still without a result at the timeout, are recorded as failed (nothing is silently dropped)."""
+               poll: float = 0.5, run_plan: RunPlan | None = None, liveness_interval: float = 2.0,
+               silent_seconds: float = recovery.SILENT_SECONDS) -> dict[str, dict[str, Any]]:
+    """Wait until every trial of the stage has a result. Given the plan, the trials of an instance
+    found lost are placed again and resume (``recover_trials``); without it, trials are failed
+    when every instance of the run is gone. Trials still without a result at the timeout are
+    recorded as failed (nothing is silently dropped)."""
     deadline = time.monotonic() + timeout
+    watch = recovery.LossWatch(storage, backend, stage, silent_seconds, recovery.BOOT_SECONDS)
+    checked = float("-inf")
     while True:
         results = stage_results(storage, stage, trials)
         missing = [t for t, r in results.items() if r is None]
@@ -286,6 +292,11 @@ def wait_stage(storage: RunStorage, backend: ComputeBackend, stage: int, trials:
         reason = None
         if time.monotonic() > deadline:
             reason = f"no result within {timeout:g} s"
+        elif run_plan is not None:
+            if time.monotonic() - checked >= liveness_interval:
+                checked = time.monotonic()
+                for lost, why in watch.lost(missing).items():
+                    recover_trials(storage, backend, run_plan, stage, lost, why)
         else:
             live = backend.live()
             states = backend.describe(live) if live else {}
@@ -295,6 +306,14 @@ def wait_stage(storage: RunStorage, backend: ComputeBackend, stage: int, trials:
             failed = {t: _fail(storage, t, stage, reason) for t in missing}
             return {t: r if r is not None else failed[t] for t, r in results.items()}
         time.sleep(poll)
+
+
+def recover_trials(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int, lost: str,
+                   reason: str) -> dict[str, Any]:
+    """Place the unfinished trials of an instance lost in a stage again (idle slots of the live
+    fleet, else a replacement batch), to resume from their last checkpoint; idempotent and safe
+    to call from several tasks at once. Returns the loss's record (see ``recovery``)."""
+    return recovery.recover_trials(storage, backend, run_plan, stage, lost, reason)
 
 
 def promote(storage: RunStorage, stage: int, results: Mapping[str, Mapping[str, Any] | None], keep: int,
@@ -356,7 +375,7 @@ def run_sha(storage: RunStorage, backend: ComputeBackend, spec: RunSpec, configs
             scale(backend, run_plan, stage, batch_size)
             placement = stage_placement(storage, backend, run_plan, stage)
             wait_stage(storage, backend, stage, [t["trial"] for tasks in placement.values() for t in tasks],
-                       stage_timeout)
+                       stage_timeout, run_plan=run_plan)
             outcome = promote_stage(storage, backend, run_plan, stage, spec.mode)
             stages_out.append({"stage": stage, "trials": outcome.trials, "promoted": outcome.promoted,
                                "failed": outcome.failed, "ended": time.time()})

@@ -5,9 +5,10 @@ Layout under the run prefix:
     plan.json                            the plan being executed
     trials/<trial>/config.json           hyperparameters (JSON, never a shell argument)
     trials/<trial>/metrics.jsonl         one line per epoch, written by rank 0
-    trials/<trial>/checkpoint.pt         the latest checkpoint
+    trials/<trial>/checkpoint.pt         the latest checkpoint, headed by its trial and epoch
     trials/<trial>/stage-<i>.json        the trial's result in stage i: done or failed, and why
     stages/<i>/<instance>.json           the trials assigned to an instance in stage i, in order
+    stages/<i>/recovery/<instance>.json  where the trials of an instance lost in stage i went
     instances/<instance>/heartbeat.json  the agent's latest heartbeat (its first one marks ready)
     instances/<instance>/stop            asks the agent to stop
     ledger/<instance>.json               request, running, ready and termination times
@@ -174,12 +175,17 @@ class RunStorage:
         self.write_json({"stage": stage, "tasks": tasks}, "stages", str(stage), f"{instance}.json")
 
     def assignments(self, instance: str) -> Iterator[dict[str, Any]]:
-        """Every task assigned to this instance, stage by stage, in order."""
+        """Every task assigned to this instance, stage by stage, in order: the stage's placement,
+        then the trials of lost instances placed here again (``stages/<i>/recovery/*.json``)."""
         for stage in sorted(self.listdir("stages"), key=_stage_key):
             data = self.read_json("stages", stage, f"{instance}.json")
             if data:
                 for task in data["tasks"]:
                     yield {**task, "stage": data["stage"]}
+            moved = [n for n in self.listdir("stages", stage, "recovery") if n.endswith(".json")]
+            for record in self.read_json_many([("stages", stage, "recovery", n) for n in moved]):
+                for task in (record or {}).get("placement", {}).get(instance, []):
+                    yield {**task, "stage": record["stage"]}
 
     def heartbeat(self, instance: str) -> dict[str, Any] | None:
         return self.read_json("instances", instance, "heartbeat.json")

@@ -17,6 +17,7 @@ import traceback
 import zlib
 from typing import Any
 
+from rubberband_airflow.execution import checkpoint
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.trainable import TrialContext, TrialFailed, load_trainable
 
@@ -78,7 +79,9 @@ def _rank_main(rank: int, world_size: int, port: int, run_uri: str, trial: str, 
 
 def _check_reports(ctx: TrialContext, spec: dict[str, Any]) -> None:
     metric = spec["metric"]
-    final = [r for r in ctx.reports if r["epoch"] == ctx.stop_epoch]
+    # Resumed at the stage's last epoch (lost after its last checkpoint): that epoch's report is stored.
+    reports = ctx.reports if ctx.start_epoch < ctx.stop_epoch else ctx.storage.metrics(ctx.trial_id)
+    final = [r for r in reports if r["epoch"] == ctx.stop_epoch]
     if not final:
         raise TrialFailed(f"the trainable returned without reporting epoch {ctx.stop_epoch}")
     if metric not in final[-1]:
@@ -99,6 +102,10 @@ def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[in
     try:
         if task is None:
             raise TrialFailed(f"trial {trial} is not assigned to {instance} in stage {stage}")
+        start = _resume_epoch(storage, trial, task)
+        if start != int(task["start_epoch"]):
+            result["resumed_from_epoch"] = start
+        task = {**task, "start_epoch": start}
         world = int(task["gpus"])
         if world == 1:
             _rank_main(0, 1, 0, run_uri, trial, stage, task, spec, slots)
@@ -119,6 +126,16 @@ def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[in
     result["finished"] = time.time()
     storage.write_result(trial, stage, result)
     return code
+
+
+def _resume_epoch(storage: RunStorage, trial: str, task: dict[str, Any]) -> int:
+    """The epoch the trial's last checkpoint was taken at, checked against the assignment (see
+    ``checkpoint.resume_epoch``): the stage's first epoch, or one inside it after a loss."""
+    try:
+        return checkpoint.resume_epoch(checkpoint.read_info(storage, trial), trial, int(task["start_epoch"]),
+                                       int(task["stop_epoch"]))
+    except checkpoint.CheckpointError as e:
+        raise TrialFailed(str(e)) from None
 
 
 def _reason(e: BaseException) -> str:

@@ -10,7 +10,10 @@ from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue, conf
 from airflow.sdk.bases.sensor import poke_mode_only
 from airflow.sdk.exceptions import AirflowFailException
 
+from rubberband_airflow.execution import runner
+from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.hooks.backend import backend_of_run
 from rubberband_airflow.hooks.storage import run_storage
 from rubberband_airflow.triggers.trial import (
     LIVENESS_INTERVAL,
@@ -39,8 +42,12 @@ class TrialResultSensor(BaseSensorOperator):
 
     Map it over the trials of a stage; each mapped instance is labelled with the trial id and a
     summary of its configuration, and returns ``{"trial", "stage", "metric"}``. A failed trial
-    fails this task (without retries) with its reason; so does a trial whose instance is lost (its
-    agent's heartbeat stops, or never starts), which is then recorded as failed in run storage.
+    fails this task (without retries) with its reason. When the trial's instance is lost (the
+    backend says it is gone, or its agent's heartbeat stops or never starts), the trials it held
+    are placed again and resume from their last checkpoint (``runner.recover_trials``, once for
+    all the sensors that see the loss), and the wait goes on; the trial fails only when it cannot
+    be placed again, with the reason recorded in run storage. Without ``spec_path`` there is no
+    backend to recover with, and a lost instance fails the trial.
     Deferred, the wait runs on the triggerer (``TrialResultTrigger``) and holds no worker slot.
     Otherwise the sensor pokes, in ``poke`` mode only: it tells a lost instance by how long the
     heartbeat has not changed, which a rescheduled sensor would forget between pokes.
@@ -50,6 +57,8 @@ class TrialResultSensor(BaseSensorOperator):
     :param stage: the stage (from 1) whose result to wait for (templated)
     :param storage_conn_id: the Airflow connection run storage is reached through; None for
         fsspec's own credentials (local paths always use them) (templated)
+    :param spec_path: the tuning spec, from which the run's backend is made to notice and recover
+        a lost instance; None to go by heartbeats alone and fail the trial of a lost instance
     :param deferrable: wait on the triggerer instead of a worker; defaults to
         ``[operators] default_deferrable``
     :param poll_interval: seconds between reads of the result, on the triggerer or by each poke
@@ -60,6 +69,7 @@ class TrialResultSensor(BaseSensorOperator):
     ui_color = "#f0e4ff"
 
     def __init__(self, *, run_uri: str, trial: str, stage: int, storage_conn_id: str | None = None,
+                 spec_path: str | None = None,
                  deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
                  poll_interval: float = 5.0, **kwargs: Any) -> None:
         kwargs.setdefault("map_index_template", "{{ rubberband_trial_label }}")
@@ -69,10 +79,12 @@ class TrialResultSensor(BaseSensorOperator):
         self.trial = trial
         self.stage = stage
         self.storage_conn_id = storage_conn_id
+        self.spec_path = spec_path
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self._liveness: Liveness | None = None
         self._liveness_checked = float("-inf")
+        self._run_ids: tuple[str, str] | None = None  # (dag_id, run_id), from the task's context
 
     def _storage(self) -> RunStorage:
         return run_storage(self.run_uri, self.storage_conn_id)
@@ -86,17 +98,32 @@ class TrialResultSensor(BaseSensorOperator):
 
     def execute(self, context: Context) -> Any:
         self._label(context)
+        self._remember_run(context)
         storage = self._storage()
         result = storage.read_result(self.trial, int(self.stage))
         if result is not None:
             return self._finish(result)
-        boot_seconds = boot_limit(storage.read_json("plan.json"))
         if not self.deferrable:
-            self._liveness = Liveness(storage, self.trial, int(self.stage), SILENT_SECONDS, boot_seconds)
             return super().execute(context)
+        self._defer(storage)
+
+    def _defer(self, storage: RunStorage) -> None:
+        dag_id, run_id = self._run_ids or (None, None)
         self.defer(trigger=TrialResultTrigger(self.run_uri, self.trial, int(self.stage), self.poll_interval,
-                                              boot_seconds=boot_seconds, storage_conn_id=self.storage_conn_id),
+                                              boot_seconds=boot_limit(storage.read_json("plan.json")),
+                                              storage_conn_id=self.storage_conn_id, spec_path=self.spec_path,
+                                              dag_id=dag_id, run_id=run_id),
                    method_name="execute_complete")
+
+    def _remember_run(self, context: Context) -> None:
+        """The DAG and run ids, which make the run's backend (a task's context has them)."""
+        if "dag" in context and "run_id" in context:
+            self._run_ids = (context["dag"].dag_id, context["run_id"])
+
+    def _backend(self, storage: RunStorage) -> ComputeBackend | None:
+        if self.spec_path is None or self._run_ids is None:
+            return None
+        return backend_of_run(self.spec_path, storage, *self._run_ids)
 
     def poke(self, context: Context) -> bool | PokeReturnValue:
         storage = self._storage()
@@ -105,23 +132,44 @@ class TrialResultSensor(BaseSensorOperator):
             return PokeReturnValue(is_done=True, xcom_value=self._finish(result))
         if self._liveness is None:
             self._liveness = Liveness(storage, self.trial, int(self.stage), SILENT_SECONDS,
-                                      boot_limit(storage.read_json("plan.json")))
+                                      boot_limit(storage.read_json("plan.json")), self._backend(storage))
         if time.monotonic() - self._liveness_checked >= LIVENESS_INTERVAL:
             self._liveness_checked = time.monotonic()
             reason = self._liveness.lost()
             if reason is not None:
                 self.log.warning("%s of stage %s is lost: %s", self.trial, self.stage, reason)
-                return PokeReturnValue(is_done=True, xcom_value=self._record_lost(
-                    storage, lost_result(int(self.stage), reason, self._liveness.instance)))
+                if not self._recover(storage, self._liveness.instance, reason):
+                    return PokeReturnValue(is_done=True, xcom_value=self._record_lost(
+                        storage, lost_result(int(self.stage), reason, self._liveness.instance)))
         self.log.debug("%s has no result for stage %s yet", self.trial, self.stage)
         return False
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any]:
-        """Resumes from the trigger: the trial's result, or a failed one if its instance was lost."""
+    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any] | None:
+        """Resumes from the trigger: the trial's result; or its instance was lost, and the trial is
+        placed again (the wait goes on) or, where it cannot be, failed."""
         self._label(context)
+        self._remember_run(context)
         if event.get("lost"):
-            return self._record_lost(self._storage(), event["result"])
+            storage = self._storage()
+            if self._recover(storage, event.get("instance"), event["result"]["error"]):
+                self._defer(storage)
+                return None
+            return self._record_lost(storage, event["result"])
         return self._finish(event["result"])
+
+    def _recover(self, storage: RunStorage, instance: str | None, reason: str) -> bool:
+        """Have the lost instance's trials placed again; whether the wait goes on (this trial was
+        placed again, or has a result by now)."""
+        backend = self._backend(storage)
+        if backend is None or instance is None:
+            return False
+        plan = storage.read_json("plan.json")
+        record = runner.recover_trials(storage, backend, runner.RunPlan.from_json(plan), int(self.stage), instance,
+                                       reason)
+        moved = (record.get("moved") or {}).get(self.trial)
+        self.log.warning("%s of stage %s: instance %s was lost (%s); %s", self.trial, self.stage, instance, reason,
+                         f"placed again on {moved}" if moved else "not placed again")
+        return moved is not None or storage.read_result(self.trial, int(self.stage)) is not None
 
     def _record_lost(self, storage: RunStorage, result: dict[str, Any]) -> dict[str, Any]:
         """Records why the trial failed, unless its agent wrote a result after all, and finishes."""

@@ -9,13 +9,15 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from rubberband_airflow.execution import recovery
+from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.hooks.storage import run_storage
 
 # A trial's instance is lost when its agent's heartbeat (written every few seconds) has not
 # changed for this long, or when no heartbeat has appeared this long after the wait began.
-SILENT_SECONDS = 300.0
-BOOT_SECONDS = 1200.0
+SILENT_SECONDS = recovery.SILENT_SECONDS
+BOOT_SECONDS = recovery.BOOT_SECONDS
 # How often the heartbeat is looked at (the result is read every poll interval).
 LIVENESS_INTERVAL = 30.0
 
@@ -30,12 +32,9 @@ def boot_limit(plan: dict[str, Any] | None) -> float:
 
 
 def assigned_instance(storage: RunStorage, trial: str, stage: int) -> str | None:
-    """The instance a trial of a stage was placed on, from the stage's assignment files."""
-    for name in storage.listdir("stages", str(stage)):
-        data = storage.read_json("stages", str(stage), name)
-        if isinstance(data, dict) and any(t["trial"] == trial for t in data.get("tasks", [])):
-            return name.removesuffix(".json")
-    return None
+    """The instance a trial of a stage runs on now: where it was placed, or where the recovery
+    of an instance it lost placed it again."""
+    return recovery.trial_instance(storage, trial, stage)
 
 
 def lost_result(stage: int, reason: str, instance: str | None) -> dict[str, Any]:
@@ -47,38 +46,36 @@ class Liveness:
     """Tells when a trial's instance is lost, by the watcher's own clock (instance clocks may differ).
 
     The trigger, or a sensor that pokes, keeps one for the whole wait: it remembers when the
-    instance's heartbeat last changed.
+    instance's heartbeat last changed. Given the run's backend, an instance the backend says is
+    terminated (or whose agent says it stopped) is lost at once. It follows the trial to the
+    instance a recovery placed it on.
 
     :param storage: the run's storage
     :param trial: the trial id
     :param stage: the stage the trial runs
     :param silent_seconds: an instance whose heartbeat has not changed for this long is lost
     :param boot_seconds: an instance with no heartbeat this long after the wait began is lost
+    :param backend: the run's backend, or None to go by heartbeats alone
     """
 
     def __init__(self, storage: RunStorage, trial: str, stage: int, silent_seconds: float,
-                 boot_seconds: float) -> None:
+                 boot_seconds: float, backend: ComputeBackend | None = None) -> None:
         self.storage, self.trial, self.stage = storage, trial, stage
         self.silent_seconds, self.boot_seconds = silent_seconds, boot_seconds
+        self.backend = backend
         self.instance: str | None = None
-        self.beat: Any = None
-        self.changed = time.monotonic()
+        self.watch = recovery.LossWatch(storage, backend, stage, silent_seconds, boot_seconds)
+        self.began = time.monotonic()
 
     def lost(self) -> str | None:
         """Why the trial's instance is considered gone, or None while it looks alive."""
+        self.instance = assigned_instance(self.storage, self.trial, self.stage)
         if self.instance is None:
-            self.instance = assigned_instance(self.storage, self.trial, self.stage)
-        beat = self.storage.heartbeat(self.instance) if self.instance else None
-        stamp = beat.get("time") if beat else None
-        if stamp != self.beat:
-            self.beat, self.changed = stamp, time.monotonic()
-        quiet = time.monotonic() - self.changed
-        if beat is None and quiet > self.boot_seconds:
-            where = f"instance {self.instance}" if self.instance else "no instance (the trial was never placed)"
-            return f"{where} sent no heartbeat within {self.boot_seconds:g} s: its agent never started"
-        if beat is not None and quiet > self.silent_seconds:
-            return f"instance {self.instance} was lost: no heartbeat for {quiet:.0f} s"
-        return None
+            if time.monotonic() - self.began > self.boot_seconds:
+                return (f"no instance (the trial was never placed) sent a heartbeat within {self.boot_seconds:g} s: "
+                        f"its agent never started")
+            return None
+        return self.watch.reason(self.instance)
 
 
 class TrialResultTrigger(BaseTrigger):
@@ -86,9 +83,13 @@ class TrialResultTrigger(BaseTrigger):
     Wait on the triggerer for one trial's result of one stage in a tuning run's storage.
 
     Polls ``trials/<trial>/stage-<stage>.json`` until it exists, then fires with
-    ``{"trial", "stage", "result"}``. Fires with a failed result and ``"lost": True`` instead when
-    the trial's instance is lost (see ``Liveness``), so a dead instance cannot stall the run while
-    the rest of the fleet bills. Storage is read in threads, off the triggerer's event loop.
+    ``{"trial", "stage", "result"}``. Fires with a failed result, ``"lost": True`` and the lost
+    ``"instance"`` instead when the trial's instance is lost (see ``Liveness``), so a dead
+    instance cannot stall the run while the rest of the fleet bills: the sensor then has the
+    trial placed again. Given the spec and the run's ids, the trigger makes the run's backend
+    and asks it about the instance (a dead agent or a terminated instance is noticed at the next
+    look, not after the heartbeat silence). Storage and the backend are called in threads, off
+    the triggerer's event loop.
 
     :param run_uri: the run's storage root, ``<storage>/<dag_id>/<run_id>``
     :param trial: the trial id, e.g. ``trial-0003``
@@ -96,14 +97,19 @@ class TrialResultTrigger(BaseTrigger):
     :param poll_interval: seconds between reads of the result
     :param silent_seconds: the instance is lost when its heartbeat has not changed for this long
     :param boot_seconds: the instance is lost when no heartbeat appeared this long after the wait began
-    :param liveness_interval: seconds between looks at the heartbeat
+    :param liveness_interval: seconds between looks at the instance
     :param storage_conn_id: the Airflow connection run storage is reached through; None for
         fsspec's own credentials (local paths always use them)
+    :param spec_path: the tuning spec, from which the run's backend is made; None to go by
+        heartbeats alone
+    :param dag_id: the tuning DAG's id (with ``spec_path``)
+    :param run_id: the DAG run's id (with ``spec_path``)
     """
 
     def __init__(self, run_uri: str, trial: str, stage: int, poll_interval: float = 5.0,
                  silent_seconds: float = SILENT_SECONDS, boot_seconds: float = BOOT_SECONDS,
-                 liveness_interval: float = LIVENESS_INTERVAL, storage_conn_id: str | None = None) -> None:
+                 liveness_interval: float = LIVENESS_INTERVAL, storage_conn_id: str | None = None,
+                 spec_path: str | None = None, dag_id: str | None = None, run_id: str | None = None) -> None:
         super().__init__()
         self.run_uri = run_uri
         self.trial = trial
@@ -113,6 +119,9 @@ class TrialResultTrigger(BaseTrigger):
         self.boot_seconds = boot_seconds
         self.liveness_interval = liveness_interval
         self.storage_conn_id = storage_conn_id
+        self.spec_path = spec_path
+        self.dag_id = dag_id
+        self.run_id = run_id
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """The class path and every constructor argument, as the triggerer recreates the trigger."""
@@ -120,11 +129,21 @@ class TrialResultTrigger(BaseTrigger):
                 {"run_uri": self.run_uri, "trial": self.trial, "stage": self.stage,
                  "poll_interval": self.poll_interval, "silent_seconds": self.silent_seconds,
                  "boot_seconds": self.boot_seconds, "liveness_interval": self.liveness_interval,
-                 "storage_conn_id": self.storage_conn_id})
+                 "storage_conn_id": self.storage_conn_id, "spec_path": self.spec_path, "dag_id": self.dag_id,
+                 "run_id": self.run_id})
+
+    def backend(self, storage: RunStorage) -> ComputeBackend | None:
+        """The run's backend (blocking: call it in a thread), or None without a spec."""
+        if not (self.spec_path and self.dag_id and self.run_id):
+            return None
+        from rubberband_airflow.hooks.backend import backend_of_run
+
+        return backend_of_run(self.spec_path, storage, self.dag_id, self.run_id)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         storage = await asyncio.to_thread(run_storage, self.run_uri, self.storage_conn_id)
-        liveness = Liveness(storage, self.trial, self.stage, self.silent_seconds, self.boot_seconds)
+        backend = await asyncio.to_thread(self.backend, storage)
+        liveness = Liveness(storage, self.trial, self.stage, self.silent_seconds, self.boot_seconds, backend)
         checked = float("-inf")
         while True:
             # fsspec calls block: keep them off the triggerer's event loop
@@ -139,6 +158,7 @@ class TrialResultTrigger(BaseTrigger):
                 if reason is not None:
                     self.log.warning("%s of stage %s is lost: %s", self.trial, self.stage, reason)
                     yield TriggerEvent({"trial": self.trial, "stage": self.stage, "lost": True,
+                                        "instance": liveness.instance,
                                         "result": lost_result(self.stage, reason, liveness.instance)})
                     return
             await asyncio.sleep(self.poll_interval)

@@ -57,7 +57,7 @@ def train(ctx: TrialContext) -> None:
     model = _model(int(cfg["width"]), float(cfg["dropout"])).to(ctx.device)
     opt = torch.optim.SGD(model.parameters(), lr=float(cfg["lr"]), momentum=float(cfg["momentum"]),
                           weight_decay=float(cfg["weight_decay"]))
-    if ctx.start_epoch > 0:
+    if ctx.start_epoch > 0:  # the worker checked the checkpoint was taken at start_epoch
         state = ctx.load_checkpoint()
         if state is None:
             raise RuntimeError(f"trial {ctx.trial_id} should resume at epoch {ctx.start_epoch} but has no checkpoint")
@@ -91,7 +91,8 @@ def train(ctx: TrialContext) -> None:
             val_loss = float(loss_fn(logits, y_val.to(ctx.device)))
             accuracy = float((logits.argmax(1).cpu() == y_val).float().mean())
         ctx.report(epoch + 1, loss=total / max(count, 1), val_loss=val_loss, accuracy=accuracy)
-        ctx.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1})
+        ctx.save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1},
+                            epoch=epoch + 1)
 
 
 def train_final(config: dict[str, Any], epochs: int, seed: int = 0) -> dict[str, float]:

@@ -17,7 +17,7 @@ import rubberband_airflow.sensors.trial as sensor_module
 from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run
 from rubberband_airflow.get_provider_info import get_provider_info
 from rubberband_airflow.hooks import storage as storage_hook
-from rubberband_airflow.hooks.backend import run_backend
+from rubberband_airflow.hooks.backend import backend_of_run, run_backend
 from rubberband_airflow.operators.planning import RubberBandPlanOperator
 from rubberband_airflow.sensors.trial import TrialResultSensor
 from rubberband_airflow.triggers.trial import BOOT_SECONDS, LIVENESS_INTERVAL, SILENT_SECONDS, TrialResultTrigger
@@ -109,7 +109,7 @@ def test_a_deferring_sensor_hands_the_wait_to_its_trigger(storage):  # noqa: F81
     assert deferred.value.trigger.serialize()[1] == {
         "run_uri": storage.uri, "trial": "trial-0000", "stage": 1, "poll_interval": 2.0,
         "silent_seconds": SILENT_SECONDS, "boot_seconds": BOOT_SECONDS, "liveness_interval": LIVENESS_INTERVAL,
-        "storage_conn_id": "aws_default"}
+        "storage_conn_id": "aws_default", "spec_path": None, "dag_id": None, "run_id": None}
 
 
 # template_fields
@@ -138,7 +138,8 @@ def test_trigger_serialize_round_trips_every_constructor_argument():
 
     kwargs = {"run_uri": "s3://b/t/manual__1", "trial": "trial-0007", "stage": 3, "poll_interval": 1.5,
               "silent_seconds": 120.0, "boot_seconds": 1800.0, "liveness_interval": 10.0,
-              "storage_conn_id": "aws_default"}
+              "storage_conn_id": "aws_default", "spec_path": "/opt/dags/digits_tuning.yaml",
+              "dag_id": "digits_tuning", "run_id": "manual__1"}
     params = set(inspect.signature(TrialResultTrigger.__init__).parameters) - {"self"}
     assert set(kwargs) == params  # every argument, none at its default
     assert all(kwargs[p] != inspect.signature(TrialResultTrigger).parameters[p].default for p in params)
@@ -161,7 +162,8 @@ def _documented(obj) -> set[str]:
     (RubberBandPlanOperator, RubberBandPlanOperator.__init__), (TrialResultSensor, TrialResultSensor.__init__),
     (TrialResultTrigger, TrialResultTrigger.__init__), (storage_hook.run_storage, storage_hook.run_storage),
     (storage_hook.read_text, storage_hook.read_text), (storage_hook.storage_for, storage_hook.storage_for),
-    (storage_hook.load_profile, storage_hook.load_profile), (run_backend, run_backend)],
+    (storage_hook.load_profile, storage_hook.load_profile), (run_backend, run_backend),
+    (backend_of_run, backend_of_run)],
     ids=lambda o: getattr(o, "__qualname__", ""))
 def test_every_public_class_and_hook_function_documents_each_parameter(obj, signature_of):
     doc = inspect.getdoc(obj)

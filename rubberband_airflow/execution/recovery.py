@@ -1,0 +1,321 @@
+"""Lost work is re-run, not dropped: the trials of a lost instance are placed again within their stage.
+
+An instance is lost when the backend says it is gone (a dead agent process on the local backend,
+a terminated or stopping instance on EC2), when its agent says it stopped, or when its heartbeat
+goes silent. The trials it held in the stage, running there or waiting their turn, are placed
+again: on idle slots of the live fleet first, the rest on a replacement batch named after the
+stage and the lost instance (a retried launch finds it again). They resume from their last
+checkpoint (the worker checks it: see ``checkpoint.resume_epoch``).
+
+Each loss has one record, ``stages/<i>/recovery/<instance>.json``, written by the one caller that
+claims it (a create-only ``<instance>.claim``); every other caller (several sensors of a stage see
+the same loss at once) waits for the record and reads it. Agents read the record's placement
+beside their stage assignment; the report reads it for what the loss cost. A trial whose
+recovery is impossible (the backend refused a replacement, or the trial lost its instance
+``MAX_RECOVERIES`` times in the stage) is recorded as failed with that reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from rubberband_airflow.execution import checkpoint
+from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.storage import RunStorage
+
+if TYPE_CHECKING:
+    from rubberband_airflow.execution.runner import RunPlan
+
+log = logging.getLogger(__name__)
+
+# An instance whose heartbeat has not changed for this long is lost; so is one that sent none
+# this long after it was first waited for.
+SILENT_SECONDS = 300.0
+BOOT_SECONDS = 1200.0
+# A trial whose instance is lost this many times in one stage is failed.
+MAX_RECOVERIES = 3
+# A claim older than this with no record is taken over (its claimant died mid-recovery).
+CLAIM_STALE_SECONDS = 300.0
+_STAGE_FILES = ("trials.json", "start.json", "end.json")
+
+
+def _record_path(stage: int, instance: str) -> tuple[str, ...]:
+    return ("stages", str(stage), "recovery", f"{instance}.json")
+
+
+def _claim_path(stage: int, instance: str) -> tuple[str, ...]:
+    return ("stages", str(stage), "recovery", f"{instance}.claim")
+
+
+def read_record(storage: RunStorage, stage: int, instance: str) -> dict[str, Any] | None:
+    """The recovery record of an instance lost in a stage, if it was lost there."""
+    return storage.read_json(*_record_path(stage, instance))
+
+
+def records(storage: RunStorage, stage: int) -> list[dict[str, Any]]:
+    """Every recovery record of a stage, oldest first."""
+    names = [n for n in storage.listdir("stages", str(stage), "recovery") if n.endswith(".json")]
+    found = [r for r in storage.read_json_many([("stages", str(stage), "recovery", n) for n in names]) if r]
+    return sorted(found, key=lambda r: (r.get("time") or 0, r["lost"]))
+
+
+def assigned_tasks(storage: RunStorage, stage: int) -> dict[str, list[dict[str, Any]]]:
+    """The tasks the stage's placement assigned to each instance (recoveries left out)."""
+    names = [n for n in storage.listdir("stages", str(stage)) if n.endswith(".json") and n not in _STAGE_FILES]
+    files = storage.read_json_many([("stages", str(stage), n) for n in names])
+    return {n.removesuffix(".json"): list(f["tasks"]) for n, f in zip(names, files)
+            if isinstance(f, dict) and isinstance(f.get("tasks"), list)}
+
+
+def trial_instances(storage: RunStorage, stage: int,
+                    recs: Iterable[dict[str, Any]] | None = None) -> dict[str, tuple[str | None, dict[str, Any]]]:
+    """Where each trial of a stage runs now, with its task: its assignment, followed through the
+    recoveries of the instances it lost (None where its recovery was impossible)."""
+    where = {t["trial"]: (inst, t) for inst, tasks in assigned_tasks(storage, stage).items() for t in tasks}
+    moved = {r["lost"]: r.get("moved") or {} for r in (records(storage, stage) if recs is None else recs)}
+    out: dict[str, tuple[str | None, dict[str, Any]]] = {}
+    for trial, (inst, task) in where.items():
+        current: str | None = inst
+        seen: set[str] = set()
+        while current is not None and current in moved and trial in moved[current] and current not in seen:
+            seen.add(current)
+            current = moved[current][trial]
+        out[trial] = (current, task)
+    return out
+
+
+def trial_instance(storage: RunStorage, trial: str, stage: int) -> str | None:
+    """The instance a trial of a stage runs on now (see ``trial_instances``)."""
+    return trial_instances(storage, stage).get(trial, (None, {}))[0]
+
+
+def held_tasks(storage: RunStorage, stage: int, instance: str,
+               where: dict[str, tuple[str | None, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+    """The tasks an instance holds in a stage: placed there now, with no result yet, in order."""
+    where = trial_instances(storage, stage) if where is None else where
+    mine = [task for inst, task in where.values() if inst == instance]
+    results = storage.read_json_many([("trials", t["trial"], f"stage-{stage}.json") for t in mine])
+    return [task for task, result in zip(mine, results) if result is None]
+
+
+def lost_reason(backend: ComputeBackend, instance: str) -> str | None:
+    """Why an instance is gone by what the backend and its agent say now, or None (heartbeat
+    silence is the watcher's to time: see ``LossWatch``)."""
+    try:
+        state = backend.describe([instance]).get(instance)
+    except KeyError:  # not in the run's ledger: nothing to ask the backend about
+        state = None
+    if state == "terminated":
+        return f"instance {instance} is gone: the backend says it is terminated"
+    beat = backend.storage.heartbeat(instance)
+    if beat is not None and beat.get("state") == "stopping":
+        return f"instance {instance} is gone: its agent stopped"
+    return None
+
+
+class LossWatch:
+    """Tells which instances holding a stage's unfinished trials are lost, by the watcher's own
+    clock (instance clocks may differ): what the backend says, and heartbeat silence."""
+
+    def __init__(self, storage: RunStorage, backend: ComputeBackend | None, stage: int,
+                 silent_seconds: float = SILENT_SECONDS, boot_seconds: float = BOOT_SECONDS) -> None:
+        self.storage, self.backend, self.stage = storage, backend, stage
+        self.silent_seconds, self.boot_seconds = silent_seconds, boot_seconds
+        self._beats: dict[str, tuple[Any, float]] = {}  # instance: (heartbeat time, when it last changed)
+
+    def reason(self, instance: str) -> str | None:
+        """Why this instance is lost, or None while it looks alive."""
+        if self.backend is not None:
+            why = lost_reason(self.backend, instance)
+            if why is not None:
+                return why
+        beat = self.storage.heartbeat(instance)
+        stamp = beat.get("time") if beat else None
+        now = time.monotonic()
+        seen, changed = self._beats.get(instance, (object(), now))
+        if stamp != seen:
+            changed = now
+        self._beats[instance] = (stamp, changed)
+        quiet = now - changed
+        if beat is None and quiet > self.boot_seconds:
+            return f"instance {instance} sent no heartbeat within {self.boot_seconds:g} s: its agent never started"
+        if beat is not None and quiet > self.silent_seconds:
+            return f"instance {instance} was lost: no heartbeat for {quiet:.0f} s"
+        return None
+
+    def lost(self, trials: Iterable[str]) -> dict[str, str]:
+        """The lost instances among those the given trials run on now, with why."""
+        where = trial_instances(self.storage, self.stage)
+        instances = sorted({i for t in trials if t in where and (i := where[t][0]) is not None})
+        out = {}
+        for instance in instances:
+            why = self.reason(instance)
+            if why is not None:
+                out[instance] = why
+        return out
+
+
+# --- recovering ---------------------------------------------------------------------------------
+
+
+def recover_trials(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int, lost: str,
+                   reason: str, wait: float = CLAIM_STALE_SECONDS + 60) -> dict[str, Any]:
+    """Place the trials a lost instance held in a stage again, once however many callers ask;
+    returns the loss's record: ``moved`` says where each trial went (None: failed, see ``error``)."""
+    deadline = time.monotonic() + wait
+    while True:
+        record = read_record(storage, stage, lost)
+        if record is not None:
+            return record
+        if _create_once(storage, {"time": time.time(), "pid": os.getpid()}, *_claim_path(stage, lost)):
+            try:
+                return _recover(storage, backend, run_plan, stage, lost, reason)
+            except BaseException:
+                storage.delete(*_claim_path(stage, lost))  # let a later call try again
+                raise
+        claim = storage.read_json(*_claim_path(stage, lost))
+        if claim is not None and time.time() - float(claim.get("time", 0)) > CLAIM_STALE_SECONDS:
+            log.warning("Taking over the recovery of %s in stage %s: its claim is stale", lost, stage)
+            storage.delete(*_claim_path(stage, lost))
+            continue
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the recovery of instance {lost} in stage {stage} was claimed by another task "
+                               f"that has not finished it within {wait:g} s")
+        time.sleep(0.5)
+
+
+def _recover(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int, lost: str,
+             reason: str) -> dict[str, Any]:
+    """The claimed recovery: stop the lost instance, place what it held, write the record."""
+    log.warning("Recovering the trials of %s in stage %s: %s", lost, stage, reason)
+    backend.terminate([lost])  # it bills no more, and no straggler of it writes the trials' files
+    recs = records(storage, stage)
+    where = trial_instances(storage, stage, recs)
+    held = held_tasks(storage, stage, lost, where)
+    losses = {t["trial"]: sum(1 for r in recs if t["trial"] in (r.get("moved") or {})) for t in held}
+    infos = {t["trial"]: _checkpoint(storage, t["trial"]) for t in held}
+    moved: dict[str, str | None] = {}
+    errors: dict[str, str] = {}
+    for task in held:
+        if losses[task["trial"]] + 1 >= MAX_RECOVERIES:
+            moved[task["trial"]] = None
+            errors[task["trial"]] = f"its instance was lost {MAX_RECOVERIES} times in stage {stage}"
+    movable = [t for t in held if t["trial"] not in moved]
+    placement: dict[str, list[dict[str, Any]]] = {}
+    slots = _idle_slots(storage, backend, run_plan, stage, lost, where)
+    for task, instance in zip(movable, slots):
+        placement.setdefault(instance, []).append({**_task(task), "recovered_from": lost})
+    rest = movable[len(slots):]
+    replacement = None
+    if rest:  # one instance in place of the lost one: its trials run there in their order, as planned
+        batch = f"stage-{stage}-recover-{lost}"
+        try:
+            ids = backend.launch(batch, 1)
+        except Exception as e:  # the backend refused: these trials cannot run again in this stage
+            why = f"the backend refused to launch a replacement for it: {type(e).__name__}: {e}"
+            for task in rest:
+                moved[task["trial"]] = None
+                errors[task["trial"]] = why
+        else:
+            replacement = {"batch": batch, "instances": ids}
+            for task in rest:
+                placement.setdefault(ids[0], []).append({**_task(task), "recovered_from": lost})
+    for instance, tasks in placement.items():
+        for task in tasks:
+            moved[task["trial"]] = instance
+    record = {
+        "stage": stage, "lost": lost, "reason": reason, "time": time.time(), "moved": moved,
+        "placement": placement, "replacement": replacement, "errors": errors,
+        "trials": [{"trial": t["trial"], "to": moved[t["trial"]], "from_epoch": _from_epoch(infos[t["trial"]], t),
+                    "error": errors.get(t["trial"])} for t in held],
+        "last_useful": _last_useful(storage, stage, lost, where, infos),
+    }
+    storage.write_json(record, *_record_path(stage, lost))
+    for trial, error in errors.items():
+        if storage.read_result(trial, stage) is None:
+            storage.write_result(trial, stage, {"state": "failed", "stage": stage, "instance": lost,
+                                                "error": f"{reason}; it was not recovered: {error}",
+                                                "finished": time.time()})
+    log.warning("Recovery of %s in stage %s: %s", lost, stage,
+                ", ".join(f"{t} -> {i}" for t, i in moved.items()) or "it held no unfinished trial")
+    return record
+
+
+def _task(task: dict[str, Any]) -> dict[str, Any]:
+    return {k: task[k] for k in ("trial", "gpus", "start_epoch", "stop_epoch")}
+
+
+def _checkpoint(storage: RunStorage, trial: str) -> checkpoint.CheckpointInfo | None:
+    try:
+        return checkpoint.read_info(storage, trial)
+    except checkpoint.CheckpointError:
+        return None  # the worker that resumes it fails it with the reason
+
+
+def _from_epoch(info: checkpoint.CheckpointInfo | None, task: dict[str, Any]) -> int:
+    """The epoch a recovered trial resumes from (as the worker will pick it, when it can)."""
+    try:
+        return checkpoint.resume_epoch(info, task["trial"], int(task["start_epoch"]), int(task["stop_epoch"]))
+    except checkpoint.CheckpointError:
+        return int(task["start_epoch"])
+
+
+def _idle_slots(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int, lost: str,
+                where: dict[str, tuple[str | None, dict[str, Any]]]) -> list[str]:
+    """One entry per idle slot (``gpus_per_trial`` GPUs) of the live fleet, oldest instance first:
+    a slot nothing is running on or queued for in the stage."""
+    live = [i for i in backend.live() if i != lost]
+    if not live:
+        return []
+    states = backend.describe(live)
+    beats = storage.read_json_many([("instances", i, "heartbeat.json") for i in live])
+    gpus = run_plan.allocation(stage).gpus_per_trial
+    out = []
+    for instance, beat in zip(live, beats):
+        if states.get(instance) == "terminated" or (beat or {}).get("state") == "stopping":
+            continue
+        busy = sum(int(t["gpus"]) for t in held_tasks(storage, stage, instance, where))
+        out += [instance] * ((run_plan.instance_type.gpus - busy) // gpus)
+    return out
+
+
+def _last_useful(storage: RunStorage, stage: int, lost: str, where: dict[str, tuple[str | None, dict[str, Any]]],
+                 infos: dict[str, checkpoint.CheckpointInfo | None]) -> float | None:
+    """When the lost instance last did work that was kept: its last checkpoint or finished trial in
+    the stage (else when it became ready); what it billed after that was lost."""
+    ledger = storage.read_json("ledger", f"{lost}.json") or {}
+    beat = storage.heartbeat(lost) or {}
+    times = [t for t in (beat.get("ready"), ledger.get("ready"), ledger.get("running")) if t is not None]
+    times += [i.time for i in infos.values() if i is not None and i.stage == stage]
+    trials = list(where)
+    for result in storage.read_json_many([("trials", t, f"stage-{stage}.json") for t in trials]):
+        if result and result.get("instance") == lost and result.get("finished"):
+            times.append(result["finished"])
+    return max(times) if times else None
+
+
+def _create_once(storage: RunStorage, value: Any, *parts: str) -> bool:
+    """Write a small JSON object only if none is there (create-only); False if one was."""
+    import json
+
+    data = json.dumps(value).encode()
+    fs, path = storage.fs, storage.path(*parts)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+    try:  # S3: a conditional put (If-None-Match: *)
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
