@@ -4,7 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+# The Airflow release an MWAA environment runs (`make mwaa AIRFLOW_VERSION=3.3.x`): the one constraints.txt pins.
+AIRFLOW_VERSION ?= $(shell sed -n 's/^apache-airflow==//p' constraints.txt)
+
+.PHONY: demo test lint bench mwaa clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +31,10 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_planner
 	$(BIN)/python -m benchmarks.bench_orchestration
 
+# dist/mwaa/: plugins.zip (the plugin module, the package's wheel, constraints) and requirements.txt
+# for Amazon MWAA; docs/user-guide.md, "Deploy to Amazon MWAA".
+mwaa: $(STAMP)
+	$(BIN)/python scripts/mwaa_bundle.py --airflow-version '$(AIRFLOW_VERSION)'
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

@@ -31,6 +31,17 @@ def test_compose_runs_the_airflow_stack_on_postgres_with_the_provider():
     assert "rubberband-agent" in (DOCKER / "agent.Dockerfile").read_text()
 
 
+def test_compose_mounts_the_repos_dags_and_plugins_where_airflows_compose_does():
+    services = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]
+    for name in ("api-server", "scheduler", "dag-processor", "triggerer"):
+        s = services[name]
+        mounts = dict(reversed(v.split(":")[:2]) for v in s["volumes"])
+        assert mounts["/opt/airflow/dags"] == "../dags" and mounts["/opt/airflow/plugins"] == "../plugins"
+        assert s["environment"]["AIRFLOW__CORE__DAGS_FOLDER"] == "/opt/airflow/dags"
+        assert s["environment"]["AIRFLOW__CORE__PLUGINS_FOLDER"] == "/opt/airflow/plugins"
+    assert (DOCKER / "../plugins/rubberband_plugin.py").is_file()
+
+
 def _pip_installs(dockerfile: str) -> tuple[set[str], list[str]]:
     """What a Dockerfile's ``pip install`` lines install: the package's extras, and every other requirement."""
     text = (DOCKER / dockerfile).read_text()
@@ -121,7 +132,10 @@ def test_compose_config_is_valid_and_demands_its_secrets():
     services = yaml.safe_load(r.stdout)["services"]
     for name in ("api-server", "scheduler", "dag-processor", "triggerer"):
         assert services[name]["environment"]["AIRFLOW__API_AUTH__JWT_SECRET"] == "s" * 48
-        volume = services[name]["volumes"][0]  # the plugin writes the long form, docker-compose 1.x the short
-        assert (volume["target"] if isinstance(volume, dict) else volume.split(":")[1]) == "/opt/airflow/dags"
+        # the plugin writes the long form, docker-compose 1.x the short; sources resolved to absolute paths
+        mounts = {v["target"]: v["source"] for v in services[name]["volumes"] if isinstance(v, dict)} or \
+            dict(reversed(v.split(":")[:2]) for v in services[name]["volumes"])
+        assert mounts == {"/opt/airflow/dags": str(DOCKER.parent / "dags"),
+                          "/opt/airflow/plugins": str(DOCKER.parent / "plugins")}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**env, "AIRFLOW_FERNET_KEY": "k" * 44})
     assert r.returncode != 0 and "set AIRFLOW_JWT_SECRET" in r.stderr
