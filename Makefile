@@ -14,6 +14,9 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,torch,airflow]'
+	# The editable install's build leaves egg-info in the repo root: with the root on a PYTHONPATH
+	# (as the tests put it, for their trainables) it reads as a second copy of the package.
+	rm -rf rubberband_airflow.egg-info
 	touch $(STAMP)
 
 demo: $(STAMP)

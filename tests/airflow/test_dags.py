@@ -77,6 +77,10 @@ def test_provider_and_plugin_are_registered(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     [plugin] = [p for p in json.loads(r.stdout) if p["name"] == "rubberband"]
     assert "/rubberband" in json.dumps(plugin)
+    # Registered once, with no import error (a second copy of the package would register it twice).
+    r = run([str(BIN / "python"), "-c", "import json; from airflow.plugins_manager import _get_plugins; "
+             "print(json.dumps(_get_plugins()[1]))"], env, timeout=120)
+    assert r.returncode == 0 and json.loads(r.stdout.strip().splitlines()[-1]) == {}, r.stdout + r.stderr[-2000:]
 
 
 def test_plugin_page_is_behind_airflows_login(tmp_path, monkeypatch):
