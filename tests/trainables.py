@@ -66,3 +66,13 @@ def plain(ctx: TrialContext) -> None:
     """Plain Python (no torch): each epoch's accuracy follows from the learning rate."""
     for epoch in range(ctx.start_epoch + 1, ctx.stop_epoch + 1):
         ctx.report(epoch, loss=1.0 / epoch, accuracy=1.0 - float(ctx.config["lr"]) / epoch)
+
+
+def sleepy(ctx: TrialContext) -> None:
+    """Trains RUBBERBAND_TEST_EPOCH_SECONDS per epoch (a later stage takes longer); hangs if the config says so."""
+    if ctx.config.get("hang"):
+        time.sleep(3600)
+    per_epoch = float(os.environ.get("RUBBERBAND_TEST_EPOCH_SECONDS", "1"))
+    for epoch in range(ctx.start_epoch + 1, ctx.stop_epoch + 1):
+        time.sleep(per_epoch)
+        ctx.report(epoch, loss=1.0 / epoch, accuracy=float(ctx.config["x"]) + epoch / 100)
