@@ -91,7 +91,8 @@ class _Run:
     @property
     def backend(self) -> ComputeBackend:
         assert self.plan is not None
-        return run_backend(self.spec, self.storage, self.dag_id, self.run_id, self.plan.plan.instance_type)
+        return run_backend(self.spec, self.storage, self.dag_id, self.run_id, self.plan.plan.instance_type,
+                           self.plan.agent_idle_seconds(self.spec.trial_timeout))
 
 
 def tuning_dag(spec_path: str | Path) -> DAG:
@@ -139,7 +140,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     def place(plan: dict[str, Any], stage: int) -> list[str]:
         """Place the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
         run = _Run(spec_path, plan, stage)
-        placement = runner.stage_placement(run.storage, run.backend, run.plan, stage)
+        placement = runner.stage_placement(run.storage, run.backend, run.plan, stage, run.spec.trial_timeout)
         return [t["trial"] for tasks in placement.values() for t in tasks]
 
     @task(trigger_rule="all_done")

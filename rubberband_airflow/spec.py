@@ -15,6 +15,7 @@ import yaml
 
 from rubberband_airflow.execution.prices import TABLE as PRICE_TABLE
 from rubberband_airflow.execution.results import Mode
+from rubberband_airflow.execution.runner import TrialTimeout
 from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.problem import SHA, max_stages, parse_billing, parse_planner
 from rubberband_airflow.planning.validation import Reader, describe, integer, label, number
@@ -73,7 +74,7 @@ class TuningSpec:
     storage: str
     profile: str
     stage_overhead_seconds: float | None = None
-    trial_timeout_seconds: float = 3600.0
+    trial_timeout: TrialTimeout = TrialTimeout()
     seed: int = 0
     planner: dict[str, Any] = field(default_factory=dict)
     billing: dict[str, Any] = field(default_factory=dict)
@@ -206,7 +207,7 @@ def _parse(data: Any, path: str) -> TuningSpec:
         path=path, name=name, schedule=schedule, trainable=trainable, metric=metric, mode=Mode(mode),
         search_space=space, sha=sha, deadline_seconds=deadline, backend=backend, storage=storage, profile=profile,
         stage_overhead_seconds=_optional_number(top, "stage_overhead_seconds"),
-        trial_timeout_seconds=top.number("trial_timeout_seconds", 3600.0, positive=True),
+        trial_timeout=_trial_timeout(top),
         seed=top.integer("seed", 0, minimum=0),
         planner=_overrides(top.raw("planner", {}), "planner", parse_planner),
         billing=_overrides(top.raw("billing", {}), "billing", parse_billing),
@@ -215,6 +216,25 @@ def _parse(data: Any, path: str) -> TuningSpec:
     )
     top.done()
     return spec
+
+
+def _trial_timeout(top: Reader) -> TrialTimeout:
+    """``trial_timeout: {factor, floor_seconds}``; an older spec's ``trial_timeout_seconds: X`` is
+    read as ``{floor_seconds: X}`` with the default factor."""
+    value, old = top.raw("trial_timeout", None), top.raw("trial_timeout_seconds", None)
+    if old is not None:
+        if value is not None:
+            raise ProblemError("trial_timeout_seconds", "give trial_timeout (or the older trial_timeout_seconds), "
+                               "not both")
+        return TrialTimeout(floor_seconds=number(old, "trial_timeout_seconds", positive=True))
+    if value is None:
+        return TrialTimeout()
+    r = Reader(value, "trial_timeout")
+    default = TrialTimeout()
+    timeout = TrialTimeout(factor=r.number("factor", default.factor, positive=True),
+                           floor_seconds=r.number("floor_seconds", default.floor_seconds, positive=True))
+    r.done()
+    return timeout
 
 
 def _optional_number(reader: Reader, key: str) -> float | None:

@@ -127,13 +127,14 @@ def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: d
 
 
 def backend_for(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str, instance_type: str,
-                ec2_client: Any = None) -> ComputeBackend:
+                ec2_client: Any = None, idle_timeout: float | None = None) -> ComputeBackend:
     """The compute backend that runs this run's instances of ``instance_type``; an EC2 spec needs a
-    boto3 EC2 client (the Airflow side makes it from the spec's connection: ``hooks.backend``)."""
+    boto3 EC2 client (the Airflow side makes it from the spec's connection: ``hooks.backend``).
+    ``idle_timeout`` is how long its agents wait with nothing to run (``RunPlan.agent_idle_seconds``)."""
     b = spec.backend
     if isinstance(b, LocalBackendSpec):
-        return LocalBackend(storage, LocalInstanceType(b.instance_type, b.slots, b.pending_seconds, b.boot_seconds,
-                                                       b.price_per_hour), trial_timeout=spec.trial_timeout_seconds)
+        itype = LocalInstanceType(b.instance_type, b.slots, b.pending_seconds, b.boot_seconds, b.price_per_hour)
+        return LocalBackend(storage, itype, trial_timeout=spec.trial_timeout.floor_seconds, idle_timeout=idle_timeout)
     from rubberband_airflow.execution.backends.ec2 import EC2Backend
 
     known = {t["name"]: t for t in _instance_types(spec, [instance_type], None)}
@@ -145,4 +146,4 @@ def backend_for(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str,
     return EC2Backend(storage=storage, instance_type=instance_type, image_id=b.ami, subnets=list(b.subnets),
                       security_groups=list(b.security_groups), instance_profile=b.instance_profile,
                       key_name=b.key_name, dag_id=dag_id, run_id=run_id, slots=int(known[instance_type]["gpus"]),
-                      trial_timeout=spec.trial_timeout_seconds, client=ec2_client)
+                      trial_timeout=spec.trial_timeout.floor_seconds, idle_timeout=idle_timeout, client=ec2_client)

@@ -83,3 +83,13 @@ def steady(ctx: TrialContext) -> None:
         ctx.report(epoch + 1, loss=float(w), accuracy=1.0 - float(w), started_from=ctx.start_epoch,
                    pid=os.getpid())
         ctx.save_checkpoint({"w": w})
+
+
+def sleepy(ctx: TrialContext) -> None:
+    """Trains RUBBERBAND_TEST_EPOCH_SECONDS per epoch (a later stage takes longer); hangs if the config says so."""
+    if ctx.config.get("hang"):
+        time.sleep(3600)
+    per_epoch = float(os.environ.get("RUBBERBAND_TEST_EPOCH_SECONDS", "1"))
+    for epoch in range(ctx.start_epoch + 1, ctx.stop_epoch + 1):
+        time.sleep(per_epoch)
+        ctx.report(epoch, loss=1.0 / epoch, accuracy=float(ctx.config["x"]) + epoch / 100)

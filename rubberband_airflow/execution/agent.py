@@ -13,6 +13,7 @@ all it is given; hyperparameters come from storage.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import subprocess
@@ -27,6 +28,17 @@ import psutil
 
 from rubberband_airflow.execution.storage import RunStorage
 
+log = logging.getLogger(__name__)
+
+# Longest pause between tries when storage fails: the heartbeat, which the runner judges a hung
+# agent by (runner.HUNG_SECONDS), never pauses for long while the store is back.
+MAX_BACKOFF_SECONDS = 30.0
+# How long a worker gets to die after SIGKILL before the agent leaves it (the heartbeat then
+# shows it past its limit, and the runner retires the instance).
+KILL_WAIT_SECONDS = 10.0
+# How long the agent keeps asking EC2's metadata service for its id at boot.
+IMDS_PATIENCE_SECONDS = 300.0
+
 
 @dataclass
 class _Running:
@@ -34,7 +46,13 @@ class _Running:
     slots: list[int]
     process: subprocess.Popen
     started: float
+    limit: float  # seconds the trial may run
     stderr: Any = None  # the worker's stderr, a temporary file
+    timed_out: bool = False
+    tail: str | None = None  # the end of the worker's stderr, once it exited
+
+    def overdue(self, now: float) -> bool:
+        return now - self.started > self.limit
 
 
 @dataclass
@@ -42,7 +60,7 @@ class Agent:
     storage: RunStorage
     instance: str
     slots: int
-    trial_timeout: float = 3600.0
+    trial_timeout: float = 3600.0  # the limit of a task whose assignment gives none
     poll_seconds: float = 0.5
     heartbeat_seconds: float = 5.0
     idle_timeout: float | None = None  # seconds with no trial running or assigned before it exits
@@ -52,6 +70,7 @@ class Agent:
     ready_at: float | None = None
     _last_beat: float = 0.0
     _busy: float = field(default_factory=time.monotonic)  # when it last had a trial running or assigned
+    _failures: int = 0  # steps failed in a row (storage weather)
 
     def free_slots(self) -> list[int]:
         busy = {s for r in self.running for s in r.slots}
@@ -64,7 +83,9 @@ class Agent:
         self._last_beat = now
         self.storage.write_json({"instance": self.instance, "time": now, "ready": self.ready_at, "pid": os.getpid(),
                                  "slots": self.slots, "state": "stopping" if self.stopping else "ready",
-                                 "running": [[r.task["stage"], r.task["trial"]] for r in self.running], **extra},
+                                 "running": [[r.task["stage"], r.task["trial"]] for r in self.running],
+                                 "tasks": [{"stage": r.task["stage"], "trial": r.task["trial"], "started": r.started,
+                                            "limit_seconds": r.limit} for r in self.running], **extra},
                                 "instances", self.instance, "heartbeat.json")
 
     def pending(self) -> list[dict[str, Any]]:
@@ -90,32 +111,43 @@ class Agent:
         stderr = tempfile.TemporaryFile()
         process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
         self.seen.add((task["stage"], task["trial"]))
-        self.running.append(_Running(task, slots, process, time.time(), stderr))
+        limit = float(task.get("limit_seconds") or self.trial_timeout)
+        self.running.append(_Running(task, slots, process, time.time(), limit, stderr))
 
     def reap(self) -> None:
-        """Record what finished; fail what crashed without a result or ran past the timeout."""
+        """Record what finished; fail what crashed without a result or ran past its limit.
+
+        A trial leaves ``running`` only once its result is recorded (by its worker or here), so a
+        storage error on the way is tried again at the next step; a result is written once, so
+        one recorded first (say by the orchestrator, after the stage ended) stands.
+        """
         for r in list(self.running):
             code = r.process.poll()
-            overdue = code is None and time.time() - r.started > self.trial_timeout
-            if overdue:
+            if code is None and r.overdue(time.time()):
+                r.timed_out = True
                 _kill_tree(r.process)
-                code = r.process.wait()
+                try:
+                    code = r.process.wait(timeout=KILL_WAIT_SECONDS)
+                except subprocess.TimeoutExpired:
+                    log.error("%s of stage %s does not die past its limit", r.task["trial"], r.task["stage"])
             if code is None:
                 continue
-            self.running.remove(r)
-            stderr = _tail(r.stderr)
-            if overdue:
-                reason = f"timed out after {self.trial_timeout:g} s"
+            if r.tail is None:
+                r.tail = _tail(r.stderr)
+            if r.timed_out:
+                reason = f"timed out after {r.limit:g} s"
             elif self.storage.read_result(r.task["trial"], r.task["stage"]) is not None:
+                self.running.remove(r)
                 continue
             elif self.stopping:  # ended because the instance is going: not the trial's fault, it is re-placed
                 continue
             else:
-                tail = " | ".join(stderr.strip().splitlines()[-3:])
+                tail = " | ".join(r.tail.strip().splitlines()[-3:])
                 reason = f"worker exited with status {code}" + (f": {tail}" if tail else "")
             self.storage.write_result(r.task["trial"], r.task["stage"], {
                 "state": "failed", "error": reason, "instance": self.instance, "stage": r.task["stage"],
                 "started": r.started, "finished": time.time()})
+            self.running.remove(r)
 
     def step(self) -> None:
         self.reap()
@@ -135,14 +167,21 @@ class Agent:
     def stop_requested(self) -> bool:
         return self.stopping or self.storage.exists("instances", self.instance, "stop")
 
-    def shutdown(self) -> None:
+    def shutdown(self, **extra: Any) -> None:
+        """End the running trials and record them as failed; storage errors here are only logged."""
         self.stopping = True
         for r in self.running:
             _kill_tree(r.process)
         for r in self.running:
-            r.process.wait()
-        self.reap_after_stop()
-        self.beat(force=True)
+            try:
+                r.process.wait(timeout=KILL_WAIT_SECONDS)
+            except subprocess.TimeoutExpired:
+                log.error("%s of stage %s does not die", r.task["trial"], r.task["stage"])
+        for record in (self.reap_after_stop, lambda: self.beat(force=True, **extra)):
+            try:
+                record()
+            except Exception:
+                log.exception("could not record the agent's stop")
 
     def reap_after_stop(self) -> None:
         """Trials the stop interrupted get no result: not their fault; the orchestrator places them
@@ -150,13 +189,30 @@ class Agent:
         self.running.clear()
 
     def run(self) -> None:
-        self.ready_at = time.time()
-        self.beat(force=True)
-        while not self.stop_requested():
-            self.step()
+        while True:
+            try:
+                if self.stop_requested():
+                    break
+                if self.ready_at is None:
+                    self.ready_at = time.time()
+                    self.beat(force=True)  # the first heartbeat: the instance is ready
+                self.step()
+                self._failures = 0
+            except Exception as e:  # storage weather: back off and try again
+                self._failures += 1
+                if any(r.process.poll() is None for r in self.running):
+                    self._busy = time.monotonic()  # a trial still runs: the agent is not idle
+                delay = min(MAX_BACKOFF_SECONDS, self.poll_seconds * 2 ** self._failures)
+                log.warning("step failed (%s: %s); trying again in %.1f s", type(e).__name__, e, delay)
+                if self.idle_too_long():
+                    log.error("nothing ran and storage failed for %g s: the agent exits", self.idle_timeout)
+                    self.shutdown(idle_exit=True)
+                    return
+                time.sleep(delay)
+                continue
             if self.idle_too_long():
-                self.stopping = True
-                self.beat(force=True, idle_exit=True)
+                log.info("nothing to run for %g s: the agent exits", self.idle_timeout)
+                self.shutdown(idle_exit=True)
                 return
             time.sleep(self.poll_seconds)
         self.shutdown()
@@ -187,20 +243,33 @@ def _kill_tree(process: subprocess.Popen) -> None:
     process.kill()
 
 
-def imds_instance_id(timeout: float = 5.0) -> str:
+def imds_instance_id(timeout: float = 5.0, patience: float = IMDS_PATIENCE_SECONDS) -> str:
     """This EC2 instance's id, from the instance metadata service with an IMDSv2 session token.
 
     The endpoint is botocore's: ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` or http://169.254.169.254.
+    The service can be slow to answer just after boot: errors are tried again, backing off, for
+    ``patience`` seconds.
     """
     base = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # IMDS is never behind a proxy
-    put = urllib.request.Request(f"{base}/latest/api/token", method="PUT",
-                                 headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"})
-    with opener.open(put, timeout=timeout) as r:
-        token = r.read().decode()
-    get = urllib.request.Request(f"{base}/latest/meta-data/instance-id", headers={"X-aws-ec2-metadata-token": token})
-    with opener.open(get, timeout=timeout) as r:
-        return r.read().decode().strip()
+    deadline = time.monotonic() + patience
+    delay = 0.5
+    while True:
+        try:
+            put = urllib.request.Request(f"{base}/latest/api/token", method="PUT",
+                                         headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"})
+            with opener.open(put, timeout=timeout) as r:
+                token = r.read().decode()
+            get = urllib.request.Request(f"{base}/latest/meta-data/instance-id",
+                                         headers={"X-aws-ec2-metadata-token": token})
+            with opener.open(get, timeout=timeout) as r:
+                return r.read().decode().strip()
+        except OSError as e:  # URLError and HTTPError are OSErrors
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("the metadata service failed (%s); trying again in %.1f s", e, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, MAX_BACKOFF_SECONDS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,12 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", required=True, help="the run's storage URI, e.g. s3://bucket/prefix/dag/run")
     p.add_argument("--instance", required=True, help="this instance's id, or 'imds' to ask EC2's metadata service")
     p.add_argument("--slots", type=int, required=True, help="GPUs (or CPU cores) this instance offers")
-    p.add_argument("--trial-timeout", type=float, default=3600.0, help="seconds before a trial is failed")
+    p.add_argument("--trial-timeout", type=float, default=3600.0,
+                   help="seconds before a trial is failed, where its assignment gives no limit of its own")
     p.add_argument("--pending-seconds", type=float, default=0.0, help="emulated: wait before 'running'")
     p.add_argument("--boot-seconds", type=float, default=0.0, help="emulated: wait from running to ready")
     p.add_argument("--poll-seconds", type=float, default=0.5)
     p.add_argument("--idle-timeout", type=float, help="exit after this many seconds with nothing to run")
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.instance == "imds":
         a.instance = imds_instance_id()
     agent = Agent(RunStorage(a.run), a.instance, a.slots, trial_timeout=a.trial_timeout, poll_seconds=a.poll_seconds,

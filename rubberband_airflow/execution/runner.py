@@ -10,6 +10,8 @@ storage, its backend and the plan it executes, parsed into the planning core's t
 from __future__ import annotations
 
 import heapq
+import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,10 +24,32 @@ from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.plan import Plan, StageAllocation, parse_plan
 from rubberband_airflow.planning.problem import SHA, InstanceType, Problem, parse_problem
 
-__all__ = ["RunSpec", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run", "stage_trials",
-           "begin_stage", "reconcile", "scale_targets", "launch_batches", "scale_out", "scale_in", "scale",
-           "place", "stage_placement", "assign_stage", "stage_results", "wait_stage", "recover_trials", "promote",
-           "promote_stage", "stop_instances", "run_sha", "summarize", "trial_id"]
+__all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run",
+           "stage_trials", "begin_stage", "reconcile", "hung_reason", "scale_targets", "launch_batches", "scale_out",
+           "scale_in", "scale", "place", "stage_placement", "assign_stage", "stage_results", "wait_stage",
+           "recover_trials", "promote", "promote_stage", "stop_instances", "run_sha", "summarize", "trial_id"]
+
+log = logging.getLogger(__name__)
+
+# An agent beats every few seconds, and backs off for at most half a minute when storage fails:
+# a heartbeat this old (or a trial this far past its limit and not ended) means the agent is hung.
+HUNG_SECONDS = 300.0
+# What an idle agent allows beyond the longest stage it may wait through: the orchestrator's
+# task scheduling and retries between stages.
+IDLE_MARGIN_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class TrialTimeout:
+    """How long a trial may run in a stage: ``factor`` times the plan's expected time of a trial
+    of that stage, and never less than ``floor_seconds`` (stage i trains eta^(i-1) times longer
+    than stage 1, so one flat limit would kill a healthy final stage or miss a hang in the first)."""
+
+    factor: float = 3.0
+    floor_seconds: float = 600.0
+
+    def limit(self, expected_seconds: float) -> float:
+        return max(self.floor_seconds, self.factor * expected_seconds)
 
 
 @dataclass(frozen=True)
@@ -90,6 +114,26 @@ class RunPlan:
         w = self.problem.workload
         epoch = w.epoch_seconds[self.allocation(stage).gpus_per_trial]
         return w.trial_overhead_seconds + self.sha.new_epochs(stage) * epoch
+
+    def trial_limit(self, stage: int, timeout: TrialTimeout) -> float:
+        """Seconds a trial of the stage may run before it is failed as timed out."""
+        return timeout.limit(self.trial_seconds(stage))
+
+    def agent_idle_seconds(self, timeout: TrialTimeout) -> float:
+        """How long an agent with nothing to run waits before it exits (its orchestrator is gone).
+
+        An agent of a healthy run idles only while the stage it is in finishes elsewhere (at most
+        every wave of the stage's trials running to its limit) and through the stage barrier (the
+        orchestrator's overhead, the launch of new instances, a margin for scheduling and retries).
+        """
+        stages = range(1, self.stages + 1)
+        longest = max((self._waves(i) * self.trial_limit(i, timeout) for i in stages), default=0.0)
+        return longest + self.launch_seconds + self.problem.workload.stage_overhead_seconds + IDLE_MARGIN_SECONDS
+
+    def _waves(self, stage: int) -> int:
+        """Trials one slot runs one after another in the stage, at most."""
+        slots = self.allocation(stage).instances * self.slots_per_instance(stage)
+        return math.ceil(self.sha.trials(stage) / max(1, slots))
 
     @property
     def launch_seconds(self) -> float:
@@ -165,10 +209,11 @@ def begin_stage(storage: RunStorage, stage: int) -> None:
 # --- scaling ----------------------------------------------------------------------------------
 
 
-def reconcile(backend: ComputeBackend) -> list[str]:
-    """The run's live instances, once those that are gone (the cloud says so) or whose agent quit
-    (its heartbeat says it stopped, e.g. idle) are terminated and so recorded: they get no more
-    trials, and a stage that needs instances launches replacements."""
+def reconcile(backend: ComputeBackend, hung_after: float = HUNG_SECONDS) -> list[str]:
+    """The run's live instances, once those that are gone (the cloud says so), whose agent quit
+    (its heartbeat says it stopped, e.g. idle) or whose agent is hung (see ``hung_reason``) are
+    terminated and so recorded: they get no more trials, and a stage that needs instances
+    launches replacements. Why a hung one was retired is in ``instances/<id>/retired.json``."""
     live = backend.live()
     if not live:
         return []
@@ -176,9 +221,34 @@ def reconcile(backend: ComputeBackend) -> list[str]:
     beats = backend.storage.read_json_many([("instances", i, "heartbeat.json") for i in live])
     gone = [i for i, beat in zip(live, beats)
             if states.get(i) == "terminated" or (beat or {}).get("state") == "stopping"]
+    now = time.time()
+    for instance, beat in zip(live, beats):
+        reason = None if instance in gone else hung_reason(beat, now, hung_after)
+        if reason is not None:
+            log.warning("retiring %s: %s", instance, reason)
+            backend.storage.write_json({"instance": instance, "reason": reason, "time": now},
+                                       "instances", instance, "retired.json")
+            gone.append(instance)
     if gone:
         backend.terminate(gone)
     return [i for i in live if i not in gone]
+
+
+def hung_reason(beat: Mapping[str, Any] | None, now: float, hung_after: float = HUNG_SECONDS) -> str | None:
+    """Why an agent's heartbeat shows it hung, or None: the heartbeat has not changed for
+    ``hung_after`` seconds, or it is fresh but shows a trial running ``hung_after`` seconds past
+    its limit (the agent should have ended it at the limit)."""
+    if not beat or beat.get("state") == "stopping":
+        return None
+    age = now - float(beat.get("time", now))
+    if age > hung_after:
+        return f"its agent's heartbeat has not changed for {age:.0f} s (limit {hung_after:g} s)"
+    for task in beat.get("tasks", []):
+        over = now - float(task["started"]) - float(task["limit_seconds"])
+        if over > hung_after:
+            return (f"its agent has not ended {task['trial']} of stage {task['stage']}, {over:.0f} s past "
+                    f"its limit of {float(task['limit_seconds']):g} s")
+    return None
 
 
 def scale_targets(live: Sequence[str], want: int) -> tuple[int, list[str]]:
@@ -238,11 +308,32 @@ def place(trials: list[str], instances: list[str], ready_in: dict[str, float], s
     return out
 
 
-def stage_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan,
-                    stage: int) -> dict[str, list[dict[str, Any]]]:
-    """Place the stage's trials on the live fleet's slots as the plan expects them to run, and
-    write the assignments the agents read. An instance whose agent has not reported yet is
-    expected ready after the plan's pending and boot latency."""
+def stage_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
+                    timeout: TrialTimeout = TrialTimeout()) -> dict[str, list[dict[str, Any]]]:
+    """Place the stage's trials on the live fleet's slots as the plan expects them to run, each
+    with its time limit, and write the assignments the agents read. An instance whose agent has
+    not reported yet is expected ready after the plan's pending and boot latency. The placement
+    is written once: a retried (or concurrent) place returns the one written first, so a trial
+    is never placed on two instances."""
+    placement = _written_placement(storage, stage)
+    if placement is None:
+        placement = _new_placement(storage, backend, run_plan, stage, timeout)
+        if not storage.create_json({"stage": stage, "placement": placement}, "stages", str(stage), "placement.json"):
+            placement = _written_placement(storage, stage)
+            assert placement is not None
+    for instance, tasks in placement.items():  # a first attempt may have stopped before writing them all
+        if not storage.exists("stages", str(stage), f"{instance}.json"):
+            storage.create_json({"stage": stage, "tasks": tasks}, "stages", str(stage), f"{instance}.json")
+    return placement
+
+
+def _written_placement(storage: RunStorage, stage: int) -> dict[str, list[dict[str, Any]]] | None:
+    data = storage.read_json("stages", str(stage), "placement.json")
+    return None if data is None else dict(data["placement"])
+
+
+def _new_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
+                   timeout: TrialTimeout) -> dict[str, list[dict[str, Any]]]:
     trials = stage_trials(storage, stage)
     live = backend.live()
     if trials and not live:
@@ -252,8 +343,8 @@ def stage_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunP
     placement = place(trials, live, ready_in, run_plan.slots_per_instance(stage),
                       run_plan.allocation(stage).gpus_per_trial, run_plan.trial_seconds(stage),
                       run_plan.sha.epochs(stage - 1), run_plan.sha.epochs(stage))
-    assign_stage(storage, stage, placement)
-    return placement
+    limit = run_plan.trial_limit(stage, timeout)
+    return {i: [{**t, "limit_seconds": limit} for t in tasks] for i, tasks in placement.items()}
 
 
 def assign_stage(storage: RunStorage, stage: int, placement: dict[str, list[dict[str, Any]]]) -> None:
@@ -269,9 +360,11 @@ def stage_results(storage: RunStorage, stage: int, trials: list[str]) -> dict[st
 
 
 def _fail(storage: RunStorage, trial: str, stage: int, reason: str) -> dict[str, Any]:
+    """Record the trial as failed, unless a result was recorded first (which then stands)."""
     result = {"state": str(TrialState.FAILED), "stage": stage, "error": reason}
-    storage.write_result(trial, stage, result)
-    return result
+    if storage.write_result(trial, stage, result):
+        return result
+    return storage.read_result(trial, stage) or result
 
 
 def wait_stage(storage: RunStorage, backend: ComputeBackend, stage: int, trials: list[str], timeout: float,
@@ -359,7 +452,8 @@ def stop_instances(storage: RunStorage, backend: ComputeBackend) -> list[str]:
 
 
 def run_sha(storage: RunStorage, backend: ComputeBackend, spec: RunSpec, configs: list[dict[str, Any]],
-            plan: dict[str, Any], stage_timeout: float = 3600.0, batch_size: int = 8) -> dict[str, Any]:
+            plan: dict[str, Any], stage_timeout: float = 3600.0, batch_size: int = 8,
+            trial_timeout: TrialTimeout = TrialTimeout()) -> dict[str, Any]:
     """Run successive halving under ``plan`` (a plan with its ``problem``, as `plan_problem` and
     the planning task return it) from start to teardown, with the same stage functions the DAG's
     tasks call; returns a summary. Instances are always terminated at the end, however the run ends."""
@@ -373,7 +467,7 @@ def run_sha(storage: RunStorage, backend: ComputeBackend, spec: RunSpec, configs
         for stage in range(1, run_plan.stages + 1):
             begin_stage(storage, stage)
             scale(backend, run_plan, stage, batch_size)
-            placement = stage_placement(storage, backend, run_plan, stage)
+            placement = stage_placement(storage, backend, run_plan, stage, trial_timeout)
             wait_stage(storage, backend, stage, [t["trial"] for tasks in placement.values() for t in tasks],
                        stage_timeout, run_plan=run_plan)
             outcome = promote_stage(storage, backend, run_plan, stage, spec.mode)

@@ -4,9 +4,10 @@ Layout under the run prefix:
 
     plan.json                            the plan being executed
     trials/<trial>/config.json           hyperparameters (JSON, never a shell argument)
-    trials/<trial>/metrics.jsonl         one line per epoch, written by rank 0
+    trials/<trial>/metrics/<epoch>.json  one record per epoch, written by rank 0
     trials/<trial>/checkpoint.pt         the latest checkpoint, headed by its trial and epoch
-    trials/<trial>/stage-<i>.json        the trial's result in stage i: done or failed, and why
+    trials/<trial>/stage-<i>.json        the trial's result in stage i: done or failed, and why (written once)
+    stages/<i>/placement.json            the stage's placement (written once: a retried place reuses it)
     stages/<i>/<instance>.json           the trials assigned to an instance in stage i, in order
     stages/<i>/recovery/<instance>.json  where the trials of an instance lost in stage i went
     instances/<instance>/heartbeat.json  the agent's latest heartbeat (its first one marks ready)
@@ -17,12 +18,14 @@ Layout under the run prefix:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 _READ_TRIES = 4
 
@@ -74,6 +77,32 @@ class RunStorage:
             with fs.open(path, "wb") as f:
                 f.write(data)
 
+    def create_bytes(self, data: bytes, *parts: str) -> bool:
+        """Write only where nothing is yet: True if this call wrote it, False if something was there.
+
+        Create-only, so that of two writers exactly one wins: on file:// a complete temporary file
+        is hard-linked to the name (which fails if the name exists), on S3 a conditional PUT
+        (``If-None-Match: *``) that S3 refuses with 412 when the object exists.
+        """
+        fs, path = self.fs, self.path(*parts)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if _is_local(fs):
+            tmp = f"{path}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                fs.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                fs.rm_file(tmp)
+            return True
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+
     def read_bytes(self, *parts: str) -> bytes | None:
         """The object's content in one GET, or None if it does not exist.
 
@@ -113,6 +142,10 @@ class RunStorage:
 
     def write_json(self, value: Any, *parts: str) -> None:
         self.write_bytes(json.dumps(value, indent=1, sort_keys=True).encode(), *parts)
+
+    def create_json(self, value: Any, *parts: str) -> bool:
+        """Write a JSON object only where none is yet (see ``create_bytes``)."""
+        return self.create_bytes(json.dumps(value, indent=1, sort_keys=True).encode(), *parts)
 
     def read_json(self, *parts: str) -> Any:
         data = self.read_bytes(*parts)
@@ -154,19 +187,22 @@ class RunStorage:
         return config
 
     def metrics(self, trial: str) -> list[dict[str, Any]]:
-        data = self.read_bytes("trials", trial, "metrics.jsonl")
-        return [json.loads(line) for line in data.decode().splitlines() if line.strip()] if data else []
+        """The trial's per-epoch records, by epoch."""
+        names = [n for n in self.listdir("trials", trial, "metrics") if n.endswith(".json")]
+        records = [r for r in self.read_json_many([("trials", trial, "metrics", n) for n in names]) if r]
+        if not records:  # a run written before metrics were one object per epoch
+            data = self.read_bytes("trials", trial, "metrics.jsonl")
+            records = [json.loads(line) for line in data.decode().splitlines() if line.strip()] if data else []
+        return sorted(records, key=lambda r: r.get("epoch", 0))
 
     def append_metrics(self, trial: str, record: dict[str, Any]) -> None:
-        """Add one epoch's record; a record for an epoch already there replaces it (a retried epoch)."""
-        records = [r for r in self.metrics(trial) if r.get("epoch") != record.get("epoch")]
-        records.append(record)
-        records.sort(key=lambda r: r.get("epoch", 0))
-        self.write_bytes("".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode(),
-                         "trials", trial, "metrics.jsonl")
+        """Add one epoch's record, an object of its own (no read-modify-write to race); a record for
+        an epoch already there is replaced (a retried epoch)."""
+        self.write_json(record, "trials", trial, "metrics", f"{int(record.get('epoch', 0)):06d}.json")
 
-    def write_result(self, trial: str, stage: int, result: dict[str, Any]) -> None:
-        self.write_json(result, "trials", trial, f"stage-{stage}.json")
+    def write_result(self, trial: str, stage: int, result: dict[str, Any]) -> bool:
+        """Record the trial's result in a stage, once: False (and nothing written) if one is there."""
+        return self.create_json(result, "trials", trial, f"stage-{stage}.json")
 
     def read_result(self, trial: str, stage: int) -> dict[str, Any] | None:
         return self.read_json("trials", trial, f"stage-{stage}.json")
@@ -205,8 +241,7 @@ class RunStorage:
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
+    return isinstance(fs, LocalFileSystem)
 
 
 def _stage_key(name: str) -> int:

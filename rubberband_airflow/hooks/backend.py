@@ -8,7 +8,8 @@ from rubberband_airflow.spec import EC2BackendSpec, TuningSpec, load_spec
 from rubberband_airflow.tuning import backend_for
 
 
-def run_backend(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str, instance_type: str) -> ComputeBackend:
+def run_backend(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str, instance_type: str,
+                idle_timeout: float | None = None) -> ComputeBackend:
     """
     The backend that runs one run's instances of ``instance_type``.
 
@@ -20,6 +21,7 @@ def run_backend(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str,
     :param dag_id: the tuning DAG's id (an EC2 tag of every instance)
     :param run_id: the DAG run's id (an EC2 tag of every instance)
     :param instance_type: the instance type the run's plan chose
+    :param idle_timeout: seconds an agent waits with nothing to run before it exits
     """
     client = None
     if isinstance(spec.backend, EC2BackendSpec):
@@ -27,7 +29,7 @@ def run_backend(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str,
 
         client = EC2Hook(api_type="client_type", aws_conn_id=spec.backend.aws_conn_id,
                          region_name=spec.backend.region).conn
-    return backend_for(spec, storage, dag_id, run_id, instance_type, client)
+    return backend_for(spec, storage, dag_id, run_id, instance_type, client, idle_timeout)
 
 
 def backend_of_run(spec_path: str, storage: RunStorage, dag_id: str, run_id: str) -> ComputeBackend | None:

@@ -176,7 +176,8 @@ class TrialResultSensor(BaseSensorOperator):
         recorded = storage.read_result(self.trial, int(self.stage))
         if recorded is not None:
             return self._finish(recorded)
-        storage.write_result(self.trial, int(self.stage), result)
+        if not storage.write_result(self.trial, int(self.stage), result):  # written once: the first stands
+            result = storage.read_result(self.trial, int(self.stage)) or result
         return self._finish(result)
 
     def _finish(self, result: dict[str, Any]) -> dict[str, Any]:

@@ -46,7 +46,8 @@ class CapacityError(LaunchError):
 class EC2Backend(ComputeBackend):
     def __init__(self, storage: RunStorage, instance_type: str, image_id: str, subnets: Sequence[str],
                  security_groups: Sequence[str], instance_profile: str, dag_id: str, run_id: str, slots: int,
-                 trial_timeout: float = 3600.0, key_name: str | None = None, *, client: Any) -> None:
+                 trial_timeout: float = 3600.0, key_name: str | None = None, *, client: Any,
+                 idle_timeout: float | None = None) -> None:
         """``client`` is a boto3 EC2 client; ``subnets`` are tried in order; ``instance_profile`` is
         a name or an ARN; ``slots`` is the GPUs per instance."""
         if not subnets:
@@ -66,9 +67,9 @@ class EC2Backend(ComputeBackend):
         self.slots = slots
         self.trial_timeout = trial_timeout
         # An agent with nothing to run this long exits and its instance terminates: a backstop for
-        # a run whose orchestrator is gone (its teardown never comes). Within a healthy run an
-        # instance idles only until the stage's other trials finish.
-        self.idle_timeout = 2 * trial_timeout
+        # a run whose orchestrator is gone (runner.RunPlan.agent_idle_seconds; by default twice the
+        # trial timeout).
+        self.idle_timeout = idle_timeout if idle_timeout is not None else 2 * trial_timeout
         self.key_name = key_name
         self._recorded: set[tuple[str, str]] = set()  # (instance, ledger key) already set
         self.client = client

@@ -50,10 +50,12 @@ def machine_slots() -> int:
 
 class LocalBackend(ComputeBackend):
     def __init__(self, storage: RunStorage, instance_type: LocalInstanceType, trial_timeout: float = 3600.0,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, idle_timeout: float | None = None) -> None:
         self.storage = storage
         self.instance_type = instance_type
         self.trial_timeout = trial_timeout
+        # An agent with nothing to run this long exits: one whose orchestrator is gone ends too.
+        self.idle_timeout = idle_timeout if idle_timeout is not None else 2 * trial_timeout
         self.env = env
 
     def launch(self, batch: str, count: int) -> list[str]:
@@ -68,7 +70,7 @@ class LocalBackend(ComputeBackend):
             cmd = [sys.executable, "-m", "rubberband_airflow.execution.agent", "--run", self.storage.uri,
                    "--instance", instance, "--slots", str(t.slots), "--trial-timeout", str(self.trial_timeout),
                    "--pending-seconds", str(t.pending_seconds), "--boot-seconds", str(t.boot_seconds),
-                   "--poll-seconds", "0.2"]
+                   "--poll-seconds", "0.2", "--idle-timeout", str(self.idle_timeout)]
             process = subprocess.Popen(cmd, start_new_session=True, env=self.env, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
             _CHILDREN[process.pid] = process

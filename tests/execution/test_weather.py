@@ -1,0 +1,265 @@
+"""A night's weather: storage error bursts, hung agents, late and duplicate writes, long stages.
+
+Each test injects the fault into real agent processes (or real concurrent writers) and checks
+what a user would: the trial's result, the agents still alive or retired, nothing left running.
+"""
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from rubberband_airflow.execution import runner, worker
+from rubberband_airflow.execution.agent import imds_instance_id
+from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
+from rubberband_airflow.execution.runner import RunPlan, RunSpec, TrialTimeout, assign_stage, start_run
+from rubberband_airflow.execution.storage import RunStorage
+from tests.execution.conftest import agent_processes, plan_json
+from tests.execution.moto_cloud import moto_cloud  # noqa: F401 (the fixture)
+from tests.execution.test_runner import LedgerBackend, started, worked  # noqa: F401 (fixtures)
+from tests.flaky_fs import register, storm_env
+
+SPEC = RunSpec("tests.trainables:sleepy", "accuracy", "max", seed=1)
+
+
+def _task(trial, start=0, stop=1, limit=None):
+    task = {"trial": trial, "gpus": 1, "start_epoch": start, "stop_epoch": stop}
+    return task if limit is None else {**task, "limit_seconds": limit}
+
+
+def _wait_for(predicate, timeout=60.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+# --- time limits that fit the work -------------------------------------------------------------
+
+
+def test_a_long_final_stage_completes_and_a_hang_is_still_caught(storage, local_backend, env):
+    """Stage 2 trains 3 epochs (9 s) where the flat 8 s limit of old would kill it; a hung trial
+    of stage 1 still fails, as timed out, at its stage's limit."""
+    env["RUBBERBAND_TEST_EPOCH_SECONDS"] = "3"
+    plan = plan_json("local-1", 1, [(1, 2), (1, 1)], num_trials=4, eta=4, min_epochs=1, epoch_seconds=2.0)
+    configs = [{"x": 0.1}, {"x": 0.3, "hang": True}, {"x": 0.2}, {"x": 0.05}]
+    timeout = TrialTimeout(factor=4, floor_seconds=8)
+    run_plan = RunPlan.from_json(plan)
+    assert run_plan.trial_limit(1, timeout) == 12 and run_plan.trial_limit(2, timeout) == 28
+    summary = runner.run_sha(storage, local_backend(), SPEC, configs, plan, stage_timeout=120, trial_timeout=timeout)
+    hung = storage.read_result("trial-0001", 1)
+    assert hung["state"] == "failed" and "timed out after 12 s" in hung["error"], hung
+    final = storage.read_result("trial-0002", 2)
+    assert final["state"] == "done" and final["finished"] - final["started"] > timeout.floor_seconds, final
+    assert summary["best"]["trial"] == "trial-0002"
+    placed = storage.read_json("stages", "2", "placement.json")["placement"]
+    assert [t["limit_seconds"] for tasks in placed.values() for t in tasks] == [28]
+    assert agent_processes(storage) == []
+
+
+def test_an_older_spec_s_flat_timeout_is_the_floor():
+    from rubberband_airflow.spec import SpecError, parse_spec
+
+    base = {"name": "t", "trainable": "m:f", "metric": "acc", "search_space": {"x": {"type": "uniform", "low": 0,
+            "high": 1}}, "sha": {"num_trials": 4, "eta": 2, "min_epochs": 1}, "deadline_seconds": 60,
+            "backend": {"type": "local", "instance_type": "l", "slots": 1, "price_per_hour": 1, "max_instances": 1},
+            "storage": "file:///tmp/x", "profile": "/tmp/p.json"}
+    assert parse_spec(base, "s.yaml").trial_timeout == TrialTimeout(3.0, 600.0)
+    assert parse_spec({**base, "trial_timeout_seconds": 300}, "s.yaml").trial_timeout == TrialTimeout(3.0, 300.0)
+    spec = parse_spec({**base, "trial_timeout": {"factor": 2, "floor_seconds": 60}}, "s.yaml")
+    assert spec.trial_timeout == TrialTimeout(2.0, 60.0)
+    with pytest.raises(SpecError, match="trial_timeout.factor: must be positive"):
+        parse_spec({**base, "trial_timeout": {"factor": 0}}, "s.yaml")
+    with pytest.raises(SpecError, match="trial_timeout.floor: unknown key"):
+        parse_spec({**base, "trial_timeout": {"floor": 5}}, "s.yaml")
+    with pytest.raises(SpecError, match="trial_timeout_seconds: give trial_timeout"):
+        parse_spec({**base, "trial_timeout": {"factor": 2}, "trial_timeout_seconds": 5}, "s.yaml")
+
+
+def test_an_agent_idles_longer_than_any_stage_it_can_wait_through(resnet_problem):
+    from rubberband_airflow.planning.plan import parse_plan
+    from rubberband_airflow.planning.problem import parse_problem
+    from tests.conftest import WORKED_PLAN
+
+    problem = parse_problem(resnet_problem)
+    run_plan = RunPlan(problem, parse_plan(WORKED_PLAN, problem))
+    timeout = TrialTimeout()
+    idle = run_plan.agent_idle_seconds(timeout)
+    for stage in range(1, run_plan.stages + 1):
+        a = run_plan.allocation(stage)
+        waves = -(-run_plan.sha.trials(stage) // (a.instances * run_plan.slots_per_instance(stage)))
+        assert idle > waves * run_plan.trial_limit(stage, timeout) + run_plan.launch_seconds
+
+
+def test_an_idle_local_agent_exits_by_itself(storage, env):
+    """No orchestrator comes back: the local agent ends after its idle limit, as an EC2 one does."""
+    backend = LocalBackend(storage, LocalInstanceType("local-1", 1), env=env, idle_timeout=2.0)
+    [instance] = backend.launch("stage-1", 1)
+    _wait_for(lambda: backend.describe([instance]) == {instance: "terminated"}, 60, "the idle agent to exit")
+    assert storage.heartbeat(instance)["idle_exit"] is True
+    assert runner.reconcile(backend) == [] and agent_processes(storage) == []
+
+
+# --- write-once results ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_of_two_concurrent_writers_of_one_result_exactly_one_wins(tmp_path, where, request):
+    if where == "s3":
+        storage = request.getfixturevalue("moto_cloud").storage("tune/run-once")
+    else:
+        storage = RunStorage(f"file://{tmp_path}/run")
+    barrier = threading.Barrier(8)
+
+    def write(k):
+        barrier.wait()
+        return storage.write_result("trial-0000", 1, {"state": "done", "metric": k})
+
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(write, range(8)))
+    assert won.count(True) == 1
+    assert storage.read_result("trial-0000", 1)["metric"] == won.index(True)
+    assert storage.listdir("trials", "trial-0000") == ["stage-1.json"]  # no temporary left behind
+
+
+def test_a_late_result_after_promotion_cannot_overwrite_the_recorded_one(storage):
+    plan = plan_json("local-1", 1, [(1, 2), (1, 1)], num_trials=2, eta=2, min_epochs=1)
+    start_run(storage, RunSpec("tests.trainables:plain", "accuracy", "max"), [{"lr": 0.1}, {"lr": 0.2}], plan, 1)
+    storage.write_assignment(1, "i0", [_task("trial-0000"), _task("trial-0001")])
+    assert worker.run_task(storage.uri, "trial-0000", 1, "i0", []) == 0
+    outcome = runner.promote_stage(storage, LedgerBackend(storage), RunPlan.from_json(plan), 1, "max")
+    assert outcome.failed == ["trial-0001"] and outcome.promoted == ["trial-0000"]
+    worker.run_task(storage.uri, "trial-0001", 1, "i0", [])  # the late worker finishes after all
+    late = storage.read_result("trial-0001", 1)
+    assert late["state"] == "failed" and late["error"] == "no result was recorded"
+
+
+def test_a_retried_place_returns_the_placement_it_wrote(started):
+    storage, backend = started
+    run_plan = RunPlan.from_json(storage.read_json("plan.json"))
+    backend.launch("stage-1-batch-0", 2)
+    barrier = threading.Barrier(4)
+
+    def place(_):
+        barrier.wait()
+        return runner.stage_placement(storage, backend, run_plan, 1)
+
+    with ThreadPoolExecutor(4) as pool:  # concurrent attempts: one placement
+        first, *others = list(pool.map(place, range(4)))
+    assert others == [first] * 3
+    backend.launch("stage-1-batch-1", 3)  # the fleet changed before the retry
+    assert runner.stage_placement(storage, backend, run_plan, 1) == first
+    placed = [t["trial"] for tasks in first.values() for t in tasks]
+    assert sorted(placed) == runner.stage_trials(storage, 1)  # each trial once, on one instance
+    assert set(storage.listdir("stages", "1")) == {"trials.json", "placement.json", *(f"{i}.json" for i in first)}
+    assert all(storage.read_json("stages", "1", f"{i}.json")["tasks"] == tasks for i, tasks in first.items())
+
+
+def test_metrics_of_concurrent_epochs_do_not_interleave(storage):
+    def report(epoch):
+        storage.append_metrics("trial-0000", {"epoch": epoch, "accuracy": epoch / 100})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(report, range(1, 41)))
+    report(7)  # a retried epoch replaces its record
+    assert [m["epoch"] for m in storage.metrics("trial-0000")] == list(range(1, 41))
+
+
+# --- agents that survive weather ---------------------------------------------------------------
+
+
+def test_an_agent_rides_out_a_storage_error_burst_and_its_trial_completes(tmp_path, env):
+    """Every storage call of the agent fails for 6 s while its trial trains: it backs off, its
+    trial finishes, and it takes the next stage's work."""
+    env = storm_env(tmp_path, {**env, "RUBBERBAND_TEST_EPOCH_SECONDS": "5"})
+    storm = tmp_path / "storm"
+    register()
+    storage = RunStorage(f"flaky://{tmp_path}/run")  # this process feels no storm: it has no storm variable
+    start_run(storage, SPEC, [{"x": 0.5}], {"instance_type": "local", "stages": []}, 1)
+    backend = LocalBackend(storage, LocalInstanceType("local-1", 1), trial_timeout=120, env=env)
+    try:
+        [instance] = backend.launch("stage-1", 1)
+        assign_stage(storage, 1, {instance: [_task("trial-0000", stop=2)]})
+        _wait_for(lambda: (storage.heartbeat(instance) or {}).get("running"), 60, "the trial to start")
+        storm.touch()
+        time.sleep(6)
+        storm.unlink()
+        hits = (tmp_path / "storm.hits").read_text().splitlines()
+        assert len(hits) >= 2, "the agent should have met the storm"
+        _wait_for(lambda: storage.read_result("trial-0000", 1) is not None, 60, "the trial's result")
+        assert storage.read_result("trial-0000", 1)["state"] == "done", storage.read_result("trial-0000", 1)
+        assert [m["epoch"] for m in storage.metrics("trial-0000")] == [1, 2]
+        assert backend.describe([instance]) == {instance: "running"}
+        assign_stage(storage, 2, {instance: [_task("trial-0000", start=2, stop=3)]})
+        _wait_for(lambda: storage.read_result("trial-0000", 2) is not None, 60, "the next stage's result")
+        assert storage.read_result("trial-0000", 2)["state"] == "done"
+    finally:
+        backend.terminate_all()
+    assert agent_processes(storage) == []
+
+
+def test_a_hung_agent_is_retired_and_its_instance_terminated(storage, local_backend):
+    backend = local_backend()
+    first, second = backend.launch("stage-1", 2)
+    _wait_for(lambda: storage.heartbeat(first) and storage.heartbeat(second), 60, "both agents")
+    pid = storage.heartbeat(first)["pid"]
+    os.kill(pid, signal.SIGSTOP)  # hung: alive to the OS, silent to the run
+    try:
+        time.sleep(9)
+        assert runner.reconcile(backend, hung_after=8) == [second]
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    retired = storage.read_json("instances", first, "retired.json")
+    assert "heartbeat has not changed" in retired["reason"]
+    assert next(e for e in storage.ledger() if e["instance"] == first)["terminated"] is not None
+    assert backend.describe([first]) == {first: "terminated"}
+    assert [p.pid for p in agent_processes(storage)] == [storage.heartbeat(second)["pid"]]
+    backend.terminate_all()
+
+
+def test_a_fresh_heartbeat_with_a_trial_far_past_its_limit_is_a_hung_agent():
+    now = 10_000.0
+    beat = {"time": now - 1, "state": "ready", "tasks": [{"stage": 2, "trial": "trial-0003", "started": now - 1000,
+                                                          "limit_seconds": 600}]}
+    assert "has not ended trial-0003 of stage 2, 400 s past its limit of 600 s" in runner.hung_reason(beat, now, 300)
+    assert runner.hung_reason(beat, now, 500) is None
+    assert runner.hung_reason({**beat, "time": now - 400}, now, 300).startswith("its agent's heartbeat")
+    assert runner.hung_reason({**beat, "state": "stopping"}, now, 1) is None  # quit, not hung
+    assert runner.hung_reason(None, now, 1) is None
+
+
+def test_the_metadata_service_is_asked_again_after_errors(monkeypatch):
+    calls = []
+
+    class Flaky(BaseHTTPRequestHandler):
+        def _answer(self, body: str) -> None:
+            calls.append(self.command)
+            code = 500 if len(calls) <= 3 else 200
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def do_PUT(self):
+            self._answer("token")
+
+        def do_GET(self):
+            self._answer("i-0123456789abcdef0")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+    try:
+        assert imds_instance_id(timeout=2, patience=30) == "i-0123456789abcdef0"
+    finally:
+        server.shutdown()
+    assert len(calls) >= 5
