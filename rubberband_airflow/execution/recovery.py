@@ -171,7 +171,7 @@ def recover_trials(storage: RunStorage, backend: ComputeBackend, run_plan: RunPl
         record = read_record(storage, stage, lost)
         if record is not None:
             return record
-        if _create_once(storage, {"time": time.time(), "pid": os.getpid()}, *_claim_path(stage, lost)):
+        if storage.create_json({"time": time.time(), "pid": os.getpid()}, *_claim_path(stage, lost)):
             try:
                 return _recover(storage, backend, run_plan, stage, lost, reason)
             except BaseException:
@@ -296,26 +296,3 @@ def _last_useful(storage: RunStorage, stage: int, lost: str, where: dict[str, tu
         if result and result.get("instance") == lost and result.get("finished"):
             times.append(result["finished"])
     return max(times) if times else None
-
-
-def _create_once(storage: RunStorage, value: Any, *parts: str) -> bool:
-    """Write a small JSON object only if none is there (create-only); False if one was."""
-    import json
-
-    data = json.dumps(value).encode()
-    fs, path = storage.fs, storage.path(*parts)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
-    try:  # S3: a conditional put (If-None-Match: *)
-        fs.pipe_file(path, data, mode="create")
-    except FileExistsError:
-        return False
-    return True
