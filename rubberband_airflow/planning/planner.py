@@ -23,18 +23,19 @@ from rubberband_airflow.planning.frontier import Counts, FrontierPoint, SearchTo
 from rubberband_airflow.planning.grid import coarse_counts, refined_counts
 from rubberband_airflow.planning.plan import Plan
 from rubberband_airflow.planning.problem import InstanceType, PlannerSettings, Problem
-from rubberband_airflow.planning.simulator import Draws, simulate_outcome, summarize
+from rubberband_airflow.planning.simulator import Draws, Prefixes, simulate_outcome, summarize
 
 METHODS = ("exact", "greedy")
 # Frontier plans simulated on each side of the feasibility boundary.
 _WINDOW = 2
 # Noise-free problems: at most this many frontier plans simulated in order of their cost bound.
 _BOUND_EVALS = 400
-# Local search: at most this many rounds, and at most this much simulated work (trials x samples),
-# each search and all of one planning together (so that the largest jobs still plan in seconds).
+# Local search: at most this many rounds, and at most this much simulated work (trials x samples)
+# per search.
 _POLISH_ROUNDS = 8
 _POLISH_WORK = 2e7
-_TOTAL_WORK = 3e7
+# Share of the memory budget for the fleets after plan prefixes that simulations start from.
+_PREFIX_SHARE = 0.25
 # The exact programme is tried while it evaluates at most this many candidates per instance type;
 # beyond, the coarse-to-fine search runs instead.
 EXACT_WORK = 4e6
@@ -59,10 +60,10 @@ class Evaluator:
                      "planner.samples" if samples > PlannerSettings.samples else "sha.num_trials",
                      "the Monte Carlo draws (samples x stages x trials)")
         self.draws = Draws.for_problem(problem)
+        self.prefixes = Prefixes(problem, self.draws, int(budget.bytes * _PREFIX_SHARE))
         self.cache: dict[Plan, Prediction] = {}
         trials = sum(problem.sha.trials(i) for i in range(1, problem.num_stages + 1))
         self.work_per_run = trials * self.draws.samples
-        self.spent = 0.0  # simulated work so far
 
     def __call__(self, plan: Plan) -> Prediction:
         if plan not in self.cache:
@@ -71,8 +72,7 @@ class Evaluator:
             self.budget.check(4 * 8 * self.draws.samples * slots,
                               f"instance_types[{self.problem.instance_types.index(itype)}].max_instances",
                               "simulating a plan (samples x GPU slots)")
-            outcome = simulate_outcome(self.problem, plan, self.draws)
-            self.spent += self.work_per_run
+            outcome = simulate_outcome(self.problem, plan, self.draws, self.prefixes)
             s = summarize(outcome, self.problem.planner.jct_quantile, samples=self.problem.planner.samples)
             self.cache[plan] = Prediction(s["jct_seconds"]["quantile"], s["cost_usd"]["mean"], s)
         return self.cache[plan]
@@ -169,7 +169,7 @@ def _descend(plan: Plan, ev: Evaluator, score: Callable[[Plan], tuple | None], f
     """Local search with the simulator: move to the neighbour of lowest score (None: not allowed)
     while that improves the score, looking two moves away when one does not help, within a fixed
     amount of simulated work so large jobs still plan in seconds."""
-    budget = max(1, int(min(_POLISH_WORK, _TOTAL_WORK - ev.spent) / ev.work_per_run))
+    budget = max(1, int(_POLISH_WORK / ev.work_per_run))
     for _ in range(_POLISH_ROUNDS):
         if done(plan):
             break

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from rubberband_airflow.planning.billing import billed_seconds
-from rubberband_airflow.planning.plan import Plan
-from rubberband_airflow.planning.problem import Problem
+from rubberband_airflow.planning.plan import Plan, StageAllocation
+from rubberband_airflow.planning.problem import InstanceType, Problem
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,23 @@ class Draws:
     def samples(self) -> int:
         return self.trial_z.shape[0]
 
-    def trial_factor(self, sigma: float) -> np.ndarray:
-        """Straggler multipliers xi for every (sample, stage, trial)."""
-        return self._factor("trial", self.trial_z, sigma)
+    def trial_factor(self, sigma: float, stage: int, trials: int) -> np.ndarray:
+        """Straggler multipliers xi of the first ``trials`` trials of ``stage`` (0-based), per sample.
+
+        Computed once per stage and only for the trials the stage runs (n_i of num_trials), from
+        the same normals as always: the draws, and so every result, do not depend on this.
+        """
+        key = ("trial", sigma, stage, trials)
+        if key not in self._factors:
+            self._factors[key] = lognormal_factor(self.trial_z[:, stage, :trials], sigma)
+        return self._factors[key]
+
+    def durations(self, stage: int, trials: int, overhead: float, train: float, sigma: float) -> np.ndarray:
+        """Trial durations (samples, trials) of a stage: ``overhead + train * xi``, remembered."""
+        key = ("durations", stage, trials, overhead, train, sigma)
+        if key not in self._factors:
+            self._factors[key] = overhead + train * self.trial_factor(sigma, stage, trials)
+        return self._factors[key]
 
     def pending_factor(self, sigma: float) -> np.ndarray:
         """Pending-latency multipliers for every (sample, stage, request)."""
@@ -102,74 +117,149 @@ def schedule_stage(free: np.ndarray, durations: np.ndarray) -> np.ndarray:
 
     Which of two equally free slots a trial takes changes neither the free times that follow
     (as a set) nor any finish time, so only the sorted free times are kept. Trials are placed
-    in batches: every slot free before the earliest free time plus the shortest duration is
-    taken by the next trials in order of free time, exactly as one-by-one placement would take
-    them, since each slot it refills becomes free later than all of them. Only the n earliest
-    slots can ever be used by n trials.
+    in batches: the next trials take the earliest free slots in order, one each, as long as no
+    trial of the batch has finished before the slot the next one takes is free (else one-by-one
+    placement would give the next trial that refilled slot); the batch then refills its slots.
+    Only the n earliest slots can ever be used by n trials.
     """
     n = durations.shape[1]
     free = np.sort(free, axis=1)[:, :n]
     samples = free.shape[0]
-    shortest = durations.min(axis=1)[:, None]
     placed = np.zeros(samples, dtype=np.int64)
     end = np.full(samples, -np.inf)
     rows = np.arange(samples)[:, None]
+    offsets = np.arange(free.shape[1])
     while True:
         left = n - placed
         most = int(left.max())
         if most == 0:
             return end
         free = free[:, :most]
-        batch = np.minimum(np.count_nonzero(free < free[:, :1] + shortest, axis=1), left)
-        width = int(batch.max())
-        offsets = np.arange(width)
-        take = offsets[None, :] < batch[:, None]
-        trial = np.minimum(placed[:, None] + offsets[None, :], n - 1)
-        starts = free[:, :width]
-        finish = np.where(take, starts + durations[rows, trial], starts)
+        finish = free + durations[rows, np.minimum(placed[:, None] + offsets[:most], n - 1)]
+        take = offsets[:most] < np.minimum(_batch_sizes(free, finish), left)[:, None]
         end = np.maximum(end, np.where(take, finish, -np.inf).max(axis=1))
-        free = np.sort(np.concatenate([free[:, width:], finish], axis=1), axis=1)
-        placed += batch
+        free = np.where(take, finish, free)
+        free.sort(axis=1)
+        placed += take.sum(axis=1)
 
 
-def simulate_outcome(problem: Problem, plan: Plan, draws: Draws) -> Outcome:
-    """Run the execution semantics of section 4 for every sample of ``draws``."""
-    itype = problem.instance_type(plan.instance_type)
+def _batch_sizes(free: np.ndarray, finish: np.ndarray) -> np.ndarray:
+    """Per sample, how many of the next trials can take the sorted free slots in order: trial m
+    takes slot m while no earlier trial of the batch finishes before slot m is free."""
+    samples, width = free.shape
+    if width == 1:
+        return np.ones(samples, dtype=np.int64)
+    blocked = np.minimum.accumulate(finish[:, :-1], axis=1) < free[:, 1:]
+    return np.where(blocked.any(axis=1), blocked.argmax(axis=1) + 1, width)
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """A run after its first stages: all that a later stage and the final billing need.
+
+    The state after stage i depends only on the plan's stages 1..i (and the draws), so plans that
+    share their first stages share these states (``Prefixes``).
+    """
+
+    end: np.ndarray  # (samples,): when the last simulated stage ended (0 before the first)
+    stage_end: tuple[np.ndarray, ...]  # E_1 .. E_i
+    running: tuple[np.ndarray, ...]  # per instance ever requested, in request order: when it starts to bill
+    terminated: tuple[np.ndarray | None, ...]  # when it was terminated; None while live
+    live: tuple[int, ...]  # the live instances, in request order
+    live_ready: np.ndarray  # (samples, len(live)): when each live instance is ready
+
+    @classmethod
+    def empty(cls, samples: int) -> Fleet:
+        return cls(np.zeros(samples), (), (), (), (), np.zeros((samples, 0)))
+
+    @property
+    def nbytes(self) -> int:
+        """An upper bound on the memory the arrays it refers to take (shared ones counted too)."""
+        return self.end.nbytes * (len(self.running) + len(self.stage_end) + len(self.live) + 2)
+
+
+class Prefixes:
+    """Fleets after the first stages of plans simulated before, for one problem and its draws.
+
+    Candidate plans often differ only in later stages; a plan's simulation starts from the fleet
+    of its longest known prefix. At most ``max_bytes`` are kept, the least recently used dropped.
+    """
+
+    def __init__(self, problem: Problem, draws: Draws, max_bytes: int) -> None:
+        self.problem, self.draws, self.max_bytes = problem, draws, max_bytes
+        self._fleets: OrderedDict[tuple, Fleet] = OrderedDict()
+        self._bytes = 0
+
+    def longest(self, plan: Plan) -> tuple[int, Fleet | None]:
+        """How many of the plan's first stages are known, and the fleet after them."""
+        for i in range(len(plan.stages), 0, -1):
+            fleet = self._fleets.get((plan.instance_type, plan.stages[:i]))
+            if fleet is not None:
+                self._fleets.move_to_end((plan.instance_type, plan.stages[:i]))
+                return i, fleet
+        return 0, None
+
+    def store(self, plan: Plan, stages: int, fleet: Fleet) -> None:
+        """Remember the fleet after the plan's first ``stages`` stages."""
+        key = (plan.instance_type, plan.stages[:stages])
+        if key in self._fleets or fleet.nbytes > self.max_bytes:
+            return
+        self._fleets[key] = fleet
+        self._bytes += fleet.nbytes
+        while self._bytes > self.max_bytes:
+            self._bytes -= self._fleets.popitem(last=False)[1].nbytes
+
+
+def run_stage(problem: Problem, itype: InstanceType, fleet: Fleet, i: int, stage: StageAllocation,
+              draws: Draws) -> Fleet:
+    """The fleet after stage ``i`` (0-based) of the plan: scale in or out, then schedule its trials."""
     w = problem.workload
-    samples = draws.samples
-    h = w.stage_overhead_seconds
-    live: list[int] = []  # instance ids in request order (older first)
-    running: list[np.ndarray] = []
-    ready: list[np.ndarray] = []
-    terminated: list[np.ndarray | None] = []
-    stage_end = np.zeros((samples, len(plan.stages)))
-    end = np.zeros(samples)
-    for i, stage in enumerate(plan.stages):
-        start = end + h
-        while len(live) > stage.instances:  # LIFO scale-in
-            terminated[live.pop()] = start
-        pending = itype.pending_seconds * draws.pending_factor(itype.pending_sigma)[:, i, : stage.instances - len(live)]
-        for k in range(stage.instances - len(live)):
-            live.append(len(running))
-            running.append(start + pending[:, k])
-            ready.append(running[-1] + itype.boot_seconds)
-            terminated.append(None)
-        slots_per_instance = itype.gpus // stage.gpus_per_trial
-        instance_free = np.maximum(start[:, None], np.stack([ready[k] for k in live], axis=1))
-        free = np.repeat(instance_free, slots_per_instance, axis=1)
-        n = problem.sha.trials(i + 1)
-        train = problem.sha.new_epochs(i + 1) * w.epoch_seconds[stage.gpus_per_trial]
-        durations = w.trial_overhead_seconds + train * draws.trial_factor(w.straggler_sigma)[:, i, :n]
-        end = schedule_stage(free, durations)
-        stage_end[:, i] = end
-    for k in live:
-        terminated[k] = end
-    running_at = np.stack(running, axis=1)
-    terminated_at = np.stack([t if t is not None else end for t in terminated], axis=1)
+    start = fleet.end + w.stage_overhead_seconds
+    keep = min(len(fleet.live), stage.instances)
+    terminated = list(fleet.terminated)
+    for k in fleet.live[keep:]:  # LIFO scale-in: the most recently requested go first
+        terminated[k] = start
+    new = stage.instances - keep
+    running = start[:, None] + itype.pending_seconds * draws.pending_factor(itype.pending_sigma)[:, i, :new]
+    live_ready = np.concatenate([fleet.live_ready[:, :keep], running + itype.boot_seconds], axis=1)
+    free = np.repeat(np.maximum(start[:, None], live_ready), itype.gpus // stage.gpus_per_trial, axis=1)
+    n = problem.sha.trials(i + 1)
+    train = problem.sha.new_epochs(i + 1) * w.epoch_seconds[stage.gpus_per_trial]
+    end = schedule_stage(free, draws.durations(i, n, w.trial_overhead_seconds, train, w.straggler_sigma))
+    return Fleet(end=end, stage_end=fleet.stage_end + (end,), running=fleet.running + tuple(running.T),
+                 terminated=tuple(terminated) + (None,) * new,
+                 live=fleet.live[:keep] + tuple(range(len(fleet.running), len(fleet.running) + new)),
+                 live_ready=live_ready)
+
+
+def bill(problem: Problem, itype: InstanceType, fleet: Fleet) -> Outcome:
+    """The outcome of a run whose every stage is done: the live instances end with it."""
+    end = fleet.end
+    running_at = np.stack(fleet.running, axis=1)
+    terminated_at = np.stack([t if t is not None else end for t in fleet.terminated], axis=1)
     billed = billed_seconds(running_at, terminated_at, problem.billing.minimum_seconds,
                             problem.billing.increment_seconds)
     cost = itype.price_per_hour / 3600.0 * billed.sum(axis=1) + problem.data_cost()
-    return Outcome(jct=end, cost=cost, stage_end=stage_end, running=running_at, terminated=terminated_at)
+    return Outcome(jct=end, cost=cost, stage_end=np.stack(fleet.stage_end, axis=1), running=running_at,
+                   terminated=terminated_at)
+
+
+def simulate_outcome(problem: Problem, plan: Plan, draws: Draws, prefixes: Prefixes | None = None) -> Outcome:
+    """Run the execution semantics of section 4 for every sample of ``draws``.
+
+    With ``prefixes`` (made for this problem and these draws), the run starts after the plan's
+    longest prefix simulated before, and the fleets after its later stages are remembered.
+    """
+    if prefixes is not None and (prefixes.problem is not problem or prefixes.draws is not draws):
+        raise ValueError("prefixes were made for another problem or other draws")
+    itype = problem.instance_type(plan.instance_type)
+    done, fleet = prefixes.longest(plan) if prefixes is not None else (0, None)
+    fleet = fleet or Fleet.empty(draws.samples)
+    for i in range(done, len(plan.stages)):
+        fleet = run_stage(problem, itype, fleet, i, plan.stages[i], draws)
+        if prefixes is not None and i + 1 < len(plan.stages):
+            prefixes.store(plan, i + 1, fleet)
+    return bill(problem, itype, fleet)
 
 
 def simulate(problem: Problem, plan: Plan, draws: Draws | None = None) -> dict[str, Any]:
