@@ -37,7 +37,7 @@ PLAN = {**plan_problem(parse_problem(PROBLEM)), "problem": PROBLEM}
 CONFIGS = [{"lr": 0.1, "note": HOSTILE}, {"lr": 0.3}, {"lr": HOSTILE}, {"lr": 0.05}]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
     """A finished run's folder, in a tuning DAG's folder, with its report."""
     root = tmp_path_factory.mktemp("view") / "view_dag" / "run-1"
