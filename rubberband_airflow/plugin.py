@@ -104,7 +104,7 @@ def create_app() -> FastAPI:
                     f"<td>{html.escape(str(x))}</td>" for x in (best.get("trial", "-"),
                     f"{best['metric']:.4f}" if best.get("metric") is not None else "-",
                     f"{pj:.0f} / {aj:.0f}" if pj is not None and aj is not None else "-",
-                    f"{pc:.2f} / {ac:.2f}" if pc is not None and ac is not None else "-")) + "</tr>")
+                    f"{pc:.4f} / {ac:.4f}" if pc is not None and ac is not None else "-")) + "</tr>")
         table = "".join(rows) or "<tr><td colspan=6>No tuning run has reported yet.</td></tr>"
         return ("<!doctype html><html><head><title>RubberBand</title><style>body{font-family:sans-serif;margin:2em}"
                 "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}</style></head><body>"

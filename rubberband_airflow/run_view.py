@@ -422,10 +422,21 @@ def chart_specs(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
 # --- the page ------------------------------------------------------------------------------------
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinity made null (JSON has neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _script_json(value: Any) -> str:
     """JSON safe inside a <script> element: no ``</script>``, ``<!--`` or entity can close or bend it."""
-    return json.dumps(value, sort_keys=True, allow_nan=False).replace("<", "\\u003c").replace(">", "\\u003e") \
-        .replace("&", "\\u0026")
+    return json.dumps(_finite(value), sort_keys=True, allow_nan=False).replace("<", "\\u003c") \
+        .replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 @functools.cache

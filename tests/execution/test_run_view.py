@@ -241,3 +241,11 @@ def _drawn(path: Path, screenshot: Path, scheme: str) -> dict[str, str]:
             browser.close()
     assert errors == []
     return text
+
+
+def test_embedded_json_has_no_markup_and_no_nan():
+    from rubberband_airflow.run_view import _script_json
+
+    text = _script_json({"trial": HOSTILE, "metric": float("nan"), "cost": [1.5, float("inf")]})
+    assert "<" not in text and ">" not in text and "&" not in text
+    assert json.loads(text) == {"trial": HOSTILE, "metric": None, "cost": [1.5, None]}
