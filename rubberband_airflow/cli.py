@@ -114,11 +114,18 @@ def _cmd_report(args: argparse.Namespace) -> str:
 
     storage = RunStorage(args.target)
     rep = storage.read_json("report.json")
-    if rep is None:  # a tuning DAG's folder: its newest run with a report
+    if rep is None and not (args.html and storage.exists("plan.json")):  # a tuning DAG's folder: its newest run
         reports = newest_reports(storage)
         if not reports:
             raise ProblemError("run", f"no report under {args.target}")
-        rep = reports[0][1]
+        name, rep = reports[0]
+        storage = storage.child(name)
+    if args.html:
+        from rubberband_airflow.run_view import run_view_html
+
+        title = (rep or {}).get("dag_id") or storage.uri.rstrip("/").rsplit("/", 1)[-1]
+        Path(args.html).write_text(run_view_html(storage, title, storage.uri), encoding="utf-8")
+        return f"Run view of {storage.uri} written to {args.html}"
     return "\n".join(summary_lines(rep))
 
 
@@ -162,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(run=_cmd_problem, table=False)
     r = sub.add_parser("report", help="print the summary of a tuning run's report")
     r.add_argument("target", metavar="RUN", help="a run's storage URI, or a tuning DAG's folder (its newest run)")
+    r.add_argument("--html", metavar="OUT", help="write the run view (fleet, cost, learning curves, leaderboard, "
+                   "cost against deadline) to this self-contained HTML file instead")
     r.set_defaults(run=_cmd_report, table=False)
     return parser
 

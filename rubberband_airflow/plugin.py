@@ -1,7 +1,8 @@
 """The Airflow UI plugin: a RubberBand page listing tuning runs and their reports.
 
 Mounted on the api-server at ``/rubberband``; the page shows, per tuning DAG, the latest best
-configuration and each run's predicted against actual JCT and cost. It is behind Airflow's own
+configuration and each run's predicted against actual JCT and cost, each run linked to its run view
+(``/rubberband/runs/<dag>/<run>``, also the RubberBand tab of every DAG run). It is behind Airflow's own
 login (the UI's session cookie, or a bearer token from ``/auth/token``), and shows a user only
 the DAGs whose runs Airflow's auth manager lets that user read.
 """
@@ -12,6 +13,7 @@ import html
 import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from airflow.api_fastapi.app import get_auth_manager
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
@@ -24,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from rubberband_airflow.hooks.storage import storage_for
 from rubberband_airflow.report import newest_reports, report_end
 from rubberband_airflow.spec import SpecError, load_spec
-from rubberband_airflow.tuning import dag_uri
+from rubberband_airflow.tuning import dag_uri, run_uri
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,20 @@ def create_app() -> FastAPI:
             raise HTTPException(404, "this run has no report yet")
         return JSONResponse(rep)
 
+    @app.get("/runs/{dag_id}/{run_id}", response_class=HTMLResponse)
+    def run_view(dag_id: str, run_id: str, user: GetUserDep) -> str:
+        """The run view of one DAG run (the RubberBand tab of a run), refreshing while the run is in flight."""
+        from rubberband_airflow.run_view import run_view_html
+
+        spec = next((s for s in _specs(user) if s.name == dag_id), None)
+        if spec is None:
+            raise HTTPException(404, "not a tuning DAG you may read")
+        storage = storage_for(spec, run_uri(spec, dag_id, run_id))
+        if not storage.exists("plan.json"):
+            return ("<!doctype html><meta http-equiv='refresh' content='10'><title>RubberBand</title>"
+                    f"<p>{html.escape(dag_id)} / {html.escape(run_id)}: the run has not started yet.</p>")
+        return run_view_html(storage, f"{spec.name} / {run_id}", spec.description or "", refresh_seconds=10)
+
     @app.get("/", response_class=HTMLResponse)
     def page(user: GetUserDep) -> str:
         rows = []
@@ -82,11 +98,13 @@ def create_app() -> FastAPI:
                 pj = ((r["predicted"] or {}).get("jct_seconds") or {}).get("mean")
                 pc = ((r["predicted"] or {}).get("cost_usd") or {}).get("mean")
                 aj, ac = (r["actual"] or {}).get("jct_seconds"), (r["actual"] or {}).get("cost_usd")
-                rows.append("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in (
-                    spec.name, r["run"], best.get("trial", "-"),
+                href = f"runs/{quote(spec.name, safe='')}/{quote(r['run'], safe='')}"
+                link = f"<td><a href='{href}'>{html.escape(r['run'])}</a></td>"
+                rows.append(f"<tr><td>{html.escape(spec.name)}</td>{link}" + "".join(
+                    f"<td>{html.escape(str(x))}</td>" for x in (best.get("trial", "-"),
                     f"{best['metric']:.4f}" if best.get("metric") is not None else "-",
                     f"{pj:.0f} / {aj:.0f}" if pj is not None and aj is not None else "-",
-                    f"{pc:.2f} / {ac:.2f}" if pc is not None and ac is not None else "-")) + "</tr>")
+                    f"{pc:.4f} / {ac:.4f}" if pc is not None and ac is not None else "-")) + "</tr>")
         table = "".join(rows) or "<tr><td colspan=6>No tuning run has reported yet.</td></tr>"
         return ("<!doctype html><html><head><title>RubberBand</title><style>body{font-family:sans-serif;margin:2em}"
                 "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}</style></head><body>"
@@ -104,4 +122,6 @@ class RubberBandPlugin(AirflowPlugin):
     name = "rubberband"
     fastapi_apps = [{"app": create_app(), "url_prefix": "/rubberband", "name": "RubberBand"}]
     external_views = [{"name": "RubberBand", "href": "/rubberband/", "url_route": "rubberband", "destination": "nav",
-                       "category": "browse"}]
+                       "category": "browse"},
+                      {"name": "RubberBand", "href": "/rubberband/runs/{DAG_ID}/{RUN_ID}",
+                       "url_route": "rubberband_run", "destination": "dag_run"}]

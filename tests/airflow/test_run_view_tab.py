@@ -1,0 +1,79 @@
+"""The RubberBand tab of a DAG run: the plugin serves the run view of that run behind Airflow's
+login, and the overview page links each run to it (the page itself: tests/execution/test_run_view.py)."""
+
+import html
+import json
+import re
+import shutil
+from urllib.parse import quote
+
+import pytest
+import yaml
+
+from rubberband_airflow.tuning import run_uri
+from tests.airflow.conftest import BIN, ROOT, airflow_env, run
+from tests.execution.test_run_view import HOSTILE, run_dir  # noqa: F401 - the finished run's fixture
+
+RUN_ID = "manual__2026-12-02T15:32:22.980994+00:00"
+
+
+@pytest.fixture
+def airflow_db(tmp_path, monkeypatch):
+    """This process's Airflow on a migrated SQLite database of its own (the login checks revoked tokens there)."""
+    from airflow import settings
+
+    conn = f"sqlite:///{tmp_path}/airflow.db"
+    r = run([str(BIN / "airflow"), "db", "migrate"],
+            {**airflow_env(tmp_path), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": conn}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", conn)
+    settings.configure_vars()
+    settings.reconfigure_orm()
+    yield
+    monkeypatch.undo()
+    settings.configure_vars()
+    settings.reconfigure_orm()
+
+
+def test_the_run_tab_serves_the_run_view_behind_the_login(run_dir, airflow_db, tmp_path, monkeypatch):  # noqa: F811
+    from airflow.api_fastapi.app import create_auth_manager, get_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from fastapi.testclient import TestClient
+
+    from rubberband_airflow.plugin import RubberBandPlugin, create_app
+    from rubberband_airflow.spec import load_spec
+
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    spec = yaml.safe_load((ROOT / "dags" / "digits_tuning.yaml").read_text())
+    spec["description"] = HOSTILE
+    (dags / "digits_tuning.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(dags))
+    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "run-view-test-" * 4)
+    folder = run_uri(load_spec(dags / "digits_tuning.yaml"), "digits_tuning", RUN_ID).removeprefix("file://")
+    shutil.copytree(run_dir, folder)
+    create_auth_manager()
+    token = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username="admin", role="admin"))
+    client = TestClient(create_app())
+    path = f"/runs/digits_tuning/{quote(RUN_ID, safe='')}"
+
+    assert client.get(path).status_code == 401
+    page = client.get(path, headers={"Authorization": f"Bearer {token}"})
+    assert page.status_code == 200, page.text[:500]
+    assert "<title>digits_tuning / " in page.text and html.escape(HOSTILE) in page.text
+    assert "<img" not in page.text.split("<script>", 1)[0]  # the description is text, not markup
+    specs = json.loads(re.search(r"id='rb-specs'>(.*?)</script>", page.text, re.S).group(1))
+    assert set(specs) == {"fleet", "cost", "curves", "deadline"}
+    assert "http-equiv='refresh'" not in page.text  # finished: no refreshing
+
+    client.cookies.set("_token", token)  # as the UI's iframe sends it
+    assert client.get("/runs/digits_tuning/manual__not_started").text.endswith("the run has not started yet.</p>")
+    assert client.get("/runs/not_a_tuning_dag/x").status_code == 404
+    overview = client.get("/").text
+    folder_name = folder.rsplit("/", 1)[-1]
+    assert f"<a href='runs/digits_tuning/{quote(folder_name, safe='')}'>" in overview
+    assert client.get(f"/runs/digits_tuning/{quote(folder_name, safe='')}").status_code == 200
+
+    [tab] = [v for v in RubberBandPlugin.external_views if v["destination"] == "dag_run"]
+    assert tab["href"] == "/rubberband/runs/{DAG_ID}/{RUN_ID}"
