@@ -19,6 +19,9 @@ def _storage(tmp_path, name: str) -> RunStorage:
 def _run(storage: RunStorage, instance: str, start: int, stop: int, trial: str = "trial-0000",
          stage: int = 1) -> dict:
     storage.write_assignment(stage, instance, [{"trial": trial, "gpus": 1, "start_epoch": start, "stop_epoch": stop}])
+    # Each call stands for the trial on another instance after a loss, which leaves no result
+    # behind (results are written once): the attempt before it is forgotten.
+    storage.delete("trials", trial, f"stage-{stage}.json")
     worker.run_task(storage.uri, trial, stage, instance, [])
     return storage.read_result(trial, stage)
 
