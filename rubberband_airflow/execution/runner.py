@@ -10,6 +10,7 @@ storage, its backend and the plan it executes, parsed into the planning core's t
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from rubberband_airflow.execution.results import Mode, TrialState, best_trial, i
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.plan import Plan, StageAllocation, parse_plan
 from rubberband_airflow.planning.problem import SHA, InstanceType, Problem, parse_problem
+
+log = logging.getLogger(__name__)
 
 __all__ = ["RunSpec", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run", "stage_trials",
            "begin_stage", "reconcile", "scale_targets", "launch_batches", "scale_out", "scale_in", "scale",
@@ -330,10 +333,15 @@ def promote_stage(storage: RunStorage, backend: ComputeBackend, run_plan: RunPla
 
 
 def stop_instances(storage: RunStorage, backend: ComputeBackend) -> list[str]:
-    """Teardown: ask every agent to stop and terminate every instance the run still has."""
-    for instance in backend.live():
-        storage.write_bytes(b"", "instances", instance, "stop")
-    return backend.terminate_all()
+    """Teardown: terminate every instance the run still has, then ask their agents to stop (a
+    storage error writing the stop files leaves them terminated all the same)."""
+    ids = backend.terminate_all()
+    for instance in ids:
+        try:
+            storage.write_bytes(b"", "instances", instance, "stop")
+        except OSError as e:
+            log.warning("could not write the stop file of %s (it is terminated): %s", instance, e)
+    return ids
 
 
 # --- without Airflow --------------------------------------------------------------------------

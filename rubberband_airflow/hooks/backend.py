@@ -2,13 +2,42 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.backends.ec2 import DEFAULT_DEPLOYMENT
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.spec import EC2BackendSpec, TuningSpec
 from rubberband_airflow.tuning import backend_for
 
 
-def run_backend(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str, instance_type: str) -> ComputeBackend:
+def deployment_name() -> str:
+    """
+    This Airflow deployment's name: ``[rubberband] deployment`` (or ``AIRFLOW__RUBBERBAND__DEPLOYMENT``).
+
+    Every EC2 instance is tagged with it (``rubberband:deployment``), and a deployment's teardown
+    and sweeper touch only instances with its own name: give two deployments that share an AWS
+    account different names.
+    """
+    from airflow.sdk import conf
+
+    return conf.get("rubberband", "deployment", fallback=DEFAULT_DEPLOYMENT) or DEFAULT_DEPLOYMENT
+
+
+def ec2_client(spec: TuningSpec) -> Any:
+    """
+    A boto3 EC2 client through an EC2 spec's ``aws_conn_id`` and ``region`` (the amazon provider's ``EC2Hook``).
+
+    :param spec: a tuning spec with an EC2 backend
+    """
+    from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+
+    assert isinstance(spec.backend, EC2BackendSpec)
+    return EC2Hook(api_type="client_type", aws_conn_id=spec.backend.aws_conn_id, region_name=spec.backend.region).conn
+
+
+def run_backend(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str, instance_type: str,
+                attempt: int = 1, deployment: str | None = None) -> ComputeBackend:
     """
     The backend that runs one run's instances of ``instance_type``.
 
@@ -20,11 +49,9 @@ def run_backend(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str,
     :param dag_id: the tuning DAG's id (an EC2 tag of every instance)
     :param run_id: the DAG run's id (an EC2 tag of every instance)
     :param instance_type: the instance type the run's plan chose
+    :param attempt: the attempt of the DAG run (an EC2 tag of every instance)
+    :param deployment: the Airflow deployment's name (an EC2 tag); by default this one's
     """
-    client = None
-    if isinstance(spec.backend, EC2BackendSpec):
-        from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
-
-        client = EC2Hook(api_type="client_type", aws_conn_id=spec.backend.aws_conn_id,
-                         region_name=spec.backend.region).conn
-    return backend_for(spec, storage, dag_id, run_id, instance_type, client)
+    client = ec2_client(spec) if isinstance(spec.backend, EC2BackendSpec) else None
+    return backend_for(spec, storage, dag_id, run_id, instance_type, client, attempt,
+                       deployment or deployment_name())
