@@ -1,14 +1,12 @@
 """Teardown terminates first and sweeps by tags: a storage fault, a new attempt of a run, or another
 Airflow deployment in the same account never leaves an instance running or adopts one."""
 
-import shutil
-from pathlib import Path
-
 import fsspec
 
 from rubberband_airflow.execution import prices
 from rubberband_airflow.execution.backends.ec2 import EC2Backend
 from rubberband_airflow.execution.runner import stop_instances
+from rubberband_airflow.execution.storage import RunStorage
 from tests.execution.conftest import agent_processes
 from tests.execution.moto_cloud import MotoCloud, moto_cloud  # noqa: F401 (the fixture)
 
@@ -60,18 +58,19 @@ def test_teardown_terminates_every_instance_when_the_run_folder_is_gone(moto_clo
     assert agent_processes(backend.storage) == []
 
 
-def test_a_storage_error_writing_stop_files_does_not_keep_local_instances_running(local_backend, storage):
+class _StopFilesFail(RunStorage):
+    """Run storage whose writes of stop files fail, as a store refusing writes would."""
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        if parts[-1] == "stop":
+            raise PermissionError(f"injected: {self.path(*parts)} cannot be written")
+        super().write_bytes(data, *parts)
+
+
+def test_a_storage_error_writing_stop_files_does_not_keep_local_instances_running(local_backend, storage, caplog):
     backend = local_backend()
     ids = backend.launch("stage-1-batch-0", 2)
-    instances = Path(storage.root) / "instances"
-    for _ in range(50):  # every stop file's write fails (an agent may recreate the folder meanwhile: again)
-        shutil.rmtree(instances, ignore_errors=True)
-        try:
-            instances.write_text("not a folder")
-            break
-        except IsADirectoryError:
-            continue
-    assert instances.is_file()
-    assert stop_instances(storage, backend) == ids
+    assert stop_instances(_StopFilesFail(storage.uri), backend) == ids
     assert backend.live() == [] and all(e["terminated"] is not None for e in storage.ledger())
     assert agent_processes(storage) == []
+    assert "could not write the stop file" in caplog.text
