@@ -8,6 +8,7 @@ a teardown that always terminates what the run launched; a report that publishes
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -89,6 +90,10 @@ def _stage_count(spec: TuningSpec) -> int:
     return SHA(spec.sha.num_trials * TRIALS_FACTOR, 2, spec.sha.min_epochs, spec.sha.num_stages).stages
 
 
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
 def _attempt(ctx: Any) -> int:
     """The attempt of the running DAG run: 1, then one more each time the run is cleared."""
     return int(getattr(ctx["dag_run"], "clear_number", 0) or 0) + 1
@@ -109,7 +114,7 @@ class _Run:
         self.spec, self.params = snapshot.spec, snapshot.params
         self.attempt, self.deployment = snapshot.attempt, snapshot.deployment
         self.plan = runner.RunPlan.from_json(plan) if plan is not None else None
-        if plan is not None and plan != self.storage.read_json("plan.json"):
+        if plan is not None and _canonical(plan) != _canonical(self.storage.read_json("plan.json")):
             raise AirflowFailException(f"the plan changed since this attempt's start_run ({uri}): clear the run "
                                        "from start_run (or plan) on, so that a new attempt starts clean")
         if self.plan is not None and stage is not None and not self.plan.has_stage(stage):
