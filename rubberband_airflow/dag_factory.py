@@ -8,6 +8,8 @@ a teardown that always terminates what the run launched; a report that publishes
 
 from __future__ import annotations
 
+import json
+import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,15 +19,27 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from rubberband_airflow.execution import runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
-from rubberband_airflow.hooks.backend import run_backend
-from rubberband_airflow.hooks.storage import storage_for
+from rubberband_airflow.execution.backends.ec2 import DEPLOYMENT_TAG, terminate_tagged
+from rubberband_airflow.hooks.backend import deployment_name, ec2_client, run_backend
+from rubberband_airflow.hooks.storage import run_storage, storage_for
 from rubberband_airflow.operators.planning import RubberBandPlanOperator
 from rubberband_airflow.planning.problem import SHA
 from rubberband_airflow.report import build_report, log_summary
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.sensors.trial import TrialResultSensor
-from rubberband_airflow.spec import TuningSpec, load_spec
-from rubberband_airflow.tuning import dag_uri, instance_type_names, run_uri, settings, storage_conn_id
+from rubberband_airflow.spec import EC2BackendSpec, TuningSpec, load_spec
+from rubberband_airflow.tuning import (
+    RunSnapshot,
+    dag_uri,
+    instance_type_names,
+    read_snapshot,
+    run_uri,
+    settings,
+    storage_conn_id,
+    write_snapshot,
+)
+
+log = logging.getLogger(__name__)
 
 # Instances launched (or terminated) by one mapped scaling task.
 BATCH_SIZE = 8
@@ -76,15 +90,33 @@ def _stage_count(spec: TuningSpec) -> int:
     return SHA(spec.sha.num_trials * TRIALS_FACTOR, 2, spec.sha.min_epochs, spec.sha.num_stages).stages
 
 
-class _Run:
-    """What a task of one run works with: the spec, the run's storage, its plan and its backend."""
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
 
-    def __init__(self, spec_path: str, plan: dict[str, Any] | None = None, stage: int | None = None) -> None:
+
+def _attempt(ctx: Any) -> int:
+    """The attempt of the running DAG run: 1, then one more each time the run is cleared."""
+    return int(getattr(ctx["dag_run"], "clear_number", 0) or 0) + 1
+
+
+class _Run:
+    """What a task of one run works with: the run's storage (start_run's XCom), its own copy
+    of the spec and the trigger form's values (the snapshot start_run wrote), its plan and backend."""
+
+    def __init__(self, conn_id: str | None, plan: dict[str, Any] | None = None, stage: int | None = None) -> None:
         ctx = get_current_context()
-        self.dag_id, self.run_id, self.params = ctx["dag"].dag_id, ctx["run_id"], dict(ctx["params"])
-        self.spec = load_spec(spec_path)
-        self.storage = storage_for(self.spec, run_uri(self.spec, self.dag_id, self.run_id))
+        self.dag_id, self.run_id, self.clear = ctx["dag"].dag_id, ctx["run_id"], _attempt(ctx) - 1
+        uri = ctx["ti"].xcom_pull(task_ids="start_run")
+        if not uri:
+            raise AirflowFailException("start_run has no XCom: clear the run from start_run on")
+        self.storage = run_storage(uri, conn_id)
+        snapshot = read_snapshot(self.storage)
+        self.spec, self.params = snapshot.spec, snapshot.params
+        self.attempt, self.deployment = snapshot.attempt, snapshot.deployment
         self.plan = runner.RunPlan.from_json(plan) if plan is not None else None
+        if plan is not None and _canonical(plan) != _canonical(self.storage.read_json("plan.json")):
+            raise AirflowFailException(f"the plan changed since this attempt's start_run ({uri}): clear the run "
+                                       "from start_run (or plan) on, so that a new attempt starts clean")
         if self.plan is not None and stage is not None and not self.plan.has_stage(stage):
             raise AirflowSkipException(f"this run's plan has {self.plan.stages} stages")
 
@@ -92,83 +124,118 @@ class _Run:
     def backend(self) -> ComputeBackend:
         assert self.plan is not None
         return run_backend(self.spec, self.storage, self.dag_id, self.run_id, self.plan.plan.instance_type,
-                           self.plan.agent_idle_seconds(self.spec.trial_timeout))
+                           idle_timeout=self.plan.agent_idle_seconds(self.spec.trial_timeout),
+                           attempt=self.attempt, deployment=self.deployment)
+
+
+def _teardown(uri: str, today: TuningSpec, dag_id: str, run_id: str) -> list[str]:
+    """Terminate every instance of a run's attempt (its ledger), then, however that went, sweep EC2
+    by the run's tags. The snapshot gives the spec; should it be unreadable, today's spec gives the
+    EC2 connection to sweep with."""
+    storage = run_storage(uri, storage_conn_id(today))
+    try:
+        snapshot: RunSnapshot | None = read_snapshot(storage)
+    except Exception:  # noqa: BLE001 - the tag sweep below must run whatever storage says
+        log.exception("cannot read the run's snapshot at %s: sweeping by tags with today's spec", uri)
+        snapshot = None
+    spec = snapshot.spec if snapshot else today
+    deployment = snapshot.deployment if snapshot else deployment_name()
+    ids: list[str] = []
+    try:
+        plan = storage.read_json("plan.json")
+        if plan is not None:  # else the run never started: nothing was launched
+            backend = run_backend(spec, storage, dag_id, run_id, runner.RunPlan.from_json(plan).plan.instance_type,
+                                  snapshot.attempt if snapshot else 1, deployment)
+            ids += runner.stop_instances(storage, backend)
+    finally:
+        if isinstance(spec.backend, EC2BackendSpec):
+            tags = {DEPLOYMENT_TAG: deployment, "rubberband:dag_id": dag_id, "rubberband:run_id": run_id}
+            ids += [i for i in terminate_tagged(ec2_client(spec), tags) if i not in ids]
+    return ids
 
 
 def tuning_dag(spec_path: str | Path) -> DAG:
     """Build the tuning DAG of one spec file; a bad spec raises an error naming the file and field."""
     spec_path = str(spec_path)
     spec = load_spec(spec_path)
+    conn_id = storage_conn_id(spec)
     best = best_config_asset(spec_path)
 
     @task
     def start_run(plan: dict[str, Any]) -> str:
-        """Sample the configurations and write the run's files; returns the run's storage URI."""
-        run = _Run(spec_path, plan)
-        cfg = settings(run.spec, run.params)
-        configs = sample(run.spec.search_space, cfg.sha.num_trials, cfg.seed)
-        runner.start_run(run.storage, runner.RunSpec(run.spec.trainable, run.spec.metric, run.spec.mode, cfg.seed),
+        """Start this attempt of the DAG run: snapshot the spec and the form's values, sample the
+        configurations and write the run's files in the attempt's own folder; returns its URI."""
+        ctx = get_current_context()
+        dag_id, attempt = ctx["dag"].dag_id, _attempt(ctx)
+        today = load_spec(spec_path)
+        storage = storage_for(today, run_uri(today, dag_id, ctx["run_id"], attempt))
+        params = dict(ctx["params"])
+        write_snapshot(storage, RunSnapshot(today, params, attempt, deployment_name()))
+        cfg = settings(today, params)
+        configs = sample(today.search_space, cfg.sha.num_trials, cfg.seed)
+        runner.start_run(storage, runner.RunSpec(today.trainable, today.metric, today.mode, cfg.seed),
                          configs, plan, plan["gpus_per_instance"])
-        return run.storage.uri
+        log.info("attempt %d of run %s: files in %s", attempt, ctx["run_id"], storage.uri)
+        return storage.uri
 
     @task
     def scale_out(plan: dict[str, Any], stage: int) -> list[dict[str, Any]]:
         """The batches of instances this stage adds (empty when it adds none)."""
-        run = _Run(spec_path, plan, stage)
-        runner.begin_stage(run.storage, stage)
-        return [b.to_json() for b in runner.scale_out(run.backend, run.plan, stage, BATCH_SIZE)]
+        r = _Run(conn_id, plan, stage)
+        runner.begin_stage(r.storage, stage)
+        batches = runner.scale_out(r.backend, r.plan, stage, BATCH_SIZE)
+        if r.clear != r.attempt - 1:  # an attempt continued after a clear of its failed tasks: new batches
+            batches = [runner.LaunchBatch(f"{b.name}-clear-{r.clear}", b.count) for b in batches]
+        return [b.to_json() for b in batches]
 
     @task
     def scale_in(plan: dict[str, Any], stage: int) -> list[list[str]]:
         """The batches of instances this stage drops: the most recently requested first."""
-        run = _Run(spec_path, plan, stage)
-        return runner.scale_in(run.backend, run.plan, stage, BATCH_SIZE)
+        r = _Run(conn_id, plan, stage)
+        return runner.scale_in(r.backend, r.plan, stage, BATCH_SIZE)
 
     @task
     def provision(plan: dict[str, Any], batch: dict[str, Any]) -> list[str]:
         """Launch one batch of instances (a retry finds the batch by its tags and launches nothing)."""
         launch = runner.LaunchBatch.from_json(batch)
-        return _Run(spec_path, plan).backend.launch(launch.name, launch.count)
+        return _Run(conn_id, plan).backend.launch(launch.name, launch.count)
 
     @task
     def deprovision(plan: dict[str, Any], instances: list[str]) -> list[str]:
         """Terminate one batch of surplus instances."""
-        _Run(spec_path, plan).backend.terminate(instances)
+        _Run(conn_id, plan).backend.terminate(instances)
         return instances
 
     @task(trigger_rule="none_failed")
     def place(plan: dict[str, Any], stage: int) -> list[str]:
         """Place the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
-        run = _Run(spec_path, plan, stage)
-        placement = runner.stage_placement(run.storage, run.backend, run.plan, stage, run.spec.trial_timeout)
+        r = _Run(conn_id, plan, stage)
+        placement = runner.stage_placement(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout)
         return [t["trial"] for tasks in placement.values() for t in tasks]
 
     @task(trigger_rule="all_done")
     def promote(plan: dict[str, Any], stage: int) -> dict[str, Any]:
         """Promote the best trials that finished; failed trials are never promoted."""
-        run = _Run(spec_path, plan, stage)
+        r = _Run(conn_id, plan, stage)
         try:
-            return runner.promote_stage(run.storage, run.backend, run.plan, stage, run.spec.mode).to_json()
+            return runner.promote_stage(r.storage, r.backend, r.plan, stage, r.spec.mode).to_json()
         except runner.StageFailed as e:
             raise AirflowFailException(str(e)) from None
 
     @task
     def teardown() -> list[str]:
-        """Terminate every instance the run still has, however the run went."""
-        run = _Run(spec_path)
-        plan = run.storage.read_json("plan.json")
-        if plan is None:
-            return []  # the run never started: nothing was launched
-        run.plan = runner.RunPlan.from_json(plan)
-        return runner.stop_instances(run.storage, run.backend)
+        """Terminate every instance the run still has, however the run went (then sweep by its tags)."""
+        ctx = get_current_context()
+        uri = ctx["ti"].xcom_pull(task_ids="start_run")
+        return _teardown(uri, spec, ctx["dag"].dag_id, ctx["run_id"]) if uri else []
 
     @task(trigger_rule="all_done", outlets=[best])
     def report() -> dict[str, Any]:
         """Write the report, publish the best configuration, and log a summary."""
-        run = _Run(spec_path)
-        if run.storage.read_json("run.json") is None:
+        if not get_current_context()["ti"].xcom_pull(task_ids="start_run"):
             raise AirflowSkipException("the run did not start: nothing to report")
-        rep = build_report(run.storage, run.dag_id)
+        run = _Run(conn_id)
+        rep = {**build_report(run.storage, run.dag_id), "run_id": run.run_id, "attempt": run.attempt}
         run.storage.write_json(rep, "report.json")
         log_summary(rep)
         if rep["best"] is None:
@@ -211,7 +278,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                 # the trial, and one sensor per trial must not hold a worker slot for it.
                 waits = TrialResultSensor.partial(
                     task_id="wait", run_uri="{{ ti.xcom_pull(task_ids='start_run') }}", stage=stage, retries=1,
-                    storage_conn_id=storage_conn_id(spec), spec_path=spec_path, deferrable=True,
+                    storage_conn_id=conn_id, spec_path=spec_path, deferrable=True,
                     poll_interval=2.0).expand(trial=trials)
                 promoted = promote(plan.output, stage)
                 waits >> promoted

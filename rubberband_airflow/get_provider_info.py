@@ -19,4 +19,13 @@ def get_provider_info() -> dict[str, Any]:
         "hooks": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.hooks.storage",
                                                                        "rubberband_airflow.hooks.backend"]}],
         "triggers": [{"integration-name": "RubberBand", "python-modules": ["rubberband_airflow.triggers.trial"]}],
+        "config": {"rubberband": {
+            "description": "RubberBand tuning DAGs.",
+            "options": {"deployment": {
+                "description": "This Airflow deployment's name. Every EC2 instance a tuning run launches is tagged "
+                               "with it (rubberband:deployment), and a deployment's teardown and sweeper touch only "
+                               "instances with its own name: give two deployments that share an AWS account "
+                               "different names.",
+                "version_added": "0.1.0", "type": "string", "example": "prod-eu", "default": "default"}},
+        }},
     }

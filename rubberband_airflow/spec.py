@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
@@ -84,6 +84,25 @@ class TuningSpec:
     @property
     def backend_type(self) -> BackendType:
         return BackendType.LOCAL if isinstance(self.backend, LocalBackendSpec) else BackendType.EC2
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain JSON in the YAML's shape: ``parse_spec`` reads it back to an equal spec
+        (a run's snapshot of its spec, ``spec.json``)."""
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}
+        out["mode"] = str(self.mode)
+        out["sha"] = {k: v for k, v in asdict(self.sha).items() if v is not None}
+        out["backend"] = {"type": str(self.backend_type), **asdict(self.backend)}
+        out["trial_timeout"] = asdict(self.trial_timeout)
+        return _plain(out)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists and mappings as dicts, all the way down."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _expand(value: str) -> str:

@@ -3,8 +3,12 @@
 Each run's teardown terminates its instances however the run ends. The sweeper is the net
 behind it, for runs whose teardown never ran: a DAG run deleted from Airflow, or marked
 success while its stages still ran. Every few minutes it lists the billable instances tagged
-with the DAG ids of the EC2 specs in a dags folder, asks Airflow for the state of each one's
-run, and terminates those whose run has finished or no longer exists.
+with this Airflow deployment's name (``rubberband:deployment``, see
+``rubberband_airflow.hooks.backend.deployment_name``) in each AWS connection and region the EC2
+specs of a dags folder use, asks Airflow for the state of each one's run, and terminates those
+whose run has finished or no longer exists: also those of a spec since renamed or deleted (its
+DAG's runs no longer exist). A spec that cannot be read is logged and skipped; the others are
+swept all the same.
 
     # dags/rubberband_sweeper.py
     from pathlib import Path
@@ -23,8 +27,14 @@ from typing import Any
 
 from airflow.sdk import DAG, TaskInstance, get_current_context, task
 
-from rubberband_airflow.execution.backends.ec2 import BILLABLE_STATES, describe_instances, terminate_instances
-from rubberband_airflow.spec import EC2BackendSpec, SpecError, load_spec
+from rubberband_airflow.execution.backends.ec2 import (
+    BILLABLE_STATES,
+    DEPLOYMENT_TAG,
+    tagged_instances,
+    terminate_instances,
+)
+from rubberband_airflow.hooks.backend import deployment_name
+from rubberband_airflow.spec import EC2BackendSpec, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +60,19 @@ def ended_runs_instances(instances: list[dict[str, Any]], run_state: Callable[[s
     return doomed
 
 
-def ec2_dag_ids(dags_folder: str | Path) -> dict[tuple[str, str | None], list[str]]:
-    """The tuning DAG ids of the EC2 specs in a folder, by (AWS connection, region)."""
-    out: dict[tuple[str, str | None], list[str]] = defaultdict(list)
+def ec2_accounts(dags_folder: str | Path) -> list[tuple[str, str | None]]:
+    """The (AWS connection, region) pairs the EC2 specs in a folder use; a file that does not load
+    (whatever it raises) is logged and skipped."""
+    out: set[tuple[str, str | None]] = set()
     for path in sorted(Path(dags_folder).glob("*.yaml")):
         try:
             spec = load_spec(path)
-        except SpecError:
-            continue  # not a tuning spec, or a bad one (its DAG shows the import error)
+        except Exception as e:  # noqa: BLE001 - one bad file must not stop the sweep of the others
+            log.warning("skipping %s, not a tuning spec that loads (its DAG shows the import error): %s", path, e)
+            continue
         if isinstance(spec.backend, EC2BackendSpec):
-            out[spec.backend.aws_conn_id, spec.backend.region].append(spec.name)
-    return dict(out)
+            out.add((spec.backend.aws_conn_id, spec.backend.region))
+    return sorted(out, key=lambda cr: (cr[0], cr[1] or ""))
 
 
 def airflow_run_state(ti: TaskInstance) -> Callable[[str, str], str | None]:
@@ -77,24 +89,25 @@ def airflow_run_state(ti: TaskInstance) -> Callable[[str, str], str | None]:
 
 
 def sweeper_dag(dags_folder: str | Path, schedule: str = "*/15 * * * *") -> DAG:
-    """The sweeper DAG (``rubberband_sweeper``) for the EC2 tuning specs in ``dags_folder``."""
+    """The sweeper DAG (``rubberband_sweeper``) for the accounts and regions of the EC2 tuning specs in
+    ``dags_folder``."""
     folder = str(dags_folder)
 
     @task
     def sweep() -> list[str]:
-        """Terminate the instances of ended or deleted tuning runs; returns their ids."""
+        """Terminate this deployment's instances of ended or deleted tuning runs; returns their ids."""
         from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 
         run_state = airflow_run_state(get_current_context()["ti"])
+        mine = {DEPLOYMENT_TAG: deployment_name()}
         terminated = []
-        for (conn_id, region), dag_ids in ec2_dag_ids(folder).items():
+        for conn_id, region in ec2_accounts(folder):
             ec2 = EC2Hook(api_type="client_type", aws_conn_id=conn_id, region_name=region).conn
-            filters = [{"Name": "tag:rubberband:dag_id", "Values": dag_ids},
-                       {"Name": "instance-state-name", "Values": list(BILLABLE_STATES)}]
-            doomed = ended_runs_instances(describe_instances(ec2, filters), run_state)
+            doomed = ended_runs_instances(tagged_instances(ec2, BILLABLE_STATES, mine), run_state)
             terminate_instances(ec2, doomed)
             terminated += doomed
-        log.info("terminated %d instance(s) of ended tuning runs: %s", len(terminated), terminated)
+        log.info("terminated %d instance(s) of ended tuning runs of deployment %r: %s", len(terminated),
+                 mine[DEPLOYMENT_TAG], terminated)
         return terminated
 
     with DAG(dag_id="rubberband_sweeper", schedule=schedule, start_date=datetime(2026, 1, 1, tzinfo=UTC),

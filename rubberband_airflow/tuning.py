@@ -15,7 +15,7 @@ from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.problem import SHA
 from rubberband_airflow.planning.profile import to_problem
 from rubberband_airflow.report import newest_reports
-from rubberband_airflow.spec import EC2BackendSpec, LocalBackendSpec, TuningSpec
+from rubberband_airflow.spec import EC2BackendSpec, LocalBackendSpec, TuningSpec, parse_spec
 
 # Run parameters a trigger form may override, with the spec's value as default.
 OVERRIDABLE = ("deadline_seconds", "num_trials", "eta", "min_epochs", "instance_types", "max_instances", "seed")
@@ -42,10 +42,13 @@ def dag_uri(spec: TuningSpec, dag_id: str | None = None) -> str:
     return f"{spec.storage.rstrip('/')}/{dag_id or spec.name}"
 
 
-def run_uri(spec: TuningSpec, dag_id: str, run_id: str) -> str:
-    """Where one run's files live: ``<storage>/<dag_id>/<run_id>``."""
+def run_uri(spec: TuningSpec, dag_id: str, run_id: str, attempt: int = 1) -> str:
+    """Where one attempt of a DAG run keeps its files: ``<storage>/<dag_id>/<run_id>`` for the
+    first, ``<storage>/<dag_id>/<run_id>.attempt-<n>`` for the n-th (the run cleared n - 1 times)."""
+    if attempt < 1:
+        raise ValueError(f"attempt must be at least 1, got {attempt}")
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-    return f"{dag_uri(spec, dag_id)}/{safe}"
+    return f"{dag_uri(spec, dag_id)}/{safe}{'' if attempt == 1 else f'.attempt-{attempt}'}"
 
 
 def settings(spec: TuningSpec, params: dict[str, Any] | None) -> RunSettings:
@@ -127,10 +130,12 @@ def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: d
 
 
 def backend_for(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str, instance_type: str,
-                ec2_client: Any = None, idle_timeout: float | None = None) -> ComputeBackend:
+                ec2_client: Any = None, idle_timeout: float | None = None, attempt: int = 1,
+                deployment: str | None = None) -> ComputeBackend:
     """The compute backend that runs this run's instances of ``instance_type``; an EC2 spec needs a
-    boto3 EC2 client (the Airflow side makes it from the spec's connection: ``hooks.backend``).
-    ``idle_timeout`` is how long its agents wait with nothing to run (``RunPlan.agent_idle_seconds``)."""
+    boto3 EC2 client (the Airflow side makes it from the spec's connection: ``hooks.backend``), and
+    tags its instances with the run's ``attempt`` and the Airflow ``deployment``. ``idle_timeout``
+    is how long its agents wait with nothing to run (``RunPlan.agent_idle_seconds``)."""
     b = spec.backend
     if isinstance(b, LocalBackendSpec):
         itype = LocalInstanceType(b.instance_type, b.slots, b.pending_seconds, b.boot_seconds, b.price_per_hour)
@@ -146,4 +151,41 @@ def backend_for(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str,
     return EC2Backend(storage=storage, instance_type=instance_type, image_id=b.ami, subnets=list(b.subnets),
                       security_groups=list(b.security_groups), instance_profile=b.instance_profile,
                       key_name=b.key_name, dag_id=dag_id, run_id=run_id, slots=int(known[instance_type]["gpus"]),
-                      trial_timeout=spec.trial_timeout.floor_seconds, idle_timeout=idle_timeout, client=ec2_client)
+                      trial_timeout=spec.trial_timeout.floor_seconds, idle_timeout=idle_timeout, client=ec2_client,
+                      attempt=attempt, **({"deployment": deployment} if deployment else {}))
+
+
+SNAPSHOT = "spec.json"  # a run's own copy of its spec, in its storage
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """What ``start_run`` fixes for a run's attempt: the spec as loaded, the trigger form's values,
+    the attempt and the deployment. Every later task reads it, never today's YAML."""
+
+    spec: TuningSpec
+    params: dict[str, Any]
+    attempt: int
+    deployment: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_dict(), "spec_path": self.spec.path, "params": self.params,
+                "attempt": self.attempt, "deployment": self.deployment}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> RunSnapshot:
+        """Read a snapshot back (``where``, its location, names it in errors)."""
+        return cls(parse_spec(data["spec"], where), dict(data.get("params") or {}), int(data["attempt"]),
+                   str(data["deployment"]))
+
+
+def write_snapshot(storage: RunStorage, snapshot: RunSnapshot) -> None:
+    storage.write_json(snapshot.to_json(), SNAPSHOT)
+
+
+def read_snapshot(storage: RunStorage) -> RunSnapshot:
+    """A run's snapshot; FileNotFoundError if its ``start_run`` wrote none."""
+    data = storage.read_json(SNAPSHOT)
+    if data is None:
+        raise FileNotFoundError(f"{storage.url(SNAPSHOT)} does not exist: the run's start_run did not write it")
+    return RunSnapshot.from_json(data, storage.url(SNAPSHOT))

@@ -442,10 +442,15 @@ def promote_stage(storage: RunStorage, backend: ComputeBackend, run_plan: RunPla
 
 
 def stop_instances(storage: RunStorage, backend: ComputeBackend) -> list[str]:
-    """Teardown: ask every agent to stop and terminate every instance the run still has."""
-    for instance in backend.live():
-        storage.write_bytes(b"", "instances", instance, "stop")
-    return backend.terminate_all()
+    """Teardown: terminate every instance the run still has, then ask their agents to stop (a
+    storage error writing the stop files leaves them terminated all the same)."""
+    ids = backend.terminate_all()
+    for instance in ids:
+        try:
+            storage.write_bytes(b"", "instances", instance, "stop")
+        except OSError as e:
+            log.warning("could not write the stop file of %s (it is terminated): %s", instance, e)
+    return ids
 
 
 # --- without Airflow --------------------------------------------------------------------------

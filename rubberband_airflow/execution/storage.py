@@ -1,7 +1,16 @@
 """One tuning run's files in object storage (fsspec: file:// locally, s3:// on AWS).
 
-Layout under the run prefix:
+A tuning DAG's folder is ``<storage>/<dag_id>``; each attempt of a DAG run has a folder of its
+own under it: ``<run_id>`` for the first, ``<run_id>.attempt-<n>`` for a later one, n being one
+more than the run's clear number (Airflow's count of its clears) when its ``start_run`` ran. A
+clear that re-runs start_run starts a new attempt in a new folder; a clear of later tasks only
+continues the attempt named in start_run's XCom. So a report never mixes attempts.
+``best_config.json`` beside them is the DAG's latest published best configuration.
 
+Layout under the run (attempt) prefix:
+
+    spec.json                            the run's own copy of its spec, the form's values, attempt, deployment
+    run.json                             trainable, metric, mode, seed, start time
     plan.json                            the plan being executed
     trials/<trial>/config.json           hyperparameters (JSON, never a shell argument)
     trials/<trial>/metrics/<epoch>.json  one record per epoch, written by rank 0
@@ -13,6 +22,7 @@ Layout under the run prefix:
     instances/<instance>/heartbeat.json  the agent's latest heartbeat (its first one marks ready)
     instances/<instance>/stop            asks the agent to stop
     ledger/<instance>.json               request, running, ready and termination times
+    report.json                          the run's report
 """
 
 from __future__ import annotations

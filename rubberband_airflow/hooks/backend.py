@@ -2,14 +2,43 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.backends.ec2 import DEFAULT_DEPLOYMENT
+from rubberband_airflow.execution.runner import RunPlan
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.spec import EC2BackendSpec, TuningSpec, load_spec
-from rubberband_airflow.tuning import backend_for
+from rubberband_airflow.tuning import RunSnapshot, backend_for, read_snapshot
+
+
+def deployment_name() -> str:
+    """
+    This Airflow deployment's name: ``[rubberband] deployment`` (or ``AIRFLOW__RUBBERBAND__DEPLOYMENT``).
+
+    Every EC2 instance is tagged with it (``rubberband:deployment``), and a deployment's teardown
+    and sweeper touch only instances with its own name: give two deployments that share an AWS
+    account different names.
+    """
+    from airflow.sdk import conf
+
+    return conf.get("rubberband", "deployment", fallback=DEFAULT_DEPLOYMENT) or DEFAULT_DEPLOYMENT
+
+
+def ec2_client(spec: TuningSpec) -> Any:
+    """
+    A boto3 EC2 client through an EC2 spec's ``aws_conn_id`` and ``region`` (the amazon provider's ``EC2Hook``).
+
+    :param spec: a tuning spec with an EC2 backend
+    """
+    from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+
+    assert isinstance(spec.backend, EC2BackendSpec)
+    return EC2Hook(api_type="client_type", aws_conn_id=spec.backend.aws_conn_id, region_name=spec.backend.region).conn
 
 
 def run_backend(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str, instance_type: str,
-                idle_timeout: float | None = None) -> ComputeBackend:
+                idle_timeout: float | None = None, attempt: int = 1, deployment: str | None = None) -> ComputeBackend:
     """
     The backend that runs one run's instances of ``instance_type``.
 
@@ -22,22 +51,21 @@ def run_backend(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str,
     :param run_id: the DAG run's id (an EC2 tag of every instance)
     :param instance_type: the instance type the run's plan chose
     :param idle_timeout: seconds an agent waits with nothing to run before it exits
+    :param attempt: the attempt of the DAG run (an EC2 tag of every instance)
+    :param deployment: the Airflow deployment's name (an EC2 tag); by default this one's
     """
-    client = None
-    if isinstance(spec.backend, EC2BackendSpec):
-        from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
-
-        client = EC2Hook(api_type="client_type", aws_conn_id=spec.backend.aws_conn_id,
-                         region_name=spec.backend.region).conn
-    return backend_for(spec, storage, dag_id, run_id, instance_type, client, idle_timeout)
+    client = ec2_client(spec) if isinstance(spec.backend, EC2BackendSpec) else None
+    return backend_for(spec, storage, dag_id, run_id, instance_type, client, idle_timeout, attempt,
+                       deployment or deployment_name())
 
 
 def backend_of_run(spec_path: str, storage: RunStorage, dag_id: str, run_id: str) -> ComputeBackend | None:
     """
     The backend of a started run, as a sensor or trigger of the run makes it.
 
-    It is the spec's backend for the instance type of the plan in run storage (None before the
-    run's plan is written).
+    It is the backend of the run's own copy of its spec (its snapshot, with its attempt and
+    deployment; the spec file only for a run that has none) for the instance type of the plan in
+    run storage (None before the run's plan is written).
 
     :param spec_path: the tuning spec's file
     :param storage: the run's storage
@@ -47,4 +75,11 @@ def backend_of_run(spec_path: str, storage: RunStorage, dag_id: str, run_id: str
     plan = storage.read_json("plan.json")
     if not plan or not plan.get("instance_type"):
         return None
-    return run_backend(load_spec(spec_path), storage, dag_id, run_id, str(plan["instance_type"]))
+    try:
+        snapshot: RunSnapshot | None = read_snapshot(storage)
+    except FileNotFoundError:
+        snapshot = None
+    spec = snapshot.spec if snapshot else load_spec(spec_path)
+    idle = RunPlan.from_json(plan).agent_idle_seconds(spec.trial_timeout) if plan.get("problem") else None
+    return run_backend(spec, storage, dag_id, run_id, str(plan["instance_type"]), idle,
+                       snapshot.attempt if snapshot else 1, snapshot.deployment if snapshot else None)

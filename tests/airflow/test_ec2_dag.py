@@ -88,21 +88,27 @@ def test_sweeper_terminates_instances_of_ended_and_deleted_runs_and_keeps_live_o
     r = run([sys.executable, "-c", MARK_SUCCESS, "digits_ec2", "done_run"], env, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    def launch(dag_id: str, run_id: str) -> list[str]:
+    # Spec files that do not load sit beside the good one: the sweep goes on.
+    (dags / "bad_tags.yaml").write_text(yaml.safe_dump({**spec, "name": "bad_tags", "tags": 5}))
+    (dags / "broken.yaml").write_text("name: [unclosed\n")
+
+    def launch(dag_id: str, run_id: str, deployment: str = "default") -> list[str]:
         backend = EC2Backend(RunStorage(f"s3://{BUCKET}/rubberband/{dag_id}/{run_id}"), "g5.xlarge",
                              moto_cloud.image_id, moto_cloud.subnets, [moto_cloud.security_group],
                              moto_cloud.instance_profile, dag_id=dag_id, run_id=run_id, slots=1,
-                             client=moto_cloud.client("ec2"))
+                             client=moto_cloud.client("ec2"), deployment=deployment)
         return backend.launch("stage-1", 2)
 
-    live, deleted, foreign = launch("digits_ec2", "live_run"), launch("digits_ec2", "deleted_run"), \
-        launch("someone_elses_dag", "deleted_run")
+    live, deleted, renamed = launch("digits_ec2", "live_run"), launch("digits_ec2", "deleted_run"), \
+        launch("a_spec_since_renamed", "live_run")
+    foreign = launch("digits_ec2", "done_run", deployment="another-airflow")  # same account, same DAG and run
     ended = launch("digits_ec2", "done_run")
     r = run([str(BIN / "airflow"), "dags", "test", "rubberband_sweeper"], env, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     running = {i["InstanceId"] for i in moto_cloud.instances()}
     assert not set(deleted) & running  # the run is gone from Airflow: its instances are terminated
     assert not set(ended) & running  # the run ended: so must its fleet
+    assert not set(renamed) & running  # its DAG is gone, so are its runs: found by the deployment's tag
     assert set(live) <= running  # a queued run keeps its fleet
-    assert set(foreign) <= running  # the sweeper touches only the DAGs of its folder
+    assert set(foreign) <= running  # the sweeper touches only its own deployment's instances
     moto_cloud.client("ec2").terminate_instances(InstanceIds=live + foreign)

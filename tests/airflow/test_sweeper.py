@@ -1,6 +1,10 @@
 """Which instances the sweeper terminates: those of runs that ended or no longer exist."""
 
-from rubberband_airflow.sweeper import airflow_run_state, ec2_dag_ids, ended_runs_instances
+import shutil
+
+import yaml
+
+from rubberband_airflow.sweeper import airflow_run_state, ec2_accounts, ended_runs_instances
 from tests.airflow.conftest import ROOT
 
 
@@ -25,8 +29,23 @@ def test_instances_of_ended_or_missing_runs_are_chosen_and_each_run_is_asked_onc
     assert len(asked) == len(set(asked)) == 5  # untagged instances are never touched nor asked about
 
 
-def test_the_sweeper_covers_the_ec2_specs_of_its_folder_only():
-    assert ec2_dag_ids(ROOT / "dags") == {("aws_default", "us-east-1"): ["nightly_ec2_tuning"]}
+def test_the_sweeper_covers_the_accounts_of_the_ec2_specs_of_its_folder():
+    assert ec2_accounts(ROOT / "dags") == [("aws_default", "us-east-1")]
+
+
+def test_a_bad_spec_file_is_skipped_and_the_others_still_count(tmp_path, caplog):
+    for name in ("digits_tuning.yaml", "nightly_ec2_tuning.yaml"):
+        shutil.copy(ROOT / "dags" / name, tmp_path / name)
+    other = yaml.safe_load((ROOT / "dags" / "nightly_ec2_tuning.yaml").read_text())
+    other["backend"]["region"] = "eu-west-1"
+    (tmp_path / "z_other_region.yaml").write_text(yaml.safe_dump(other))
+    bad_tags = {**other, "tags": 5}  # not a SpecError today: a TypeError deep in the parser
+    (tmp_path / "a_tags.yaml").write_text(yaml.safe_dump(bad_tags))
+    (tmp_path / "b_broken.yaml").write_text("name: [unclosed\n")
+    (tmp_path / "c_list.yaml").write_text("- just\n- a list\n")
+    assert ec2_accounts(tmp_path) == [("aws_default", "eu-west-1"), ("aws_default", "us-east-1")]
+    skipped = " ".join(r.getMessage() for r in caplog.records)
+    assert all(name in skipped for name in ("a_tags.yaml", "b_broken.yaml", "c_list.yaml"))
 
 
 def test_run_states_are_asked_of_the_running_task_instance():

@@ -3,10 +3,11 @@
 The backend takes the client it is given (the Airflow side hands it ``EC2Hook``'s, so it acts
 with the spec's AWS connection) and imports nothing of Airflow.
 
-Every instance carries the run's tags (``rubberband:dag_id``, ``rubberband:run_id``,
-``rubberband:batch``), which is how a batch is found again (a retried launch returns the
-batch it launched before) and how a sweeper finds what a run left behind even without its
-ledger. Instances require IMDSv2, and their user data only starts the agent with the run's
+Every instance carries the run's tags (``rubberband:deployment``, ``rubberband:dag_id``,
+``rubberband:run_id``, ``rubberband:attempt``, ``rubberband:batch``), which is how a batch is
+found again (a retried launch returns the batch this attempt launched before, never another
+attempt's or another deployment's) and how a sweeper finds what a run left behind even
+without its ledger. Instances require IMDSv2, and their user data only starts the agent with the run's
 storage URI, its slot count and the trial timeout: hyperparameters stay in storage. When the
 agent exits, the instance powers off, and powering off terminates it.
 """
@@ -32,6 +33,9 @@ RETRYABLE_LAUNCH_ERRORS: frozenset[str] = frozenset({"InsufficientInstanceCapaci
 # States in which an instance may still bill (compute or its volumes): what the sweeper terminates.
 BILLABLE_STATES = ("pending", "running", "stopping", "stopped")
 TAG_VALUE_MAX = 256  # characters, EC2's limit
+# Keeps two Airflow deployments in one AWS account apart: each touches only instances with its name.
+DEPLOYMENT_TAG = "rubberband:deployment"
+DEFAULT_DEPLOYMENT = "default"
 _FILTER_VALUES_MAX = 200  # instance ids per describe filter
 
 
@@ -47,15 +51,18 @@ class EC2Backend(ComputeBackend):
     def __init__(self, storage: RunStorage, instance_type: str, image_id: str, subnets: Sequence[str],
                  security_groups: Sequence[str], instance_profile: str, dag_id: str, run_id: str, slots: int,
                  trial_timeout: float = 3600.0, key_name: str | None = None, *, client: Any,
-                 idle_timeout: float | None = None) -> None:
+                 idle_timeout: float | None = None, attempt: int = 1, deployment: str = DEFAULT_DEPLOYMENT) -> None:
         """``client`` is a boto3 EC2 client; ``subnets`` are tried in order; ``instance_profile`` is
-        a name or an ARN; ``slots`` is the GPUs per instance."""
+        a name or an ARN; ``slots`` is the GPUs per instance; ``attempt`` is the attempt of the DAG
+        run (1, then one more per clear) and ``deployment`` the Airflow deployment's name."""
         if not subnets:
             raise ValueError("at least one subnet is needed")
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
-        for name, value in (("dag_id", dag_id), ("run_id", run_id)):
+        for name, value in (("dag_id", dag_id), ("run_id", run_id), ("deployment", deployment)):
             _check_tag_value(name, value)
+        if attempt < 1:
+            raise ValueError(f"attempt must be at least 1, got {attempt}")
         self.storage = storage
         self.instance_type = instance_type
         self.image_id = image_id
@@ -64,6 +71,8 @@ class EC2Backend(ComputeBackend):
         self.instance_profile = instance_profile
         self.dag_id = dag_id
         self.run_id = run_id
+        self.attempt = attempt
+        self.deployment = deployment
         self.slots = slots
         self.trial_timeout = trial_timeout
         # An agent with nothing to run this long exits and its instance terminates: a backstop for
@@ -88,15 +97,24 @@ class EC2Backend(ComputeBackend):
             "",
         ])
 
+    def run_tags(self) -> dict[str, str]:
+        """The tags of every instance of the run, whatever its attempt."""
+        return {DEPLOYMENT_TAG: self.deployment, "rubberband:dag_id": self.dag_id, "rubberband:run_id": self.run_id}
+
+    def attempt_tags(self) -> dict[str, str]:
+        """The tags of every instance of this attempt of the run."""
+        return {**self.run_tags(), "rubberband:attempt": str(self.attempt)}
+
     def tags(self, batch: str) -> dict[str, str]:
         """Instance and volume tags; the informational ones are cut to EC2's 256 characters."""
-        return {"rubberband:dag_id": self.dag_id, "rubberband:run_id": self.run_id, "rubberband:batch": batch,
-                "rubberband:run": self.storage.uri[:TAG_VALUE_MAX],
+        return {**self.attempt_tags(), "rubberband:batch": batch, "rubberband:run": self.storage.uri[:TAG_VALUE_MAX],
                 "Name": f"rubberband {self.dag_id} {batch}"[:TAG_VALUE_MAX]}
 
     def client_token(self, batch: str, subnet: str) -> str:
-        """EC2's idempotency token for one launch request (64 characters, EC2's limit)."""
-        return hashlib.sha256("\n".join([self.dag_id, self.run_id, batch, subnet]).encode()).hexdigest()[:64]
+        """EC2's idempotency token for one launch request (64 characters, EC2's limit): one per
+        deployment, run, attempt, batch and subnet."""
+        key = [self.deployment, self.dag_id, self.run_id, str(self.attempt), batch, subnet]
+        return hashlib.sha256("\n".join(key).encode()).hexdigest()[:64]
 
     def request(self, batch: str, count: int, subnet: str) -> dict[str, Any]:
         """The ``run_instances`` arguments for ``count`` instances of ``batch`` in ``subnet``."""
@@ -118,7 +136,7 @@ class EC2Backend(ComputeBackend):
     # --- the backend interface ---
     def launch(self, batch: str, count: int) -> list[str]:
         _check_tag_value("batch", batch)
-        found = self._instances(("pending", "running"), {"rubberband:batch": batch})
+        found = self._instances(("pending", "running"), {**self.attempt_tags(), "rubberband:batch": batch})
         if found:  # a retry: EC2 already has this batch (moto ignores ClientToken, so look by tags)
             for i in found:
                 if self._entry(i["InstanceId"]) is None:  # launched, but the ledger was not written
@@ -156,25 +174,32 @@ class EC2Backend(ComputeBackend):
         return out
 
     def terminate(self, instances: list[str]) -> None:
+        """Every id goes to EC2 (one EC2 does not list yet too) before the ledger is written, so a
+        storage error cannot keep an instance running."""
         raw = self._states(instances)
+        terminate_instances(self.client, instances)
         self._observe(instances, raw)  # the ledger learns when each instance started to bill
-        doomed = [i for i in instances if i in raw and raw[i][0] not in ("shutting-down", "terminated")]
-        terminate_instances(self.client, doomed)
         now = time.time()
         for instance in instances:
             self._record(instance, "terminated", now)
 
     def terminate_run(self) -> list[str]:
-        """Terminate every instance with this run's DAG and run tags that may still bill, ledger or not."""
-        ids = [i["InstanceId"] for i in self._instances(BILLABLE_STATES)]
+        """Terminate every instance with this run's deployment, DAG and run tags that may still bill,
+        of any attempt, ledger or not."""
+        ids = [i["InstanceId"] for i in self._instances(BILLABLE_STATES, self.run_tags())]
         if ids:
             self.terminate(ids)
         return ids
 
     def terminate_all(self) -> list[str]:
-        """Terminate what the ledger lists, then sweep the run's tags for anything it missed."""
-        ids = super().terminate_all()
-        return ids + [i for i in self.terminate_run() if i not in ids]
+        """Terminate what the ledger lists, then sweep the run's tags for anything it missed (also
+        when the ledger cannot be read)."""
+        ids: list[str] = []
+        try:
+            ids = super().terminate_all()
+        finally:
+            ids += [i for i in self.terminate_run() if i not in ids]
+        return ids
 
     # --- helpers ---
     def _run_instances(self, batch: str, count: int) -> list[dict[str, Any]]:
@@ -193,15 +218,9 @@ class EC2Backend(ComputeBackend):
                             f"subnets {', '.join(self.subnets)} ({'; '.join(refused)}); try other subnets "
                             f"(availability zones), another instance type, or later")
 
-    def _instances(self, states: Iterable[str], tags: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-        """This run's instances in ``states`` that also carry ``tags``, oldest first."""
-        want = {"rubberband:dag_id": self.dag_id, "rubberband:run_id": self.run_id, **(tags or {})}
-        filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in want.items()]
-        filters.append({"Name": "instance-state-name", "Values": list(states)})
-        # Tag filters treat * and ? as wildcards: keep only exact matches.
-        found = [i for i in describe_instances(self.client, filters)
-                 if want.items() <= {t["Key"]: t["Value"] for t in i.get("Tags", [])}.items()]
-        return sorted(found, key=lambda i: (i["LaunchTime"], i.get("AmiLaunchIndex", 0), i["InstanceId"]))
+    def _instances(self, states: Iterable[str], want: Mapping[str, str]) -> list[dict[str, Any]]:
+        """The instances in ``states`` that carry the tags ``want``, oldest first."""
+        return tagged_instances(self.client, states, want)
 
     def _states(self, instances: list[str]) -> dict[str, tuple[str, float]]:
         """EC2's state name and launch time of each listed instance (unlisted ones are left out)."""
@@ -252,11 +271,41 @@ def describe_instances(client: Any, filters: list[dict[str, Any]]) -> list[dict[
     return [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
 
 
+def tagged_instances(client: Any, states: Iterable[str], want: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The instances in ``states`` that carry exactly the tags ``want``, oldest first."""
+    filters = [{"Name": f"tag:{k}", "Values": [v]} for k, v in want.items()]
+    filters.append({"Name": "instance-state-name", "Values": list(states)})
+    # Tag filters treat * and ? as wildcards: keep only exact matches.
+    found = [i for i in describe_instances(client, filters)
+             if want.items() <= {t["Key"]: t["Value"] for t in i.get("Tags", [])}.items()]
+    return sorted(found, key=lambda i: (i["LaunchTime"], i.get("AmiLaunchIndex", 0), i["InstanceId"]))
+
+
+def terminate_tagged(client: Any, tags: Mapping[str, str]) -> list[str]:
+    """Terminate every instance that may still bill and carries exactly ``tags``, with no ledger
+    (teardown's last net); returns their ids."""
+    ids = [i["InstanceId"] for i in tagged_instances(client, BILLABLE_STATES, tags)]
+    terminate_instances(client, ids)
+    return ids
+
+
 def terminate_instances(client: Any, instances: list[str]) -> None:
-    """Terminate ``instances`` through the EC2 ``client``, at most 200 a request."""
+    """Terminate ``instances`` through the EC2 ``client``, at most 200 a request. Should EC2 not
+    know an id yet (it is eventually consistent), the others of its request are sent one by one."""
     for chunk in _chunks(instances):
         log.info("Terminating instances: %s", chunk)
-        client.terminate_instances(InstanceIds=chunk)
+        try:
+            client.terminate_instances(InstanceIds=chunk)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound" or len(chunk) == 1:
+                raise
+            for instance in chunk:
+                try:
+                    client.terminate_instances(InstanceIds=[instance])
+                except ClientError as one:
+                    if one.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+                        raise
+                    log.warning("EC2 does not know instance %s (yet): not terminated", instance)
 
 
 def _check_tag_value(name: str, value: str) -> None:

@@ -102,12 +102,14 @@ class LocalBackend(ComputeBackend):
         return out
 
     def terminate(self, instances: list[str]) -> None:
+        """Stop every agent first, then record when in the ledger (a storage error stops none the less)."""
+        stopped = []
         for instance in instances:
             e = self._entry(instance)
-            if e.get("terminated") is not None:
-                continue
-            _stop_group(e["pid"])
-            e["terminated"] = time.time()
+            if e.get("terminated") is None:
+                _stop_group(e["pid"])
+                stopped.append({**e, "terminated": time.time()})
+        for e in stopped:
             self.storage.write_ledger(e)
 
 

@@ -1,0 +1,113 @@
+"""A cleared DAG run starts a new attempt in a folder of its own, and a spec edited or broken mid-run
+changes nothing of the run: real `dag.test` runs on SQLite, real agents and training."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.search_space import sample
+from tests.airflow.conftest import BIN, ROOT, airflow_env, run
+from tests.airflow.test_dag_runs import _agents_alive
+
+# Test setup, not what is tested: `dag.test` for one logical date, as `airflow dags test` runs it,
+# except that an existing run of that date is kept, cleared as "Clear" on the whole run does in the
+# UI and REST API (every task instance, the run queued, its clear number one more), and run again,
+# instead of deleted. After start_run, the spec file is overwritten with the text given (a user
+# editing it mid-run).
+RERUN = """
+import json, sys
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import select
+
+import airflow.models.dagrun as dagrun_module
+import airflow.sdk.definitions.dag as dag_module
+from airflow.dag_processing.dagbag import DagBag
+from airflow.models.dagrun import DagRun
+from airflow.utils.state import DagRunState
+
+dag_id, date, conf, spec_path, edit = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]
+create, run_task = dagrun_module.get_or_create_dagrun, dag_module._run_task
+
+def keep_existing(*, dag, logical_date, session, **kwargs):
+    run = session.scalar(select(DagRun).where(DagRun.dag_id == dag.dag_id, DagRun.logical_date == logical_date))
+    if run is None:
+        return create(dag=dag, logical_date=logical_date, session=session, **kwargs)
+    dag.clear(run_id=run.run_id, dag_run_state=DagRunState.QUEUED, session=session)
+    session.commit()
+    session.refresh(run)
+    run.state = DagRunState.RUNNING
+    session.commit()
+    run.dag = dag
+    return run
+
+def run_then_edit(*, ti, task, **kwargs):
+    out = run_task(ti=ti, task=task, **kwargs)
+    if ti.task_id == "start_run":
+        Path(spec_path).write_text(edit)
+    return out
+
+dagrun_module.get_or_create_dagrun, dag_module._run_task = keep_existing, run_then_edit
+dag = DagBag().dags[dag_id]
+run = dag.test(logical_date=datetime.fromisoformat(date), run_conf=conf)
+print("DAG RUN", run.run_id, getattr(run.state, "value", run.state), "clear number", run.clear_number)
+"""
+DATE = "2026-11-28T02:00:00+00:00"
+CONF = {"num_trials": 2, "eta": 2, "min_epochs": 1}
+
+
+def _report(folder: Path) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
+def test_a_cleared_run_starts_a_new_attempt_and_a_spec_edited_mid_run_changes_nothing(airflow_home, tmp_path):
+    dags = tmp_path / "dags"
+    dags.mkdir()
+    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / "digits_tuning.py")
+    spec_path = dags / "digits_tuning.yaml"
+    spec = yaml.safe_load((ROOT / "dags" / "digits_tuning.yaml").read_text())
+    spec.update(storage=f"file://{tmp_path}/store-a", profile=str(airflow_home / "rubberband/profiles/local-1.json"))
+    spec_path.write_text(yaml.safe_dump(spec))
+    moved = {**spec, "storage": f"file://{tmp_path}/store-b", "seed": 5}
+    env = airflow_env(tmp_path / "home", dags)
+    assert run([str(BIN / "airflow"), "db", "migrate"], env, timeout=300).returncode == 0
+
+    def attempt(edit: str) -> str:
+        r = run([sys.executable, "-c", RERUN, "digits_tuning", DATE, json.dumps(CONF), str(spec_path), edit], env)
+        out = r.stdout + r.stderr
+        (tmp_path / f"dag-test-{len(list(tmp_path.glob('dag-test-*')))}.log").write_text(out)
+        errors = [x for x in out.splitlines() if "error" in x.lower() and "XCom not found" not in x]
+        [line] = [x for x in r.stdout.splitlines() if x.startswith("DAG RUN")] or [out[-3000:]]
+        assert r.returncode == 0 and " success clear number " in line, "\n".join([line, *errors[-30:]])
+        return line
+
+    # Attempt 1: once start_run has run, the spec moves the storage elsewhere and changes the seed.
+    attempt(yaml.safe_dump(moved))
+    [first] = list((tmp_path / "store-a" / "digits_tuning").glob("manual__*"))
+    rep1 = _report(first)
+    assert rep1["attempt"] == 1 and len(rep1["trials"]) == 2 and rep1["best"] is not None
+    assert all(e["terminated"] is not None for e in rep1["ledger"])
+    assert not (tmp_path / "store-b").exists()  # the run kept to its own copy of the spec
+
+    # The run is cleared and runs again with today's spec (seed 5), which breaks mid-run. (The
+    # storage is put back: the DAG's Asset has its URI, and Airflow takes an Asset whose URI
+    # changed under the same name for inactive.)
+    spec_path.write_text(yaml.safe_dump({**moved, "storage": spec["storage"]}))
+    attempt("name: [unclosed\n")
+    [second] = list((tmp_path / "store-a" / "digits_tuning").glob("manual__*.attempt-*"))
+    assert second.name == f"{first.name}.attempt-2"
+    rep2 = _report(second)
+    assert rep2["attempt"] == 2 and rep2["best"] is not None
+    configs = sample(moved["search_space"], 2, 5)
+    assert [t["config"] for _, t in sorted(rep2["trials"].items())] == configs  # the new configurations
+    for trial in rep2["trials"]:  # with the new attempt's own metrics, from its first epoch
+        assert [m["epoch"] for m in RunStorage(f"file://{second}").metrics(trial)][0] == 1
+    assert all(t["results"]["1"]["state"] == "done" for t in rep2["trials"].values())
+    assert all(e["terminated"] is not None for e in rep2["ledger"])
+    assert _report(first) == rep1  # the first attempt's files are left as they were
+    assert _agents_alive(tmp_path) == []
