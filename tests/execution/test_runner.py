@@ -146,3 +146,17 @@ def test_a_stage_where_every_trial_failed_is_an_error(started, worked):
     with pytest.raises(StageFailed, match="every trial of stage 1 failed"):
         runner.promote_stage(storage, backend, worked, 1, "max")
     assert storage.exists("stages", "1", "end.json")
+
+
+def test_a_retried_promotion_promotes_the_same_trials_and_keeps_the_stage_end(started, worked):
+    storage, backend = started
+    for batch in runner.scale_out(backend, worked, 1, 8):
+        backend.launch(batch.name, batch.count)
+    runner.stage_placement(storage, backend, worked, 1)
+    _finish(storage, 1, skip={"trial-0063"})
+    first = runner.promote_stage(storage, backend, worked, 1, "max")
+    ended = storage.read_json("stages", "1", "end.json")
+    again = runner.promote_stage(storage, backend, worked, 1, "max")  # the promote task's retry
+    assert again == first and storage.read_json("stages", "1", "end.json") == ended
+    assert runner.stage_trials(storage, 2) == first.promoted and "trial-0063" in first.failed
+    assert storage.read_result("trial-0063", 1)["error"] == "no result was recorded"
