@@ -183,9 +183,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         """The batches of instances this stage adds (empty when it adds none)."""
         r = _Run(conn_id, plan, stage)
         runner.begin_stage(r.storage, stage)
-        batches = runner.scale_out(r.backend, r.plan, stage, BATCH_SIZE)
-        if r.clear != r.attempt - 1:  # an attempt continued after a clear of its failed tasks: new batches
-            batches = [runner.LaunchBatch(f"{b.name}-clear-{r.clear}", b.count) for b in batches]
+        batches = runner.scale_out(r.backend, r.plan, stage, BATCH_SIZE, continued=r.clear - (r.attempt - 1))
         return [b.to_json() for b in batches]
 
     @task

@@ -257,16 +257,20 @@ def scale_targets(live: Sequence[str], want: int) -> tuple[int, list[str]]:
     return max(0, want - len(live)), list(live[want:])[::-1]
 
 
-def launch_batches(stage: int, count: int, batch_size: int) -> list[LaunchBatch]:
-    """``count`` new instances of a stage in batches of at most ``batch_size``."""
-    return [LaunchBatch(f"stage-{stage}-batch-{k}", min(batch_size, count - start))
+def launch_batches(stage: int, count: int, batch_size: int, continued: int = 0) -> list[LaunchBatch]:
+    """``count`` new instances of a stage in batches of at most ``batch_size``. ``continued`` counts
+    the clears after which this attempt went on (a clear of failed tasks only): their batches get
+    new names, so that a batch the earlier teardown terminated is not found and adopted again."""
+    suffix = f"-clear-{continued}" if continued else ""
+    return [LaunchBatch(f"stage-{stage}-batch-{k}{suffix}", min(batch_size, count - start))
             for k, start in enumerate(range(0, count, batch_size))]
 
 
-def scale_out(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int) -> list[LaunchBatch]:
+def scale_out(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int,
+              continued: int = 0) -> list[LaunchBatch]:
     """The batches of instances a stage adds to the live fleet (none when it adds none)."""
     missing, _ = scale_targets(reconcile(backend), run_plan.allocation(stage).instances)
-    return launch_batches(stage, missing, batch_size)
+    return launch_batches(stage, missing, batch_size, continued)
 
 
 def scale_in(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int) -> list[list[str]]:

@@ -78,6 +78,9 @@ def test_scale_targets_launch_the_missing_and_drop_the_newest_first():
     assert [(b.name, b.count) for b in runner.launch_batches(2, 19, 8)] == [
         ("stage-2-batch-0", 8), ("stage-2-batch-1", 8), ("stage-2-batch-2", 3)]
     assert runner.launch_batches(1, 0, 8) == []
+    # After a clear that continues the attempt, batches are new: none the earlier teardown ended is adopted.
+    assert [b.name for b in runner.launch_batches(2, 9, 8, continued=1)] == ["stage-2-batch-0-clear-1",
+                                                                           "stage-2-batch-1-clear-1"]
 
 
 def _finish(storage: RunStorage, stage: int, metric=lambda t: int(t.split("-")[1]), skip=()) -> None:
