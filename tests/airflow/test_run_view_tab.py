@@ -35,7 +35,14 @@ def airflow_db(tmp_path, monkeypatch):
     settings.reconfigure_orm()
 
 
-def test_the_run_tab_serves_the_run_view_behind_the_login(run_dir, airflow_db, tmp_path, monkeypatch):  # noqa: F811
+def _forget_token_keys() -> None:
+    from airflow.api_fastapi.auth.managers.base_auth_manager import BaseAuthManager
+
+    BaseAuthManager._get_token_signer.__func__.cache_clear()  # type: ignore[attr-defined]
+    BaseAuthManager._get_token_validator.__func__.cache_clear()  # type: ignore[attr-defined]
+
+
+def test_the_run_tab_serves_the_run_view_behind_the_login(run_dir, airflow_db, tmp_path, monkeypatch, request):  # noqa: F811
     from airflow.api_fastapi.app import create_auth_manager, get_auth_manager
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
     from fastapi.testclient import TestClient
@@ -51,6 +58,8 @@ def test_the_run_tab_serves_the_run_view_behind_the_login(run_dir, airflow_db, t
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
     monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(dags))
     monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "run-view-test-" * 4)
+    _forget_token_keys()  # signer and validator are cached per process: an earlier test's secret must not stay
+    request.addfinalizer(_forget_token_keys)
     folder = run_uri(load_spec(dags / "digits_tuning.yaml"), "digits_tuning", RUN_ID).removeprefix("file://")
     shutil.copytree(run_dir, folder)
     create_auth_manager()
