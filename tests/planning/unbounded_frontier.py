@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rubberband_airflow.planning.frontier import _EPS, FrontierPoint, makespan
+from rubberband_airflow.planning.frontier import _EPS, FrontierPoint, _fastest_by_group, _pareto_by_group, makespan
 from rubberband_airflow.planning.plan import Plan
 from rubberband_airflow.planning.problem import InstanceType, Problem
 
@@ -121,43 +121,3 @@ def frontier(problem: Problem, itype: InstanceType, deadline: float = np.inf,
         points.append(FrontierPoint(float(time[j]), float(cost[j] * scale + problem.data_cost()),
                                     Plan.of(itype.name, allocation[::-1])))
     return points
-
-
-def _pareto_by_group(group: np.ndarray, time: np.ndarray, low: np.ndarray, slack: np.ndarray,
-                     mask: np.ndarray) -> np.ndarray:
-    """Mask of the points, among ``mask``, that no other point of the same group surely beats.
-
-    Costs are known between ``low`` and ``low + slack`` (minimum billing and rounding), so a
-    point is dropped only when an earlier-or-equal point of its group costs at most its ``low``
-    even at worst, or is an exact duplicate of one kept.
-    """
-    out = np.zeros(len(time), dtype=bool)
-    idx = np.nonzero(mask)[0]
-    if len(idx) == 0:
-        return out
-    high = low + slack
-    order = idx[np.lexsort((low[idx], high[idx], time[idx], group[idx]))]
-    g, t, lo, hi = group[order], time[order], low[order], high[order]
-    starts = np.r_[True, g[1:] != g[:-1]]
-    seg = np.cumsum(starts) - 1
-    # Running minimum of the upper bound within each group: shifting each group below the ones
-    # before it lets one accumulate serve all groups.
-    shift = (hi.max() - hi.min() + 1.0) * 2 * seg
-    best_high = np.minimum.accumulate(hi - shift) + shift
-    before = np.r_[np.inf, best_high[:-1]]
-    before[starts] = np.inf
-    duplicate = ~starts & np.r_[False, (t[1:] == t[:-1]) & (lo[1:] == lo[:-1]) & (hi[1:] == hi[:-1])]
-    with np.errstate(invalid="ignore"):
-        beaten = np.isfinite(before) & (before <= lo + _EPS * np.maximum(1.0, np.abs(lo)))
-    out[order] = ~beaten & ~duplicate
-    return out
-
-
-def _fastest_by_group(group: np.ndarray, time: np.ndarray, cost: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Mask of the fastest point (cheapest among equally fast) of each group, among ``mask``."""
-    out = np.zeros(len(time), dtype=bool)
-    idx = np.nonzero(mask)[0]
-    order = idx[np.lexsort((cost[idx], time[idx], group[idx]))]
-    first = np.r_[True, group[order][1:] != group[order][:-1]] if len(order) else np.zeros(0, dtype=bool)
-    out[order[first]] = True
-    return out
