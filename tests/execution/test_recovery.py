@@ -38,10 +38,15 @@ class Fault(threading.Thread):
             if len(ledger) == 2:
                 instance = ledger[1]["instance"]
                 beat = self.storage.heartbeat(instance) or {}
-                for stage, trial in beat.get("running") or []:
+                # The trial running there now: checkpointed in stage 1 and without a result (the
+                # heartbeat's list of running trials can be seconds old).
+                tasks = (self.storage.read_json("stages", "1", f"{instance}.json") or {}).get("tasks", [])
+                for trial in [t["trial"] for t in tasks if self.storage.read_result(t["trial"], 1) is None]:
                     info = checkpoint.read_info(self.storage, trial)
-                    if stage == 1 and info is not None and info.stage == 1 and info.epoch >= self.min_epoch:
-                        pid = next(m["pid"] for m in self.storage.metrics(trial) if m["epoch"] == info.epoch)
+                    if beat and info is not None and info.stage == 1 and info.epoch >= self.min_epoch:
+                        pid = next((m["pid"] for m in self.storage.metrics(trial) if m["epoch"] == info.epoch), None)
+                        if pid is None:
+                            continue
                         self.kill(instance, beat)
                         # The instance's trials still without a result: the one running and any queued
                         # after it (a trial that ended before the fault has its result and stays).
