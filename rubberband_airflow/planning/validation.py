@@ -40,16 +40,9 @@ class Reader:
     def integer(self, key: str, default: Any = MISSING, *, minimum: int, maximum: int | None = None,
                 nullable: bool = False) -> Any:
         value = self.raw(key, default)
-        name = self.name(key)
         if value is None and nullable:
             return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ProblemError(name, f"must be an integer, got {kind(value)}")
-        if value < minimum:
-            raise ProblemError(name, f"must be at least {minimum}, got {value}")
-        if maximum is not None and value > maximum:
-            raise ProblemError(name, f"must be at most {maximum}, got {value}")
-        return value
+        return integer(value, self.name(key), minimum=minimum, maximum=maximum)
 
     def number(self, key: str, default: Any = MISSING, *, positive: bool = False,
                at_most: float | None = None) -> float:
