@@ -19,7 +19,14 @@ import numpy as np
 from rubberband_airflow.planning.bounds import usable_instances
 from rubberband_airflow.planning.budget import MemoryBudget
 from rubberband_airflow.planning.errors import InfeasibleError
-from rubberband_airflow.planning.frontier import Counts, FrontierPoint, SearchTooLarge, frontier, stage_costs
+from rubberband_airflow.planning.frontier import (
+    Counts,
+    FrontierPoint,
+    SearchTooLarge,
+    frontier,
+    initial_point,
+    stage_costs,
+)
 from rubberband_airflow.planning.grid import coarse_counts, refined_counts
 from rubberband_airflow.planning.plan import Plan
 from rubberband_airflow.planning.problem import InstanceType, PlannerSettings, Problem
@@ -311,13 +318,15 @@ def _static_allocation_frontier(problem: Problem, itype: InstanceType, budget: M
     bounds = usable_instances(problem, itype)
     stages = problem.num_stages
     points = []
+    time0, billed0, _ = initial_point(problem, itype)
+    live = np.int64(len(problem.carried(itype)))
     for k, g in enumerate(bounds.gpus):
         counts = np.arange(1, int(bounds.per_option[0, k]) + 1)
-        seconds, instance_seconds = np.zeros(len(counts)), np.zeros(len(counts))
+        seconds, instance_seconds = np.full(len(counts), time0[0]), np.full(len(counts), billed0[0])
         for i in range(stages):
-            t, s, _ = stage_costs(problem, itype, i, g, np.zeros_like(counts) if i == 0 else counts, counts)
+            t, s, _ = stage_costs(problem, itype, i, g, np.full_like(counts, live) if i == 0 else counts, counts)
             seconds, instance_seconds = seconds + t, instance_seconds + s
-        cost = instance_seconds * itype.price_per_hour / 3600.0 + problem.data_cost()
+        cost = instance_seconds * itype.price_per_hour / 3600.0 + problem.data_cost() + problem.fixed_cost(itype)
         points += [FrontierPoint(float(t), float(x), Plan.of(itype.name, [(g, int(c))] * stages))
                    for t, x, c in zip(seconds, cost, counts)]
     return _pareto(points)
@@ -361,7 +370,8 @@ def lower_bound_cost(problem: Problem) -> float:
     work = sum(problem.sha.trials(i) * problem.sha.new_epochs(i) for i in range(1, problem.num_stages + 1))
     per_epoch = min(t.price_per_hour / 3600.0 / t.gpus * g * problem.workload.epoch_seconds[g]
                     for t in _usable_types(problem) for g in problem.gpu_options(t))
-    return work * per_epoch + problem.data_cost()
+    fixed = min(problem.fixed_cost(t) for t in _usable_types(problem))
+    return work * per_epoch + problem.data_cost() + fixed
 
 
 def _with_prediction(problem: Problem, plan: Plan, ev: Evaluator) -> dict[str, Any]:

@@ -169,8 +169,15 @@ class Fleet:
     live_ready: np.ndarray  # (samples, len(live)): when each live instance is ready
 
     @classmethod
-    def empty(cls, samples: int) -> Fleet:
-        return cls(np.zeros(samples), (), (), (), (), np.zeros((samples, 0)))
+    def initial(cls, problem: Problem, itype: InstanceType, samples: int) -> Fleet:
+        """Before the problem's first stage: no fleet at 0, or a run in flight's live instances of
+        this type (section 7; the others are released, their cost in ``Problem.fixed_cost``)."""
+        carried = problem.carried(itype)
+        elapsed = problem.start.elapsed_seconds if problem.start is not None else 0.0
+        ready = np.array([[x.ready_at_seconds for x in carried]], dtype=float)
+        return cls(np.full(samples, elapsed), (), tuple(np.full(samples, x.running_at_seconds) for x in carried),
+                   (None,) * len(carried), tuple(range(len(carried))),
+                   np.repeat(ready.reshape(1, len(carried)), samples, axis=0))
 
     @property
     def nbytes(self) -> int:
@@ -239,7 +246,7 @@ def bill(problem: Problem, itype: InstanceType, fleet: Fleet) -> Outcome:
     terminated_at = np.stack([t if t is not None else end for t in fleet.terminated], axis=1)
     billed = billed_seconds(running_at, terminated_at, problem.billing.minimum_seconds,
                             problem.billing.increment_seconds)
-    cost = itype.price_per_hour / 3600.0 * billed.sum(axis=1) + problem.data_cost()
+    cost = itype.price_per_hour / 3600.0 * billed.sum(axis=1) + problem.data_cost() + problem.fixed_cost(itype)
     return Outcome(jct=end, cost=cost, stage_end=np.stack(fleet.stage_end, axis=1), running=running_at,
                    terminated=terminated_at)
 
@@ -254,7 +261,7 @@ def simulate_outcome(problem: Problem, plan: Plan, draws: Draws, prefixes: Prefi
         raise ValueError("prefixes were made for another problem or other draws")
     itype = problem.instance_type(plan.instance_type)
     done, fleet = prefixes.longest(plan) if prefixes is not None else (0, None)
-    fleet = fleet or Fleet.empty(draws.samples)
+    fleet = fleet or Fleet.initial(problem, itype, draws.samples)
     for i in range(done, len(plan.stages)):
         fleet = run_stage(problem, itype, fleet, i, plan.stages[i], draws)
         if prefixes is not None and i + 1 < len(plan.stages):
