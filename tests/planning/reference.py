@@ -36,14 +36,19 @@ def reference_run(problem: Problem, plan: Plan, draws: Draws, sample: int) -> tu
                         for x in problem.carried(it)]  # in request order: oldest first
     every: list[dict] = list(live)
     ends = []
+    previous_start = end
     for i, stage in enumerate(plan.stages):
         start = end + w.stage_overhead_seconds
+        request = start  # pre-warming: the added instances are requested during the previous stage
+        if i > 0 and stage.launch_after is not None and previous_start + stage.launch_after < start:
+            request = previous_start + stage.launch_after
+        previous_start = start
         while len(live) > stage.instances:
             live.pop()["terminated"] = start  # most recently requested first
         k = 0
         while len(live) < stage.instances:
             pending = it.pending_seconds * _factor(float(draws.pending_z[sample, i, k]), it.pending_sigma)
-            inst = {"running": start + pending, "terminated": None}
+            inst = {"running": request + pending, "terminated": None}
             inst["ready"] = inst["running"] + it.boot_seconds
             live.append(inst)
             every.append(inst)

@@ -51,6 +51,9 @@ def plans(draw, problem: Problem):
     t = draw(st.sampled_from([t for t in problem.instance_types if problem.gpu_options(t)]))
     stages = [{"gpus_per_trial": draw(st.sampled_from(problem.gpu_options(t))),
                "instances": draw(st.integers(1, t.max_instances))} for _ in range(problem.num_stages)]
+    for stage in stages[1:]:  # pre-warming, on some stages
+        if draw(st.booleans()):
+            stage["launch_after_seconds"] = draw(seconds)
     return {"instance_type": t.name, "stages": stages}
 
 
