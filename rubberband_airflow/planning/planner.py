@@ -412,17 +412,23 @@ def _with_prediction(problem: Problem, plan: Plan, ev: Evaluator) -> dict[str, A
     return {**plan.to_dict(problem), "predicted": {"jct_seconds": s["jct_seconds"], "cost_usd": s["cost_usd"]}}
 
 
-def plan_problem(problem: Problem, method: str = "exact", budget: MemoryBudget = MemoryBudget()) -> dict[str, Any]:
+def plan_problem(problem: Problem, method: str = "exact", budget: MemoryBudget = MemoryBudget(),
+                 static_baselines: bool = True) -> dict[str, Any]:
     """The chosen plan with its prediction and the baselines, as `rubberband plan` prints it.
 
-    Raises InfeasibleError when no plan meets the deadline, and ProblemError (naming the field to
-    reduce) when planning would need more memory than ``budget``.
+    Without ``static_baselines`` (a re-plan, where most of the time would go to them) only the
+    lower bound is reported, and the static plans do not compete. Raises InfeasibleError when no
+    plan meets the deadline, and ProblemError (naming the field to reduce) when planning would
+    need more memory than ``budget``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     ev = Evaluator(problem, budget)
-    static_allocation = _static_baseline(problem, ev, "static_allocation")
-    static_cluster = _static_baseline(problem, ev, "static_cluster", [static_allocation] if static_allocation else [])
+    static_allocation = static_cluster = None
+    if static_baselines:
+        static_allocation = _static_baseline(problem, ev, "static_allocation")
+        static_cluster = _static_baseline(problem, ev, "static_cluster",
+                                          [static_allocation] if static_allocation else [])
     if method == "exact":
         plan, method = plan_exact(problem, ev, [p for p in (static_allocation, static_cluster) if p])
     else:
@@ -433,9 +439,10 @@ def plan_problem(problem: Problem, method: str = "exact", budget: MemoryBudget =
     out["jct_quantile"] = problem.planner.jct_quantile
     out["samples"] = problem.planner.samples
     out["method"] = method
-    out["baselines"] = {
-        "static_allocation": _baseline_report(problem, ev, static_allocation, "static_allocation"),
-        "static_cluster": _baseline_report(problem, ev, static_cluster, "static_cluster"),
-        "lower_bound": {"cost_usd": lower_bound_cost(problem)},
-    }
+    out["baselines"] = {"lower_bound": {"cost_usd": lower_bound_cost(problem)}}
+    if static_baselines:
+        out["baselines"] |= {
+            "static_allocation": _baseline_report(problem, ev, static_allocation, "static_allocation"),
+            "static_cluster": _baseline_report(problem, ev, static_cluster, "static_cluster"),
+        }
     return out

@@ -76,8 +76,9 @@ def remaining_problem(problem: Problem, state: RunState) -> Problem:
 def replan(problem: Problem, state: RunState, budget: MemoryBudget = MemoryBudget()) -> dict[str, Any]:
     """The cheapest plan of the remaining stages, as ``plan_problem`` returns it (its stages are
     the stages from ``next_stage`` on, its cost includes what was spent, its JCT counts from the
-    run's start), plus ``first_stage``. Raises InfeasibleError like ``plan_problem``."""
-    out = plan_problem(remaining_problem(problem, state), budget=budget)
+    run's start; of the baselines only the lower bound), plus ``first_stage``. Raises
+    InfeasibleError like ``plan_problem``."""
+    out = plan_problem(remaining_problem(problem, state), budget=budget, static_baselines=False)
     return {"first_stage": state.next_stage, **out}
 
 
