@@ -22,7 +22,7 @@ from benchmarks.doc_sections import write_section
 from rubberband_airflow.planning.billing import billed_seconds
 from rubberband_airflow.planning.errors import InfeasibleError
 from rubberband_airflow.planning.plan import Plan, parse_plan
-from rubberband_airflow.planning.planner import plan_problem
+from rubberband_airflow.planning.planner import Evaluator, _prewarm, plan_problem
 from rubberband_airflow.planning.problem import Problem, parse_problem
 from rubberband_airflow.planning.replan import Observed, RunState, remaining_problem, replan
 from rubberband_airflow.planning.simulator import Draws, Fleet, bill, run_stage, simulate
@@ -128,6 +128,18 @@ def bench_prewarm() -> list[dict[str, Any]]:
                              "prewarmed_stages": sum(s.launch_after is not None for s in warm.stages),
                              "cost": out["predicted"]["cost_usd"]["mean"],
                              "cost_without": simulate(problem, cold)["cost_usd"]["mean"]})
+    for boot in (180, 300):  # a plan that grows: 1 then 4 p3.8xlarge, pre-warmed by the planner's rule
+        d = copy.deepcopy(resnet)
+        d["deadline_seconds"] = 6000
+        for t in d["instance_types"]:
+            t["boot_seconds"] = boot
+        problem = parse_problem(d)
+        cold = Plan.of("p3.8xlarge", [(1, 1), (1, 4), (1, 1), (4, 1)])
+        ev = Evaluator(problem)
+        warm = _prewarm(cold, ev)
+        rows.append({"problem": "resnet-p3, growing plan 1x1g 4x1g 1x1g 1x4g", "boot": boot, "deadline": 6000,
+                     "feasible": True, "prewarmed_stages": sum(s.launch_after is not None for s in warm.stages),
+                     "cost": ev(warm).cost_mean, "cost_without": ev(cold).cost_mean})
     return rows
 
 
@@ -190,10 +202,15 @@ def write_doc(results: dict[str, Any]) -> None:
     lines += ["", f"Targets: re-plan hit rate >= the quantile ({q:.0%}) under every deviation: "
               + ("met." if not misses else f"missed in {len(misses)} of {len(results['deviations'])} cells.")
               + " Re-plan cost <= 1.05x the oracle's: "
-              + ("met." if not over else f"missed in {len(over)} of {len(results['deviations'])} cells.")]
+              + ("met." if not over else f"missed in {len(over)} of {len(results['deviations'])} cells: "
+                 "a re-plan at the barrier cannot change stage 1, which ran on the one-shot plan's "
+                 "allocation (sized for the profile); when the run is much slower the remaining stages "
+                 "scale out to catch up, when much faster they cannot recover what stage 1 overpaid.")]
     lines += ["", "### Pre-warming", "",
               "Cost of the chosen plan with the pre-warming the planner chose against the same plan without",
-              "it, with every type's boot latency set to 3 or 5 minutes.", "",
+              "it, with every type's boot latency set to 3 or 5 minutes. Pre-warming applies only where a",
+              "stage has more instances than the one before it; the last rows force such a plan (section 5,",
+              "step 4: the noise-free programme does not model pre-warming, so it does not seek such plans).", "",
               "| problem | boot | deadline | pre-warmed stages | cost | without pre-warming | saved |",
               "|---|---:|---:|---:|---:|---:|---:|"]
     for r in results["prewarm"]:
@@ -207,7 +224,8 @@ def write_doc(results: dict[str, Any]) -> None:
     lines += ["", "### Re-planning speed", "",
               f"The 1024-trial problem (deadline 24,000 s), after its first stage, 30% slower: plan "
               f"{s['plan_seconds']:.2f} s, re-plan {s['replan_seconds']:.2f} s; peak resident memory of the "
-              f"process {s['peak_rss_mib']:.0f} MiB."]
+              f"process {s['peak_rss_mib']:.0f} MiB (planning included). Issue 11's target for one re-plan "
+              f"is <= 1 s: " + ("met." if s["replan_seconds"] <= 1 else "missed.")]
     write_section("replan", "\n".join(lines))
 
 
