@@ -50,10 +50,23 @@ def usable_instances(problem: Problem, itype: InstanceType, first: int = 0) -> U
     slots = np.array([itype.gpus // g for g in gpus], dtype=np.int64)
     stages = problem.num_stages - first
     trials = np.array([problem.sha.trials(first + i + 1) for i in range(stages)], dtype=np.int64)
-    occupy = np.minimum(-(-trials[:, None] // slots[None, :]), itype.max_instances)
+    occupy = -(-trials[:, None] // slots[None, :])
+    if first == 0:  # a re-plan's first stage may add instances ready before live ones still booting
+        occupy[0] += _waiting(problem, itype)
+    occupy = np.minimum(occupy, itype.max_instances)
     live = np.zeros(stages + 1, dtype=np.int64)
     per_option = np.empty_like(occupy)
     for i in range(stages - 1, -1, -1):
         per_option[i] = np.maximum(occupy[i], live[i + 1])
         live[i] = per_option[i].max()
     return UsableInstances(first, gpus, per_option, live, problem.workload.stage_overhead_seconds)
+
+
+def _waiting(problem: Problem, itype: InstanceType) -> int:
+    """The live instances of a run in flight (section 7), if any of them is not ready when its first
+    stage starts: new instances (requested after all of them) may then be ready first."""
+    if problem.start is None:
+        return 0
+    start = problem.start.elapsed_seconds + problem.workload.stage_overhead_seconds
+    carried = problem.carried(itype)
+    return len(carried) if any(x.ready_at_seconds > start for x in carried) else 0

@@ -18,6 +18,7 @@ from rubberband_airflow.planning.bounds import UsableInstances, usable_instances
 from rubberband_airflow.planning.budget import MemoryBudget
 from rubberband_airflow.planning.plan import Plan
 from rubberband_airflow.planning.problem import InstanceType, Problem
+from rubberband_airflow.planning.simulator import schedule_stage
 
 _EPS = 1e-9
 # Work of one stage-table entry (a makespan by binary search), in candidates of the programme.
@@ -94,7 +95,10 @@ def stage_costs(problem: Problem, itype: InstanceType, stage: int, g: int, befor
     new = after - carried
     slots = itype.gpus // g
     d = w.trial_overhead_seconds + problem.sha.new_epochs(stage + 1) * w.epoch_seconds[g]
-    span = makespan(problem.sha.trials(stage + 1), d, carried * slots, new * slots, pending + itype.boot_seconds)
+    if stage == 0 and _waits_for_live(problem, itype):
+        span = _first_makespan(problem, itype, d, slots, after)
+    else:
+        span = makespan(problem.sha.trials(stage + 1), d, carried * slots, new * slots, pending + itype.boot_seconds)
     kept = np.where(after <= before, before * h + after * span, before * (h + span))
     first_life = np.maximum(0.0, span - pending)  # a new instance lives at least this long
     slack = new * (b.increment_seconds + np.maximum(0.0, b.minimum_seconds - first_life))
@@ -139,7 +143,8 @@ def frontier(problem: Problem, itype: InstanceType, deadline: float = np.inf,
 
     state_vals = np.zeros(1, dtype=np.int64)  # instances live after the stage (folded), per state
     point_state = np.zeros(1, dtype=np.int64)
-    time, cost, slack = np.zeros(1), np.zeros(1), np.zeros(1)
+    time, cost, slack = initial_point(problem, itype)
+    state_vals[0] = len(problem.carried(itype))
     history: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (parent, c, g index) per stage
     work = 0.0
     for i in range(stages):
@@ -206,9 +211,56 @@ def frontier(problem: Problem, itype: InstanceType, deadline: float = np.inf,
         for parent, c, k in reversed(history):
             allocation.append((gpus[k[q]], int(c[q])))
             q = parent[q]
-        points.append(FrontierPoint(float(time[j]), float(cost[j] * scale + problem.data_cost()),
+        points.append(FrontierPoint(float(time[j]), float(cost[j] * scale + problem.data_cost()
+                                                          + problem.fixed_cost(itype)),
                                     Plan.of(itype.name, allocation[::-1])))
     return points
+
+
+def _ready_offsets(problem: Problem, itype: InstanceType) -> np.ndarray:
+    """When each live instance of a run in flight is ready, from its first stage's start (0 if it is)."""
+    if problem.start is None:
+        return np.zeros(0)
+    start = problem.start.elapsed_seconds + problem.workload.stage_overhead_seconds
+    return np.maximum(0.0, np.array([x.ready_at_seconds for x in problem.carried(itype)]) - start)
+
+
+def _waits_for_live(problem: Problem, itype: InstanceType) -> bool:
+    return bool(np.any(_ready_offsets(problem, itype) > 0))
+
+
+def _first_makespan(problem: Problem, itype: InstanceType, duration: float, slots: int,
+                    after: np.ndarray) -> np.ndarray:
+    """Makespan of a re-plan's first stage on ``after`` instances when some live ones are still
+    pending or booting: list scheduling (as the simulator does) of its equal trials on the oldest
+    live instances, each ready at its own time, and new ones ready after pending and boot."""
+    n = problem.sha.trials(1)
+    offsets = _ready_offsets(problem, itype)
+    counts, where = np.unique(after, return_inverse=True)
+    carried_free = np.repeat(offsets, slots)[None, :]
+    carried_ok = (np.arange(len(offsets) * slots) // slots)[None, :] < counts[:, None]
+    new_ok = np.arange(n)[None, :] < (np.maximum(0, counts - len(offsets)) * slots)[:, None]
+    free = np.concatenate([np.where(carried_ok, carried_free, np.inf),
+                           np.where(new_ok, itype.pending_seconds + itype.boot_seconds, np.inf)], axis=1)
+    span = schedule_stage(free, np.full((len(counts), n), duration))
+    return span[where].reshape(np.shape(after))
+
+
+def initial_point(problem: Problem, itype: InstanceType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Time, instance-seconds and slack before the first stage: zero, or for a run in flight
+    (section 7) its elapsed time and its live instances' billing so far.
+
+    The programme counts carried instances as ready at the stage's start and billed from the
+    barrier; the simulator settles instances still pending or booting exactly.
+    """
+    if problem.start is None:
+        return np.zeros(1), np.zeros(1), np.zeros(1)
+    elapsed, b = problem.start.elapsed_seconds, problem.billing
+    carried = problem.carried(itype)
+    billed = sum(elapsed - x.running_at_seconds for x in carried)
+    slack = sum(b.increment_seconds + max(0.0, b.minimum_seconds - max(0.0, elapsed - x.running_at_seconds))
+                for x in carried)
+    return np.array([elapsed]), np.array([billed]), np.array([float(slack)])
 
 
 def _remaining_lower_bound(problem: Problem, itype: InstanceType, counts: Counts) -> np.ndarray:

@@ -8,13 +8,14 @@ from typing import Any
 
 from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.problem import Problem
-from rubberband_airflow.planning.validation import kind
+from rubberband_airflow.planning.validation import kind, number
 
 
 @dataclass(frozen=True)
 class StageAllocation:
     gpus_per_trial: int
     instances: int
+    launch_after: float | None = None  # pre-warming: added instances requested this long after the last T
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class Plan:
         stages = []
         for i, s in enumerate(self.stages, start=1):
             entry: dict[str, Any] = {"gpus_per_trial": s.gpus_per_trial, "instances": s.instances}
+            if s.launch_after is not None:
+                entry["launch_after_seconds"] = s.launch_after
             if problem is not None:
                 entry["trials"] = problem.sha.trials(i)
                 entry["epochs"] = problem.sha.epochs(i)
@@ -78,5 +81,11 @@ def parse_plan(data: Any, problem: Problem) -> Plan:
         if not 1 <= c <= itype.max_instances:
             raise ProblemError(f"{where}.instances", f"must be between 1 and max_instances "
                                f"({itype.max_instances}) of {name}, got {c}")
-        stages.append(StageAllocation(g, c))
+        launch_after = None
+        if "launch_after_seconds" in raw:
+            launch_after = number(raw["launch_after_seconds"], f"{where}.launch_after_seconds", positive=False)
+            if i == 0:
+                raise ProblemError(f"{where}.launch_after_seconds", "the first stage has no earlier stage "
+                                   "to launch its instances during")
+        stages.append(StageAllocation(g, c, launch_after))
     return Plan(name, tuple(stages))

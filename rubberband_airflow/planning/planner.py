@@ -10,7 +10,7 @@ noise). The ``greedy`` method is the seed's cost-marginal-benefit search, kept a
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import Any
 
@@ -19,11 +19,18 @@ import numpy as np
 from rubberband_airflow.planning.bounds import usable_instances
 from rubberband_airflow.planning.budget import MemoryBudget
 from rubberband_airflow.planning.errors import InfeasibleError
-from rubberband_airflow.planning.frontier import Counts, FrontierPoint, SearchTooLarge, frontier, stage_costs
+from rubberband_airflow.planning.frontier import (
+    Counts,
+    FrontierPoint,
+    SearchTooLarge,
+    frontier,
+    initial_point,
+    stage_costs,
+)
 from rubberband_airflow.planning.grid import coarse_counts, refined_counts
 from rubberband_airflow.planning.plan import Plan
 from rubberband_airflow.planning.problem import InstanceType, PlannerSettings, Problem
-from rubberband_airflow.planning.simulator import Draws, Prefixes, simulate_outcome, summarize
+from rubberband_airflow.planning.simulator import Draws, Prefixes, quantile, simulate_outcome, summarize
 
 METHODS = ("exact", "greedy")
 # Frontier plans simulated on each side of the feasibility boundary.
@@ -141,9 +148,10 @@ def _neighbours(problem: Problem, plan: Plan, family: str = "elastic") -> list[P
     stages = [(s.gpus_per_trial, s.instances) for s in plan.stages]
     out: set[Plan] = set()
 
-    def add(changed: list[tuple[int, int]]) -> None:
+    def add(changed: list[tuple[int, int]]) -> None:  # each stage keeps its pre-warming
         if all(1 <= c <= itype.max_instances for _, c in changed) and changed != stages:
-            out.add(Plan.of(plan.instance_type, changed))
+            out.add(Plan(plan.instance_type, tuple(replace(s, gpus_per_trial=g, instances=c)
+                                                   for (g, c), s in zip(changed, plan.stages))))
 
     if family == "elastic":
         for i, (g, c) in enumerate(stages):
@@ -199,6 +207,36 @@ def _polish(plan: Plan, ev: Evaluator, family: str = "elastic") -> Plan:
     def score(p: Plan) -> tuple | None:
         return (round(ev(p).cost_mean, 9), ev(p).jct_quantile) if ev.on_time(p) else None
     return _descend(plan, ev, score, family)
+
+
+def _prewarm(plan: Plan, ev: Evaluator) -> Plan:
+    """Choose each growing stage's pre-warming (section 4, rule 2): request its added instances a
+    lead before its expected start (the previous stage's simulated duration at the 10% and 50%
+    quantiles, plus h), the lead 0.5, 1 or 1.5 times pending plus boot; keep the choice that makes
+    the on-time plan cheapest, if any does."""
+    problem = ev.problem
+    itype = problem.instance_type(plan.instance_type)
+    latency = itype.pending_seconds + itype.boot_seconds
+    if latency == 0:
+        return plan
+    h = problem.workload.stage_overhead_seconds
+    for i in range(1, len(plan.stages)):
+        if plan.stages[i].instances <= plan.stages[i - 1].instances:
+            continue
+        outcome = simulate_outcome(problem, plan, ev.draws, ev.prefixes)
+        before = outcome.stage_end[:, i - 2] if i >= 2 else np.full(ev.draws.samples, _elapsed(problem))
+        duration = outcome.stage_end[:, i - 1] - (before + h)
+        offsets = {max(0.0, round(quantile(duration, q) + h - latency * m, 3))
+                   for q in (0.1, 0.5) for m in (0.5, 1.0, 1.5)}
+        candidates = [Plan(plan.instance_type, plan.stages[:i] + (replace(plan.stages[i], launch_after=a),)
+                           + plan.stages[i + 1:]) for a in sorted(offsets)]
+        plan = min([plan] + [p for p in candidates if ev.on_time(p)],
+                   key=lambda p: (round(ev(p).cost_mean, 9), ev(p).jct_quantile))
+    return plan
+
+
+def _elapsed(problem: Problem) -> float:
+    return problem.start.elapsed_seconds if problem.start is not None else 0.0
 
 
 def _speed_up(plan: Plan, ev: Evaluator) -> Plan:
@@ -274,7 +312,9 @@ def plan_exact(problem: Problem, ev: Evaluator, baselines: Iterable[Plan] = ()) 
         chosen = _cheapest(fastest, ev)
         if chosen is None:
             raise _infeasible(problem, ev, fastest)
-    return _polish(chosen, ev), method
+    plan = _polish(chosen, ev)
+    warmed = _prewarm(plan, ev)
+    return (plan if warmed == plan else _polish(warmed, ev)), method
 
 
 def plan_greedy(problem: Problem, ev: Evaluator) -> Plan:
@@ -311,13 +351,15 @@ def _static_allocation_frontier(problem: Problem, itype: InstanceType, budget: M
     bounds = usable_instances(problem, itype)
     stages = problem.num_stages
     points = []
+    time0, billed0, _ = initial_point(problem, itype)
+    live = np.int64(len(problem.carried(itype)))
     for k, g in enumerate(bounds.gpus):
         counts = np.arange(1, int(bounds.per_option[0, k]) + 1)
-        seconds, instance_seconds = np.zeros(len(counts)), np.zeros(len(counts))
+        seconds, instance_seconds = np.full(len(counts), time0[0]), np.full(len(counts), billed0[0])
         for i in range(stages):
-            t, s, _ = stage_costs(problem, itype, i, g, np.zeros_like(counts) if i == 0 else counts, counts)
+            t, s, _ = stage_costs(problem, itype, i, g, np.full_like(counts, live) if i == 0 else counts, counts)
             seconds, instance_seconds = seconds + t, instance_seconds + s
-        cost = instance_seconds * itype.price_per_hour / 3600.0 + problem.data_cost()
+        cost = instance_seconds * itype.price_per_hour / 3600.0 + problem.data_cost() + problem.fixed_cost(itype)
         points += [FrontierPoint(float(t), float(x), Plan.of(itype.name, [(g, int(c))] * stages))
                    for t, x, c in zip(seconds, cost, counts)]
     return _pareto(points)
@@ -361,7 +403,8 @@ def lower_bound_cost(problem: Problem) -> float:
     work = sum(problem.sha.trials(i) * problem.sha.new_epochs(i) for i in range(1, problem.num_stages + 1))
     per_epoch = min(t.price_per_hour / 3600.0 / t.gpus * g * problem.workload.epoch_seconds[g]
                     for t in _usable_types(problem) for g in problem.gpu_options(t))
-    return work * per_epoch + problem.data_cost()
+    fixed = min(problem.fixed_cost(t) for t in _usable_types(problem))
+    return work * per_epoch + problem.data_cost() + fixed
 
 
 def _with_prediction(problem: Problem, plan: Plan, ev: Evaluator) -> dict[str, Any]:
@@ -369,17 +412,23 @@ def _with_prediction(problem: Problem, plan: Plan, ev: Evaluator) -> dict[str, A
     return {**plan.to_dict(problem), "predicted": {"jct_seconds": s["jct_seconds"], "cost_usd": s["cost_usd"]}}
 
 
-def plan_problem(problem: Problem, method: str = "exact", budget: MemoryBudget = MemoryBudget()) -> dict[str, Any]:
+def plan_problem(problem: Problem, method: str = "exact", budget: MemoryBudget = MemoryBudget(),
+                 static_baselines: bool = True) -> dict[str, Any]:
     """The chosen plan with its prediction and the baselines, as `rubberband plan` prints it.
 
-    Raises InfeasibleError when no plan meets the deadline, and ProblemError (naming the field to
-    reduce) when planning would need more memory than ``budget``.
+    Without ``static_baselines`` (a re-plan, where most of the time would go to them) only the
+    lower bound is reported, and the static plans do not compete. Raises InfeasibleError when no
+    plan meets the deadline, and ProblemError (naming the field to reduce) when planning would
+    need more memory than ``budget``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     ev = Evaluator(problem, budget)
-    static_allocation = _static_baseline(problem, ev, "static_allocation")
-    static_cluster = _static_baseline(problem, ev, "static_cluster", [static_allocation] if static_allocation else [])
+    static_allocation = static_cluster = None
+    if static_baselines:
+        static_allocation = _static_baseline(problem, ev, "static_allocation")
+        static_cluster = _static_baseline(problem, ev, "static_cluster",
+                                          [static_allocation] if static_allocation else [])
     if method == "exact":
         plan, method = plan_exact(problem, ev, [p for p in (static_allocation, static_cluster) if p])
     else:
@@ -390,9 +439,10 @@ def plan_problem(problem: Problem, method: str = "exact", budget: MemoryBudget =
     out["jct_quantile"] = problem.planner.jct_quantile
     out["samples"] = problem.planner.samples
     out["method"] = method
-    out["baselines"] = {
-        "static_allocation": _baseline_report(problem, ev, static_allocation, "static_allocation"),
-        "static_cluster": _baseline_report(problem, ev, static_cluster, "static_cluster"),
-        "lower_bound": {"cost_usd": lower_bound_cost(problem)},
-    }
+    out["baselines"] = {"lower_bound": {"cost_usd": lower_bound_cost(problem)}}
+    if static_baselines:
+        out["baselines"] |= {
+            "static_allocation": _baseline_report(problem, ev, static_allocation, "static_allocation"),
+            "static_cluster": _baseline_report(problem, ev, static_cluster, "static_cluster"),
+        }
     return out

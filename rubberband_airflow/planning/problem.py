@@ -6,7 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from rubberband_airflow.planning.billing import billed_seconds
 from rubberband_airflow.planning.errors import ProblemError
+from rubberband_airflow.planning.start import LiveInstance, Start
 from rubberband_airflow.planning.validation import Reader, gpu_count, kind, number
 
 
@@ -18,20 +20,21 @@ class SHA:
     eta: int
     min_epochs: int
     num_stages: int | None = None
+    done: int = 0  # stages already run: a re-plan's stages 1.. are the job's stages done+1..
 
     @property
     def stages(self) -> int:
-        if self.num_stages is not None:
-            return self.num_stages
-        return max_stages(self.num_trials, self.eta)
+        """Stages still to run (all S of section 1 unless some are ``done``)."""
+        total = self.num_stages if self.num_stages is not None else max_stages(self.num_trials, self.eta)
+        return total - self.done
 
     def trials(self, i: int) -> int:
-        """Trials in stage i (1-based)."""
-        return max(1, self.num_trials // self.eta ** (i - 1))
+        """Trials in stage i (1-based, counted after the ``done`` stages)."""
+        return max(1, self.num_trials // self.eta ** (i + self.done - 1))
 
     def epochs(self, i: int) -> int:
-        """Cumulative epochs at the end of stage i (1-based); r_0 = 0."""
-        return 0 if i == 0 else self.min_epochs * self.eta ** (i - 1)
+        """Cumulative epochs at the end of stage i (1-based, after the ``done`` stages); r_0 = 0."""
+        return 0 if i + self.done == 0 else self.min_epochs * self.eta ** (i + self.done - 1)
 
     def new_epochs(self, i: int) -> int:
         """Epochs each trial trains in stage i: d_i = r_i - r_(i-1)."""
@@ -88,6 +91,7 @@ class Problem:
     deadline_seconds: float
     billing: Billing = field(default_factory=Billing)
     planner: PlannerSettings = field(default_factory=PlannerSettings)
+    start: Start | None = None  # a run in flight (section 7); None: the job starts at 0 with no fleet
 
     @property
     def num_stages(self) -> int:
@@ -111,8 +115,25 @@ class Problem:
 
     def data_cost(self) -> float:
         """Data movement cost: every promoted trial restores its checkpoint once per later stage."""
-        restores = sum(self.sha.trials(i) for i in range(2, self.num_stages + 1))
+        restores = sum(self.sha.trials(i) for i in range(max(1, 2 - self.sha.done), self.num_stages + 1))
         return self.billing.data_price_per_gb * self.workload.checkpoint_gb * restores
+
+    def carried(self, itype: InstanceType) -> tuple[LiveInstance, ...]:
+        """The live instances of this type a plan on it starts with, oldest first."""
+        return () if self.start is None else tuple(x for x in self.start.live if x.instance_type == itype.name)
+
+    def fixed_cost(self, itype: InstanceType) -> float:
+        """Cost every plan on this type pays whatever it does: what a run in flight spent, and its
+        live instances of other types, billed until they are released at the first stage's start."""
+        if self.start is None:
+            return 0.0
+        release = self.start.elapsed_seconds + self.workload.stage_overhead_seconds
+        others = [(self.instance_type(x.instance_type).price_per_hour, x.running_at_seconds)
+                  for x in self.start.live if x.instance_type != itype.name]
+        billed = [price / 3600.0 * float(billed_seconds(running, release, self.billing.minimum_seconds,
+                                                        self.billing.increment_seconds))
+                  for price, running in others]
+        return self.start.spent_usd + sum(billed)
 
     def to_dict(self) -> dict[str, Any]:
         w = self.workload

@@ -167,15 +167,23 @@ class Fleet:
     terminated: tuple[np.ndarray | None, ...]  # when it was terminated; None while live
     live: tuple[int, ...]  # the live instances, in request order
     live_ready: np.ndarray  # (samples, len(live)): when each live instance is ready
+    start: np.ndarray  # (samples,): T of the last simulated stage (pre-warming counts from it)
 
     @classmethod
-    def empty(cls, samples: int) -> Fleet:
-        return cls(np.zeros(samples), (), (), (), (), np.zeros((samples, 0)))
+    def initial(cls, problem: Problem, itype: InstanceType, samples: int) -> Fleet:
+        """Before the problem's first stage: no fleet at 0, or a run in flight's live instances of
+        this type (section 7; the others are released, their cost in ``Problem.fixed_cost``)."""
+        carried = problem.carried(itype)
+        elapsed = problem.start.elapsed_seconds if problem.start is not None else 0.0
+        ready = np.array([[x.ready_at_seconds for x in carried]], dtype=float)
+        return cls(np.full(samples, elapsed), (), tuple(np.full(samples, x.running_at_seconds) for x in carried),
+                   (None,) * len(carried), tuple(range(len(carried))),
+                   np.repeat(ready.reshape(1, len(carried)), samples, axis=0), np.full(samples, elapsed))
 
     @property
     def nbytes(self) -> int:
         """An upper bound on the memory the arrays it refers to take (shared ones counted too)."""
-        return self.end.nbytes * (len(self.running) + len(self.stage_end) + len(self.live) + 2)
+        return self.end.nbytes * (len(self.running) + len(self.stage_end) + len(self.live) + 3)
 
 
 class Prefixes:
@@ -220,7 +228,10 @@ def run_stage(problem: Problem, itype: InstanceType, fleet: Fleet, i: int, stage
     for k in fleet.live[keep:]:  # LIFO scale-in: the most recently requested go first
         terminated[k] = start
     new = stage.instances - keep
-    running = start[:, None] + itype.pending_seconds * draws.pending_factor(itype.pending_sigma)[:, i, :new]
+    request = start
+    if stage.launch_after is not None and i > 0:  # pre-warming: during the previous stage, if it lasts
+        request = np.minimum(start, fleet.start + stage.launch_after)
+    running = request[:, None] + itype.pending_seconds * draws.pending_factor(itype.pending_sigma)[:, i, :new]
     live_ready = np.concatenate([fleet.live_ready[:, :keep], running + itype.boot_seconds], axis=1)
     free = np.repeat(np.maximum(start[:, None], live_ready), itype.gpus // stage.gpus_per_trial, axis=1)
     n = problem.sha.trials(i + 1)
@@ -229,7 +240,7 @@ def run_stage(problem: Problem, itype: InstanceType, fleet: Fleet, i: int, stage
     return Fleet(end=end, stage_end=fleet.stage_end + (end,), running=fleet.running + tuple(running.T),
                  terminated=tuple(terminated) + (None,) * new,
                  live=fleet.live[:keep] + tuple(range(len(fleet.running), len(fleet.running) + new)),
-                 live_ready=live_ready)
+                 live_ready=live_ready, start=start)
 
 
 def bill(problem: Problem, itype: InstanceType, fleet: Fleet) -> Outcome:
@@ -239,7 +250,7 @@ def bill(problem: Problem, itype: InstanceType, fleet: Fleet) -> Outcome:
     terminated_at = np.stack([t if t is not None else end for t in fleet.terminated], axis=1)
     billed = billed_seconds(running_at, terminated_at, problem.billing.minimum_seconds,
                             problem.billing.increment_seconds)
-    cost = itype.price_per_hour / 3600.0 * billed.sum(axis=1) + problem.data_cost()
+    cost = itype.price_per_hour / 3600.0 * billed.sum(axis=1) + problem.data_cost() + problem.fixed_cost(itype)
     return Outcome(jct=end, cost=cost, stage_end=np.stack(fleet.stage_end, axis=1), running=running_at,
                    terminated=terminated_at)
 
@@ -254,7 +265,7 @@ def simulate_outcome(problem: Problem, plan: Plan, draws: Draws, prefixes: Prefi
         raise ValueError("prefixes were made for another problem or other draws")
     itype = problem.instance_type(plan.instance_type)
     done, fleet = prefixes.longest(plan) if prefixes is not None else (0, None)
-    fleet = fleet or Fleet.empty(draws.samples)
+    fleet = fleet or Fleet.initial(problem, itype, draws.samples)
     for i in range(done, len(plan.stages)):
         fleet = run_stage(problem, itype, fleet, i, plan.stages[i], draws)
         if prefixes is not None and i + 1 < len(plan.stages):

@@ -51,4 +51,30 @@ def plans(draw, problem: Problem):
     t = draw(st.sampled_from([t for t in problem.instance_types if problem.gpu_options(t)]))
     stages = [{"gpus_per_trial": draw(st.sampled_from(problem.gpu_options(t))),
                "instances": draw(st.integers(1, t.max_instances))} for _ in range(problem.num_stages)]
+    for stage in stages[1:]:  # pre-warming, on some stages
+        if draw(st.booleans()):
+            stage["launch_after_seconds"] = draw(seconds)
     return {"instance_type": t.name, "stages": stages}
+
+
+@st.composite
+def states(draw, problem: Problem, *, pending: bool = True, observed: bool = True):
+    """A run in flight of the problem (section 7): next stage, elapsed time, live fleet, spending."""
+    elapsed = draw(st.floats(0, 3000))
+    fleet = []
+    for _ in range(draw(st.integers(0, 4))):
+        running = draw(st.floats(0, elapsed + (300 if pending else 0)))
+        boot = draw(st.floats(0, 300 if pending else max(0.0, elapsed - running)))
+        fleet.append({"instance_type": draw(st.sampled_from([t.name for t in problem.instance_types])),
+                      "running_at_seconds": running, "ready_at_seconds": running + boot})
+    state = {"next_stage": draw(st.integers(1, problem.num_stages)), "elapsed_seconds": elapsed,
+             "spent_usd": draw(st.floats(0, 20)), "fleet": fleet}
+    if observed:
+        profiled = sorted(problem.workload.epoch_seconds)
+        state["observed"] = {
+            "epoch_seconds": {str(g): draw(positive) for g in draw(st.sets(st.sampled_from(profiled)))},
+            **({"trial_overhead_seconds": draw(seconds)} if draw(st.booleans()) else {}),
+            **({"stage_overhead_seconds": draw(seconds)} if draw(st.booleans()) else {}),
+            "launch_seconds": {t.name: draw(seconds) for t in problem.instance_types if draw(st.booleans())},
+        }
+    return state

@@ -7,7 +7,7 @@ from rubberband_airflow.planning.plan import parse_plan
 from rubberband_airflow.planning.problem import parse_problem
 from rubberband_airflow.planning.simulator import Draws, simulate, simulate_outcome
 from tests.conftest import WORKED_PLAN
-from tests.planning.reference import reference_run
+from tests.planning.reference import assert_simulator_matches
 from tests.planning.strategies import plans, problems
 
 
@@ -40,13 +40,7 @@ def test_data_price_adds_one_restore_per_promoted_trial(resnet_problem):
 def test_vectorised_equals_event_by_event(data):
     problem = parse_problem(data.draw(problems()))
     plan = parse_plan(data.draw(plans(problem)), problem)
-    draws = Draws.for_problem(problem, samples=problem.planner.samples)
-    outcome = simulate_outcome(problem, plan, draws)
-    for s in range(draws.samples):
-        jct, cost, ends = reference_run(problem, plan, draws, s)
-        assert np.isclose(outcome.jct[s], jct, rtol=1e-9, atol=1e-9)
-        assert np.isclose(outcome.cost[s], cost, rtol=1e-9, atol=1e-9)
-        assert np.allclose(outcome.stage_end[s], ends, rtol=1e-9, atol=1e-9)
+    assert_simulator_matches(problem, plan)
 
 
 def test_noise_is_reproducible_and_seeded(resnet_problem):
