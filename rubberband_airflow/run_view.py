@@ -570,7 +570,8 @@ a{color:inherit}
 # The page takes the color mode of the Airflow UI it is shown in. That UI (3.3, next-themes) marks
 # its mode as the class ``light`` or ``dark`` of its <html>, which the tab (a same-origin iframe) reads;
 # opened on its own on the api-server the page reads the UI's stored choice (localStorage ``theme``:
-# light, dark or system), and elsewhere (a report file) it follows the browser's preference.
+# light, dark or system), and elsewhere (a report file) it follows the browser's preference. A change
+# of any of them (the class, the stored choice, the preference) redraws the page in the new mode.
 _THEME = """
 (function(){
   function mode(){
