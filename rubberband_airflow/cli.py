@@ -124,7 +124,9 @@ def _cmd_report(args: argparse.Namespace) -> str:
         from rubberband_airflow.run_view import run_view_html
 
         title = (rep or {}).get("dag_id") or storage.uri.rstrip("/").rsplit("/", 1)[-1]
-        Path(args.html).write_text(run_view_html(storage, title, storage.uri), encoding="utf-8")
+        described = ((storage.read_json("spec.json") or {}).get("spec") or {}).get("description")  # the run's spec
+        description = f"{described} · {storage.uri}" if described else storage.uri
+        Path(args.html).write_text(run_view_html(storage, title, description), encoding="utf-8")
         return f"Run view of {storage.uri} written to {args.html}"
     return "\n".join(summary_lines(rep))
 

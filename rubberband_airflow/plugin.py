@@ -78,19 +78,21 @@ def create_app() -> FastAPI:
     @app.get("/runs/{dag_id}/{run_id}", response_class=HTMLResponse)
     def run_view(dag_id: str, run_id: str, user: GetUserDep) -> str:
         """The run view of one DAG run (the RubberBand tab of a run), refreshing while the run is in flight."""
-        from rubberband_airflow.run_view import run_view_html
+        from rubberband_airflow.run_view import page_html, run_view_html
 
         spec = next((s for s in _specs(user) if s.name == dag_id), None)
         if spec is None:
             raise HTTPException(404, "not a tuning DAG you may read")
         storage = storage_for(spec, run_uri(spec, dag_id, run_id))
         if not storage.exists("plan.json"):
-            return ("<!doctype html><meta http-equiv='refresh' content='10'><title>RubberBand</title>"
-                    f"<p>{html.escape(dag_id)} / {html.escape(run_id)}: the run has not started yet.</p>")
+            return page_html(f"{dag_id} / {run_id}", f"<p>{html.escape(dag_id)} / {html.escape(run_id)}: the run "
+                             "has not started yet.</p>", "<meta http-equiv='refresh' content='10'>")
         return run_view_html(storage, f"{spec.name} / {run_id}", spec.description or "", refresh_seconds=10)
 
     @app.get("/", response_class=HTMLResponse)
     def page(user: GetUserDep) -> str:
+        from rubberband_airflow.run_view import page_html
+
         rows = []
         for spec in _specs(user):
             for r in _reports(spec):
@@ -100,17 +102,15 @@ def create_app() -> FastAPI:
                 aj, ac = (r["actual"] or {}).get("jct_seconds"), (r["actual"] or {}).get("cost_usd")
                 href = f"runs/{quote(spec.name, safe='')}/{quote(r['run'], safe='')}"
                 link = f"<td><a href='{href}'>{html.escape(r['run'])}</a></td>"
-                rows.append(f"<tr><td>{html.escape(spec.name)}</td>{link}" + "".join(
-                    f"<td>{html.escape(str(x))}</td>" for x in (best.get("trial", "-"),
-                    f"{best['metric']:.4f}" if best.get("metric") is not None else "-",
-                    f"{pj:.0f} / {aj:.0f}" if pj is not None and aj is not None else "-",
-                    f"{pc:.4f} / {ac:.4f}" if pc is not None and ac is not None else "-")) + "</tr>")
+                rows.append(f"<tr><td>{html.escape(spec.name)}</td>{link}<td>{html.escape(str(best.get('trial', '-')))}"
+                            "</td>" + "".join(f"<td class='num'>{html.escape(x)}</td>" for x in (
+                                f"{best['metric']:.4f}" if best.get("metric") is not None else "-",
+                                f"{pj:.0f} / {aj:.0f}" if pj is not None and aj is not None else "-",
+                                f"{pc:.4f} / {ac:.4f}" if pc is not None and ac is not None else "-")) + "</tr>")
         table = "".join(rows) or "<tr><td colspan=6>No tuning run has reported yet.</td></tr>"
-        return ("<!doctype html><html><head><title>RubberBand</title><style>body{font-family:sans-serif;margin:2em}"
-                "td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:left}</style></head><body>"
-                "<h1>RubberBand tuning runs</h1><table><tr><th>DAG</th><th>run</th><th>best trial</th>"
-                "<th>metric</th><th>JCT s (predicted / actual)</th><th>cost $ (predicted / actual)</th></tr>"
-                f"{table}</table></body></html>")
+        return page_html("Tuning runs", "<h1>RubberBand tuning runs</h1><table><thead><tr><th>DAG</th><th>run</th>"
+                         "<th>best trial</th><th>metric</th><th>JCT s (predicted / actual)</th>"
+                         f"<th>cost $ (predicted / actual)</th></tr></thead><tbody>{table}</tbody></table>")
 
     return app
 

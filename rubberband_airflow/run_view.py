@@ -2,7 +2,9 @@
 curve, planned against actual, as one self-contained HTML page.
 
 Everything comes from the run's files (plan.json, run.json, the ledger, each trial's metrics.jsonl
-and stage results, the stages' start and end files); the planned side from the simulator
+and stage results, the stages' start and end files, the recovery records
+``stages/<i>/recovery/<instance>.json`` and the re-plans ``stages/<i>/replan.json``, see
+``execution/storage.py``); the planned side from the simulator
 (docs/planning-model.md section 4) on the plan's own problem. Charts are Vega-Lite specs drawn by
 the vendored Vega libraries (rubberband_airflow/static/vega), inlined so the page needs no network.
 Every value from the run or a spec reaches the page escaped: HTML text through ``html.escape``,
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from rubberband_airflow.execution import recovery
 from rubberband_airflow.execution.results import Mode, is_done, ranked
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.billing import billed_seconds
@@ -47,6 +50,8 @@ class RunFiles:
     stages: list[dict[str, Any]]  # stage, start, end (None while running), trials
     trials: dict[str, dict[str, Any]]  # id -> config, metrics, results {stage: result}
     now: float
+    recoveries: list[dict[str, Any]]  # the records of lost instances, oldest first
+    replans: list[dict[str, Any]]  # stage, time, before and after (each a plan as plan.json holds it)
 
     @property
     def started(self) -> float:
@@ -88,8 +93,11 @@ def read_run(storage: RunStorage, now: float | None = None) -> RunFiles:
                     and r.get("finished")]
         if s["end"] is not None and finished:
             s["end"] = max(finished)
+    recoveries = [r for stage in stage_names for r in recovery.records(storage, stage)]
+    replans = [{**r, "stage": stage} for stage, r in zip(stage_names, storage.read_json_many(
+        [("stages", str(stage), "replan.json") for stage in stage_names])) if isinstance(r, dict)]
     return RunFiles(storage.read_json("plan.json") or {}, storage.read_json("run.json") or {}, storage.ledger(),
-                    stages, trials, time.time() if now is None else now)
+                    stages, trials, time.time() if now is None else now, recoveries, replans)
 
 
 # --- the numbers behind each chart ---------------------------------------------------------------
@@ -106,13 +114,16 @@ def _cumulative_cost(running: np.ndarray, terminated: np.ndarray, price: float, 
     return (price / 3600.0 * seconds.sum(axis=1) + problem.data_cost()).tolist()
 
 
-def _count_steps(starts: list[float], ends: list[float], series: str) -> list[dict[str, Any]]:
-    """Instances billed over time as steps: the count after every start or end."""
+def _count_steps(starts: list[float], ends: list[float], series: str, until: float | None = None
+                 ) -> list[dict[str, Any]]:
+    """Instances billed over time as steps: the count after every start or end (and at ``until``, now)."""
     events = sorted([(t, 1) for t in starts] + [(t, -1) for t in ends])
     out, count = [{"t": 0.0, "instances": 0, "series": series}], 0
     for t, delta in events:
         count += delta
         out.append({"t": round(t, 3), "instances": count, "series": series})
+    if until is not None:
+        out.append({"t": round(until, 3), "instances": count, "series": series})
     return out
 
 
@@ -213,7 +224,9 @@ def view_data(files: RunFiles) -> dict[str, Any]:
     lives = _actual_lives(files)
     actual_running = [e["running"] - t0 for e in files.ledger if e.get("running") is not None]
     actual_term = [(e.get("terminated") or files.now) - t0 for e in files.ledger if e.get("running") is not None]
-    fleet = _count_steps(actual_running, actual_term, "actual")
+    up = [e.get("terminated") is None for e in files.ledger if e.get("running") is not None]
+    fleet = _count_steps(actual_running, [t for t, live in zip(actual_term, up) if not live], "actual",
+                         files.now - t0 if any(up) else None)  # an instance still up is billed until now
     stages = [{"stage": s["stage"], "start": round(s["start"] - t0, 3),
                "end": None if s["end"] is None else round(s["end"] - t0, 3), "label": f"stage {s['stage']}"}
               for s in files.stages]
@@ -249,7 +262,40 @@ def view_data(files: RunFiles) -> dict[str, Any]:
         "lower_bound": (baselines.get("lower_bound") or {}).get("cost_usd"),
         "baselines": {k: _baseline_cost(v) for k, v in baselines.items() if k != "lower_bound"},
         "ledger": [str(e["instance"]) for e in files.ledger],
+        "events": _events(files),
     }
+
+
+def _predicted(plan: Any, figure: str) -> float | None:
+    """A plan's predicted mean ``figure`` (``cost_usd`` or ``jct_seconds``), if it holds a number."""
+    value = (((plan.get("predicted") if isinstance(plan, dict) else None) or {}).get(figure) or {}).get("mean")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _shape(plan: Any) -> str:
+    """A plan's instances per stage: ``2 → 1 → 1``."""
+    stages = (plan.get("stages") if isinstance(plan, dict) else None) or []
+    return " → ".join(str(s.get("instances", "?")) if isinstance(s, dict) else "?" for s in stages) or "?"
+
+
+def _events(files: RunFiles) -> list[dict[str, Any]]:
+    """The recoveries and re-plans of the run, oldest first, as marks on the fleet chart."""
+    t0, out = files.started, []
+    for r in files.recoveries:
+        moved = "; ".join(f"{m.get('trial')} to {m.get('to') or 'none (failed)'} from epoch {m.get('from_epoch')}"
+                          for m in r.get("trials") or [] if isinstance(m, dict))
+        out.append({"t": r.get("time"), "kind": "recovery", "label": f"recovery of {r.get('lost')}",
+                    "detail": f"{r.get('reason') or 'instance lost'}; {moved or 'it held no unfinished trial'}"})
+    for r in files.replans:
+        before, after = r.get("before"), r.get("after")
+        costs = [_fmt(_predicted(p, "cost_usd"), "$", 4) for p in (before, after)]
+        jcts = [_fmt(_predicted(p, "jct_seconds"), " s") for p in (before, after)]
+        out.append({"t": r.get("time"), "kind": "re-plan", "label": f"re-plan before stage {r['stage']}",
+                    "detail": f"instances per stage {_shape(before)} to {_shape(after)}; predicted cost "
+                              f"{costs[0]} to {costs[1]}, JCT {jcts[0]} to {jcts[1]}"})
+    timed = [{**e, "t": round(float(e["t"]) - t0, 3)} for e in out
+             if isinstance(e["t"], (int, float)) and not isinstance(e["t"], bool) and math.isfinite(e["t"])]
+    return sorted(timed, key=lambda e: (e["t"], e["kind"]))
 
 
 def _jct(files: RunFiles) -> float | None:
@@ -259,14 +305,14 @@ def _jct(files: RunFiles) -> float | None:
 
 
 def _baseline_cost(b: dict[str, Any]) -> float | None:
-    return ((b.get("predicted") or {}).get("cost_usd") or {}).get("mean") if b.get("feasible") else None
+    return _predicted(b, "cost_usd") if b.get("feasible") else None
 
 
 def _points(plan: dict[str, Any], deadline: float, jct: float | None,
             final: dict[str, float | None]) -> list[dict[str, Any]]:
     """This run's plan, the run itself and the static baselines on the cost-against-deadline chart."""
     pts = []
-    pc = ((plan.get("predicted") or {}).get("cost_usd") or {}).get("mean")
+    pc = _predicted(plan, "cost_usd")
     if pc is not None:
         pts.append({"label": "this plan (predicted)", "seconds": deadline, "cost": pc})
     if jct is not None and final["actual"] is not None:
@@ -283,6 +329,9 @@ def _points(plan: dict[str, Any], deadline: float, jct: float | None,
 _MUTED = "#8a8f98"  # readable on the light and the dark theme
 _SERIES = {"domain": ["planned", "actual"], "range": ["#8a8f98", "#1f77b4"]}
 _PHASE_COLORS = {"domain": list(_PHASES), "range": ["#f2b447", "#9b6bcc", "#2ca02c"]}
+_EVENT_COLORS = {"recovery": "#e0559b", "re-plan": "#17a2b8"}
+# Learning curves by the stage reached: mid-luminance colors, readable on the light and the dark theme.
+_STAGE_COLORS = ["#8a8f98", "#4c9be8", "#2ca02c", "#e8833a", "#d6409f", "#9467bd"]
 
 
 def _x(horizon: float, title: str = "seconds since the run started") -> dict[str, Any]:
@@ -312,6 +361,23 @@ def _barriers(data: dict[str, Any]) -> list[dict[str, Any]]:
     return [starts, labels, planned, deadline]
 
 
+def _event_marks(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """A recovery or re-plan: a dotted line at its time, labelled below the stage labels (none without any)."""
+    layers: list[dict[str, Any]] = []
+    for kind, color in _EVENT_COLORS.items():
+        events = [e for e in data["events"] if e["kind"] == kind]
+        if not events:
+            continue
+        tooltip = [{"field": "label"}, {"field": "detail"}, {"field": "t", "title": "seconds"}]
+        x = {"field": "t", "type": "quantitative"}
+        layers += [{"data": {"values": events}, "encoding": {"x": x, "tooltip": tooltip},
+                    "mark": {"type": "rule", "color": color, "strokeWidth": 2, "strokeDash": [1, 3]}},
+                   {"data": {"values": events}, "encoding": {"x": x, "text": {"value": kind}, "tooltip": tooltip},
+                    "mark": {"type": "text", "color": color, "align": "left", "dx": 3, "baseline": "top",
+                             "fontSize": 10, "y": 10}}]
+    return layers
+
+
 def fleet_spec(data: dict[str, Any]) -> dict[str, Any]:
     steps = {"data": {"values": data["fleet"]},
              "mark": {"type": "line", "interpolate": "step-after", "strokeWidth": 2},
@@ -327,13 +393,13 @@ def fleet_spec(data: dict[str, Any]) -> dict[str, Any]:
                          "x2": {"field": "end"},
                          "y": {"field": "instance", "type": "nominal", "title": None, "sort": None},
                          "color": {"field": "phase", "type": "nominal", "scale": _PHASE_COLORS, "title": "instance"},
-                         "opacity": {"field": "source", "type": "nominal", "legend": None,
+                         "opacity": {"field": "source", "type": "ordinal", "legend": None,
                                      "scale": {"domain": ["planned", "actual"], "range": [0.35, 1.0]}},
                          "tooltip": [{"field": "instance"}, {"field": "source"}, {"field": "phase"},
                                      {"field": "start", "title": "from (s)"}, {"field": "end", "title": "to (s)"}]}}
     width = "container"
-    return {"vconcat": [{"layer": [steps, *_barriers(data)], "width": width, "height": 140},
-                        {"layer": [bars, *_barriers(data)], "width": width}],
+    return {"vconcat": [{"layer": [steps, *_barriers(data), *_event_marks(data)], "width": width, "height": 140},
+                        {"layer": [bars, *_barriers(data), *_event_marks(data)], "width": width}],
             "resolve": {"scale": {"color": "independent", "opacity": "independent", "strokeDash": "independent"}}}
 
 
@@ -346,9 +412,10 @@ def cost_spec(data: dict[str, Any]) -> dict[str, Any]:
                                          "scale": {"domain": ["planned", "actual"], "range": [[5, 3], [1, 0]]}},
                           "tooltip": [{"field": "series"}, {"field": "t", "title": "seconds"},
                                       {"field": "cost", "format": "$.4f"}]}}
+    so_far = max((c["t"] for c in data["cost"] if c["series"] == "actual"), default=data["horizon"])
     finals = [{"label": f"{k} ${v:.4f}", "series": k, "cost": v,
-               "t": data["horizon"] if k == "planned" else (data["actual"]["jct_seconds"] or data["horizon"])}
-              for k, v in (("planned", (data["predicted"].get("cost_usd") or {}).get("mean")),
+               "t": data["horizon"] if k == "planned" else (data["actual"]["jct_seconds"] or so_far)}
+              for k, v in (("planned", _predicted(data, "cost_usd")),
                            ("actual", data["actual"]["cost_usd"])) if v is not None]
     text = {"data": {"values": finals}, "mark": {"type": "text", "align": "right", "dy": -8, "fontWeight": "bold"},
             "encoding": {"x": {"field": "t", "type": "quantitative"}, "y": {"field": "cost", "type": "quantitative"},
@@ -370,9 +437,9 @@ def curves_spec(data: dict[str, Any]) -> dict[str, Any]:
              "encoding": {"x": {"field": "epoch", "type": "quantitative", "title": "epoch", "axis": {"tickMinStep": 1}},
                           "y": {"field": "metric", "type": "quantitative", "title": data["metric"],
                                 "scale": {"zero": False}},
-                          "detail": {"field": "trial"}, "color": {**emphasis, "scale": {"scheme": "viridis"}},
+                          "detail": {"field": "trial"}, "color": {**emphasis, "scale": {"range": _STAGE_COLORS}},
                           "strokeWidth": {**emphasis, "legend": None, "scale": {"range": [1, 3.5]}},
-                          "opacity": {**emphasis, "legend": None, "scale": {"range": [0.45, 1.0]}},
+                          "opacity": {**emphasis, "legend": None, "scale": {"range": [0.6, 1.0]}},
                           "tooltip": [{"field": "trial"}, {"field": "epoch"}, {"field": "metric", "format": ".4f"},
                                       {"field": "reached", "title": "stage reached"}, {"field": "state"}]}}
     failed = {"transform": [{"filter": "datum.state === 'failed'"},
@@ -382,7 +449,9 @@ def curves_spec(data: dict[str, Any]) -> dict[str, Any]:
               "encoding": {"x": {"field": "epoch", "type": "quantitative"},
                            "y": {"field": "metric", "type": "quantitative"},
                            "tooltip": [{"field": "trial"}, {"field": "reason", "title": "failed"}]}}
-    return {"data": {"values": data["curves"]}, "layer": [lines, failed], "width": "container", "height": 260}
+    shown = any(c["state"] == "failed" for c in data["curves"])  # an empty layer has no extent (a console warning)
+    return {"data": {"values": data["curves"]}, "layer": [lines, failed] if shown else [lines], "width": "container",
+            "height": 260}
 
 
 def deadline_spec(data: dict[str, Any]) -> dict[str, Any]:
@@ -452,11 +521,10 @@ def _fmt(value: float | None, unit: str = "", digits: int = 1) -> str:
 
 
 def _figures(data: dict[str, Any]) -> list[tuple[str, str]]:
-    pred = data["predicted"]
-    pj, pc = (pred.get("jct_seconds") or {}).get("mean"), (pred.get("cost_usd") or {}).get("mean")
+    pj, pc = _predicted(data, "jct_seconds"), _predicted(data, "cost_usd")
     best_static = min((c for c in data["baselines"].values() if c is not None), default=None)
     saving = None if best_static is None or pc is None or best_static <= 0 else (best_static - pc) / best_static * 100
-    shape = " → ".join(f"{s['instances']}" for s in data["plan_stages"])
+    shape = _shape({"stages": data["plan_stages"]})
     done = [r for r in data["trials"] if r["state"] == "done"]
     return [("deadline", _fmt(data["deadline"], " s", 0)),
             ("JCT predicted / actual", f"{_fmt(pj, ' s')} / {_fmt(data['actual']['jct_seconds'], ' s')}"),
@@ -483,9 +551,9 @@ def _leaderboard(data: dict[str, Any]) -> str:
 
 
 _CSS = """
-:root{color-scheme:light dark;--fg:#1d2430;--muted:#5b6472;--bg:#ffffff;--card:#f4f6f8;--line:#d8dde3;--bad:#c62828}
-@media (prefers-color-scheme: dark){:root{--fg:#e6e9ee;--muted:#a3abb7;--bg:#15191f;--card:#1f252d;--line:#333b46;
---bad:#ef6b6b}}
+:root{color-scheme:light;--fg:#1d2430;--muted:#5b6472;--bg:#ffffff;--card:#f4f6f8;--line:#d8dde3;--bad:#c62828}
+:root[data-theme=dark]{color-scheme:dark;--fg:#e6e9ee;--muted:#a3abb7;--bg:#15191f;--card:#1f252d;--line:#333b46;
+--bad:#ef6b6b}
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;padding:1.2rem 2rem;color:var(--fg);
 background:var(--bg)}
 h1{font-size:1.35rem;margin:0 0 .2rem}h2{font-size:1.05rem;margin:1.6rem 0 .3rem}
@@ -496,21 +564,78 @@ h1{font-size:1.35rem;margin:0 0 .2rem}h2{font-size:1.05rem;margin:1.6rem 0 .3rem
 table{border-collapse:collapse;font-size:.85rem;width:100%}td,th{padding:3px 8px;border-bottom:1px solid var(--line);
 text-align:left;vertical-align:top}td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.cfg{font-family:ui-monospace,monospace;font-size:.78rem;word-break:break-all}tr.failed td{color:var(--bad)}
+a{color:inherit}
+"""
+
+# The page takes the color mode of the Airflow UI it is shown in. That UI (3.3, next-themes) marks
+# its mode as the class ``light`` or ``dark`` of its <html>, which the tab (a same-origin iframe) reads;
+# opened on its own on the api-server the page reads the UI's stored choice (localStorage ``theme``:
+# light, dark or system), and elsewhere (a report file) it follows the browser's preference. A change
+# of any of them (the class, the stored choice, the preference) redraws the page in the new mode.
+_THEME = """
+(function(){
+  function mode(){
+    try {
+      var c = window.parent !== window && window.parent.document.documentElement.classList;
+      if (c && (c.contains('dark') || c.contains('light'))) { return c.contains('dark') ? 'dark' : 'light'; }
+    } catch (e) {}
+    try {
+      var t = window.localStorage.getItem('theme');
+      if (t === 'dark' || t === 'light') { return t; }
+    } catch (e) {}
+    return window.matchMedia('(prefers-color-scheme: dark)').matches ? 'dark' : 'light';
+  }
+  function update(){
+    var m = mode();
+    if (document.documentElement.getAttribute('data-theme') !== m) {
+      document.documentElement.setAttribute('data-theme', m);
+      document.dispatchEvent(new CustomEvent('rb-theme', {detail: m}));
+    }
+  }
+  update();
+  try {
+    if (window.parent !== window) {
+      new MutationObserver(update).observe(window.parent.document.documentElement, {attributes: true});
+    }
+  } catch (e) {}
+  window.addEventListener('storage', update);
+  window.matchMedia('(prefers-color-scheme: dark)').addEventListener('change', update);
+})();
 """
 
 _BOOT = """
 (function(){
   var data = JSON.parse(document.getElementById('rb-specs').textContent);
-  var dark = window.matchMedia && window.matchMedia('(prefers-color-scheme: dark)').matches;
-  var opts = {renderer: 'svg', actions: false, config: {background: null}};
-  if (dark) { opts.theme = 'dark'; }
-  Object.keys(data).forEach(function(id){
-    vegaEmbed('#chart-' + id, data[id], opts).then(function(){
-      document.getElementById('chart-' + id).setAttribute('data-rendered', 'true');
-    }).catch(function(err){ console.error('chart ' + id + ': ' + err); });
-  });
+  var refresh = document.querySelector('meta[name=rb-refresh]');
+  var drawn = 0;
+  function draw(mode){
+    var opts = {renderer: 'svg', actions: false, config: {background: null}};
+    if (mode === 'dark') { opts.theme = 'dark'; }
+    Object.keys(data).forEach(function(id){
+      var el = document.getElementById('chart-' + id);
+      el.removeAttribute('data-rendered');
+      vegaEmbed(el, data[id], opts).then(function(){
+        el.setAttribute('data-rendered', mode);
+        // A run in flight: read it again some seconds after its charts are drawn (never before).
+        if (++drawn === Object.keys(data).length && refresh) {
+          setTimeout(function(){ window.location.reload(); }, 1000 * Number(refresh.content));
+        }
+      }).catch(function(err){ console.error('chart ' + id + ': ' + err); });
+    });
+  }
+  draw(document.documentElement.getAttribute('data-theme'));
+  document.addEventListener('rb-theme', function(e){ draw(e.detail); });
 })();
 """
+
+
+def page_html(title: str, body: str, head: str = "") -> str:
+    """A page in the run view's look, in the light or dark theme of the Airflow UI it is shown in
+    (``title`` is text, ``body`` and ``head`` markup)."""
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width,initial-scale=1'>{head}"
+            f"<title>{html.escape(title)} · RubberBand</title><style>{_CSS}</style><script>{_THEME}</script>"
+            f"</head><body>{body}</body></html>")
 
 
 def render_html(data: dict[str, Any], title: str, description: str = "", refresh_seconds: int | None = None) -> str:
@@ -520,22 +645,23 @@ def render_html(data: dict[str, Any], title: str, description: str = "", refresh
     failed = [r for r in data["trials"] if r["state"] == "failed"]
     failures = "".join(f"<li>{html.escape(r['trial'])} in stage {r['stage']}: {html.escape(r['reason'] or '')}</li>"
                        for r in failed)
+    events = "".join(f"<li>{e['t']:.1f} s: {html.escape(e['label'])}: {html.escape(e['detail'])}</li>"
+                     for e in data["events"])
     state = "finished" if data["finished"] else "in flight"
-    refresh = f"<meta http-equiv='refresh' content='{int(refresh_seconds)}'>" if refresh_seconds and \
+    refresh = f"<meta name='rb-refresh' content='{int(refresh_seconds)}'>" if refresh_seconds and \
         not data["finished"] else ""
-    return (
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'>"
-        f"<meta name='viewport' content='width=device-width,initial-scale=1'>{refresh}"
-        f"<title>{html.escape(title)} · RubberBand</title><style>{_CSS}</style></head><body>"
+    return page_html(title, (
         f"<h1>{html.escape(title)} <small class='note'>({state})</small></h1>"
         f"<p class='sub'>{html.escape(description)}</p>"
         f"<div class='figures'>{figures}</div>"
         "<h2>Fleet over time, planned against actual</h2><p class='note'>Instances billed per moment (steps) and each "
         "instance's life: pending from its request, booting once running, ready once its agent reported; vertical "
-        "lines mark stage starts, dashed ones the planned stage ends, the red one the deadline. The planned instances "
-        "(faded bars, plan #k) are the simulator's median run of the plan.</p>"
+        "lines mark stage starts, dashed ones the planned stage ends, the red one the deadline, dotted ones "
+        "recoveries of lost instances and re-plans. The planned instances (faded bars, plan #k) are the "
+        "simulator's median run of the plan.</p>"
         "<div id='chart-fleet' class='chart'></div>"
-        "<h2>Cost over time, planned against actual</h2><div id='chart-cost' class='chart'></div>"
+        + (f"<ul id='events' class='note'>{events}</ul>" if events else "")
+        + "<h2>Cost over time, planned against actual</h2><div id='chart-cost' class='chart'></div>"
         f"<h2>Learning curves ({html.escape(data['metric'])} by epoch)</h2><p class='note'>Thicker, brighter lines "
         "reached later stages; a red cross marks a trial that failed.</p><div id='chart-curves' class='chart'></div>"
         + (f"<ul id='failures' class='note'>{failures}</ul>" if failures else "")
@@ -544,7 +670,7 @@ def render_html(data: dict[str, Any], title: str, description: str = "", refresh
         "tighter or looser (the run's problem re-planned), with this plan, this run and the best static plans at "
         "this deadline.</p><div id='chart-deadline' class='chart'></div>"
         f"<script type='application/json' id='rb-specs'>{_script_json(chart_specs(data))}</script>"
-        f"{_libraries()}<script>{_BOOT}</script></body></html>")
+        f"{_libraries()}<script>{_BOOT}</script>"), refresh)
 
 
 def run_view_html(storage: RunStorage, title: str, description: str = "", refresh_seconds: int | None = None,

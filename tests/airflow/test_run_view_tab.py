@@ -1,18 +1,22 @@
 """The RubberBand tab of a DAG run: the plugin serves the run view of that run behind Airflow's
-login, and the overview page links each run to it (the page itself: tests/execution/test_run_view.py)."""
+login, and the overview page links each run to it; trial ids, configurations, the DAG's description
+and run names that hold markup reach every page as text (the page itself:
+tests/execution/test_run_view.py; in Airflow's UI: tests/fullstack/test_run_tab.py)."""
 
 import html
 import json
 import re
 import shutil
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import yaml
 
+from rubberband_airflow.run_view import _libraries
 from rubberband_airflow.tuning import run_uri
 from tests.airflow.conftest import BIN, ROOT, airflow_env, run
-from tests.execution.test_run_view import HOSTILE, run_dir  # noqa: F401 - the finished run's fixture
+from tests.execution.test_run_view import HOSTILE, HOSTILE_ID, _with_hostile_trial_id, run_dir  # noqa: F401
 
 RUN_ID = "manual__2026-12-02T15:32:22.980994+00:00"
 
@@ -61,7 +65,12 @@ def test_the_run_tab_serves_the_run_view_behind_the_login(run_dir, airflow_db, t
     _forget_token_keys()  # signer and validator are cached per process: an earlier test's secret must not stay
     request.addfinalizer(_forget_token_keys)
     folder = run_uri(load_spec(dags / "digits_tuning.yaml"), "digits_tuning", RUN_ID).removeprefix("file://")
-    shutil.copytree(run_dir, folder)
+    _with_hostile_trial_id(run_dir, Path(folder))
+    # Another run, in a folder with markup in its name, its best trial id markup too.
+    other = Path(folder).parent / HOSTILE_ID
+    shutil.copytree(run_dir, other)
+    report = json.loads((other / "report.json").read_text())
+    (other / "report.json").write_text(json.dumps({**report, "best": {**report["best"], "trial": HOSTILE}}))
     create_auth_manager()
     token = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username="admin", role="admin"))
     client = TestClient(create_app())
@@ -70,18 +79,23 @@ def test_the_run_tab_serves_the_run_view_behind_the_login(run_dir, airflow_db, t
     assert client.get(path).status_code == 401
     page = client.get(path, headers={"Authorization": f"Bearer {token}"})
     assert page.status_code == 200, page.text[:500]
-    assert "<title>digits_tuning / " in page.text and html.escape(HOSTILE) in page.text
-    assert "<img" not in page.text.split("<script>", 1)[0]  # the description is text, not markup
+    assert "<title>digits_tuning / " in page.text
+    own = page.text.replace(_libraries(), "")  # the page's own parts
+    assert "<img" not in own and "<svg" not in own  # description, trial ids and configurations are text
+    assert html.escape(HOSTILE) in own and html.escape(HOSTILE_ID) in own
     specs = json.loads(re.search(r"id='rb-specs'>(.*?)</script>", page.text, re.S).group(1))
     assert set(specs) == {"fleet", "cost", "curves", "deadline"}
-    assert "http-equiv='refresh'" not in page.text  # finished: no refreshing
+    assert "name='rb-refresh'" not in page.text  # finished: no refreshing
 
     client.cookies.set("_token", token)  # as the UI's iframe sends it
-    assert client.get("/runs/digits_tuning/manual__not_started").text.endswith("the run has not started yet.</p>")
+    waiting = client.get(f"/runs/digits_tuning/{quote(HOSTILE_ID, safe='')}").text
+    assert f"{html.escape(HOSTILE_ID)}: the run has not started yet.</p>" in waiting and "<svg" not in waiting
     assert client.get("/runs/not_a_tuning_dag/x").status_code == 404
     overview = client.get("/").text
     folder_name = folder.rsplit("/", 1)[-1]
     assert f"<a href='runs/digits_tuning/{quote(folder_name, safe='')}'>" in overview
+    assert f"<a href='runs/digits_tuning/{quote(HOSTILE_ID, safe='')}'>{html.escape(HOSTILE_ID)}</a>" in overview
+    assert f"<td>{html.escape(HOSTILE)}</td>" in overview and "<img" not in overview and "<svg" not in overview
     assert client.get(f"/runs/digits_tuning/{quote(folder_name, safe='')}").status_code == 200
 
     [tab] = [v for v in RubberBandPlugin.external_views if v["destination"] == "dag_run"]

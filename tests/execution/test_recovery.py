@@ -15,6 +15,7 @@ from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.report import build_report, summary_lines
 from tests.execution.conftest import agent_processes, plan_json
 from tests.execution.moto_cloud import moto_cloud  # noqa: F401 (the fixture)
+from tests.execution.test_run_view import fleet_events
 
 SPEC = RunSpec("tests.trainables:steady", "accuracy", "max", seed=3)
 CONFIGS = [{"lr": 0.05 * (k + 1)} for k in range(4)]
@@ -113,6 +114,11 @@ def _check_recovered_run(storage: RunStorage, out: dict, fault: Fault) -> None:
     assert rec["extra_usd"] == pytest.approx(rec["extra_seconds"] / 3600.0)  # every instance at $1/h
     assert any(line.startswith("Recovery in stage 1:") and f"{trial} from epoch {resumed_at}" in line
                for line in summary_lines(report))
+    # The run view marks it on the fleet chart when it happened, with where each trial went.
+    [mark] = fleet_events(storage).values()
+    assert mark["label"] == f"recovery of {lost}" and mark["kind"] == "recovery"
+    assert mark["t"] == pytest.approx(record["time"] - storage.read_json("run.json")["started"], abs=1e-3)
+    assert all(f"{t} to {m['to']} from epoch {m['from_epoch']}" in mark["detail"] for t, m in moved.items())
 
 
 def test_an_agent_killed_mid_trial_loses_no_trial_and_its_trials_resume(storage, local_backend, env):

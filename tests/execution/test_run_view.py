@@ -3,6 +3,7 @@ flight, with hostile names, through `rubberband report --html`, and drawn in hea
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import os
@@ -20,8 +21,11 @@ from rubberband_airflow.planning.planner import plan_problem
 from rubberband_airflow.planning.problem import parse_problem
 from rubberband_airflow.report import build_report
 from rubberband_airflow.run_view import _libraries, run_view_html
+from rubberband_airflow.spec import load_spec
+from rubberband_airflow.tuning import RunSnapshot, write_snapshot
 from tests.execution.conftest import ROOT
 from tests.fullstack.ui import CHROMIUM
+from tests.run_view_dom import RunState, check_finished, check_theme, read_view, wait_drawn
 
 HOSTILE = "</script><img src=x onerror=\"window.__pwned=1\">'"
 HOSTILE_ID = "\"><svg onload=window.__pwned=2>"
@@ -178,7 +182,7 @@ def _in_flight(run_dir: Path, dest: Path) -> RunStorage:
 def test_a_run_in_flight_refreshes_and_shows_its_live_instance(run_dir, tmp_path):
     storage = _in_flight(run_dir, tmp_path / "live")
     page = run_view_html(storage, "view_dag", refresh_seconds=10)
-    assert "(in flight)" in page and "http-equiv='refresh' content='10'" in page
+    assert "(in flight)" in page and "<meta name='rb-refresh' content='10'>" in page
     specs = _specs(page)
     rows = {c["trial"]: c for c in specs["curves"]["data"]["values"]}
     assert rows and all(c["state"] in ("running", "done", "failed") for c in rows.values())
@@ -196,27 +200,55 @@ def test_report_html_through_the_cli(run_dir, tmp_path, capsys):
     assert set(_specs(page)) == {"fleet", "cost", "curves", "deadline"}
 
 
+def _with_replan(storage: RunStorage) -> dict:
+    """A re-plan before stage 2 in the run's files, where a re-planning run writes it (stages/<i>/replan.json):
+    the plan's stages 2 and 3 on two instances instead of one."""
+    plan = storage.read_json("plan.json")
+    after = {**plan, "stages": [plan["stages"][0]] + [{**s, "instances": 2} for s in plan["stages"][1:]],
+             "predicted": {**plan["predicted"], "cost_usd": {"mean": 0.0123}}}
+    replan = {"time": storage.read_json("stages", "2", "start.json")["time"] - 0.25, "before": plan, "after": after}
+    storage.write_json(replan, "stages", "2", "replan.json")
+    return replan
+
+
+def fleet_events(storage: RunStorage) -> dict[str, dict]:
+    """The recovery and re-plan marks on the run view's fleet chart, by label."""
+    return {v["label"]: v for v in _values(_specs(run_view_html(storage, "run"))["fleet"], "rule") if "kind" in v}
+
+
+def test_replans_are_marked_on_the_fleet_chart_and_listed(run_dir, tmp_path):
+    assert fleet_events(RunStorage(f"file://{run_dir}")) == {}  # none in the run's files: no mark
+    shutil.copytree(run_dir, tmp_path / "run")
+    storage = RunStorage(f"file://{tmp_path / 'run'}")
+    replan = _with_replan(storage)
+    mark = fleet_events(storage)["re-plan before stage 2"]
+    assert mark["kind"] == "re-plan"
+    assert mark["t"] == pytest.approx(replan["time"] - storage.read_json("run.json")["started"], abs=1e-3)
+    assert mark["detail"] == "instances per stage 2 → 1 → 1 to 2 → 2 → 2; predicted cost $0.0056 to $0.0123, JCT " \
+        f"{PLAN['predicted']['jct_seconds']['mean']:.1f} s to {PLAN['predicted']['jct_seconds']['mean']:.1f} s"
+    page = run_view_html(storage, "run")
+    assert f"<li>{mark['t']:.1f} s: re-plan before stage 2: {html.escape(mark['detail'])}</li>" in page
+
+
 chromium = pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM} "
                               "(scripts/install-test-tools.sh)")
 
 
 @chromium
 @pytest.mark.parametrize("scheme", ["light", "dark"])
-def test_the_page_draws_every_chart_in_chromium(run_dir, tmp_path, scheme):
-    out = tmp_path / "view.html"
-    storage = _with_hostile_trial_id(run_dir, tmp_path / "hostile")
-    out.write_text(run_view_html(storage, HOSTILE, description=HOSTILE))
-    page_text = _drawn(out, tmp_path / f"view-{scheme}.png", scheme)
-    assert "stage 1" in page_text["fleet"]
-    assert "actual $" in page_text["cost"]
-    assert "accuracy" in page_text["curves"]
-    assert "deadline (s)" in page_text["deadline"]
-
-
-def _drawn(path: Path, screenshot: Path, scheme: str) -> dict[str, str]:
-    """Open the page in headless Chromium; each chart's SVG text once every chart is drawn, with no
-    console error and no injected element."""
+def test_report_html_in_chromium_draws_the_runs_numbers(run_dir, tmp_path, scheme, capsys):
+    """`rubberband report --html` of a run with hostile trial ids, configurations and DAG description,
+    opened in Chromium in the browser's light or dark scheme."""
     from playwright.sync_api import sync_playwright
+
+    storage = _with_hostile_trial_id(run_dir, tmp_path / "view_dag" / "run-1")
+    spec = load_spec(ROOT / "dags" / "digits_tuning.yaml")
+    write_snapshot(storage, RunSnapshot(dataclasses.replace(spec, description=HOSTILE), {}, 1, "default"))
+    storage.write_json(build_report(storage, "view_dag"), "report.json")
+    replan = _with_replan(storage)
+    out = tmp_path / "view.html"
+    assert main(["report", "--html", str(out), storage.uri]) == 0
+    assert str(out) in capsys.readouterr().out
 
     errors: list[str] = []
     with sync_playwright() as pw:
@@ -225,22 +257,24 @@ def _drawn(path: Path, screenshot: Path, scheme: str) -> dict[str, str]:
             page = browser.new_page(viewport={"width": 1200, "height": 900}, color_scheme=scheme)
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(path.as_uri())
-            page.wait_for_function("document.querySelectorAll('.chart[data-rendered=true]').length === 4",
-                                   timeout=30_000)
-            text = {}
-            for chart in ("fleet", "cost", "curves", "deadline"):
-                svg = page.locator(f"#chart-{chart} svg")
-                assert svg.count() == 1
-                assert page.locator(f"#chart-{chart} svg path, #chart-{chart} svg line").count() > 3
-                text[chart] = svg.text_content() or ""
-            assert page.evaluate("window.__pwned") is None
-            assert page.locator("img, svg[onload], [onerror]").count() == 0
-            page.screenshot(path=str(screenshot), full_page=True)
+            page.goto(out.as_uri())
+            wait_drawn(page, scheme)
+            view = read_view(page)
+            page.screenshot(path=str(tmp_path / f"report-{scheme}.png"), full_page=True)
+            subtitle = page.locator(".sub").text_content()
         finally:
             browser.close()
     assert errors == []
-    return text
+    check_finished(view, RunState.read(storage))
+    check_theme(view, dark=scheme == "dark")
+    assert HOSTILE_ID in {r["trial"] for r in view.leaderboard}
+    assert subtitle.startswith(HOSTILE) and storage.uri in subtitle  # the run's DAG description, as text
+    started = storage.read_json("run.json")["started"]
+    mark = view.labelled("fleet", "rule mark")["re-plan before stage 2"]
+    assert float(mark["seconds"]) == pytest.approx(replan["time"] - started, abs=2e-3)
+    [event] = view["events"]
+    assert event.startswith(f"{replan['time'] - started:.1f} s: re-plan before stage 2: instances per stage "
+                            "2 → 1 → 1 to 2 → 2 → 2; predicted cost $0.0056 to $0.0123")
 
 
 def test_embedded_json_has_no_markup_and_no_nan():

@@ -5,6 +5,9 @@ postgresql://postgres@127.0.0.1:5432/postgres), created here and dropped afterwa
 components run on 127.0.0.1 with LocalExecutor and are stopped at the end. Their DAGs are the
 repo's dags/, with the EC2 example pointed at a moto server (its own process) whose instances
 a ``Hypervisor`` boots, and a second EC2 DAG (the digits spec on EC2) to run beside it.
+
+Its fixtures are session-wide: every module here uses them from this file, none imports them
+(an imported fixture is a fixture of that module, and would start a second stack).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import pytest
 import yaml
 from psycopg2 import sql
 
-from tests.airflow.conftest import BIN, ROOT, airflow_env, run
+from tests.airflow.conftest import BIN, ROOT, airflow_env, airflow_home, run  # noqa: F401 (a fixture)
 from tests.execution.moto_cloud import BUCKET, REGION, MotoCloud, airflow_side, cloud
 
 PG = os.environ.get("RUBBERBAND_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -227,3 +230,16 @@ def airflow_stack(tmp_path_factory, airflow_home, stack_cloud) -> Iterator[Stack
         with admin.cursor() as cur:
             cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
         admin.close()
+
+
+def run_folder(run_id: str) -> str:
+    """A run's folder name in run storage (``tuning.run_uri``'s)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+
+
+@pytest.fixture(scope="session")
+def digits_rest_run(airflow_stack) -> str:
+    """The id of a digits run with 4 trials and a 600 s deadline, triggered over REST when first asked
+    for (returned at once, the run in flight); the tests that read a finished digits run share it."""
+    airflow_stack.wait_for_dag("digits_tuning")
+    return airflow_stack.trigger("digits_tuning", {"num_trials": 4, "deadline_seconds": 600})

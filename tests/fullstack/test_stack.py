@@ -10,14 +10,9 @@ import psutil
 import pytest
 
 from rubberband_airflow.execution.storage import RunStorage
-from tests.airflow.conftest import airflow_home  # noqa: F401 (the session fixture the stack builds on)
 from tests.execution.moto_cloud import BUCKET, agent_args
-from tests.fullstack.conftest import airflow_stack, stack_cloud  # noqa: F401
+from tests.fullstack.conftest import run_folder
 from tests.fullstack.ui import CHROMIUM, trigger_from_form
-
-
-def _safe(run_id: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
 
 
 def _agents_of(home) -> list[psutil.Process]:
@@ -31,7 +26,7 @@ def _finished_run(stack, run_id: str) -> tuple[dict[str, str], dict]:
     states = stack.task_states("digits_tuning", run_id)
     assert state == "success", states
     assert states["plan[-1]"] == "success" and states["teardown[-1]"] == "success"
-    rep = RunStorage(f"file://{stack.home}/rubberband/digits_tuning/{_safe(run_id)}").read_json("report.json")
+    rep = RunStorage(f"file://{stack.home}/rubberband/digits_tuning/{run_folder(run_id)}").read_json("report.json")
     assert rep["best"] is not None
     events = stack.api("GET", "/assets/events?limit=100")["asset_events"]
     assert any(e.get("source_run_id") == run_id and e["extra"].get("metric") == rep["best"]["metric"] for e in events)
@@ -40,10 +35,8 @@ def _finished_run(stack, run_id: str) -> tuple[dict[str, str], dict]:
 
 
 @pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"no Chromium at {CHROMIUM} (scripts/install-test-tools.sh)")
-def test_rest_and_trigger_form_runs_override_params_and_behave_the_same(airflow_stack, tmp_path):
-    stack = airflow_stack
-    stack.wait_for_dag("digits_tuning")
-    rest_id = stack.trigger("digits_tuning", {"num_trials": 4, "deadline_seconds": 600})
+def test_rest_and_trigger_form_runs_override_params_and_behave_the_same(airflow_stack, digits_rest_run, tmp_path):
+    stack, rest_id = airflow_stack, digits_rest_run
     rest_states, rest = _finished_run(stack, rest_id)
     waits = [k for k in rest_states if k.startswith("stage_1.wait[")]
     assert len(waits) == 4  # one deferred sensor per trial: the conf's num_trials, not the spec's 8
@@ -67,8 +60,9 @@ def test_rest_and_trigger_form_runs_override_params_and_behave_the_same(airflow_
         assert refused.value.code == 401
     listed = {r["run"]: r for r in stack.request("GET", "/rubberband/api/runs")["digits_tuning"]}
     for run_id, rep in ((rest_id, rest), (form_id, form)):
-        assert listed[_safe(run_id)]["best"] == rep["best"]
-        assert stack.request("GET", f"/rubberband/api/runs/digits_tuning/{_safe(run_id)}")["actual"] == rep["actual"]
+        assert listed[run_folder(run_id)]["best"] == rep["best"]
+        path = f"/rubberband/api/runs/digits_tuning/{run_folder(run_id)}"
+        assert stack.request("GET", path)["actual"] == rep["actual"]
 
 
 def test_impossible_deadline_fails_the_plan_with_the_fastest_jct(airflow_stack):
@@ -85,7 +79,8 @@ def test_impossible_deadline_fails_the_plan_with_the_fastest_jct(airflow_stack):
     # Planning failed before anything started: no retry, no run files, no agent.
     ti = stack.api("GET", f"/dags/digits_tuning/dagRuns/{run_id}/taskInstances/plan")
     assert ti["try_number"] == 1
-    assert RunStorage(f"file://{stack.home}/rubberband/digits_tuning/{_safe(run_id)}").read_json("run.json") is None
+    storage = RunStorage(f"file://{stack.home}/rubberband/digits_tuning/{run_folder(run_id)}")
+    assert storage.read_json("run.json") is None
     assert not _agents_of(stack.home)
 
 
@@ -109,7 +104,7 @@ def test_concurrent_ec2_runs_keep_their_instances_apart(airflow_stack, stack_clo
     seen: dict[str, set[str]] = {}
     intervals = []
     for dag_id, run_id in runs.items():
-        storage = RunStorage(f"s3://{BUCKET}/rubberband/{dag_id}/{_safe(run_id)}")
+        storage = RunStorage(f"s3://{BUCKET}/rubberband/{dag_id}/{run_folder(run_id)}")
         assert storage.read_json("report.json")["best"] is not None
         ledger = storage.ledger()
         mine = {e["instance"] for e in ledger}

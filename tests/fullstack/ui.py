@@ -1,9 +1,10 @@
-"""Trigger a DAG run through the Airflow 3.3 web UI's trigger form, in a real (headless) Chromium.
+"""Drive the Airflow 3.3 web UI in a real (headless) Chromium: trigger a DAG run through its trigger
+form, log in, open a run's plugin tab, choose the UI's color mode.
 
 Needs the ``playwright`` Python package and a Chromium binary (Debian's ``chromium`` at
 ``/usr/bin/chromium`` by default, or ``$RUBBERBAND_CHROMIUM``); ``playwright install`` is not
-needed. The browser is logged in by the UI's session cookie (``_token``) holding a JWT that the
-caller got from ``POST /auth/token``.
+needed. ``trigger_from_form`` logs the browser in by the UI's session cookie (``_token``) holding a
+JWT that the caller got from ``POST /auth/token``; ``log_in`` by typing into the login form.
 
 What the form does, as of Airflow 3.3: it sends *every* param in ``conf`` (the changed ones and the
 defaults), a ``logical_date`` of the moment the form opened (to the second), and when the DAG is
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Locator, Page, Response
+    from playwright.sync_api import Frame, Locator, Page, Response
 
 CHROMIUM = os.environ.get("RUBBERBAND_CHROMIUM", "/usr/bin/chromium")
 DEFAULT_SECTION = "Run Parameters"  # the form's accordion item for params without a ``section``
@@ -150,3 +151,30 @@ def trigger_from_form(base_url: str, dag_id: str, values: dict[str, object], tok
     if wrong:
         raise AssertionError(f"the form sent other values than typed (typed, sent): {wrong}; conf {sent}")
     return run["dag_run_id"]
+
+
+def log_in(page: Page, base_url: str, username: str, password: str) -> None:
+    """Sign in on the Airflow UI's login page (the simple auth manager's form), as a user types it."""
+    page.goto(f"{base_url}/")
+    page.get_by_label("Username").fill(username)
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/auth/" not in urllib.parse.urlsplit(url).path)
+
+
+def open_run_tab(page: Page, base_url: str, dag_id: str, run_id: str, tab: str = "rubberband_run") -> Frame:
+    """Open a DAG run's page and click its plugin tab ``tab`` (its ``url_route``); the tab's iframe."""
+    page.goto(f"{base_url}/dags/{urllib.parse.quote(dag_id, safe='')}/runs/{urllib.parse.quote(run_id, safe='')}")
+    page.locator(f'a[href$="/plugin/{tab}"]').click()
+    frame = page.wait_for_selector("iframe").content_frame()
+    assert frame is not None
+    return frame
+
+
+def set_appearance(page: Page, mode: str) -> None:
+    """Choose the Airflow UI's color mode (``Light Mode``, ``Dark Mode``, ``Follow System Setting``) in
+    its user menu."""
+    page.get_by_role("button", name="User").click()
+    page.get_by_role("menuitem", name="Appearance").click()
+    page.get_by_role("menuitemradio", name=mode).click()
+    page.keyboard.press("Escape")
