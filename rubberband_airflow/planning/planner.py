@@ -37,6 +37,8 @@ METHODS = ("exact", "greedy")
 _WINDOW = 2
 # Noise-free problems: at most this many frontier plans simulated in order of their cost bound.
 _BOUND_EVALS = 400
+# Noisy problems: at most this many more on-time frontier plans simulated in order of their cost bound.
+_NOISY_EVALS = 24
 # Local search: at most this many rounds, and at most this much simulated work (trials x samples)
 # per search.
 _POLISH_ROUNDS = 8
@@ -105,7 +107,9 @@ def _cheapest_on_time(points: list[FrontierPoint], ev: Evaluator) -> Plan | None
     """Cheapest plan of one frontier (fastest first) that the simulator finds on time.
 
     Simulated JCT grows along the frontier, so a binary search finds the last plan on time;
-    a window around it is simulated in full to settle billing details and noise.
+    a window around it is simulated in full to settle billing details and noise. Noise and billing
+    increments can make a faster plan cheaper on average than the window's choice: the on-time
+    side is then scanned in order of noise-free cost while that stays below the choice's mean cost.
     """
     if not points:
         return None
@@ -118,15 +122,16 @@ def _cheapest_on_time(points: list[FrontierPoint], ev: Evaluator) -> Plan | None
             else:
                 hi = mid - 1
     window = points[max(0, lo - _WINDOW): lo + _WINDOW + 1]
-    return _cheapest([p.plan for p in window], ev)
+    chosen = _cheapest([p.plan for p in window], ev)
+    return _cheapest_by_bound(points[:lo + 1], ev, chosen, _NOISY_EVALS) if chosen is not None else None
 
 
-def _cheapest_by_bound(points: list[FrontierPoint], ev: Evaluator) -> Plan | None:
-    """Noise-free problems: simulate plans in order of their noise-free cost, a lower bound on
-    the billed cost, until the bound passes the cheapest on-time plan found."""
-    best: Plan | None = None
+def _cheapest_by_bound(points: list[FrontierPoint], ev: Evaluator, best: Plan | None = None,
+                       evals: int = _BOUND_EVALS) -> Plan | None:
+    """Simulate plans in order of their noise-free cost (a lower bound on the billed cost of a
+    noise-free problem) until the bound passes the cheapest on-time plan found, from ``best``."""
     for evaluated, p in enumerate(sorted(points, key=lambda p: (p.cost, p.jct))):
-        if best is not None and (p.cost > ev(best).cost_mean + 1e-9 or evaluated >= _BOUND_EVALS):
+        if best is not None and (p.cost > ev(best).cost_mean + 1e-9 or evaluated >= evals):
             break
         if ev.on_time(p.plan) and (best is None or ev(p.plan).cost_mean < ev(best).cost_mean - 1e-12):
             best = p.plan
