@@ -1,9 +1,9 @@
 """A local filesystem that fails like a store in bad weather, for an agent under test.
 
 ``flaky:///path`` is the local path. While the file named by ``RUBBERBAND_TEST_STORM`` exists,
-every operation of an agent process with that variable raises an OSError, as s3fs does for a
-burst of S3 errors, and appends a line to ``<storm file>.hits``. The agent's workers (and the
-test) are spared: what is tested is the agent's loop. A process gets the protocol from the
+every operation of an agent or worker process with that variable raises an OSError, as s3fs
+does for a burst of S3 errors, and appends a line (its pid and ``agent.py`` or ``worker.py``) to
+``<storm file>.hits``. The test itself is spared. A process gets the protocol from the
 ``sitecustomize`` that ``storm_env`` writes (fsspec's own plugin registration).
 """
 
@@ -31,9 +31,10 @@ class FlakyFileSystem(LocalFileSystem):
 
     def _weather(self) -> None:
         storm = os.environ.get(STORM)
-        if storm and os.path.exists(storm) and sys.argv[0].endswith("agent.py"):
+        role = os.path.basename(sys.argv[0])
+        if storm and os.path.exists(storm) and role in ("agent.py", "worker.py"):
             with open(f"{storm}.hits", "a") as f:
-                f.write(f"{os.getpid()}\n")
+                f.write(f"{os.getpid()} {role}\n")
             raise OSError(5, "injected storage error (a storm)")
 
     def _open(self, *args: Any, **kwargs: Any) -> Any:

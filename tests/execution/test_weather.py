@@ -172,9 +172,10 @@ def test_metrics_of_concurrent_epochs_do_not_interleave(storage):
 # --- agents that survive weather ---------------------------------------------------------------
 
 
-def test_an_agent_rides_out_a_storage_error_burst_and_its_trial_completes(tmp_path, env):
-    """Every storage call of the agent fails for 6 s while its trial trains: it backs off, its
-    trial finishes, and it takes the next stage's work."""
+def test_an_agent_and_its_worker_ride_out_a_storage_error_burst_and_the_trial_completes(tmp_path, env):
+    """Every storage call of the agent and of its trial's worker fails for 6 s while the trial
+    trains (its second epoch's metrics are written in the burst): both back off, the trial
+    finishes with every epoch recorded, and the agent takes the next stage's work."""
     env = storm_env(tmp_path, {**env, "RUBBERBAND_TEST_EPOCH_SECONDS": "5"})
     storm = tmp_path / "storm"
     register()
@@ -184,12 +185,13 @@ def test_an_agent_rides_out_a_storage_error_burst_and_its_trial_completes(tmp_pa
     try:
         [instance] = backend.launch("stage-1", 1)
         assign_stage(storage, 1, {instance: [_task("trial-0000", stop=2)]})
-        _wait_for(lambda: (storage.heartbeat(instance) or {}).get("running"), 60, "the trial to start")
+        _wait_for(lambda: storage.metrics("trial-0000"), 60, "the trial's first epoch")
         storm.touch()
         time.sleep(6)
         storm.unlink()
-        hits = (tmp_path / "storm.hits").read_text().splitlines()
-        assert len(hits) >= 2, "the agent should have met the storm"
+        hits = [line.split()[1] for line in (tmp_path / "storm.hits").read_text().splitlines()]
+        assert hits.count("agent.py") >= 2, "the agent should have met the storm"
+        assert "worker.py" in hits, "the worker should have met the storm"
         _wait_for(lambda: storage.read_result("trial-0000", 1) is not None, 60, "the trial's result")
         assert storage.read_result("trial-0000", 1)["state"] == "done", storage.read_result("trial-0000", 1)
         assert [m["epoch"] for m in storage.metrics("trial-0000")] == [1, 2]
