@@ -121,7 +121,7 @@ class Agent:
         """
         for r in list(self.running):
             code = r.process.poll()
-            if code is None and r.overdue(time.time()):
+            if code is None and not self.stopping and r.overdue(time.time()):  # stopping: not its fault
                 r.timed_out = True
                 _kill_tree(r.process)
                 try:
