@@ -19,15 +19,14 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from rubberband_airflow.execution import runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
-from rubberband_airflow.execution.backends.ec2 import DEPLOYMENT_TAG, terminate_tagged
-from rubberband_airflow.hooks.backend import deployment_name, ec2_client, run_backend
+from rubberband_airflow.hooks.backend import deployment_name, run_backend, teardown_run
 from rubberband_airflow.hooks.storage import run_storage, storage_for
 from rubberband_airflow.operators.planning import RubberBandPlanOperator
 from rubberband_airflow.planning.problem import SHA
 from rubberband_airflow.report import build_report, log_summary
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.sensors.trial import TrialResultSensor
-from rubberband_airflow.spec import EC2BackendSpec, TuningSpec, load_spec
+from rubberband_airflow.spec import TuningSpec, load_spec
 from rubberband_airflow.tuning import (
     RunSnapshot,
     dag_uri,
@@ -128,32 +127,6 @@ class _Run:
                            attempt=self.attempt, deployment=self.deployment)
 
 
-def _teardown(uri: str, today: TuningSpec, dag_id: str, run_id: str) -> list[str]:
-    """Terminate every instance of a run's attempt (its ledger), then, however that went, sweep EC2
-    by the run's tags. The snapshot gives the spec; should it be unreadable, today's spec gives the
-    EC2 connection to sweep with."""
-    storage = run_storage(uri, storage_conn_id(today))
-    try:
-        snapshot: RunSnapshot | None = read_snapshot(storage)
-    except Exception:  # noqa: BLE001 - the tag sweep below must run whatever storage says
-        log.exception("cannot read the run's snapshot at %s: sweeping by tags with today's spec", uri)
-        snapshot = None
-    spec = snapshot.spec if snapshot else today
-    deployment = snapshot.deployment if snapshot else deployment_name()
-    ids: list[str] = []
-    try:
-        plan = storage.read_json("plan.json")
-        if plan is not None:  # else the run never started: nothing was launched
-            backend = run_backend(spec, storage, dag_id, run_id, runner.RunPlan.from_json(plan).plan.instance_type,
-                                  snapshot.attempt if snapshot else 1, deployment)
-            ids += runner.stop_instances(storage, backend)
-    finally:
-        if isinstance(spec.backend, EC2BackendSpec):
-            tags = {DEPLOYMENT_TAG: deployment, "rubberband:dag_id": dag_id, "rubberband:run_id": run_id}
-            ids += [i for i in terminate_tagged(ec2_client(spec), tags) if i not in ids]
-    return ids
-
-
 def tuning_dag(spec_path: str | Path) -> DAG:
     """Build the tuning DAG of one spec file; a bad spec raises an error naming the file and field."""
     spec_path = str(spec_path)
@@ -225,7 +198,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         """Terminate every instance the run still has, however the run went (then sweep by its tags)."""
         ctx = get_current_context()
         uri = ctx["ti"].xcom_pull(task_ids="start_run")
-        return _teardown(uri, spec, ctx["dag"].dag_id, ctx["run_id"]) if uri else []
+        return teardown_run(uri, spec, ctx["dag"].dag_id, ctx["run_id"]) if uri else []
 
     @task(trigger_rule="all_done", outlets=[best])
     def report() -> dict[str, Any]:

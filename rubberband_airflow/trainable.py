@@ -28,10 +28,20 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from rubberband_airflow.execution import checkpoint
+from rubberband_airflow.execution import backoff, checkpoint
 from rubberband_airflow.execution.storage import RunStorage
+
+# How long a trial's process tries a read or write of run storage again before the trial fails
+# (its time limit, which the agent enforces, may end it sooner).
+STORAGE_PATIENCE_SECONDS = 300.0
+T = TypeVar("T")
+
+
+def patiently(call: Callable[[], T], what: str) -> T:
+    """``call()``, tried again through a storage error burst (see ``backoff.retry``)."""
+    return backoff.retry(call, what, STORAGE_PATIENCE_SECONDS)
 
 
 class TrialFailed(RuntimeError):
@@ -62,7 +72,7 @@ class TrialContext:
         import torch
 
         try:
-            found = checkpoint.read(self.storage, self.trial_id)
+            found = patiently(lambda: checkpoint.read(self.storage, self.trial_id), "reading the checkpoint")
             if found is None:
                 return None
             info, payload = found
@@ -89,8 +99,8 @@ class TrialContext:
 
         buf = io.BytesIO()
         torch.save(state, buf)
-        self.storage.write_bytes(checkpoint.encode(self.trial_id, epoch, self.stage, buf.getvalue()),
-                                 *checkpoint.path(self.trial_id))
+        data = checkpoint.encode(self.trial_id, epoch, self.stage, buf.getvalue())
+        patiently(lambda: self.storage.write_bytes(data, *checkpoint.path(self.trial_id)), "writing the checkpoint")
 
     def report(self, epoch: int, **metrics: float) -> None:
         """Record the metrics after ``epoch`` epochs in total; a NaN or infinite value fails the trial."""
@@ -101,7 +111,7 @@ class TrialContext:
         record = {"epoch": int(epoch), "stage": self.stage, "time": time.time(), **values}
         self.reports.append(record)
         if self.is_chief:
-            self.storage.append_metrics(self.trial_id, record)
+            patiently(lambda: self.storage.append_metrics(self.trial_id, record), "writing the metrics")
 
 
 def load_trainable(ref: str) -> Callable[[TrialContext], Any]:

@@ -1,21 +1,30 @@
-"""A local filesystem that fails like a store in bad weather, for an agent under test.
+"""Stores that fail like a store in bad weather, for agents and workers under test.
+
+``S3Storm`` stands between the instances' agents and moto's S3: while it rages, every request
+is answered with S3's ``500 InternalError``.
 
 ``flaky:///path`` is the local path. While the file named by ``RUBBERBAND_TEST_STORM`` exists,
-every operation of an agent process with that variable raises an OSError, as s3fs does for a
-burst of S3 errors, and appends a line to ``<storm file>.hits``. The agent's workers (and the
-test) are spared: what is tested is the agent's loop. A process gets the protocol from the
+every operation of an agent or worker process with that variable raises an OSError, as s3fs
+does for a burst of S3 errors, and appends a line (its pid and ``agent.py`` or ``worker.py``) to
+``<storm file>.hits``. The test itself is spared. A process gets the protocol from the
 ``sitecustomize`` that ``storm_env`` writes (fsspec's own plugin registration).
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from tests.served import Served
 
 STORM = "RUBBERBAND_TEST_STORM"
 
@@ -31,9 +40,10 @@ class FlakyFileSystem(LocalFileSystem):
 
     def _weather(self) -> None:
         storm = os.environ.get(STORM)
-        if storm and os.path.exists(storm) and sys.argv[0].endswith("agent.py"):
+        role = os.path.basename(sys.argv[0])
+        if storm and os.path.exists(storm) and role in ("agent.py", "worker.py"):
             with open(f"{storm}.hits", "a") as f:
-                f.write(f"{os.getpid()}\n")
+                f.write(f"{os.getpid()} {role}\n")
             raise OSError(5, "injected storage error (a storm)")
 
     def _open(self, *args: Any, **kwargs: Any) -> Any:
@@ -76,3 +86,52 @@ def storm_env(folder: Path, env: dict[str, str]) -> dict[str, str]:
     (site / "sitecustomize.py").write_text("from tests.flaky_fs import register\nregister()\n")
     path = os.pathsep.join([str(site), env.get("PYTHONPATH", "")])
     return {**env, "PYTHONPATH": path, STORM: str(folder / "storm")}
+
+
+class _StormHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive and Expect: 100-continue, as botocore uses them
+    server: S3Storm
+
+    def _relay(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.server.raging.is_set():
+            self.server.hits += 1
+            self._answer(500, {"Content-Type": "application/xml"},
+                         b"<Error><Code>InternalError</Code><Message>injected (a storm)</Message></Error>")
+            return
+        up = http.client.HTTPConnection(self.server.upstream, timeout=60)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
+            up.request(self.command, self.path, body=body or None, headers=headers)
+            r = up.getresponse()
+            data = r.read()
+            self._answer(r.status, {k: v for k, v in r.getheaders()
+                                    if k.lower() not in ("transfer-encoding", "connection", "content-length")},
+                         data)
+        finally:
+            up.close()
+
+    def _answer(self, code: int, headers: dict[str, str], data: bytes) -> None:
+        self.send_response(code)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _relay
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class S3Storm(Served):
+    """An S3 endpoint that relays to ``endpoint`` (moto's server) and, while ``raging`` is set,
+    answers every request with 500 InternalError; ``hits`` counts the requests it refused."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.upstream = urlsplit(endpoint).netloc
+        self.raging = threading.Event()
+        self.hits = 0
+        super().__init__(_StormHandler)

@@ -26,13 +26,11 @@ from typing import Any
 
 import psutil
 
+from rubberband_airflow.execution.backoff import MAX_BACKOFF_SECONDS, retry
 from rubberband_airflow.execution.storage import RunStorage
 
 log = logging.getLogger(__name__)
 
-# Longest pause between tries when storage fails: the heartbeat, which the runner judges a hung
-# agent by (runner.HUNG_SECONDS), never pauses for long while the store is back.
-MAX_BACKOFF_SECONDS = 30.0
 # How long a worker gets to die after SIGKILL before the agent leaves it (the heartbeat then
 # shows it past its limit, and the runner retires the instance).
 KILL_WAIT_SECONDS = 10.0
@@ -123,7 +121,7 @@ class Agent:
         """
         for r in list(self.running):
             code = r.process.poll()
-            if code is None and r.overdue(time.time()):
+            if code is None and not self.stopping and r.overdue(time.time()):  # stopping: not its fault
                 r.timed_out = True
                 _kill_tree(r.process)
                 try:
@@ -252,24 +250,18 @@ def imds_instance_id(timeout: float = 5.0, patience: float = IMDS_PATIENCE_SECON
     """
     base = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # IMDS is never behind a proxy
-    deadline = time.monotonic() + patience
-    delay = 0.5
-    while True:
-        try:
-            put = urllib.request.Request(f"{base}/latest/api/token", method="PUT",
-                                         headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"})
-            with opener.open(put, timeout=timeout) as r:
-                token = r.read().decode()
-            get = urllib.request.Request(f"{base}/latest/meta-data/instance-id",
-                                         headers={"X-aws-ec2-metadata-token": token})
-            with opener.open(get, timeout=timeout) as r:
-                return r.read().decode().strip()
-        except OSError as e:  # URLError and HTTPError are OSErrors
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning("the metadata service failed (%s); trying again in %.1f s", e, delay)
-            time.sleep(delay)
-            delay = min(2 * delay, MAX_BACKOFF_SECONDS)
+
+    def ask() -> str:
+        put = urllib.request.Request(f"{base}/latest/api/token", method="PUT",
+                                     headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"})
+        with opener.open(put, timeout=timeout) as r:
+            token = r.read().decode()
+        get = urllib.request.Request(f"{base}/latest/meta-data/instance-id",
+                                     headers={"X-aws-ec2-metadata-token": token})
+        with opener.open(get, timeout=timeout) as r:
+            return r.read().decode().strip()
+
+    return retry(ask, "the metadata service", patience)  # URLError and HTTPError are OSErrors
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,9 @@
 """Lost work is re-run, not dropped: the trials of a lost instance are placed again within their stage.
 
 An instance is lost when the backend says it is gone (a dead agent process on the local backend,
-a terminated or stopping instance on EC2), when its agent says it stopped, or when its heartbeat
-goes silent. The trials it held in the stage, running there or waiting their turn, are placed
+a terminated or stopping instance on EC2), when its agent says it stopped, when its agent is hung
+(its heartbeat shows a trial past its time limit that the agent has not ended), or when its
+heartbeat goes silent. The trials it held in the stage, running there or waiting their turn, are placed
 again: on idle slots of the live fleet first, the rest on a replacement batch named after the
 stage and the lost instance (a retried launch finds it again). They resume from their last
 checkpoint (the worker checks it: see ``checkpoint.resume_epoch``).
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from rubberband_airflow.execution import checkpoint
@@ -36,6 +37,14 @@ log = logging.getLogger(__name__)
 # this long after it was first waited for.
 SILENT_SECONDS = 300.0
 BOOT_SECONDS = 1200.0
+# An agent beats every few seconds, and backs off for at most half a minute when storage fails:
+# a heartbeat this old (or a trial this far past its limit and not ended) means the agent is hung,
+# and the next stage's scaling retires its instance.
+HUNG_SECONDS = 300.0
+# A trial this far past its limit in its agent's heartbeat, and not ended, means the agent is hung
+# and the trials it holds are placed again: a healthy agent ends a trial at its limit (allowing
+# its worker 10 s to die), beats every 5 s, and backs off for at most 30 s when storage fails.
+OVERDUE_GRACE_SECONDS = 60.0
 # A trial whose instance is lost this many times in one stage is failed.
 MAX_RECOVERIES = 3
 # A claim older than this with no record is taken over (its claimant died mid-recovery).
@@ -102,6 +111,31 @@ def held_tasks(storage: RunStorage, stage: int, instance: str,
     return [task for task, result in zip(mine, results) if result is None]
 
 
+def hung_reason(beat: Mapping[str, Any] | None, now: float, hung_after: float = HUNG_SECONDS) -> str | None:
+    """Why an agent's heartbeat shows it hung, or None: the heartbeat has not changed for
+    ``hung_after`` seconds, or it is fresh but shows a trial running ``hung_after`` seconds past
+    its limit (see ``overdue_reason``)."""
+    if not beat or beat.get("state") == "stopping":
+        return None
+    age = now - float(beat.get("time", now))
+    if age > hung_after:
+        return f"its agent's heartbeat has not changed for {age:.0f} s (limit {hung_after:g} s)"
+    return overdue_reason(beat, now, hung_after)
+
+
+def overdue_reason(beat: Mapping[str, Any] | None, now: float, grace: float) -> str | None:
+    """Why an agent's heartbeat shows it hung by its trials, or None: it lists a trial running more
+    than ``grace`` seconds past its limit (the agent should have ended it at the limit)."""
+    if not beat or beat.get("state") == "stopping":
+        return None
+    for task in beat.get("tasks", []):
+        over = now - float(task["started"]) - float(task["limit_seconds"])
+        if over > grace:
+            return (f"its agent has not ended {task['trial']} of stage {task['stage']}, {over:.0f} s past "
+                    f"its limit of {float(task['limit_seconds']):g} s")
+    return None
+
+
 def lost_reason(backend: ComputeBackend, instance: str) -> str | None:
     """Why an instance is gone by what the backend and its agent say now, or None (heartbeat
     silence is the watcher's to time: see ``LossWatch``)."""
@@ -118,13 +152,15 @@ def lost_reason(backend: ComputeBackend, instance: str) -> str | None:
 
 
 class LossWatch:
-    """Tells which instances holding a stage's unfinished trials are lost, by the watcher's own
-    clock (instance clocks may differ): what the backend says, and heartbeat silence."""
+    """Tells which instances holding a stage's unfinished trials are lost: what the backend says,
+    a hung agent (a trial ``OVERDUE_GRACE_SECONDS`` past its limit in its heartbeat), and heartbeat
+    silence by the watcher's own clock (instance clocks may differ)."""
 
     def __init__(self, storage: RunStorage, backend: ComputeBackend | None, stage: int,
                  silent_seconds: float = SILENT_SECONDS, boot_seconds: float = BOOT_SECONDS) -> None:
         self.storage, self.backend, self.stage = storage, backend, stage
         self.silent_seconds, self.boot_seconds = silent_seconds, boot_seconds
+        self.overdue_grace = OVERDUE_GRACE_SECONDS
         self._beats: dict[str, tuple[Any, float]] = {}  # instance: (heartbeat time, when it last changed)
 
     def reason(self, instance: str) -> str | None:
@@ -141,6 +177,9 @@ class LossWatch:
             changed = now
         self._beats[instance] = (stamp, changed)
         quiet = now - changed
+        hung = overdue_reason(beat, time.time(), self.overdue_grace)
+        if hung is not None:
+            return f"instance {instance} is hung: {hung}"
         if beat is None and quiet > self.boot_seconds:
             return f"instance {instance} sent no heartbeat within {self.boot_seconds:g} s: its agent never started"
         if beat is not None and quiet > self.silent_seconds:
@@ -246,7 +285,8 @@ def _recover(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, st
 
 
 def _task(task: dict[str, Any]) -> dict[str, Any]:
-    return {k: task[k] for k in ("trial", "gpus", "start_epoch", "stop_epoch")}
+    """The task as placed again: its trial, GPUs, epochs and time limit."""
+    return {k: task[k] for k in ("trial", "gpus", "start_epoch", "stop_epoch", "limit_seconds") if k in task}
 
 
 def _checkpoint(storage: RunStorage, trial: str) -> checkpoint.CheckpointInfo | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from rubberband_airflow.execution import recovery
 from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.recovery import hung_reason
 from rubberband_airflow.execution.results import Mode, TrialState, best_trial, is_done, ranked, trial_id
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.plan import Plan, StageAllocation, parse_plan
@@ -31,9 +32,8 @@ __all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", 
 
 log = logging.getLogger(__name__)
 
-# An agent beats every few seconds, and backs off for at most half a minute when storage fails:
-# a heartbeat this old (or a trial this far past its limit and not ended) means the agent is hung.
-HUNG_SECONDS = 300.0
+# A heartbeat this old (or a trial this far past its limit and not ended) means the agent is hung.
+HUNG_SECONDS = recovery.HUNG_SECONDS
 # What an idle agent allows beyond the longest stage it may wait through: the orchestrator's
 # task scheduling and retries between stages.
 IDLE_MARGIN_SECONDS = 600.0
@@ -232,23 +232,6 @@ def reconcile(backend: ComputeBackend, hung_after: float = HUNG_SECONDS) -> list
     if gone:
         backend.terminate(gone)
     return [i for i in live if i not in gone]
-
-
-def hung_reason(beat: Mapping[str, Any] | None, now: float, hung_after: float = HUNG_SECONDS) -> str | None:
-    """Why an agent's heartbeat shows it hung, or None: the heartbeat has not changed for
-    ``hung_after`` seconds, or it is fresh but shows a trial running ``hung_after`` seconds past
-    its limit (the agent should have ended it at the limit)."""
-    if not beat or beat.get("state") == "stopping":
-        return None
-    age = now - float(beat.get("time", now))
-    if age > hung_after:
-        return f"its agent's heartbeat has not changed for {age:.0f} s (limit {hung_after:g} s)"
-    for task in beat.get("tasks", []):
-        over = now - float(task["started"]) - float(task["limit_seconds"])
-        if over > hung_after:
-            return (f"its agent has not ended {task['trial']} of stage {task['stage']}, {over:.0f} s past "
-                    f"its limit of {float(task['limit_seconds']):g} s")
-    return None
 
 
 def scale_targets(live: Sequence[str], want: int) -> tuple[int, list[str]]:

@@ -173,19 +173,24 @@ class RunStorage:
 
     def listdir(self, *parts: str) -> list[str]:
         """Names directly under a folder (empty if it does not exist)."""
-        try:
-            entries = self.fs.ls(self.path(*parts), detail=False, refresh=True)
-        except FileNotFoundError:
-            return []
-        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._ls(*parts))
 
     def subfolders(self, *parts: str) -> list[str]:
         """Names of the folders directly under a folder (on S3: the common prefixes)."""
+        entries = self._ls(*parts)
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
+    def _ls(self, *parts: str) -> list[dict[str, Any]]:
+        """A fresh listing of a folder, left out of fsspec's listings cache: s3fs lists the parent of
+        an empty folder and would answer a later read of a new file beside it from that listing,
+        as not found (the same process polling a trial's metrics, then its result)."""
+        path = self.path(*parts)
         try:
-            entries = self.fs.ls(self.path(*parts), detail=True, refresh=True)
+            return list(self.fs.ls(path, detail=True, refresh=True))
         except FileNotFoundError:
             return []
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+        finally:
+            self.fs.invalidate_cache(path)
 
     # --- the run's records ---
     def write_config(self, trial: str, config: dict[str, Any]) -> None:

@@ -3,6 +3,8 @@
 Started by the agent as ``python -m rubberband_airflow.execution.worker RUN_URI TRIAL STAGE``;
 what to run comes from the run's files (``run.json``, the trial's ``config.json`` and the
 stage assignment), never from the command line. Rank 0 writes the trial's stage result.
+A storage error burst does not fail the trial: the worker's reads and writes (metrics,
+checkpoint, result) are tried again, backing off as the agent does (``trainable.patiently``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from rubberband_airflow.execution import checkpoint
 from rubberband_airflow.execution.storage import RunStorage
-from rubberband_airflow.trainable import TrialContext, TrialFailed, load_trainable
+from rubberband_airflow.trainable import TrialContext, TrialFailed, load_trainable, patiently
 
 
 def trial_seed(run_seed: int, trial: str) -> int:
@@ -63,7 +65,8 @@ def _rank_main(rank: int, world_size: int, port: int, run_uri: str, trial: str, 
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
                                 init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     storage = RunStorage(run_uri)
-    ctx = TrialContext(trial_id=trial, config=storage.read_config(trial), start_epoch=int(task["start_epoch"]),
+    config = patiently(lambda: storage.read_config(trial), "reading the config")
+    ctx = TrialContext(trial_id=trial, config=config, start_epoch=int(task["start_epoch"]),
                        stop_epoch=int(task["stop_epoch"]), rank=rank, world_size=world_size, device=device,
                        seed=trial_seed(int(spec.get("seed", 0)), trial), stage=stage, storage=storage)
     try:
@@ -80,7 +83,8 @@ def _rank_main(rank: int, world_size: int, port: int, run_uri: str, trial: str, 
 def _check_reports(ctx: TrialContext, spec: dict[str, Any]) -> None:
     metric = spec["metric"]
     # Resumed at the stage's last epoch (lost after its last checkpoint): that epoch's report is stored.
-    reports = ctx.reports if ctx.start_epoch < ctx.stop_epoch else ctx.storage.metrics(ctx.trial_id)
+    reports = (ctx.reports if ctx.start_epoch < ctx.stop_epoch
+               else patiently(lambda: ctx.storage.metrics(ctx.trial_id), "reading the metrics"))
     final = [r for r in reports if r["epoch"] == ctx.stop_epoch]
     if not final:
         raise TrialFailed(f"the trainable returned without reporting epoch {ctx.stop_epoch}")
@@ -92,8 +96,9 @@ def _check_reports(ctx: TrialContext, spec: dict[str, Any]) -> None:
 def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[int]) -> int:
     """Run the trial's stage and write its result; returns the process exit status."""
     storage = RunStorage(run_uri)
-    spec = storage.read_json("run.json") or {}
-    task = next((t for t in storage.assignments(instance) if t["trial"] == trial and t["stage"] == stage), None)
+    spec = patiently(lambda: storage.read_json("run.json"), "reading run.json") or {}
+    task = patiently(lambda: next((t for t in storage.assignments(instance) if t["trial"] == trial
+                                   and t["stage"] == stage), None), "reading the assignment")
     started = time.time()
     # When the agent spawned this process: the slot was busy from then (interpreter start included).
     spawned = float(os.environ.get("RUBBERBAND_SPAWNED", started))
@@ -116,7 +121,7 @@ def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[in
 
             mp.spawn(_rank_main, args=(world, _free_port(), run_uri, trial, stage, task, spec, slots),
                      nprocs=world, join=True)
-        metrics = storage.metrics(trial)
+        metrics = patiently(lambda: storage.metrics(trial), "reading the metrics")
         last = [m for m in metrics if m["epoch"] == task["stop_epoch"]][-1]
         result.update(state="done", epoch=int(task["stop_epoch"]), metric=last[spec["metric"]])
         code = 0
@@ -124,7 +129,7 @@ def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[in
         result.update(state="failed", error=_reason(e))
         code = 1
     result["finished"] = time.time()
-    storage.write_result(trial, stage, result)
+    patiently(lambda: storage.write_result(trial, stage, result), "writing the result")
     return code
 
 
@@ -132,8 +137,8 @@ def _resume_epoch(storage: RunStorage, trial: str, task: dict[str, Any]) -> int:
     """The epoch the trial's last checkpoint was taken at, checked against the assignment (see
     ``checkpoint.resume_epoch``): the stage's first epoch, or one inside it after a loss."""
     try:
-        return checkpoint.resume_epoch(checkpoint.read_info(storage, trial), trial, int(task["start_epoch"]),
-                                       int(task["stop_epoch"]))
+        info = patiently(lambda: checkpoint.read_info(storage, trial), "reading the checkpoint")
+        return checkpoint.resume_epoch(info, trial, int(task["start_epoch"]), int(task["stop_epoch"]))
     except checkpoint.CheckpointError as e:
         raise TrialFailed(str(e)) from None
 

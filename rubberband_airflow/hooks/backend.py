@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from rubberband_airflow.execution import runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
-from rubberband_airflow.execution.backends.ec2 import DEFAULT_DEPLOYMENT
+from rubberband_airflow.execution.backends.ec2 import DEFAULT_DEPLOYMENT, DEPLOYMENT_TAG, terminate_tagged
 from rubberband_airflow.execution.runner import RunPlan
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.hooks.storage import run_storage
 from rubberband_airflow.spec import EC2BackendSpec, TuningSpec, load_spec
-from rubberband_airflow.tuning import RunSnapshot, backend_for, read_snapshot
+from rubberband_airflow.tuning import RunSnapshot, backend_for, read_snapshot, storage_conn_id
+
+log = logging.getLogger(__name__)
 
 
 def deployment_name() -> str:
@@ -83,3 +88,38 @@ def backend_of_run(spec_path: str, storage: RunStorage, dag_id: str, run_id: str
     idle = RunPlan.from_json(plan).agent_idle_seconds(spec.trial_timeout) if plan.get("problem") else None
     return run_backend(spec, storage, dag_id, run_id, str(plan["instance_type"]), idle,
                        snapshot.attempt if snapshot else 1, snapshot.deployment if snapshot else None)
+
+
+def teardown_run(uri: str, today: TuningSpec, dag_id: str, run_id: str) -> list[str]:
+    """
+    Terminate every instance of a run's attempt (its ledger), then, however that went, sweep EC2
+    by the run's tags; returns the ids terminated.
+
+    The run's snapshot gives the spec; should it be unreadable, today's spec gives the EC2
+    connection to sweep with.
+
+    :param uri: the attempt's storage URI (start_run's XCom)
+    :param today: the spec file as it reads today
+    :param dag_id: the tuning DAG's id
+    :param run_id: the DAG run's id
+    """
+    storage = run_storage(uri, storage_conn_id(today))
+    try:
+        snapshot: RunSnapshot | None = read_snapshot(storage)
+    except Exception:  # noqa: BLE001 - the tag sweep below must run whatever storage says
+        log.exception("cannot read the run's snapshot at %s: sweeping by tags with today's spec", uri)
+        snapshot = None
+    spec = snapshot.spec if snapshot else today
+    deployment = snapshot.deployment if snapshot else deployment_name()
+    ids: list[str] = []
+    try:
+        plan = storage.read_json("plan.json")
+        if plan is not None:  # else the run never started: nothing was launched
+            backend = run_backend(spec, storage, dag_id, run_id, RunPlan.from_json(plan).plan.instance_type,
+                                  attempt=snapshot.attempt if snapshot else 1, deployment=deployment)
+            ids += runner.stop_instances(storage, backend)
+    finally:
+        if isinstance(spec.backend, EC2BackendSpec):
+            tags = {DEPLOYMENT_TAG: deployment, "rubberband:dag_id": dag_id, "rubberband:run_id": run_id}
+            ids += [i for i in terminate_tagged(ec2_client(spec), tags) if i not in ids]
+    return ids

@@ -43,11 +43,11 @@ class TrialResultSensor(BaseSensorOperator):
     Map it over the trials of a stage; each mapped instance is labelled with the trial id and a
     summary of its configuration, and returns ``{"trial", "stage", "metric"}``. A failed trial
     fails this task (without retries) with its reason. When the trial's instance is lost (the
-    backend says it is gone, or its agent's heartbeat stops or never starts), the trials it held
-    are placed again and resume from their last checkpoint (``runner.recover_trials``, once for
-    all the sensors that see the loss), and the wait goes on; the trial fails only when it cannot
-    be placed again, with the reason recorded in run storage. Without ``spec_path`` there is no
-    backend to recover with, and a lost instance fails the trial.
+    backend says it is gone, its agent is hung past a trial's limit, or its agent's heartbeat stops
+    or never starts), the trials it held are placed again and resume from their last checkpoint
+    (``runner.recover_trials``, once for all the sensors that see the loss), and the wait goes on;
+    the trial fails only when it cannot be placed again, with the reason recorded in run storage.
+    Without ``spec_path`` there is no backend to recover with, and a lost instance fails the trial.
     Deferred, the wait runs on the triggerer (``TrialResultTrigger``) and holds no worker slot.
     Otherwise the sensor pokes, in ``poke`` mode only: it tells a lost instance by how long the
     heartbeat has not changed, which a rescheduled sensor would forget between pokes.

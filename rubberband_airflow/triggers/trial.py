@@ -47,8 +47,10 @@ class Liveness:
 
     The trigger, or a sensor that pokes, keeps one for the whole wait: it remembers when the
     instance's heartbeat last changed. Given the run's backend, an instance the backend says is
-    terminated (or whose agent says it stopped) is lost at once. It follows the trial to the
-    instance a recovery placed it on.
+    terminated (or whose agent says it stopped) is lost at once; so is one whose heartbeat shows
+    a trial past its time limit that the agent has not ended (a hung agent, see
+    ``recovery.LossWatch``), so that a hung agent costs about the trial's limit, not the silence.
+    It follows the trial to the instance a recovery placed it on.
 
     :param storage: the run's storage
     :param trial: the trial id

@@ -1,6 +1,7 @@
 """The Airflow path of a lost instance: the trigger, made with the run's backend, notices a killed
-agent by its dead pid (not after the heartbeat silence); the sensor has the trial placed again and
-defers on its new instance, where it resumes from its checkpoint and finishes."""
+agent by its dead pid, and a hung one by the trial past its limit in its heartbeat (neither after
+the heartbeat silence); the sensor has the trial placed again and defers on its new instance,
+where it resumes from its checkpoint and finishes."""
 
 import asyncio
 import os
@@ -46,8 +47,9 @@ def _trigger(deferred: TaskDeferred) -> TrialResultTrigger:
     return trigger
 
 
-def test_a_killed_agents_trial_is_placed_again_by_its_sensor_and_resumes(storage, local_backend, env, tmp_path,
-                                                                         monkeypatch):
+def _deferred_sensor_of_a_checkpointed_trial(storage, local_backend, env, tmp_path, monkeypatch, limit):
+    """A trial of 4 epochs (one every second) running on a local instance, its sensor deferred and
+    the trial checkpointed at epoch 1 or later: the sensor, the deferral, the instance, the context."""
     for name in ("PYTHONPATH", "RUBBERBAND_TEST_EPOCH_SECONDS"):  # what the backend the sensor makes passes on
         monkeypatch.setenv(name, env["PYTHONPATH"] if name == "PYTHONPATH" else "1.0")
     spec = tmp_path / "recovery_test.yaml"
@@ -56,22 +58,49 @@ def test_a_killed_agents_trial_is_placed_again_by_its_sensor_and_resumes(storage
     start_run(storage, RunSpec("tests.trainables:steady", "accuracy", "max", seed=1), [{"lr": 0.1}],
               plan_json("local-1", 1, [(1, 1)], num_trials=1, eta=2, min_epochs=4), 1)
     [instance] = local_backend().launch("stage-1-batch-0", 1)
-    assign_stage(storage, 1, {instance: [{"trial": "trial-0000", "gpus": 1, "start_epoch": 0, "stop_epoch": 4}]})
+    assign_stage(storage, 1, {instance: [{"trial": "trial-0000", "gpus": 1, "start_epoch": 0, "stop_epoch": 4,
+                                          "limit_seconds": limit}]})
     context = {"dag": SimpleNamespace(dag_id="recovery_test"), "run_id": "manual__1"}
     sensor = TrialResultSensor(task_id="wait", run_uri=storage.uri, trial="trial-0000", stage=1,
                                spec_path=str(spec), deferrable=True)
     with pytest.raises(TaskDeferred) as deferred:
         sensor.execute(context)
-
     deadline = time.monotonic() + 120
     while (info := checkpoint.read_info(storage, "trial-0000")) is None or info.epoch < 1:
         assert time.monotonic() < deadline, "the trial did not checkpoint"
         time.sleep(0.1)
+    return sensor, deferred.value, instance, context
+
+
+def test_a_killed_agents_trial_is_placed_again_by_its_sensor_and_resumes(storage, local_backend, env, tmp_path,
+                                                                         monkeypatch):
+    sensor, deferred, instance, context = _deferred_sensor_of_a_checkpointed_trial(
+        storage, local_backend, env, tmp_path, monkeypatch, limit=120)
     os.killpg(storage.heartbeat(instance)["pid"], signal.SIGKILL)  # the instance dies mid-trial
-    event, waited = _first_event(_trigger(deferred.value), timeout=60)
+    event, waited = _first_event(_trigger(deferred), timeout=60)
     assert event["lost"] and event["instance"] == instance and waited < 5  # the dead pid, not 300 s of silence
     assert "the backend says it is terminated" in event["result"]["error"]
+    _resumed_elsewhere(storage, local_backend, sensor, context, event, instance)
 
+
+def test_a_hung_agents_trial_is_placed_again_at_its_limit_not_after_the_silence(storage, local_backend, env,
+                                                                               tmp_path, monkeypatch):
+    monkeypatch.setattr(recovery, "OVERDUE_GRACE_SECONDS", 2.0)  # of 60 s: for a short test
+    sensor, deferred, instance, context = _deferred_sensor_of_a_checkpointed_trial(
+        storage, local_backend, env, tmp_path, monkeypatch, limit=20)
+    beat = storage.heartbeat(instance)
+    os.killpg(beat["pid"], signal.SIGSTOP)  # the instance freezes mid-trial: alive, silent (its end: terminated)
+    event, _ = _first_event(_trigger(deferred), timeout=90)
+    noticed = time.time()
+    assert event["lost"] and event["instance"] == instance
+    assert "is hung: its agent has not ended trial-0000 of stage 1" in event["result"]["error"], event
+    [task] = beat["tasks"]
+    assert noticed - (task["started"] + 20) < 30  # at about the trial's limit, not after 300 s of silence
+    _resumed_elsewhere(storage, local_backend, sensor, context, event, instance)
+
+
+def _resumed_elsewhere(storage, local_backend, sensor, context, event, instance):
+    """The sensor has the trial placed again; it resumes on its new instance from its checkpoint."""
     with pytest.raises(TaskDeferred) as again:  # placed again: the wait goes on
         sensor.execute_complete(context, event)
     [record] = recovery.records(storage, 1)

@@ -28,7 +28,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from rubberband_airflow.execution.storage import RunStorage
+from tests.served import Served
 
 ROOT = Path(__file__).resolve().parents[2]
 REGION = "us-east-1"
@@ -72,24 +73,13 @@ class _ImdsHandler(BaseHTTPRequestHandler):
         pass
 
 
-class _Imds(ThreadingHTTPServer):
+class _Imds(Served):
     """One instance's metadata service: a session token, then its instance id."""
 
-    daemon_threads = True
-
     def __init__(self, instance_id: str) -> None:
-        super().__init__(("127.0.0.1", 0), _ImdsHandler)
         self.instance_id = instance_id
         self.token = secrets.token_urlsafe(16)
-        threading.Thread(target=self.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-    def close(self) -> None:
-        self.shutdown()
-        self.server_close()
+        super().__init__(_ImdsHandler)
 
 
 def agent_args(user_data: str) -> list[str] | None:
@@ -175,6 +165,7 @@ class Hypervisor:
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
             try:
                 os.killpg(booted.process.pid, sig)
+                os.killpg(booted.process.pid, signal.SIGCONT)  # a hung (stopped) agent goes down too
             except ProcessLookupError:
                 break
             deadline = time.monotonic() + wait

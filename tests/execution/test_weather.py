@@ -13,15 +13,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from rubberband_airflow.execution import runner, worker
+from rubberband_airflow.execution import recovery, runner, worker
 from rubberband_airflow.execution.agent import imds_instance_id
+from rubberband_airflow.execution.backends.base import billed_cost
 from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
 from rubberband_airflow.execution.runner import RunPlan, RunSpec, TrialTimeout, assign_stage, start_run
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.report import build_report
 from tests.execution.conftest import agent_processes, plan_json
-from tests.execution.moto_cloud import moto_cloud  # noqa: F401 (the fixture)
+from tests.execution.moto_cloud import BUCKET, moto_cloud  # noqa: F401 (the fixture)
 from tests.execution.test_runner import LedgerBackend, started, worked  # noqa: F401 (fixtures)
-from tests.flaky_fs import register, storm_env
+from tests.flaky_fs import S3Storm, register, storm_env
 
 SPEC = RunSpec("tests.trainables:sleepy", "accuracy", "max", seed=1)
 
@@ -126,6 +128,18 @@ def test_of_two_concurrent_writers_of_one_result_exactly_one_wins(tmp_path, wher
     assert storage.listdir("trials", "trial-0000") == ["stage-1.json"]  # no temporary left behind
 
 
+def test_a_result_another_process_writes_is_seen_after_its_trial_folder_was_listed(moto_cloud):
+    """s3fs lists the parent of an empty folder and caches it: a watcher that polled a trial's
+    metrics before its first epoch must still see the result the agent writes later."""
+    storage = moto_cloud.storage("tune/run-seen")
+    storage.write_config("trial-0000", {"x": 0.5})
+    assert storage.metrics("trial-0000") == []
+    moto_cloud.client("s3").put_object(Bucket=BUCKET, Key="tune/run-seen/trials/trial-0000/stage-1.json",
+                                       Body=b'{"state": "done"}')  # the agent, in a process of its own
+    assert storage.read_result("trial-0000", 1) == {"state": "done"}
+    assert runner.stage_results(storage, 1, ["trial-0000"]) == {"trial-0000": {"state": "done"}}
+
+
 def test_a_late_result_after_promotion_cannot_overwrite_the_recorded_one(storage):
     plan = plan_json("local-1", 1, [(1, 2), (1, 1)], num_trials=2, eta=2, min_epochs=1)
     start_run(storage, RunSpec("tests.trainables:plain", "accuracy", "max"), [{"lr": 0.1}, {"lr": 0.2}], plan, 1)
@@ -172,9 +186,10 @@ def test_metrics_of_concurrent_epochs_do_not_interleave(storage):
 # --- agents that survive weather ---------------------------------------------------------------
 
 
-def test_an_agent_rides_out_a_storage_error_burst_and_its_trial_completes(tmp_path, env):
-    """Every storage call of the agent fails for 6 s while its trial trains: it backs off, its
-    trial finishes, and it takes the next stage's work."""
+def test_an_agent_and_its_worker_ride_out_a_storage_error_burst_and_the_trial_completes(tmp_path, env):
+    """Every storage call of the agent and of its trial's worker fails for 6 s while the trial
+    trains (its second epoch's metrics are written in the burst): both back off, the trial
+    finishes with every epoch recorded, and the agent takes the next stage's work."""
     env = storm_env(tmp_path, {**env, "RUBBERBAND_TEST_EPOCH_SECONDS": "5"})
     storm = tmp_path / "storm"
     register()
@@ -184,12 +199,13 @@ def test_an_agent_rides_out_a_storage_error_burst_and_its_trial_completes(tmp_pa
     try:
         [instance] = backend.launch("stage-1", 1)
         assign_stage(storage, 1, {instance: [_task("trial-0000", stop=2)]})
-        _wait_for(lambda: (storage.heartbeat(instance) or {}).get("running"), 60, "the trial to start")
+        _wait_for(lambda: storage.metrics("trial-0000"), 60, "the trial's first epoch")
         storm.touch()
         time.sleep(6)
         storm.unlink()
-        hits = (tmp_path / "storm.hits").read_text().splitlines()
-        assert len(hits) >= 2, "the agent should have met the storm"
+        hits = [line.split()[1] for line in (tmp_path / "storm.hits").read_text().splitlines()]
+        assert hits.count("agent.py") >= 2, "the agent should have met the storm"
+        assert "worker.py" in hits, "the worker should have met the storm"
         _wait_for(lambda: storage.read_result("trial-0000", 1) is not None, 60, "the trial's result")
         assert storage.read_result("trial-0000", 1)["state"] == "done", storage.read_result("trial-0000", 1)
         assert [m["epoch"] for m in storage.metrics("trial-0000")] == [1, 2]
@@ -263,3 +279,105 @@ def test_the_metadata_service_is_asked_again_after_errors(monkeypatch):
     finally:
         server.shutdown()
     assert len(calls) >= 5
+
+
+# --- a night of weather, on either backend ------------------------------------------------------
+
+
+class Night(threading.Thread):
+    """Once the second instance of stage 1 has trained an epoch of its first trial: a storage error
+    burst of 6 s for every agent and worker (``storm(True)``, then ``storm(False)``), and that
+    instance hangs (its agent's process group stopped, as a frozen machine)."""
+
+    def __init__(self, storage: RunStorage, storm) -> None:
+        super().__init__(daemon=True)
+        self.storage, self.storm = storage, storm
+        self.seen: dict = {}
+        self.error: str | None = None
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            ledger = [e for e in self.storage.ledger() if e.get("batch") == "stage-1-batch-0"]
+            beat = (self.storage.heartbeat(ledger[1]["instance"]) or {}) if len(ledger) == 2 else {}
+            tasks = beat.get("tasks") or []
+            if tasks and self.storage.metrics(tasks[0]["trial"]):
+                self.storm(True)
+                os.killpg(beat["pid"], signal.SIGSTOP)
+                self.seen = {"instance": ledger[1]["instance"], "pid": beat["pid"], "trial": tasks[0]["trial"],
+                             "deadline": tasks[0]["started"] + tasks[0]["limit_seconds"], "time": time.time()}
+                time.sleep(6)
+                self.storm(False)
+                return
+            time.sleep(0.1)
+        self.error = "the fault was never injected: the second instance's first trial never trained an epoch"
+
+
+def _logs(tmp_path) -> str:
+    return "\n".join(f"{p.name}: {p.read_text()[-3000:]}" for p in sorted((tmp_path / "agents").glob("*.log")))
+
+
+def test_a_night_with_a_storage_error_burst_and_a_hung_instance_loses_no_trial_on_ec2(tmp_path, request,
+                                                                                      monkeypatch):
+    """Mid-stage, every agent and worker on EC2 meets a storage error burst and one instance hangs:
+    the trials on the healthy instance ride out the burst; the hung one's are placed again as soon
+    as its heartbeat shows a trial past its limit (not after 5 minutes of silence) and finish; the
+    report's cost is the ledger's and nothing is left running. (On the local backend the burst and
+    the hang each have a test of their own: above, and in tests/airflow/test_trial_recovery.py.)"""
+    from rubberband_airflow.execution import prices
+    from rubberband_airflow.execution.backends.ec2 import EC2Backend
+
+    monkeypatch.setattr(recovery, "OVERDUE_GRACE_SECONDS", 2.0)  # of 60 s: for a short test
+    cloud = request.getfixturevalue("moto_cloud")
+    s3 = S3Storm(cloud.endpoint)
+    request.addfinalizer(s3.close)
+    # The instances reach S3 through the storm, with botocore's own retries off: the burst
+    # reaches the agents' and workers' code.
+    cloud.hypervisor.env.update(FSSPEC_S3_ENDPOINT_URL=s3.url, AWS_MAX_ATTEMPTS="1", RUBBERBAND_TEST_EPOCH_SECONDS="1")
+    storage = cloud.storage("tune_weather/run-night")
+    backend = EC2Backend(storage, "g5.xlarge", cloud.image_id, cloud.subnets, [cloud.security_group],
+                         cloud.instance_profile, dag_id="tune_weather", run_id="manual__night",
+                         slots=prices.lookup("g5.xlarge").gpus, trial_timeout=120, client=cloud.client("ec2"))
+    plan = plan_json("g5.xlarge", 1, [(1, 2)], num_trials=4, eta=2, min_epochs=3)
+    night = Night(storage, lambda on: s3.raging.set() if on else s3.raging.clear())
+    night.start()
+    try:
+        out = runner.run_sha(storage, backend, SPEC, [{"x": k / 10} for k in range(4)], plan, stage_timeout=240,
+                             trial_timeout=TrialTimeout(factor=2, floor_seconds=45))
+    finally:  # the frozen agent ends with its instance; should the test fail first, it ends here
+        night.join(timeout=10)
+        if night.seen:
+            try:
+                os.killpg(night.seen["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert night.error is None, night.error
+    assert s3.hits > 0, "the storm should have met the instances"
+    [stage] = out["stages"]
+    results = {t: storage.read_result(t, 1) for t in stage["trials"]}
+    assert stage["failed"] == [] and len(results) == 4, ({t: (r or {}).get("error") for t, r in results.items()},
+                                                         _logs(tmp_path))
+    assert all(r["state"] == "done" for r in results.values()), results
+
+    [record] = recovery.records(storage, 1)
+    hung = night.seen["instance"]
+    assert record["lost"] == hung and "is hung: its agent has not ended" in record["reason"], record
+    assert record["time"] - night.seen["deadline"] < 60  # about the trial's limit, not 300 s of silence
+    moved = {t["trial"]: t["to"] for t in record["trials"]}
+    assert night.seen["trial"] in moved and all(storage.read_result(t, 1)["instance"] == i for t, i in moved.items())
+
+    report = build_report(storage, "tune_weather")
+    [rec] = report["recoveries"]
+    assert rec["lost"] == hung
+    ledger = storage.ledger()
+    assert all(e["terminated"] is not None for e in ledger)
+    run_plan = runner.RunPlan.from_json(plan)
+    price = {run_plan.instance_type.name: run_plan.instance_type.price_per_hour}
+    assert report["actual"]["cost_usd"] == pytest.approx(billed_cost(ledger, price, run_plan.problem.billing)
+                                                         + run_plan.problem.data_cost())
+    launched = cloud.instances(("pending", "running", "stopping", "stopped", "terminated"),
+                               dag_id="tune_weather", run_id=backend.run_id)
+    assert {i["InstanceId"] for i in launched} == {e["instance"] for e in ledger}  # the ledger misses none
+    assert cloud.instances(dag_id="tune_weather", run_id=backend.run_id) == []
+    cloud.hypervisor.sync()
+    assert agent_processes(storage) == []

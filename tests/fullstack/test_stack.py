@@ -3,6 +3,7 @@
 import base64
 import re
 import shutil
+import time
 import urllib.error
 import urllib.parse
 
@@ -130,3 +131,37 @@ def test_concurrent_ec2_runs_keep_their_instances_apart(airflow_stack, stack_clo
     assert cloud.instances() == []
     cloud.hypervisor.sync()
     assert cloud.hypervisor.booted == {}
+
+
+def test_a_run_marked_failed_mid_provision_leaves_no_instance_running(airflow_stack, stack_cloud):
+    """A user marks an EC2 run failed while a batch of its instances is being launched: the
+    teardown (a setup's teardown runs however the run ends) terminates what the run launched and
+    sweeps by its tags, and the sweeper finds anything launched after; nothing is left running."""
+    stack, cloud = airflow_stack, stack_cloud
+    stack.wait_for_dag("digits_ec2")
+    stack.wait_for_dag("rubberband_sweeper")
+    run_id = stack.trigger("digits_ec2", {"num_trials": 4, "max_instances": 2, "deadline_seconds": 900})
+    quoted = urllib.parse.quote(run_id, safe="")
+    deadline = time.time() + 600
+    while (states := stack.task_states("digits_ec2", run_id)).get("stage_1.provision[0]") != "running":
+        assert time.time() < deadline and stack.api("GET", f"/dags/digits_ec2/dagRuns/{quoted}")["state"] \
+            in ("queued", "running"), states
+        time.sleep(0.3)
+    stack.api("PATCH", f"/dags/digits_ec2/dagRuns/{quoted}", {"state": "failed"})
+
+    deadline = time.time() + 300
+    while (states := stack.task_states("digits_ec2", run_id)).get("teardown[-1]") not in ("success", "failed"):
+        assert time.time() < deadline, states
+        time.sleep(2)
+    assert states["teardown[-1]"] == "success", states
+    # The run ends (Airflow 3.3 runs it again while its teardown runs, then judges it by its leaves,
+    # which the mark left skipped: it may end "success"); what it launched must be gone either way.
+    stack.wait_for_run("digits_ec2", run_id, timeout=300)
+    assert states["stage_1.provision[0]"] != "success" or stack.task_states("digits_ec2", run_id)[
+        "stage_1.place[-1]"] != "success", "the run was not stopped mid-provision"
+    sweep = stack.trigger("rubberband_sweeper", {})
+    assert stack.wait_for_run("rubberband_sweeper", sweep) == "success"
+    assert cloud.instances(dag_id="digits_ec2", run_id=run_id) == []
+    cloud.hypervisor.sync()
+    launched = {i["InstanceId"] for i in cloud.instances(("terminated",), dag_id="digits_ec2", run_id=run_id)}
+    assert not launched & set(cloud.hypervisor.booted)  # no agent of the run is left either

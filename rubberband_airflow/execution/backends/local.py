@@ -131,9 +131,11 @@ def _alive(pid: int) -> bool:
 
 
 def _stop_group(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM the agent's process group, then SIGKILL what is left after ``grace`` seconds."""
+    """SIGTERM the agent's process group, then SIGKILL what is left after ``grace`` seconds (a
+    stopped, hung group is continued, so that it ends at the SIGTERM as a machine going down does)."""
     try:
         os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGCONT)
     except ProcessLookupError:
         return
     deadline = time.time() + grace
