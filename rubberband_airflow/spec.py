@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from rubberband_airflow.execution.backends.base import Market
 from rubberband_airflow.execution.prices import TABLE as PRICE_TABLE
 from rubberband_airflow.execution.results import Mode
 from rubberband_airflow.execution.runner import TrialTimeout
@@ -49,7 +50,8 @@ class LocalBackendSpec:
 
 @dataclass(frozen=True)
 class EC2BackendSpec:
-    instance_types: tuple[dict[str, Any], ...]  # name, max_instances, optional price_per_hour/gpus
+    # name, max_instances; optional price_per_hour, gpus, market ("spot" or "on-demand") and spot_price_per_hour
+    instance_types: tuple[dict[str, Any], ...]
     ami: str
     subnets: tuple[str, ...]
     security_groups: tuple[str, ...]
@@ -348,6 +350,12 @@ def _ec2_instance_types(value: Any) -> tuple[dict[str, Any], ...]:
             out["price_per_hour"] = number(price, f"{where}.price_per_hour", positive=True)
         if (gpus := tr.raw("gpus", _ABSENT)) is not _ABSENT:
             out["gpus"] = integer(gpus, f"{where}.gpus", minimum=1, maximum=MAX_GPUS)
+        if (market := tr.raw("market", _ABSENT)) is not _ABSENT:
+            if market not in tuple(Market):
+                raise ProblemError(f"{where}.market", f"must be 'spot' or 'on-demand', got {describe(market)}")
+            out["market"] = market
+        if (spot := tr.raw("spot_price_per_hour", _ABSENT)) is not _ABSENT:
+            out["spot_price_per_hour"] = number(spot, f"{where}.spot_price_per_hour", positive=True)
         if name not in PRICE_TABLE and not {"price_per_hour", "gpus"} <= set(out):
             raise ProblemError(where, f"{name!r} is not in the price table "
                                "(rubberband_airflow/execution/prices.py): give its gpus and price_per_hour")
