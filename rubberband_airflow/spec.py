@@ -92,7 +92,8 @@ class TuningSpec:
         (a run's snapshot of its spec, ``spec.json``)."""
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}
         out["mode"] = str(self.mode)
-        out["sha"] = {k: v for k, v in asdict(self.sha).items() if v is not None}
+        # A spec's SHA is a whole job's: ``done`` (a re-plan's stages already run) is not a spec field.
+        out["sha"] = {k: v for k, v in asdict(self.sha).items() if v is not None and k != "done"}
         out["backend"] = {"type": str(self.backend_type), **asdict(self.backend)}
         out["trial_timeout"] = asdict(self.trial_timeout)
         return _plain(out)
