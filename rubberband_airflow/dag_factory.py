@@ -169,7 +169,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     def provision(plan: dict[str, Any], batch: dict[str, Any]) -> list[str]:
         """Launch one batch of instances (a retry finds the batch by its tags and launches nothing)."""
         launch = runner.LaunchBatch.from_json(batch)
-        return _Run(conn_id, plan).backend.launch(launch.name, launch.count)
+        return _Run(conn_id, plan).backend.launch(launch.name, launch.count, launch.market)
 
     @task
     def deprovision(plan: dict[str, Any], instances: list[str]) -> list[str]:

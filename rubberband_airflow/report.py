@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from rubberband_airflow.execution import recovery
-from rubberband_airflow.execution.backends.base import billed_cost
+from rubberband_airflow.execution.backends.base import billed_cost, entry_price
 from rubberband_airflow.execution.results import Mode, best_trial, is_done
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.billing import billed_seconds
@@ -88,6 +88,7 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         "stages": stages,
         "trials": {t: {"config": storage.read_config(t), "results": r} for t, r in sorted(results_by_trial.items())},
         "recoveries": recoveries(storage, ledger, prices, billing),
+        "spot_fallbacks": spot_fallbacks(ledger),
         "ledger": ledger,
     }
 
@@ -104,17 +105,35 @@ def recoveries(storage: RunStorage, ledger: list[dict[str, Any]], prices: dict[s
             lost = entries.get(rec["lost"], {})
             useful, end = rec.get("last_useful"), lost.get("terminated")
             idle = max(0.0, end - useful) if useful is not None and end is not None else 0.0
-            price = prices.get(lost.get("type", ""), 0.0)
+            price = _price(lost, prices)
             replaced = [entries[i] for i in (rec.get("replacement") or {}).get("instances", []) if i in entries]
             billed = [(e, float(billed_seconds(e["running"], e["terminated"], billing.minimum_seconds,
                                                billing.increment_seconds)))
                       for e in replaced if e.get("running") is not None and e.get("terminated") is not None]
-            extra_usd = price / 3600.0 * idle + sum(prices.get(e["type"], 0.0) / 3600.0 * b for e, b in billed)
+            extra_usd = price / 3600.0 * idle + sum(_price(e, prices) / 3600.0 * b for e, b in billed)
             out.append({"stage": stage, "lost": rec["lost"], "reason": rec.get("reason"), "trials": rec["trials"],
                         "replacement": [e["instance"] for e in replaced], "lost_idle_seconds": idle,
                         "replacement_seconds": sum(b for _, b in billed),
                         "extra_seconds": idle + sum(b for _, b in billed), "extra_usd": extra_usd})
     return out
+
+
+def _price(entry: dict[str, Any], prices: dict[str, float]) -> float:
+    """An instance's hourly price (``entry_price``); 0 for one the report has no price for."""
+    try:
+        return entry_price(entry, prices)
+    except KeyError:
+        return 0.0
+
+
+def spot_fallbacks(ledger: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The batches launched on demand because no subnet had spot capacity for them, with EC2's refusals."""
+    out: dict[str, dict[str, Any]] = {}
+    for e in ledger:
+        if e.get("spot_refused"):
+            out.setdefault(e["batch"], {"batch": e["batch"], "instances": [], "refused": e["spot_refused"]})
+            out[e["batch"]]["instances"].append(e["instance"])
+    return list(out.values())
 
 
 def _best_metric(results: dict[str, dict[str, Any]], mode: Mode) -> float | None:
@@ -169,6 +188,9 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
         lines.append(f"{s['stage']:>5} {s['trials']:>6} {s['trials'] - len(s['failed']):>4} {s['instances'] or '-':>4} "
                      f"{s['gpus_per_trial'] or '-':>2} {s['seconds']:>8.1f} {s['overhead_seconds'] or 0:>8.1f} "
                      f"{s['best_metric'] if s['best_metric'] is not None else float('nan'):>8.4f}")
+    for f in rep.get("spot_fallbacks") or []:
+        lines.append(f"Spot refused for batch {f['batch']} ({f['refused']}): its {len(f['instances'])} instances "
+                     "ran on demand")
     for r in rep.get("recoveries") or []:
         moved = ", ".join(f"{t['trial']} from epoch {t['from_epoch']} -> {t['to'] or 'failed: ' + str(t['error'])}"
                           for t in r["trials"]) or "no unfinished trial"

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from rubberband_airflow.execution.backends.base import Market
 from rubberband_airflow.execution.prices import TABLE as PRICE_TABLE
 from rubberband_airflow.execution.results import Mode
 from rubberband_airflow.execution.runner import TrialTimeout
@@ -49,7 +50,8 @@ class LocalBackendSpec:
 
 @dataclass(frozen=True)
 class EC2BackendSpec:
-    instance_types: tuple[dict[str, Any], ...]  # name, max_instances, optional price_per_hour/gpus
+    # name, max_instances; optional price_per_hour, gpus, market ("spot" or "on-demand") and spot_price_per_hour
+    instance_types: tuple[dict[str, Any], ...]
     ami: str
     subnets: tuple[str, ...]
     security_groups: tuple[str, ...]
@@ -90,7 +92,8 @@ class TuningSpec:
         (a run's snapshot of its spec, ``spec.json``)."""
         out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "path"}
         out["mode"] = str(self.mode)
-        out["sha"] = {k: v for k, v in asdict(self.sha).items() if v is not None}
+        # A spec's SHA is a whole job's: ``done`` (a re-plan's stages already run) is not a spec field.
+        out["sha"] = {k: v for k, v in asdict(self.sha).items() if v is not None and k != "done"}
         out["backend"] = {"type": str(self.backend_type), **asdict(self.backend)}
         out["trial_timeout"] = asdict(self.trial_timeout)
         return _plain(out)
@@ -348,6 +351,12 @@ def _ec2_instance_types(value: Any) -> tuple[dict[str, Any], ...]:
             out["price_per_hour"] = number(price, f"{where}.price_per_hour", positive=True)
         if (gpus := tr.raw("gpus", _ABSENT)) is not _ABSENT:
             out["gpus"] = integer(gpus, f"{where}.gpus", minimum=1, maximum=MAX_GPUS)
+        if (market := tr.raw("market", _ABSENT)) is not _ABSENT:
+            if market not in tuple(Market):
+                raise ProblemError(f"{where}.market", f"must be 'spot' or 'on-demand', got {describe(market)}")
+            out["market"] = market
+        if (spot := tr.raw("spot_price_per_hour", _ABSENT)) is not _ABSENT:
+            out["spot_price_per_hour"] = number(spot, f"{where}.spot_price_per_hour", positive=True)
         if name not in PRICE_TABLE and not {"price_per_hour", "gpus"} <= set(out):
             raise ProblemError(where, f"{name!r} is not in the price table "
                                "(rubberband_airflow/execution/prices.py): give its gpus and price_per_hour")

@@ -18,6 +18,10 @@ With ``world_size > 1`` the process group is already set up (gloo on CPU, nccl o
 an epoch inside the stage when the trial resumes after its instance was lost. The worker checks
 the checkpoint before the trainable runs (this trial's, not from after the stage, intact), so
 "resume from ``start_epoch``" is all a trainable does.
+
+On a spot instance about to be interrupted, ``ctx.interrupted`` turns true and the next
+``ctx.save_checkpoint`` ends the trial's run there (it resumes from that checkpoint elsewhere):
+a trainable that checkpoints only every few epochs should also checkpoint when it is true.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from rubberband_airflow.execution import backoff, checkpoint
+from rubberband_airflow.execution import backoff, checkpoint, interruption
 from rubberband_airflow.execution.storage import RunStorage
 
 # How long a trial's process tries a read or write of run storage again before the trial fails
@@ -66,6 +70,11 @@ class TrialContext:
     def is_chief(self) -> bool:
         return self.rank == 0
 
+    @property
+    def interrupted(self) -> bool:
+        """Whether the instance is about to be interrupted: checkpoint now, the trial resumes elsewhere."""
+        return interruption.requested()
+
     def load_checkpoint(self) -> Any | None:
         """The state of this trial's last checkpoint (taken at ``start_epoch`` when the stage
         begins), or None if it has none. Loaded with ``torch.load(weights_only=True)``: torch >= 2.6."""
@@ -84,7 +93,8 @@ class TrialContext:
     def save_checkpoint(self, state: Any, epoch: int | None = None) -> None:
         """Store the trial's state (tensors, numbers, dicts) after ``epoch`` epochs in total (by
         default the epoch last reported), so the trial resumes from it: when promoted, or when its
-        instance is lost mid-stage."""
+        instance is lost mid-stage. Once the instance is about to be interrupted, the trial's run
+        stops here (``interruption.TrialInterrupted``), its state saved."""
         if epoch is None:
             if not self.reports:
                 raise TrialFailed("save_checkpoint needs the epoch it is taken at: report the epoch first, "
@@ -93,14 +103,17 @@ class TrialContext:
         if not self.start_epoch <= epoch <= self.stop_epoch:
             raise TrialFailed(f"a checkpoint at epoch {epoch} is outside this stage's epochs "
                               f"{self.start_epoch} to {self.stop_epoch}")
-        if not self.is_chief:
-            return
-        import torch
+        if self.is_chief:
+            import torch
 
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        data = checkpoint.encode(self.trial_id, epoch, self.stage, buf.getvalue())
-        patiently(lambda: self.storage.write_bytes(data, *checkpoint.path(self.trial_id)), "writing the checkpoint")
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            data = checkpoint.encode(self.trial_id, epoch, self.stage, buf.getvalue())
+            patiently(lambda: self.storage.write_bytes(data, *checkpoint.path(self.trial_id)),
+                      "writing the checkpoint")
+        if self.interrupted and epoch < self.stop_epoch:
+            raise interruption.TrialInterrupted(f"{self.trial_id} stopped at its checkpoint of epoch {epoch}: "
+                                                "the instance is being interrupted")
 
     def report(self, epoch: int, **metrics: float) -> None:
         """Record the metrics after ``epoch`` epochs in total; a NaN or infinite value fails the trial."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.backends.base import ComputeBackend, Market
 from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.errors import ProblemError
@@ -148,11 +148,13 @@ def backend_for(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str,
                            f"spec's backend ({', '.join(instance_type_names(spec))})")
     if ec2_client is None:
         raise ValueError("an EC2 backend needs a boto3 EC2 client")
+    given = next(t for t in b.instance_types if t["name"] == instance_type)
     return EC2Backend(storage=storage, instance_type=instance_type, image_id=b.ami, subnets=list(b.subnets),
                       security_groups=list(b.security_groups), instance_profile=b.instance_profile,
                       key_name=b.key_name, dag_id=dag_id, run_id=run_id, slots=int(known[instance_type]["gpus"]),
                       trial_timeout=spec.trial_timeout.floor_seconds, idle_timeout=idle_timeout, client=ec2_client,
-                      attempt=attempt, **({"deployment": deployment} if deployment else {}))
+                      attempt=attempt, **({"deployment": deployment} if deployment else {}),
+                      market=Market(given.get("market", Market.ON_DEMAND)), spot_price=given.get("spot_price_per_hour"))
 
 
 SNAPSHOT = "spec.json"  # a run's own copy of its spec, in its storage

@@ -8,11 +8,18 @@ each trial as done or failed with the reason (a crash, a NaN, a timeout), and st
 idle timeout, when it has had nothing to run for that long (the orchestrator is gone: on EC2 the
 instance then powers off and terminates). The run URI, the instance id and the slot count are
 all it is given; hyperparameters come from storage.
+
+On EC2 it also watches the metadata service for a spot interruption notice. At one it starts no
+new trial, asks its running trials to stop at their next checkpoint (SIGUSR1: see
+``execution.interruption``), waits for them until shortly before the interruption, and exits
+with its heartbeat marked stopping and interrupted: the orchestrator places its unfinished
+trials again at once, and they resume from their checkpoints.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -20,8 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psutil
@@ -36,6 +45,12 @@ log = logging.getLogger(__name__)
 KILL_WAIT_SECONDS = 10.0
 # How long the agent keeps asking EC2's metadata service for its id at boot.
 IMDS_PATIENCE_SECONDS = 300.0
+# How often the agent asks the metadata service for a spot interruption notice (AWS suggests 5 s;
+# a notice comes two minutes ahead).
+SPOT_POLL_SECONDS = 5.0
+# After a notice, running trials get until this long before the interruption to reach a checkpoint.
+SPOT_MARGIN_SECONDS = 15.0
+SPOT_NOTICE_SECONDS = 120.0  # the notice's lead time, where its time cannot be read
 
 
 @dataclass
@@ -62,6 +77,8 @@ class Agent:
     poll_seconds: float = 0.5
     heartbeat_seconds: float = 5.0
     idle_timeout: float | None = None  # seconds with no trial running or assigned before it exits
+    imds: Imds | None = None  # EC2's metadata service, watched for a spot interruption notice
+    interruption: dict[str, Any] | None = None  # the spot interruption notice, once there is one
     running: list[_Running] = field(default_factory=list)
     seen: set[tuple[int, str]] = field(default_factory=set)
     stopping: bool = False
@@ -69,6 +86,7 @@ class Agent:
     _last_beat: float = 0.0
     _busy: float = field(default_factory=time.monotonic)  # when it last had a trial running or assigned
     _failures: int = 0  # steps failed in a row (storage weather)
+    _spot_checked: float = float("-inf")  # monotonic time of the last look for a notice
 
     def free_slots(self) -> list[int]:
         busy = {s for r in self.running for s in r.slots}
@@ -83,7 +101,8 @@ class Agent:
                                  "slots": self.slots, "state": "stopping" if self.stopping else "ready",
                                  "running": [[r.task["stage"], r.task["trial"]] for r in self.running],
                                  "tasks": [{"stage": r.task["stage"], "trial": r.task["trial"], "started": r.started,
-                                            "limit_seconds": r.limit} for r in self.running], **extra},
+                                            "limit_seconds": r.limit} for r in self.running],
+                                 **({"interruption": self.interruption} if self.interruption else {}), **extra},
                                 "instances", self.instance, "heartbeat.json")
 
     def pending(self) -> list[dict[str, Any]]:
@@ -137,7 +156,7 @@ class Agent:
             elif self.storage.read_result(r.task["trial"], r.task["stage"]) is not None:
                 self.running.remove(r)
                 continue
-            elif self.stopping:  # ended because the instance is going: not the trial's fault, it is re-placed
+            elif self.stopping or self.interruption:  # the instance is going: not the trial's fault, it is re-placed
                 continue
             else:
                 tail = " | ".join(r.tail.strip().splitlines()[-3:])
@@ -186,6 +205,37 @@ class Agent:
         again (a lost instance) or records them as unfinished (the run is over)."""
         self.running.clear()
 
+    def spot_notice(self) -> dict[str, Any] | None:
+        """The spot interruption notice, asked for every SPOT_POLL_SECONDS (None: none yet, or not
+        asked this time). A metadata service error raises, and the agent backs off as for storage."""
+        if self.imds is None or time.monotonic() - self._spot_checked < SPOT_POLL_SECONDS:
+            return None
+        self._spot_checked = time.monotonic()
+        body = self.imds.get("spot/instance-action")
+        if body is None:
+            return None
+        try:
+            notice = json.loads(body)
+        except ValueError:
+            notice = None
+        return notice if isinstance(notice, dict) else {"action": "terminate", "time": None}
+
+    def interrupted(self, notice: dict[str, Any]) -> None:
+        """At a spot interruption notice: start nothing more, ask the running trials to stop at
+        their next checkpoint, and give them until SPOT_MARGIN_SECONDS before the interruption."""
+        log.warning("spot interruption notice: %s; %d trials to checkpoint", notice, len(self.running))
+        self.interruption = {**notice, "noticed": time.time()}
+        for r in self.running:
+            _signal_tree(r.process, signal.SIGUSR1)
+        deadline = time.monotonic() + _seconds_until(notice.get("time")) - SPOT_MARGIN_SECONDS
+        while any(r.process.poll() is None for r in self.running) and time.monotonic() < deadline:
+            try:
+                self.reap()
+                self.beat()
+            except Exception as e:  # storage weather: the deadline stands
+                log.warning("while draining: %s: %s", type(e).__name__, e)
+            time.sleep(self.poll_seconds)
+
     def run(self) -> None:
         while True:
             try:
@@ -194,6 +244,10 @@ class Agent:
                 if self.ready_at is None:
                     self.ready_at = time.time()
                     self.beat(force=True)  # the first heartbeat: the instance is ready
+                notice = self.spot_notice()
+                if notice is not None:
+                    self.interrupted(notice)
+                    break
                 self.step()
                 self._failures = 0
             except Exception as e:  # storage weather: back off and try again
@@ -229,37 +283,85 @@ def _tail(f: Any, size: int = 8192) -> str:
 
 def _kill_tree(process: subprocess.Popen) -> None:
     """Kill a worker and every process it started (its rank processes)."""
+    _signal_tree(process, signal.SIGKILL)
+
+
+def _signal_tree(process: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to a worker's processes (its rank processes first) and the worker."""
     try:
         children = psutil.Process(process.pid).children(recursive=True)
     except psutil.NoSuchProcess:
         children = []
     for p in [*children]:
         try:
-            p.kill()
+            p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
-    process.kill()
+    try:
+        process.send_signal(sig)
+    except ProcessLookupError:
+        pass
 
 
-def imds_instance_id(timeout: float = 5.0, patience: float = IMDS_PATIENCE_SECONDS) -> str:
-    """This EC2 instance's id, from the instance metadata service with an IMDSv2 session token.
+def _seconds_until(when: Any) -> float:
+    """Seconds until a notice's ISO 8601 time (such as 2026-07-01T02:00:00Z); the usual lead time
+    where it has none that reads."""
+    try:
+        return datetime.fromisoformat(str(when).replace("Z", "+00:00")).timestamp() - time.time()
+    except ValueError:
+        return SPOT_NOTICE_SECONDS
+
+
+class Imds:
+    """EC2's instance metadata service, with IMDSv2 session tokens (renewed before they expire).
 
     The endpoint is botocore's: ``AWS_EC2_METADATA_SERVICE_ENDPOINT`` or http://169.254.169.254.
+    """
+
+    TOKEN_SECONDS = 300
+
+    def __init__(self, timeout: float = 5.0) -> None:
+        self.base = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
+        self.timeout = timeout
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never behind a proxy
+        self._token: tuple[str, float] | None = None  # token, monotonic time it is renewed at
+
+    def token(self) -> str:
+        if self._token is None or time.monotonic() >= self._token[1]:
+            put = urllib.request.Request(f"{self.base}/latest/api/token", method="PUT",
+                                         headers={"X-aws-ec2-metadata-token-ttl-seconds": str(self.TOKEN_SECONDS)})
+            with self._opener.open(put, timeout=self.timeout) as r:
+                self._token = (r.read().decode(), time.monotonic() + self.TOKEN_SECONDS / 2)
+        return self._token[0]
+
+    def get(self, path: str) -> str | None:
+        """The metadata at ``/latest/meta-data/<path>``; None where the service has none (404)."""
+        get = urllib.request.Request(f"{self.base}/latest/meta-data/{path}",
+                                     headers={"X-aws-ec2-metadata-token": self.token()})
+        try:
+            with self._opener.open(get, timeout=self.timeout) as r:
+                return r.read().decode()
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return None
+            if e.code == 401:
+                self._token = None  # expired: a new one next time
+            raise
+
+
+def imds_instance_id(timeout: float = 5.0, patience: float = IMDS_PATIENCE_SECONDS, imds: Imds | None = None) -> str:
+    """This EC2 instance's id, from the instance metadata service (``imds``, or a new client).
+
     The service can be slow to answer just after boot: errors are tried again, backing off, for
     ``patience`` seconds.
     """
-    base = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # IMDS is never behind a proxy
+    imds = imds or Imds(timeout)
 
     def ask() -> str:
-        put = urllib.request.Request(f"{base}/latest/api/token", method="PUT",
-                                     headers={"X-aws-ec2-metadata-token-ttl-seconds": "300"})
-        with opener.open(put, timeout=timeout) as r:
-            token = r.read().decode()
-        get = urllib.request.Request(f"{base}/latest/meta-data/instance-id",
-                                     headers={"X-aws-ec2-metadata-token": token})
-        with opener.open(get, timeout=timeout) as r:
-            return r.read().decode().strip()
+        found = imds.get("instance-id")
+        if found is None:
+            raise OSError("the metadata service has no instance-id")
+        return found.strip()
 
     return retry(ask, "the metadata service", patience)  # URLError and HTTPError are OSErrors
 
@@ -277,10 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-timeout", type=float, help="exit after this many seconds with nothing to run")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if a.instance == "imds":
-        a.instance = imds_instance_id()
+    imds = Imds() if a.instance == "imds" else None
+    if imds is not None:
+        a.instance = imds_instance_id(imds=imds)
     agent = Agent(RunStorage(a.run), a.instance, a.slots, trial_timeout=a.trial_timeout, poll_seconds=a.poll_seconds,
-                  idle_timeout=a.idle_timeout)
+                  idle_timeout=a.idle_timeout, imds=imds)
     def on_sigterm(*_: Any) -> None:  # the instance is going away: end the trials at once
         agent.stopping = True
         for r in agent.running:

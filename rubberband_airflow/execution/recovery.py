@@ -143,10 +143,15 @@ def lost_reason(backend: ComputeBackend, instance: str) -> str | None:
         state = backend.describe([instance]).get(instance)
     except KeyError:  # not in the run's ledger: nothing to ask the backend about
         state = None
+    beat = backend.storage.heartbeat(instance) or {}
+    stopped = beat.get("state") == "stopping"
+    notice = beat.get("interruption")
+    if stopped and notice:  # its trials checkpointed where they could, and it went at once
+        return (f"instance {instance} is gone: its agent stopped at a spot interruption notice "
+                f"({notice.get('action')} at {notice.get('time')})")
     if state == "terminated":
         return f"instance {instance} is gone: the backend says it is terminated"
-    beat = backend.storage.heartbeat(instance)
-    if beat is not None and beat.get("state") == "stopping":
+    if stopped:
         return f"instance {instance} is gone: its agent stopped"
     return None
 
@@ -250,10 +255,10 @@ def _recover(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, st
         placement.setdefault(instance, []).append({**_task(task), "recovered_from": lost})
     rest = movable[len(slots):]
     replacement = None
-    if rest:  # one instance in place of the lost one: its trials run there in their order, as planned
+    if rest:  # one instance in place of the lost one, in the stage's market: its trials run there in order
         batch = f"stage-{stage}-recover-{lost}"
         try:
-            ids = backend.launch(batch, 1)
+            ids = backend.launch(batch, 1, run_plan.market(stage))
         except Exception as e:  # the backend refused: these trials cannot run again in this stage
             why = f"the backend refused to launch a replacement for it: {type(e).__name__}: {e}"
             for task in rest:

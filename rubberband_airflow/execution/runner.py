@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from rubberband_airflow.execution import recovery
-from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.backends.base import ComputeBackend, Market
 from rubberband_airflow.execution.recovery import hung_reason
 from rubberband_airflow.execution.results import Mode, TrialState, best_trial, is_done, ranked, trial_id
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.plan import Plan, StageAllocation, parse_plan
 from rubberband_airflow.planning.problem import SHA, InstanceType, Problem, parse_problem
+from rubberband_airflow.planning.validation import describe
 
 __all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run",
            "stage_trials", "begin_stage", "reconcile", "hung_reason", "scale_targets", "launch_batches", "scale_out",
@@ -69,21 +71,35 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """The plan a run executes with the problem it was made for: the JSON a planning task returns, parsed."""
+    """The plan a run executes with the problem it was made for: the JSON a planning task returns, parsed.
+
+    ``markets`` is each stage's ``market`` in the plan JSON ("spot" or "on-demand"; None where a
+    stage names none, and the backend's own, from the spec, applies)."""
 
     problem: Problem
     plan: Plan
+    markets: tuple[Market | None, ...] = ()
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RunPlan:
         """Parse a plan as `plan_problem` returns it with its ``problem`` beside it (errors name the field)."""
         problem = parse_problem(data.get("problem"))
-        return cls(problem, parse_plan(data, problem))
+        plan = parse_plan(data, problem)
+        return cls(problem, plan, _markets(data["stages"]))
 
     def to_json(self) -> dict[str, Any]:
         """The plan, its per-stage trials and epochs, and the problem: what ``from_json`` reads back."""
-        return {**self.plan.to_dict(self.problem), "problem": self.problem.to_dict(),
-                "gpus_per_instance": self.instance_type.gpus}
+        out = {**self.plan.to_dict(self.problem), "problem": self.problem.to_dict(),
+               "gpus_per_instance": self.instance_type.gpus}
+        for entry, market in zip(out["stages"], self.markets):
+            if market is not None:
+                entry["market"] = str(market)
+        return out
+
+    def market(self, stage: int) -> Market | None:
+        """Where the stage's new instances are bought, if the plan says (else the backend's default)."""
+        self.allocation(stage)
+        return self.markets[stage - 1] if stage <= len(self.markets) else None
 
     @property
     def sha(self) -> SHA:
@@ -141,19 +157,37 @@ class RunPlan:
         return self.instance_type.pending_seconds + self.instance_type.boot_seconds
 
 
+def _markets(stages: list[Any]) -> tuple[Market | None, ...]:
+    """Each plan stage's optional ``market`` (the stages are already checked to be objects); () when
+    no stage names one."""
+    out: list[Market | None] = []
+    for i, entry in enumerate(stages):
+        value = entry.get("market")
+        if value is not None and value not in tuple(Market):
+            raise ProblemError(f"plan.stages[{i}].market", f"must be 'spot' or 'on-demand', got {describe(value)}")
+        out.append(None if value is None else Market(value))
+    return tuple(out) if any(m is not None for m in out) else ()
+
+
 @dataclass(frozen=True)
 class LaunchBatch:
-    """Instances one scaling task launches together; the name finds the batch again on a retry."""
+    """Instances one scaling task launches together (in ``market``; None: the backend's default);
+    the name finds the batch again on a retry."""
 
     name: str
     count: int
+    market: Market | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"batch": self.name, "count": self.count}
+        out: dict[str, Any] = {"batch": self.name, "count": self.count}
+        if self.market is not None:
+            out["market"] = str(self.market)
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> LaunchBatch:
-        return cls(str(data["batch"]), int(data["count"]))
+        market = data.get("market")
+        return cls(str(data["batch"]), int(data["count"]), None if market is None else Market(market))
 
 
 @dataclass(frozen=True)
@@ -240,20 +274,23 @@ def scale_targets(live: Sequence[str], want: int) -> tuple[int, list[str]]:
     return max(0, want - len(live)), list(live[want:])[::-1]
 
 
-def launch_batches(stage: int, count: int, batch_size: int, continued: int = 0) -> list[LaunchBatch]:
-    """``count`` new instances of a stage in batches of at most ``batch_size``. ``continued`` counts
-    the clears after which this attempt went on (a clear of failed tasks only): their batches get
-    new names, so that a batch the earlier teardown terminated is not found and adopted again."""
+def launch_batches(stage: int, count: int, batch_size: int, continued: int = 0,
+                   market: Market | None = None) -> list[LaunchBatch]:
+    """``count`` new instances of a stage in batches of at most ``batch_size``, in ``market``.
+    ``continued`` counts the clears after which this attempt went on (a clear of failed tasks
+    only): their batches get new names, so that a batch the earlier teardown terminated is not
+    found and adopted again."""
     suffix = f"-clear-{continued}" if continued else ""
-    return [LaunchBatch(f"stage-{stage}-batch-{k}{suffix}", min(batch_size, count - start))
+    return [LaunchBatch(f"stage-{stage}-batch-{k}{suffix}", min(batch_size, count - start), market)
             for k, start in enumerate(range(0, count, batch_size))]
 
 
 def scale_out(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int,
               continued: int = 0) -> list[LaunchBatch]:
-    """The batches of instances a stage adds to the live fleet (none when it adds none)."""
+    """The batches of instances a stage adds to the live fleet (none when it adds none), in the
+    market the plan gives the stage."""
     missing, _ = scale_targets(reconcile(backend), run_plan.allocation(stage).instances)
-    return launch_batches(stage, missing, batch_size, continued)
+    return launch_batches(stage, missing, batch_size, continued, run_plan.market(stage))
 
 
 def scale_in(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int) -> list[list[str]]:
@@ -269,7 +306,7 @@ def scale(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: in
     if terminated:
         backend.terminate(terminated)
     for batch in scale_out(backend, run_plan, stage, batch_size):
-        launched += backend.launch(batch.name, batch.count)
+        launched += backend.launch(batch.name, batch.count, batch.market)
     return {"launched": launched, "terminated": terminated, "live": backend.live()}
 
 

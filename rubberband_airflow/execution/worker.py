@@ -19,9 +19,11 @@ import traceback
 import zlib
 from typing import Any
 
-from rubberband_airflow.execution import checkpoint
+from rubberband_airflow.execution import checkpoint, interruption
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.trainable import TrialContext, TrialFailed, load_trainable, patiently
+
+INTERRUPTED_EXIT = 75  # EX_TEMPFAIL: stopped for a spot interruption, to resume elsewhere
 
 
 def trial_seed(run_seed: int, trial: str) -> int:
@@ -53,6 +55,7 @@ def _device(rank: int, slots: list[int]) -> str:
 
 def _rank_main(rank: int, world_size: int, port: int, run_uri: str, trial: str, stage: int,
                task: dict[str, Any], spec: dict[str, Any], slots: list[int]) -> None:
+    interruption.install()
     torch = _torch()
     if torch is not None:
         torch.set_num_threads(1)  # one slot, one core: the speed the profiler measured
@@ -94,7 +97,9 @@ def _check_reports(ctx: TrialContext, spec: dict[str, Any]) -> None:
 
 
 def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[int]) -> int:
-    """Run the trial's stage and write its result; returns the process exit status."""
+    """Run the trial's stage and write its result; returns the process exit status. Stopped at a
+    checkpoint for a spot interruption, it writes none (the trial resumes elsewhere)."""
+    interruption.install()
     storage = RunStorage(run_uri)
     spec = patiently(lambda: storage.read_json("run.json"), "reading run.json") or {}
     task = patiently(lambda: next((t for t in storage.assignments(instance) if t["trial"] == trial
@@ -126,6 +131,8 @@ def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[in
         result.update(state="done", epoch=int(task["stop_epoch"]), metric=last[spec["metric"]])
         code = 0
     except BaseException as e:  # the reason is the product here: record it, whatever it is
+        if interruption.requested():  # the instance is going, not the trial's fault: no result
+            return INTERRUPTED_EXIT
         result.update(state="failed", error=_reason(e))
         code = 1
     result["finished"] = time.time()

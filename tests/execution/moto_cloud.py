@@ -5,7 +5,9 @@ would: when an instance is running it reads the instance's user data, serves the
 IMDSv2 endpoint with its id, and starts the agent command the user data names (as a real
 process, in a session of its own); when the instance stops or terminates it ends that process
 group; when the agent exits by itself the user data's ``shutdown -h now`` runs, which here
-terminates or stops the instance as its InstanceInitiatedShutdownBehavior says.
+terminates or stops the instance as its InstanceInitiatedShutdownBehavior says. ``interrupt``
+plays a spot interruption: the instance's metadata service serves the notice
+(``spot/instance-action``) and the instance is terminated at the notice's time.
 
 Use the ``moto_cloud`` fixture (import it into the test module), or ``cloud`` with a moto server of
 your own.
@@ -59,6 +61,8 @@ class _ImdsHandler(BaseHTTPRequestHandler):
             self._send(401, "")  # IMDSv2 required: no token, no metadata
         elif self.path == "/latest/meta-data/instance-id":
             self._send(200, self.server.instance_id)
+        elif self.path == "/latest/meta-data/spot/instance-action" and self.server.spot_notice:
+            self._send(200, self.server.spot_notice)
         else:
             self._send(404, "")
 
@@ -79,6 +83,7 @@ class _Imds(Served):
     def __init__(self, instance_id: str) -> None:
         self.instance_id = instance_id
         self.token = secrets.token_urlsafe(16)
+        self.spot_notice: str | None = None  # the body of spot/instance-action, once interrupted
         super().__init__(_ImdsHandler)
 
 
@@ -107,6 +112,7 @@ class Hypervisor:
         self.poll = poll
         self.booted: dict[str, _Booted] = {}
         self.done: set[str] = set()  # instances booted once (an instance's user data runs once)
+        self.interruptions: dict[str, float] = {}  # instance: when EC2 takes it back (time.time())
         self.errors: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -123,9 +129,22 @@ class Hypervisor:
             for instance in list(self.booted):
                 self._halt(instance)
 
-    def sync(self) -> None:
-        """One look at EC2: boot what runs, halt what stopped or terminated, power off where the agent exited."""
+    def interrupt(self, instance: str, notice_seconds: float = 120.0) -> None:
+        """A spot interruption: the notice now, the instance terminated ``notice_seconds`` later."""
+        when = time.time() + notice_seconds
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
         with self._lock:
+            self.booted[instance].imds.spot_notice = json.dumps({"action": "terminate", "time": stamp})
+            self.interruptions[instance] = when
+
+    def sync(self) -> None:
+        """One look at EC2: boot what runs, halt what stopped or terminated, power off where the agent
+        exited, take back interrupted instances whose time has come."""
+        with self._lock:
+            due = [i for i, when in self.interruptions.items() if when <= time.time()]
+            for instance in due:
+                del self.interruptions[instance]
+                self.ec2.terminate_instances(InstanceIds=[instance])
             pages = self.ec2.get_paginator("describe_instances").paginate()
             for inst in [i for page in pages for r in page["Reservations"] for i in r["Instances"]]:
                 instance, state = inst["InstanceId"], inst["State"]["Name"]

@@ -19,10 +19,12 @@ TYPE = "g5.xlarge"  # one GPU: one slot, as this machine has two cores
 
 
 def _backend(cloud: MotoCloud, storage, run_id: str = "manual__2025-07-01T00:00:00+00:00",
-             subnets: list[str] | None = None) -> EC2Backend:
+             subnets: list[str] | None = None, client=None, **options) -> EC2Backend:
+    """``options``: the backend's keyword options (``market``, ``spot_price``)."""
     return EC2Backend(storage, TYPE, cloud.image_id, subnets or cloud.subnets, [cloud.security_group],
                       cloud.instance_profile, dag_id="tune_digits", run_id=run_id,
-                      slots=prices.lookup(TYPE).gpus, trial_timeout=120, client=cloud.client("ec2"))
+                      slots=prices.lookup(TYPE).gpus, trial_timeout=120, client=client or cloud.client("ec2"),
+                      **options)
 
 
 def test_two_stage_job_runs_on_ec2_and_leaves_nothing_running(moto_cloud):

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from rubberband_airflow.execution import runner
-from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.backends.base import ComputeBackend, Market
 from rubberband_airflow.execution.runner import RunPlan, StageFailed
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.plan import parse_plan
@@ -23,7 +23,7 @@ class LedgerBackend(ComputeBackend):
     def __init__(self, storage: RunStorage) -> None:
         self.storage = storage
 
-    def launch(self, batch: str, count: int) -> list[str]:
+    def launch(self, batch: str, count: int, market: Market | None = None) -> list[str]:
         existing = [e["instance"] for e in self.storage.ledger() if e["batch"] == batch]
         if existing:
             return existing

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -12,15 +14,23 @@ from rubberband_airflow.planning.billing import billed_seconds
 from rubberband_airflow.planning.problem import Billing
 
 
+class Market(StrEnum):
+    """How an instance is bought: on demand, or as spot capacity (cheaper, and may be interrupted)."""
+
+    ON_DEMAND = "on-demand"
+    SPOT = "spot"
+
+
 class ComputeBackend(ABC):
     """Launches, describes and terminates the instances of one run, keeping its ledger."""
 
     storage: RunStorage
 
     @abstractmethod
-    def launch(self, batch: str, count: int) -> list[str]:
-        """Start ``count`` instances for ``batch`` (for example "stage-2-batch-0"); a second call
-        with the same batch returns the instances of the first instead of launching again."""
+    def launch(self, batch: str, count: int, market: Market | None = None) -> list[str]:
+        """Start ``count`` instances for ``batch`` (for example "stage-2-batch-0") in ``market``
+        (None: the backend's own default); a second call with the same batch returns the
+        instances of the first instead of launching again."""
 
     @abstractmethod
     def describe(self, instances: list[str]) -> dict[str, str]:
@@ -42,10 +52,19 @@ class ComputeBackend(ABC):
         return ids
 
 
+def entry_price(entry: Mapping[str, Any], prices: Mapping[str, float]) -> float:
+    """What a ledger entry's instance costs per hour: a spot instance the spot price its entry
+    records, any other its type's (on-demand) price in ``prices``."""
+    if entry.get("market") == Market.SPOT and entry.get("price_per_hour") is not None:
+        return float(entry["price_per_hour"])
+    return prices[entry["type"]]
+
+
 def billed_cost(ledger: list[dict[str, Any]], prices: dict[str, float], billing: Billing = Billing(),
                 now: float | None = None) -> float:
-    """The bill of a ledger: each instance from running to termination (or ``now``), by the planner's rule."""
-    priced = [(prices[e["type"]], e["running"], e["terminated"] if e.get("terminated") is not None else now)
+    """The bill of a ledger: each instance from running to termination (or ``now``) at its price
+    (``entry_price``), by the planner's rule."""
+    priced = [(entry_price(e, prices), e["running"], e["terminated"] if e.get("terminated") is not None else now)
               for e in ledger if e.get("running") is not None]
     priced = [(p, r, t) for p, r, t in priced if t is not None]
     if not priced:

@@ -10,6 +10,9 @@ attempt's or another deployment's) and how a sweeper finds what a run left behin
 without its ledger. Instances require IMDSv2, and their user data only starts the agent with the run's
 storage URI, its slot count and the trial timeout: hyperparameters stay in storage. When the
 agent exits, the instance powers off, and powering off terminates it.
+
+A batch may be launched as spot (one-time requests, terminated on interruption); when no subnet
+has spot capacity for it, it is launched on demand instead, and its ledger entries say so.
 """
 
 from __future__ import annotations
@@ -23,13 +26,23 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.backends.base import ComputeBackend, Market
 from rubberband_airflow.execution.storage import RunStorage
 
 log = logging.getLogger(__name__)
 
 # Launch errors after which the next subnet (another availability zone) is tried.
 RETRYABLE_LAUNCH_ERRORS: frozenset[str] = frozenset({"InsufficientInstanceCapacity", "Unsupported"})
+# Spot launch errors after which the next subnet is tried, and once every subnet refused, the
+# batch is launched on demand: no spot capacity, the spot price above the on-demand price (the
+# default maximum), the account's spot quota reached, spot not offered for the type there.
+SPOT_CAPACITY_ERRORS: frozenset[str] = frozenset({
+    "InsufficientInstanceCapacity", "InsufficientCapacity", "UnfulfillableCapacity", "SpotMaxPriceTooLow",
+    "MaxSpotInstanceCountExceeded", "Unsupported"})
+# One-time spot requests: an interrupted instance is terminated, never stopped or requested again
+# (its trials resume elsewhere from their checkpoints).
+SPOT_OPTIONS = {"MarketType": "spot",
+                "SpotOptions": {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}}
 # States in which an instance may still bill (compute or its volumes): what the sweeper terminates.
 BILLABLE_STATES = ("pending", "running", "stopping", "stopped")
 TAG_VALUE_MAX = 256  # characters, EC2's limit
@@ -46,15 +59,22 @@ class LaunchError(RuntimeError):
 class CapacityError(LaunchError):
     """No subnet had capacity for the batch."""
 
+    def __init__(self, message: str, refused: list[str]) -> None:
+        super().__init__(message)
+        self.refused = refused  # "subnet: error code", one per subnet tried
+
 
 class EC2Backend(ComputeBackend):
     def __init__(self, storage: RunStorage, instance_type: str, image_id: str, subnets: Sequence[str],
                  security_groups: Sequence[str], instance_profile: str, dag_id: str, run_id: str, slots: int,
                  trial_timeout: float = 3600.0, key_name: str | None = None, *, client: Any,
-                 idle_timeout: float | None = None, attempt: int = 1, deployment: str = DEFAULT_DEPLOYMENT) -> None:
+                 idle_timeout: float | None = None, attempt: int = 1, deployment: str = DEFAULT_DEPLOYMENT,
+                 market: Market = Market.ON_DEMAND, spot_price: float | None = None) -> None:
         """``client`` is a boto3 EC2 client; ``subnets`` are tried in order; ``instance_profile`` is
         a name or an ARN; ``slots`` is the GPUs per instance; ``attempt`` is the attempt of the DAG
-        run (1, then one more per clear) and ``deployment`` the Airflow deployment's name."""
+        run (1, then one more per clear) and ``deployment`` the Airflow deployment's name;
+        ``market`` is where a launch that names none buys its instances, ``spot_price`` the hourly
+        price a spot instance is billed at in the ledger (None: its type's on-demand price)."""
         if not subnets:
             raise ValueError("at least one subnet is needed")
         if slots < 1:
@@ -80,6 +100,10 @@ class EC2Backend(ComputeBackend):
         # trial timeout).
         self.idle_timeout = idle_timeout if idle_timeout is not None else 2 * trial_timeout
         self.key_name = key_name
+        self.market = Market(market)
+        if spot_price is not None and not spot_price > 0:
+            raise ValueError(f"spot_price must be positive, got {spot_price!r}")
+        self.spot_price = spot_price
         self._recorded: set[tuple[str, str]] = set()  # (instance, ledger key) already set
         self.client = client
 
@@ -110,19 +134,22 @@ class EC2Backend(ComputeBackend):
         return {**self.attempt_tags(), "rubberband:batch": batch, "rubberband:run": self.storage.uri[:TAG_VALUE_MAX],
                 "Name": f"rubberband {self.dag_id} {batch}"[:TAG_VALUE_MAX]}
 
-    def client_token(self, batch: str, subnet: str) -> str:
+    def client_token(self, batch: str, subnet: str, market: Market = Market.ON_DEMAND) -> str:
         """EC2's idempotency token for one launch request (64 characters, EC2's limit): one per
-        deployment, run, attempt, batch and subnet."""
+        deployment, run, attempt, batch, subnet and market (an on-demand request after a refused
+        spot one is another request)."""
         key = [self.deployment, self.dag_id, self.run_id, str(self.attempt), batch, subnet]
+        if market == Market.SPOT:
+            key.append(str(market))
         return hashlib.sha256("\n".join(key).encode()).hexdigest()[:64]
 
-    def request(self, batch: str, count: int, subnet: str) -> dict[str, Any]:
-        """The ``run_instances`` arguments for ``count`` instances of ``batch`` in ``subnet``."""
+    def request(self, batch: str, count: int, subnet: str, market: Market = Market.ON_DEMAND) -> dict[str, Any]:
+        """The ``run_instances`` arguments for ``count`` instances of ``batch`` in ``subnet`` and ``market``."""
         tags = [{"Key": k, "Value": v} for k, v in self.tags(batch).items()]
         profile = {"Arn" if self.instance_profile.startswith("arn:") else "Name": self.instance_profile}
         out: dict[str, Any] = {
             "ImageId": self.image_id, "InstanceType": self.instance_type, "MinCount": count, "MaxCount": count,
-            "ClientToken": self.client_token(batch, subnet), "SubnetId": subnet,
+            "ClientToken": self.client_token(batch, subnet, market), "SubnetId": subnet,
             "SecurityGroupIds": self.security_groups, "IamInstanceProfile": profile,
             "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},
             "InstanceInitiatedShutdownBehavior": "terminate", "UserData": self.user_data(),
@@ -131,21 +158,39 @@ class EC2Backend(ComputeBackend):
         }
         if self.key_name:
             out["KeyName"] = self.key_name
+        if market == Market.SPOT:
+            out["InstanceMarketOptions"] = SPOT_OPTIONS
         return out
 
     # --- the backend interface ---
-    def launch(self, batch: str, count: int) -> list[str]:
+    def launch(self, batch: str, count: int, market: Market | None = None) -> list[str]:
+        """Launch the batch in ``market`` (None: the backend's). A spot batch that no subnet has
+        spot capacity for is launched on demand; its ledger entries record the refusals
+        (``spot_refused``)."""
         _check_tag_value("batch", batch)
+        market = Market(market or self.market)
         found = self._instances(("pending", "running"), {**self.attempt_tags(), "rubberband:batch": batch})
         if found:  # a retry: EC2 already has this batch (moto ignores ClientToken, so look by tags)
             for i in found:
                 if self._entry(i["InstanceId"]) is None:  # launched, but the ledger was not written
-                    self._write_new_entry(i["InstanceId"], batch, i["LaunchTime"].timestamp())
+                    bought = Market.SPOT if i.get("InstanceLifecycle") == "spot" else Market.ON_DEMAND
+                    self._write_new_entry(i["InstanceId"], batch, i["LaunchTime"].timestamp(), bought)
             return [i["InstanceId"] for i in found]
         requested = time.time()
-        ids = [i["InstanceId"] for i in self._run_instances(batch, count)]
+        refused: list[str] = []
+        launched = None
+        if market == Market.SPOT:
+            try:
+                launched = self._run_instances(batch, count, Market.SPOT)
+            except CapacityError as e:
+                refused = e.refused
+                log.warning("no spot capacity for batch %s (%s): launching it on demand", batch, "; ".join(refused))
+        if launched is None:
+            market = Market.ON_DEMAND
+            launched = self._run_instances(batch, count, market)
+        ids = [i["InstanceId"] for i in launched]
         for instance in ids:
-            self._write_new_entry(instance, batch, requested)
+            self._write_new_entry(instance, batch, requested, market, refused)
         return ids
 
     def describe(self, instances: list[str]) -> dict[str, str]:
@@ -202,21 +247,24 @@ class EC2Backend(ComputeBackend):
         return ids
 
     # --- helpers ---
-    def _run_instances(self, batch: str, count: int) -> list[dict[str, Any]]:
+    def _run_instances(self, batch: str, count: int, market: Market) -> list[dict[str, Any]]:
+        """One ``run_instances`` per subnet in order until one launches the batch in ``market``."""
+        retryable = SPOT_CAPACITY_ERRORS if market == Market.SPOT else RETRYABLE_LAUNCH_ERRORS
+        what = f"{count} {self.instance_type}" + (" spot" if market == Market.SPOT else "")
         refused = []
         for subnet in self.subnets:
             try:
-                return self.client.run_instances(**self.request(batch, count, subnet))["Instances"]
+                return self.client.run_instances(**self.request(batch, count, subnet, market))["Instances"]
             except ClientError as e:
                 error = e.response.get("Error", {})
                 code, message = error.get("Code", "?"), error.get("Message", "")
-                if code not in RETRYABLE_LAUNCH_ERRORS:
-                    raise LaunchError(f"EC2 refused to launch {count} {self.instance_type} for batch {batch!r} "
+                if code not in retryable:
+                    raise LaunchError(f"EC2 refused to launch {what} for batch {batch!r} "
                                       f"in subnet {subnet}: {code}: {message}") from e
                 refused.append(f"{subnet}: {code}")
-        raise CapacityError(f"no capacity for {count} {self.instance_type} for batch {batch!r} in any of the "
+        raise CapacityError(f"no capacity for {what} for batch {batch!r} in any of the "
                             f"subnets {', '.join(self.subnets)} ({'; '.join(refused)}); try other subnets "
-                            f"(availability zones), another instance type, or later")
+                            f"(availability zones), another instance type, or later", refused)
 
     def _instances(self, states: Iterable[str], want: Mapping[str, str]) -> list[dict[str, Any]]:
         """The instances in ``states`` that carry the tags ``want``, oldest first."""
@@ -259,10 +307,18 @@ class EC2Backend(ComputeBackend):
             self.storage.write_ledger(entry)
         self._recorded.add((instance, "running"))
 
-    def _write_new_entry(self, instance: str, batch: str, requested: float) -> None:
-        self.storage.write_ledger({"instance": instance, "batch": batch, "type": self.instance_type,
-                                   "slots": self.slots, "requested": requested, "running": None, "ready": None,
-                                   "terminated": None})
+    def _write_new_entry(self, instance: str, batch: str, requested: float, market: Market,
+                         spot_refused: list[str] | None = None) -> None:
+        """A launched instance's ledger entry: a spot one records its price (none: billed on
+        demand), one launched on demand after spot was refused the refusals."""
+        entry: dict[str, Any] = {"instance": instance, "batch": batch, "type": self.instance_type,
+                                 "slots": self.slots, "market": str(market), "requested": requested,
+                                 "running": None, "ready": None, "terminated": None}
+        if market == Market.SPOT and self.spot_price is not None:
+            entry["price_per_hour"] = self.spot_price
+        if spot_refused:
+            entry["spot_refused"] = "; ".join(spot_refused)
+        self.storage.write_ledger(entry)
 
 
 def describe_instances(client: Any, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:

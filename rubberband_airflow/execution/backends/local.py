@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.backends.base import ComputeBackend, Market
 from rubberband_airflow.execution.storage import RunStorage
 
 # Processes this Python process started, so their exit can be reaped (no zombies).
@@ -58,7 +58,10 @@ class LocalBackend(ComputeBackend):
         self.idle_timeout = idle_timeout if idle_timeout is not None else 2 * trial_timeout
         self.env = env
 
-    def launch(self, batch: str, count: int) -> list[str]:
+    def launch(self, batch: str, count: int, market: Market | None = None) -> list[str]:
+        if market == Market.SPOT:
+            raise ValueError(f"batch {batch!r} asks for spot instances: the local backend has no spot market "
+                             "(plan it on demand, or run it on the ec2 backend)")
         existing = [e["instance"] for e in self.storage.ledger() if e.get("batch") == batch]
         if existing:
             return existing

@@ -1,0 +1,245 @@
+"""Spot capacity on the execution side: spot launches, the on-demand fallback, interruption notices.
+
+Against moto's server over HTTP, with real agents and trials behind an emulated IMDSv2
+(``moto_cloud``). moto never refuses spot capacity: the fallback test answers spot requests with
+EC2's own error response before they leave the client (a botocore ``before-send`` handler), so
+the backend gets exactly what EC2 sends when it has no spot capacity, and its on-demand request
+goes on to moto.
+"""
+
+import threading
+import time
+from urllib.parse import parse_qs
+
+import boto3
+import fsspec
+import pytest
+from botocore.awsrequest import AWSResponse
+from botocore.config import Config
+
+from rubberband_airflow.execution import recovery
+from rubberband_airflow.execution.backends.base import Market
+from rubberband_airflow.execution.backends.ec2 import EC2Backend
+from rubberband_airflow.execution.runner import RunPlan, RunSpec, run_sha, scale_out
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.billing import billed_seconds
+from rubberband_airflow.planning.errors import ProblemError
+from rubberband_airflow.planning.problem import parse_problem
+from rubberband_airflow.report import build_report, summary_lines
+from rubberband_airflow.spec import SpecError, load_spec, parse_spec
+from rubberband_airflow.tuning import backend_for
+from tests.execution.conftest import ROOT, agent_processes, plan_json
+from tests.execution.moto_cloud import REGION, MotoCloud, moto_cloud  # noqa: F401 (the fixture)
+from tests.execution.test_ec2_backend import TYPE, _backend
+
+SPOT_PRICE = 0.3  # USD per hour, against g5.xlarge's 1.006 on demand
+EPOCHS = 8  # of the interrupted trial, 1 s each (tests.trainables.steady)
+ROOT_SPEC = ROOT / "dags" / "nightly_ec2_tuning.yaml"
+
+
+def _params(request) -> dict[str, list[str]]:
+    """An EC2 query request's parameters."""
+    return parse_qs(request.body.decode() if isinstance(request.body, bytes) else request.body or "")
+
+
+def _run_instances_requests(client) -> list[dict[str, list[str]]]:
+    """Record the parameters of every RunInstances request the client sends (as moto receives them)."""
+    seen: list[dict[str, list[str]]] = []
+
+    def record(request, **_):
+        seen.append(_params(request))
+
+    client.meta.events.register("before-send.ec2.RunInstances", record)
+    return seen
+
+
+def _described(cloud: MotoCloud, ids: list[str]) -> list[dict]:
+    pages = cloud.client("ec2").describe_instances(InstanceIds=ids)["Reservations"]
+    return [i for r in pages for i in r["Instances"]]
+
+
+def _cleanup(cloud: MotoCloud, backend: EC2Backend) -> None:
+    backend.terminate_all()
+    cloud.hypervisor.sync()
+    assert cloud.instances(run_id=backend.run_id) == [] and agent_processes(backend.storage) == []
+
+
+def test_a_spot_batch_is_a_one_time_spot_request_that_terminates_on_interruption(moto_cloud):
+    storage = moto_cloud.storage("tune_digits/spot-1")
+    client = moto_cloud.client("ec2")
+    requests = _run_instances_requests(client)
+    backend = _backend(moto_cloud, storage, client=client, spot_price=SPOT_PRICE)  # on demand unless told
+
+    spot = backend.launch("stage-1", 1, Market.SPOT)
+    assert backend.launch("stage-1", 1, Market.SPOT) == spot  # a retry finds the batch: no second request
+    on_demand = backend.launch("stage-2", 1)
+
+    first, second = requests
+    assert first["InstanceMarketOptions.MarketType"] == ["spot"]
+    assert first["InstanceMarketOptions.SpotOptions.SpotInstanceType"] == ["one-time"]
+    assert first["InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior"] == ["terminate"]
+    assert "InstanceMarketOptions.SpotOptions.MaxPrice" not in first  # capped at the on-demand price
+    assert first["MetadataOptions.HttpTokens"] == ["required"] and first["ClientToken"] != second["ClientToken"]
+    assert not any(k.startswith("InstanceMarketOptions") for k in second)
+    [spot_seen], [on_demand_seen] = _described(moto_cloud, spot), _described(moto_cloud, on_demand)
+    assert spot_seen["InstanceLifecycle"] == "spot" and "InstanceLifecycle" not in on_demand_seen
+    assert spot_seen["MetadataOptions"]["HttpTokens"] == "required"
+    assert {t["Key"]: t["Value"] for t in spot_seen["Tags"]}["rubberband:batch"] == "stage-1"
+
+    entries = {e["instance"]: e for e in storage.ledger()}
+    assert entries[spot[0]]["market"] == "spot" and entries[spot[0]]["price_per_hour"] == SPOT_PRICE
+    assert entries[on_demand[0]]["market"] == "on-demand" and "price_per_hour" not in entries[on_demand[0]]
+    _cleanup(moto_cloud, backend)
+
+
+def _no_spot_capacity(request, **_):
+    """EC2's answer to a spot request when no capacity is left in the zone (a server error, HTTP 500)."""
+    if _params(request).get("InstanceMarketOptions.MarketType") != ["spot"]:
+        return None
+    body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>InsufficientInstanceCapacity'
+            b'</Code><Message>We currently do not have sufficient g5.xlarge capacity in the Availability Zone you '
+            b'requested.</Message></Error></Errors><RequestID>e0e3bb1b-0000-4000-8000-000000000000</RequestID>'
+            b'</Response>')
+
+    class Raw:
+        def stream(self, **_):
+            yield body
+
+    return AWSResponse(request.url, 500, {"Content-Type": "text/xml;charset=UTF-8"}, Raw())
+
+
+def test_no_spot_capacity_in_any_subnet_launches_the_batch_on_demand_and_the_report_says_so(moto_cloud):
+    storage = moto_cloud.storage("tune_digits/spot-2")
+    client = boto3.client("ec2", endpoint_url=moto_cloud.endpoint, region_name=REGION,
+                          config=Config(retries={"total_max_attempts": 1}))  # no retries of the 500s: a fast test
+    requests = _run_instances_requests(client)
+    client.meta.events.register("before-send.ec2.RunInstances", _no_spot_capacity)
+    backend = _backend(moto_cloud, storage, client=client, market=Market.SPOT, spot_price=SPOT_PRICE)
+
+    ids = backend.launch("stage-1-batch-0", 2)  # spot, the backend's market
+
+    assert [r.get("InstanceMarketOptions.MarketType") for r in requests] == [["spot"], ["spot"], None]
+    a, b = moto_cloud.subnets
+    assert [r["SubnetId"] for r in requests] == [[a], [b], [a]]  # spot in each subnet, then on demand
+    assert len(ids) == 2 and all("InstanceLifecycle" not in i for i in _described(moto_cloud, ids))
+    refused = f"{a}: InsufficientInstanceCapacity; {b}: InsufficientInstanceCapacity"
+    for e in storage.ledger():
+        assert e["market"] == "on-demand" and e["spot_refused"] == refused and "price_per_hour" not in e
+    report = build_report(storage, "tune_digits")
+    [fallback] = report["spot_fallbacks"]
+    assert fallback == {"batch": "stage-1-batch-0", "instances": sorted(ids), "refused": refused}  # ledger order
+    assert f"Spot refused for batch stage-1-batch-0 ({refused}): its 2 instances ran on demand" \
+        in summary_lines(report)
+    _cleanup(moto_cloud, backend)
+
+
+def test_a_spot_instance_interrupted_mid_trial_loses_no_epoch_and_the_run_completes(moto_cloud):
+    storage = moto_cloud.storage("tune_digits/spot-3")
+    backend = _backend(moto_cloud, storage, spot_price=SPOT_PRICE)  # on demand unless the plan says spot
+    plan = plan_json(TYPE, 1, [(1, 1)], num_trials=1, eta=2, min_epochs=EPOCHS)
+    plan["stages"][0]["market"] = "spot"  # the plan's market wins over the backend's
+    spec = RunSpec("tests.trainables:steady", "accuracy", "max", seed=1)
+    interrupted: list[str] = []
+    # The watcher looks through a filesystem of its own: s3fs caches the listing of a folder's parent
+    # when the folder is missing (metrics/ before the first epoch), which would hide the trial's
+    # result, written later beside it, from the orchestrator's reads in this process.
+    watched = RunStorage(storage.uri, filesystem=fsspec.filesystem("s3", skip_instance_cache=True))
+
+    def interrupt_mid_trial() -> None:
+        """Once the trial has reported its first epoch, its instance gets a two-minute notice (which
+        its agent sees within 5 s: the trial, at 1 s an epoch, is far from done)."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if watched.metrics("trial-0000"):
+                [entry] = watched.ledger()
+                moto_cloud.hypervisor.interrupt(entry["instance"], notice_seconds=120)
+                interrupted.append(entry["instance"])
+                return
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=interrupt_mid_trial, daemon=True)
+    watcher.start()
+    out = run_sha(storage, backend, spec, [{"lr": 0.1}], plan, stage_timeout=240)
+    watcher.join()
+
+    [lost] = interrupted
+    assert out["stages"][0]["failed"] == [] and out["best"]["trial"] == "trial-0000"
+    metrics = storage.metrics("trial-0000")
+    assert [m["epoch"] for m in metrics] == list(range(1, EPOCHS + 1))  # no epoch trained twice, none skipped
+    first = [m for m in metrics if m["pid"] == metrics[0]["pid"]]
+    resumed = [m for m in metrics if m["pid"] != metrics[0]["pid"]]
+    assert 1 <= len(first) < EPOCHS and {m["started_from"] for m in resumed} == {len(first)}
+    [record] = recovery.records(storage, 1)
+    assert record["lost"] == lost and "spot interruption notice (terminate at " in record["reason"]
+    assert record["trials"][0]["from_epoch"] == len(first)
+
+    ledger = storage.ledger()
+    assert len(ledger) == 2 and all(e["market"] == "spot" and e["price_per_hour"] == SPOT_PRICE for e in ledger)
+    assert moto_cloud.instances(run_id=backend.run_id) == []
+    moto_cloud.hypervisor.sync()
+    assert agent_processes(storage) == []
+    billing = parse_problem(plan["problem"]).billing
+    spot_bill = sum(SPOT_PRICE / 3600 * billed_seconds(e["running"], e["terminated"], billing.minimum_seconds,
+                                                       billing.increment_seconds) for e in ledger)
+    report = build_report(storage, "tune_digits")
+    assert report["actual"]["cost_usd"] == pytest.approx(spot_bill, rel=1e-9) and spot_bill > 0
+    [loss] = report["recoveries"]
+    assert loss["lost"] == lost and loss["extra_usd"] == pytest.approx(SPOT_PRICE / 3600 * loss["extra_seconds"])
+
+
+# --- how a spot choice reaches the backend: the spec, and the plan's stage allocation over it ----
+
+
+def _ec2_spec(**instance_type) -> dict:
+    import yaml
+
+    data = yaml.safe_load(ROOT_SPEC.read_text())
+    data["backend"]["instance_types"] = [{"name": TYPE, "max_instances": 4, **instance_type}]
+    return data
+
+
+def test_the_spec_gives_an_instance_types_market_and_spot_price_to_its_backend(tmp_path):
+    spec = parse_spec(_ec2_spec(market="spot", spot_price_per_hour=SPOT_PRICE), "spot.yaml")
+    client = boto3.client("ec2", region_name=REGION)  # made, never called
+    storage = RunStorage(f"file://{tmp_path}/run")
+    backend = backend_for(spec, storage, "tune", "run-1", TYPE, client)
+    assert isinstance(backend, EC2Backend) and backend.market == Market.SPOT and backend.spot_price == SPOT_PRICE
+    assert parse_spec(spec.to_dict(), spec.path) == spec  # a run's snapshot of its spec keeps them
+    plain = backend_for(load_spec(ROOT_SPEC), storage, "tune", "run-1", "g5.xlarge", client)
+    assert plain.market == Market.ON_DEMAND and plain.spot_price is None  # the default: on demand
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("market", "cheap", "backend.instance_types[0].market: must be 'spot' or 'on-demand', got string 'cheap'"),
+    ("market", True, "backend.instance_types[0].market: must be 'spot' or 'on-demand'"),
+    ("spot_price_per_hour", 0, "backend.instance_types[0].spot_price_per_hour"),
+    ("spot_price_per_hour", "low", "backend.instance_types[0].spot_price_per_hour"),
+])
+def test_a_bad_market_or_spot_price_is_an_error_naming_the_field(field, value, message):
+    with pytest.raises(SpecError) as e:
+        parse_spec(_ec2_spec(**{field: value}), "bad.yaml")
+    assert str(e.value).startswith(f"bad.yaml: {message}")
+
+
+def test_a_stage_allocations_market_in_the_plan_json_reaches_the_launch(tmp_path):
+    plan = plan_json(TYPE, 1, [(1, 2), (1, 3)], num_trials=4, eta=2, min_epochs=1)
+    plan["stages"][1]["market"] = "spot"
+    run_plan = RunPlan.from_json(plan)
+    assert run_plan.market(1) is None and run_plan.market(2) == Market.SPOT
+    assert RunPlan.from_json(run_plan.to_json()) == run_plan
+
+    class NoFleet:  # scale_out asks the backend for its live fleet only
+        storage = None
+
+        def live(self):
+            return []
+
+    [batch] = scale_out(NoFleet(), run_plan, 2, 8)
+    assert batch.market == Market.SPOT and batch.to_json() == {"batch": "stage-2-batch-0", "count": 3,
+                                                               "market": "spot"}
+    assert type(batch).from_json(batch.to_json()) == batch
+    assert scale_out(NoFleet(), run_plan, 1, 8)[0].market is None  # the backend's own market
+
+    plan["stages"][0]["market"] = "reserved"
+    with pytest.raises(ProblemError, match=r"plan.stages\[0\].market: must be 'spot' or 'on-demand', got string"):
+        RunPlan.from_json(plan)
