@@ -26,7 +26,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from rubberband_airflow.hooks.storage import storage_for
 from rubberband_airflow.report import newest_reports, report_end
 from rubberband_airflow.spec import SpecError, load_spec
-from rubberband_airflow.tuning import dag_uri, run_uri
+from rubberband_airflow.tuning import dag_uri, latest_attempt, run_uri
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,13 @@ def create_app() -> FastAPI:
         spec = next((s for s in _specs(user) if s.name == dag_id), None)
         if spec is None:
             raise HTTPException(404, "not a tuning DAG you may read")
-        storage = storage_for(spec, run_uri(spec, dag_id, run_id))
+        attempt = latest_attempt(storage_for(spec, dag_uri(spec)).subfolders(), run_id)  # a cleared run's newest
+        storage = storage_for(spec, run_uri(spec, dag_id, run_id, attempt))
         if not storage.exists("plan.json"):
             return page_html(f"{dag_id} / {run_id}", f"<p>{html.escape(dag_id)} / {html.escape(run_id)}: the run "
                              "has not started yet.</p>", "<meta http-equiv='refresh' content='10'>")
-        return run_view_html(storage, f"{spec.name} / {run_id}", spec.description or "", refresh_seconds=10)
+        title = f"{spec.name} / {run_id}" + (f" (attempt {attempt})" if attempt > 1 else "")
+        return run_view_html(storage, title, spec.description or "", refresh_seconds=10)
 
     @app.get("/", response_class=HTMLResponse)
     def page(user: GetUserDep) -> str:

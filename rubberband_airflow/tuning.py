@@ -5,6 +5,7 @@ connection (``rubberband_airflow.hooks.storage``) and hands the results in.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +48,19 @@ def run_uri(spec: TuningSpec, dag_id: str, run_id: str, attempt: int = 1) -> str
     first, ``<storage>/<dag_id>/<run_id>.attempt-<n>`` for the n-th (the run cleared n - 1 times)."""
     if attempt < 1:
         raise ValueError(f"attempt must be at least 1, got {attempt}")
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-    return f"{dag_uri(spec, dag_id)}/{safe}{'' if attempt == 1 else f'.attempt-{attempt}'}"
+    return f"{dag_uri(spec, dag_id)}/{_folder(run_id)}{'' if attempt == 1 else f'.attempt-{attempt}'}"
+
+
+def latest_attempt(folders: Iterable[str], run_id: str) -> int:
+    """The newest attempt of a DAG run among the folders of its DAG's storage (1 if none is there)."""
+    first = _folder(run_id)
+    found = [1] + [int(n) for f in folders if f.startswith(f"{first}.attempt-")
+                   and (n := f[len(first) + len(".attempt-"):]).isdigit()]
+    return max(found)
+
+
+def _folder(run_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
 
 
 def settings(spec: TuningSpec, params: dict[str, Any] | None) -> RunSettings:

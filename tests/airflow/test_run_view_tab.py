@@ -100,3 +100,10 @@ def test_the_run_tab_serves_the_run_view_behind_the_login(run_dir, airflow_db, t
 
     [tab] = [v for v in RubberBandPlugin.external_views if v["destination"] == "dag_run"]
     assert tab["href"] == "/rubberband/runs/{DAG_ID}/{RUN_ID}"
+
+    # A cleared run: its tab shows the newest attempt (the run cleared twice: attempt 3), not the first.
+    shutil.copytree(run_dir, Path(f"{folder}.attempt-3"))
+    shutil.copytree(run_dir, Path(f"{folder}x.attempt-9"))  # another run's attempt, whose id starts the same
+    page = client.get(path, headers={"Authorization": f"Bearer {token}"})
+    assert page.status_code == 200 and "<title>digits_tuning / " in page.text
+    assert f"{html.escape(RUN_ID)} (attempt 3) · RubberBand</title>" in page.text
