@@ -21,6 +21,7 @@ from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.problem import SHA, max_stages, parse_billing, parse_planner
 from rubberband_airflow.planning.validation import Reader, describe, integer, label, number
 from rubberband_airflow.search_space import validate as validate_space
+from rubberband_airflow.trainable import computes
 
 
 class SpecError(ValueError):
@@ -46,6 +47,9 @@ class LocalBackendSpec:
     max_instances: int
     pending_seconds: float = 0.0
     boot_seconds: float = 0.0
+    # Slots may outnumber the machine's cores (or GPUs): only for a trainable that does not
+    # compute (its module sets COMPUTES = False), such as the synthetic workload.
+    oversubscribe: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,10 @@ def _parse(data: Any, path: str) -> TuningSpec:
     r.done()
     deadline = top.number("deadline_seconds", positive=True)
     backend = _backend(top.raw("backend"))
+    if isinstance(backend, LocalBackendSpec) and backend.oversubscribe and computes(trainable):
+        raise ProblemError("backend.oversubscribe", f"may be true only for a trainable that does not compute (its "
+                           f"module sets COMPUTES = False, as rubberband_airflow.workloads.synthetic does); "
+                           f"{trainable} computes, and would run slower than profiled on shared cores")
     storage = _expand(top.string("storage"))
     profile = _expand(top.string("profile"))
     spec = TuningSpec(
@@ -296,6 +304,13 @@ def _overrides(value: Any, where: str, parse: Callable[[Any, str], Any]) -> dict
     parse(value, where)
     return dict(value)
 
+def _boolean(reader: Reader, key: str) -> bool:
+    value = reader.raw(key, False)
+    if not isinstance(value, bool):
+        raise ProblemError(reader.name(key), f"must be true or false, got {describe(value)}")
+    return value
+
+
 def _string_or_null(reader: Reader, key: str) -> str | None:
     value = reader.raw(key, None)
     return None if value is None else reader.string(key)
@@ -320,7 +335,8 @@ def _backend(value: Any) -> LocalBackendSpec | EC2BackendSpec:
                                  price_per_hour=r.number("price_per_hour", positive=True),
                                  max_instances=r.integer("max_instances", minimum=1, maximum=MAX_INSTANCES),
                                  pending_seconds=r.number("pending_seconds", 0.0),
-                                 boot_seconds=r.number("boot_seconds", 0.0))
+                                 boot_seconds=r.number("boot_seconds", 0.0),
+                                 oversubscribe=_boolean(r, "oversubscribe"))
         r.done()
         return local
     if kind == BackendType.EC2:

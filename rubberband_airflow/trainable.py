@@ -127,6 +127,17 @@ class TrialContext:
             patiently(lambda: self.storage.append_metrics(self.trial_id, record), "writing the metrics")
 
 
+def computes(ref: str) -> bool:
+    """Whether a trainable computes: True unless its module sets ``COMPUTES = False`` (or cannot be
+    imported here, where nothing tells it does not). One that does not needs no core of its own,
+    nor torch in its worker."""
+    try:
+        module = importlib.import_module(ref.partition(":")[0])
+    except Exception:  # noqa: BLE001 - a module that fails to import here is assumed to compute
+        return True
+    return getattr(module, "COMPUTES", True) is not False
+
+
 def load_trainable(ref: str) -> Callable[[TrialContext], Any]:
     """Import ``"package.module:function"``; errors say what is wrong with the reference."""
     module_name, sep, attr = ref.partition(":")

@@ -89,7 +89,9 @@ def _instance_types(spec: TuningSpec, chosen: list[str], max_instances: int | No
     b = spec.backend
     types: list[dict[str, Any]] = []
     if isinstance(b, LocalBackendSpec):
-        limit = min(b.max_instances, LocalInstanceType(b.instance_type, b.slots).max_instances())
+        # A computing trainable's instances share no core (or GPU); a sleeping one's may (spec.py checks which).
+        limit = b.max_instances if b.oversubscribe else min(
+            b.max_instances, LocalInstanceType(b.instance_type, b.slots).max_instances())
         # Pending and boot come from the profile, measured on this backend with the same injected latency.
         types.append({"name": b.instance_type, "gpus": b.slots, "price_per_hour": b.price_per_hour,
                       "max_instances": limit})

@@ -21,7 +21,7 @@ from typing import Any
 
 from rubberband_airflow.execution import checkpoint, interruption
 from rubberband_airflow.execution.storage import RunStorage
-from rubberband_airflow.trainable import TrialContext, TrialFailed, load_trainable, patiently
+from rubberband_airflow.trainable import TrialContext, TrialFailed, computes, load_trainable, patiently
 
 INTERRUPTED_EXIT = 75  # EX_TEMPFAIL: stopped for a spot interruption, to resume elsewhere
 
@@ -46,8 +46,7 @@ def _torch() -> Any | None:
     return torch
 
 
-def _device(rank: int, slots: list[int]) -> str:
-    torch = _torch()
+def _device(rank: int, slots: list[int], torch: Any | None) -> str:
     if torch is not None and torch.cuda.is_available():
         return f"cuda:{slots[rank] if rank < len(slots) else rank}"
     return "cpu"
@@ -56,10 +55,11 @@ def _device(rank: int, slots: list[int]) -> str:
 def _rank_main(rank: int, world_size: int, port: int, run_uri: str, trial: str, stage: int,
                task: dict[str, Any], spec: dict[str, Any], slots: list[int]) -> None:
     interruption.install()
-    torch = _torch()
+    # A trainable that does not compute (a sleeping synthetic one) runs without torch on the CPU.
+    torch = _torch() if computes(spec["trainable"]) else None
     if torch is not None:
         torch.set_num_threads(1)  # one slot, one core: the speed the profiler measured
-    device = _device(rank, slots)
+    device = _device(rank, slots, torch)
     if torch is not None and device.startswith("cuda"):
         torch.cuda.set_device(device)
     # Data parallel only: a one-rank trial needs no process group (nor torch).

@@ -49,7 +49,7 @@ def test_runtime_modules_import_no_airflow():
 @pytest.fixture(scope="module")
 def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A venv holding the package installed without extras, from a copy of its sources (a build
-    writes into its source tree); pip's cache stays off."""
+    writes into its source tree); wheels come from pip's cache where it has them."""
     tmp = tmp_path_factory.mktemp("runtime")
     src = tmp / "src"
     shutil.copytree(ROOT / "rubberband_airflow", src / "rubberband_airflow",
@@ -58,7 +58,7 @@ def runtime_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
         shutil.copy(ROOT / name, src / name)
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120, env=_env())
-    r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-cache-dir",
+    r = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-compile",
                         "-c", str(ROOT / "constraints.txt"), str(src)],
                        capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -2,8 +2,9 @@
 
 A slot is a GPU where the machine has them and a CPU core where it does not; the instance type
 says how many slots an instance has, and ``max_instances`` keeps the machine from being
-oversubscribed, so that the speed the profiler measured is the speed a run gets. Pending and
-boot latency can be injected so the planning model's latencies are exercised.
+oversubscribed, so that the speed the profiler measured is the speed a run gets (only a spec
+whose trainable does not compute may opt out: ``backend.oversubscribe``). Pending and boot
+latency can be injected so the planning model's latencies are exercised.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from rubberband_airflow.execution.backends.base import ComputeBackend, Market
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.errors import ProblemError
 
 # Processes this Python process started, so their exit can be reaped (no zombies).
 _CHILDREN: dict[int, subprocess.Popen] = {}
@@ -32,8 +34,14 @@ class LocalInstanceType:
     price_per_hour: float = 0.0
 
     def max_instances(self) -> int:
-        """How many such instances fit on this machine without sharing a core or GPU."""
-        return max(1, machine_slots() // self.slots)
+        """How many such instances fit on this machine without sharing a core or GPU; an error
+        naming ``backend.slots`` if not even one does."""
+        have = machine_slots()
+        if self.slots > have:
+            raise ProblemError("backend.slots", f"{self.slots} slots do not fit this machine's {have} GPUs (or CPU "
+                               "cores, where it has no GPU): a trial would share a core and run slower than "
+                               "profiled (backend.oversubscribe is for a trainable that does not compute)")
+        return have // self.slots
 
 
 def machine_slots() -> int:
