@@ -167,6 +167,7 @@ class Agent:
             self.running.remove(r)
 
     def step(self) -> None:
+        had = [r.task for r in self.running]
         self.reap()
         pending = self.pending()
         for task in pending:
@@ -176,7 +177,8 @@ class Agent:
             self.start(task, free[: int(task["gpus"])])
         if pending or self.running:
             self._busy = time.monotonic()
-        self.beat()
+        # A trial started or ended is in the heartbeat at once: a watcher times a hang from there.
+        self.beat(force=[r.task for r in self.running] != had)
 
     def idle_too_long(self) -> bool:
         return self.idle_timeout is not None and time.monotonic() - self._busy > self.idle_timeout
