@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from rubberband_airflow.execution import checkpoint
-from rubberband_airflow.trainable import TrialContext, TrialFailed
+from rubberband_airflow.trainable import TrialContext, TrialFailed, patiently
 
 SEARCH_SPACE: dict[str, dict[str, Any]] = {
     "x": {"type": "uniform", "low": 0.0, "high": 1.0},
@@ -86,8 +86,8 @@ def save_state(ctx: TrialContext, state: dict[str, Any]) -> None:
     """The trial's checkpoint at ``state["epoch"]``, its state as JSON (rank 0 only)."""
     if ctx.is_chief:
         payload = json.dumps(state, sort_keys=True).encode()
-        ctx.storage.write_bytes(checkpoint.encode(ctx.trial_id, int(state["epoch"]), ctx.stage, payload),
-                                *checkpoint.path(ctx.trial_id))
+        data = checkpoint.encode(ctx.trial_id, int(state["epoch"]), ctx.stage, payload)
+        patiently(lambda: ctx.storage.write_bytes(data, *checkpoint.path(ctx.trial_id)), "writing the checkpoint")
 
 
 def load_state(ctx: TrialContext) -> dict[str, Any] | None:
