@@ -413,7 +413,7 @@ def cost_spec(data: dict[str, Any]) -> dict[str, Any]:
                           "tooltip": [{"field": "series"}, {"field": "t", "title": "seconds"},
                                       {"field": "cost", "format": "$.4f"}]}}
     so_far = max((c["t"] for c in data["cost"] if c["series"] == "actual"), default=data["horizon"])
-    finals = [{"label": f"{k} ${v:.4f}", "series": k, "cost": v,
+    finals = [{"label": f"{k if k == 'planned' or data['finished'] else 'so far'} ${v:.4f}", "series": k, "cost": v,
                "t": data["horizon"] if k == "planned" else (data["actual"]["jct_seconds"] or so_far)}
               for k, v in (("planned", _predicted(data, "cost_usd")),
                            ("actual", data["actual"]["cost_usd"])) if v is not None]
@@ -528,7 +528,8 @@ def _figures(data: dict[str, Any]) -> list[tuple[str, str]]:
     done = [r for r in data["trials"] if r["state"] == "done"]
     return [("deadline", _fmt(data["deadline"], " s", 0)),
             ("JCT predicted / actual", f"{_fmt(pj, ' s')} / {_fmt(data['actual']['jct_seconds'], ' s')}"),
-            ("cost predicted / actual", f"{_fmt(pc, '$', 4)} / {_fmt(data['actual']['cost_usd'], '$', 4)}"),
+            (f"cost predicted / {'actual' if data['finished'] else 'so far'}",
+             f"{_fmt(pc, '$', 4)} / {_fmt(data['actual']['cost_usd'], '$', 4)}"),
             ("best static plan", _fmt(best_static, "$", 4)),
             ("saving against it", _fmt(saving, "%")),
             ("instances per stage", f"{shape} ({data['instance_type']})"),

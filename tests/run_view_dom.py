@@ -213,6 +213,10 @@ def check_in_flight(view: View, before: RunState) -> None:
     assert view["title"].endswith("(in flight)")
     assert "this run (actual JCT)" not in view.labelled("deadline", "point")
     assert view["figures"]["JCT predicted / actual"].endswith(" / –")
+    # The cost is the bill so far, and says so.
+    assert "cost predicted / actual" not in view["figures"]
+    so_far = [k for k in view.labelled("cost", "text mark") if k.startswith("so far $")]
+    assert view["figures"]["cost predicted / so far"].endswith(" / " + so_far[0][len("so far "):]), so_far
     live = [e["instance"] for e in before.ledger if e.get("terminated") is None]
     assert live, "no instance is up"
     for instance in live:  # its life runs on to (at least) the moment the files were read

@@ -187,6 +187,10 @@ def test_a_run_in_flight_refreshes_and_shows_its_live_instance(run_dir, tmp_path
     rows = {c["trial"]: c for c in specs["curves"]["data"]["values"]}
     assert rows and all(c["state"] in ("running", "done", "failed") for c in rows.values())
     assert not any(p["label"] == "this run (actual JCT)" for p in _values(specs["deadline"], "point"))
+    # The cost of a run in flight is its bill so far, labelled so on the chart and in the figures.
+    labels = [m["label"] for m in _values(specs["cost"], "text") if "label" in m]
+    assert any(x.startswith("so far $") for x in labels) and not any(x.startswith("actual") for x in labels), labels
+    assert "cost predicted / so far" in page and "cost predicted / actual" not in page
 
 
 def test_report_html_through_the_cli(run_dir, tmp_path, capsys):
