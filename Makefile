@@ -33,6 +33,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_planner
 	$(BIN)/python -m benchmarks.bench_replan
+	$(BIN)/python -m benchmarks.bench_spot
 	$(BIN)/python -m benchmarks.bench_orchestration
 
 # dist/mwaa/: plugins.zip (the plugin module, the package's wheel, constraints) and requirements.txt

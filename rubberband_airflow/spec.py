@@ -54,7 +54,8 @@ class LocalBackendSpec:
 
 @dataclass(frozen=True)
 class EC2BackendSpec:
-    # name, max_instances; optional price_per_hour, gpus, market ("spot" or "on-demand") and spot_price_per_hour
+    # name, max_instances; optional price_per_hour, gpus, market ("spot" or "on-demand"), spot_price_per_hour
+    # and interruptions_per_hour
     instance_types: tuple[dict[str, Any], ...]
     ami: str
     subnets: tuple[str, ...]
@@ -373,6 +374,9 @@ def _ec2_instance_types(value: Any) -> tuple[dict[str, Any], ...]:
             out["market"] = market
         if (spot := tr.raw("spot_price_per_hour", _ABSENT)) is not _ABSENT:
             out["spot_price_per_hour"] = number(spot, f"{where}.spot_price_per_hour", positive=True)
+        if (rate := tr.raw("interruptions_per_hour", _ABSENT)) is not _ABSENT:
+            out["interruptions_per_hour"] = number(rate, f"{where}.interruptions_per_hour", positive=False,
+                                                   at_most=60.0)
         if name not in PRICE_TABLE and not {"price_per_hour", "gpus"} <= set(out):
             raise ProblemError(where, f"{name!r} is not in the price table "
                                "(rubberband_airflow/execution/prices.py): give its gpus and price_per_hour")

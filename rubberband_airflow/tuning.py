@@ -18,6 +18,12 @@ from rubberband_airflow.planning.profile import to_problem
 from rubberband_airflow.report import newest_reports
 from rubberband_airflow.spec import EC2BackendSpec, LocalBackendSpec, TuningSpec, parse_spec
 
+# Spot interruptions per instance-hour the planner assumes where the spec gives none: about one
+# interruption a day per instance, at the high end of what AWS's Spot Instance Advisor reports
+# for GPU types ("<5%" to "5-10%" of instances interrupted a month is far less).
+DEFAULT_INTERRUPTIONS_PER_HOUR = 0.05
+SPOT_SUFFIX = ":spot"  # a spot offer's name in the planning problem: "<instance type>:spot"
+
 # Run parameters a trigger form may override, with the spec's value as default.
 OVERRIDABLE = ("deadline_seconds", "num_trials", "eta", "min_epochs", "instance_types", "max_instances", "seed")
 
@@ -102,13 +108,29 @@ def _instance_types(spec: TuningSpec, chosen: list[str], max_instances: int | No
             if t["name"] not in chosen:
                 continue
             known = lookup(t["name"]) if "gpus" not in t or "price_per_hour" not in t else None
-            types.append({"name": t["name"], "gpus": int(t.get("gpus", known.gpus if known else 1)),
-                          "price_per_hour": float(t.get("price_per_hour", known.price_per_hour if known else 0)),
-                          "max_instances": int(t.get("max_instances", 16))})
+            on_demand = {"name": t["name"], "gpus": int(t.get("gpus", known.gpus if known else 1)),
+                         "price_per_hour": float(t.get("price_per_hour", known.price_per_hour if known else 0)),
+                         "max_instances": int(t.get("max_instances", 16))}
+            market = t.get("market")
+            if market != Market.SPOT:
+                types.append(on_demand)
+            if market == Market.SPOT or (market is None and "spot_price_per_hour" in t):
+                types.append({**on_demand, "name": t["name"] + SPOT_SUFFIX, "market": "spot",
+                              "price_per_hour": float(t.get("spot_price_per_hour", on_demand["price_per_hour"])),
+                              "interruptions_per_hour": float(t.get("interruptions_per_hour",
+                                                                    DEFAULT_INTERRUPTIONS_PER_HOUR))})
     if max_instances:
         for t in types:
             t["max_instances"] = min(t["max_instances"], int(max_instances))
     return types
+
+
+def offer(name: str) -> tuple[str, Market | None]:
+    """The instance type and market of a planning problem's instance type name (``g5.xlarge:spot``:
+    spot; a plain name: the spec's market)."""
+    if name.endswith(SPOT_SUFFIX):
+        return name[:-len(SPOT_SUFFIX)], Market.SPOT
+    return name, None
 
 
 def past_runs(root: RunStorage, limit: int = 5) -> list[dict[str, Any]]:
@@ -156,8 +178,9 @@ def backend_for(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str,
         return LocalBackend(storage, itype, trial_timeout=spec.trial_timeout.floor_seconds, idle_timeout=idle_timeout)
     from rubberband_airflow.execution.backends.ec2 import EC2Backend
 
+    instance_type, market = offer(instance_type)
     known = {t["name"]: t for t in _instance_types(spec, [instance_type], None)}
-    if instance_type not in known:
+    if instance_type not in known and instance_type + SPOT_SUFFIX not in known:
         raise ProblemError("backend.instance_types", f"{instance_type!r}, which the run's plan uses, is not in the "
                            f"spec's backend ({', '.join(instance_type_names(spec))})")
     if ec2_client is None:
@@ -165,10 +188,11 @@ def backend_for(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str,
     given = next(t for t in b.instance_types if t["name"] == instance_type)
     return EC2Backend(storage=storage, instance_type=instance_type, image_id=b.ami, subnets=list(b.subnets),
                       security_groups=list(b.security_groups), instance_profile=b.instance_profile,
-                      key_name=b.key_name, dag_id=dag_id, run_id=run_id, slots=int(known[instance_type]["gpus"]),
+                      key_name=b.key_name, dag_id=dag_id, run_id=run_id, slots=int(next(iter(known.values()))["gpus"]),
                       trial_timeout=spec.trial_timeout.floor_seconds, idle_timeout=idle_timeout, client=ec2_client,
                       attempt=attempt, **({"deployment": deployment} if deployment else {}),
-                      market=Market(given.get("market", Market.ON_DEMAND)), spot_price=given.get("spot_price_per_hour"))
+                      market=market or Market(given.get("market", Market.ON_DEMAND)),
+                      spot_price=given.get("spot_price_per_hour"))
 
 
 SNAPSHOT = "spec.json"  # a run's own copy of its spec, in its storage

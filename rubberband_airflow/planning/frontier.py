@@ -94,7 +94,8 @@ def stage_costs(problem: Problem, itype: InstanceType, stage: int, g: int, befor
     carried = np.minimum(before, after)
     new = after - carried
     slots = itype.gpus // g
-    d = w.trial_overhead_seconds + problem.sha.new_epochs(stage + 1) * w.epoch_seconds[g]
+    d = itype.interrupted_seconds(w.trial_overhead_seconds + problem.sha.new_epochs(stage + 1) * w.epoch_seconds[g],
+                                  w.epoch_seconds[g], w.trial_overhead_seconds)
     if stage == 0 and _waits_for_live(problem, itype):
         span = _first_makespan(problem, itype, d, slots, after)
     else:

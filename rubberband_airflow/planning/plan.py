@@ -29,7 +29,9 @@ class Plan:
         return cls(instance_type, tuple(StageAllocation(int(g), int(c)) for g, c in stages))
 
     def to_dict(self, problem: Problem | None = None) -> dict[str, Any]:
-        """Plain JSON; with the problem, each stage also says its trials and epochs."""
+        """Plain JSON; with the problem, each stage also says its trials and epochs (and its market,
+        on a spot instance type)."""
+        spot = problem is not None and problem.instance_type(self.instance_type).market == "spot"
         stages = []
         for i, s in enumerate(self.stages, start=1):
             entry: dict[str, Any] = {"gpus_per_trial": s.gpus_per_trial, "instances": s.instances}
@@ -38,6 +40,8 @@ class Plan:
             if problem is not None:
                 entry["trials"] = problem.sha.trials(i)
                 entry["epochs"] = problem.sha.epochs(i)
+            if spot:
+                entry["market"] = "spot"
             stages.append(entry)
         return {"instance_type": self.instance_type, "stages": stages}
 

@@ -58,6 +58,9 @@ class Workload:
     checkpoint_gb: float = 0.0
 
 
+MARKETS = ("on-demand", "spot")
+
+
 @dataclass(frozen=True)
 class InstanceType:
     name: str
@@ -67,6 +70,18 @@ class InstanceType:
     boot_seconds: float
     pending_sigma: float = 0.0
     max_instances: int = 16
+    market: str = "on-demand"  # "spot": its instances may be interrupted (section 4.1)
+    interruptions_per_hour: float = 0.0  # per spot instance-hour
+
+    def interruption_seconds(self, epoch_seconds: float, trial_overhead_seconds: float) -> float:
+        """What one interruption costs a trial on it: the work since its last checkpoint (half an
+        epoch on average; trials checkpoint every epoch), its restart, and a replacement's launch."""
+        return epoch_seconds / 2.0 + trial_overhead_seconds + self.pending_seconds + self.boot_seconds
+
+    def interrupted_seconds(self, seconds: float, epoch_seconds: float, trial_overhead_seconds: float) -> float:
+        """The expected duration of a trial of ``seconds`` on it, interruptions included (section 4.1)."""
+        per = self.interruption_seconds(epoch_seconds, trial_overhead_seconds)
+        return seconds * (1.0 + self.interruptions_per_hour / 3600.0 * per)
 
 
 @dataclass(frozen=True)
@@ -100,7 +115,8 @@ class Problem:
     @property
     def deterministic(self) -> bool:
         """True when no noise is modelled: every Monte Carlo sample is the same run."""
-        return self.workload.straggler_sigma == 0 and all(t.pending_sigma == 0 for t in self.instance_types)
+        return self.workload.straggler_sigma == 0 and all(
+            t.pending_sigma == 0 and t.interruptions_per_hour == 0 for t in self.instance_types)
 
     def instance_type(self, name: str) -> InstanceType:
         for t in self.instance_types:
@@ -144,11 +160,19 @@ class Problem:
                          "trial_overhead_seconds": w.trial_overhead_seconds,
                          "stage_overhead_seconds": w.stage_overhead_seconds,
                          "straggler_sigma": w.straggler_sigma, "checkpoint_gb": w.checkpoint_gb},
-            "instance_types": [dict(t.__dict__) for t in self.instance_types],
+            "instance_types": [_type_dict(t) for t in self.instance_types],
             "billing": dict(self.billing.__dict__),
             "deadline_seconds": self.deadline_seconds,
             "planner": dict(self.planner.__dict__),
         }
+
+
+def _type_dict(t: InstanceType) -> dict[str, Any]:
+    """An instance type's JSON; the market fields only for a spot type (on-demand problems read as before)."""
+    out = dict(t.__dict__)
+    if t.market == "on-demand":
+        del out["market"], out["interruptions_per_hour"]
+    return out
 
 
 def parse_problem(data: Any) -> Problem:
@@ -199,8 +223,15 @@ def parse_problem(data: Any) -> Problem:
             boot_seconds=r.number("boot_seconds"),
             pending_sigma=r.number("pending_sigma", 0.0, at_most=5.0),
             max_instances=r.integer("max_instances", 16, minimum=1, maximum=4096),
+            market=r.string("market", "on-demand"),
+            interruptions_per_hour=r.number("interruptions_per_hour", 0.0, at_most=3600.0),
         )
         r.done()
+        if t.market not in MARKETS:
+            raise ProblemError(f"instance_types[{k}].market", f"must be 'on-demand' or 'spot', got {t.market!r}")
+        if t.interruptions_per_hour > 0 and t.market != "spot":
+            raise ProblemError(f"instance_types[{k}].interruptions_per_hour",
+                               "only a spot instance type is interrupted: set market to 'spot'")
         if any(t.name == other.name for other in types):
             raise ProblemError(f"instance_types[{k}].name", f"instance type {t.name!r} is listed twice")
         types.append(t)

@@ -22,6 +22,7 @@ class Draws:
 
     trial_z: np.ndarray  # (samples, stages, num_trials)
     pending_z: np.ndarray  # (samples, stages, max instances requested in one stage)
+    interruption_u: np.ndarray | None = None  # (samples, stages, num_trials) uniforms; None: no spot type
     _factors: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -39,11 +40,19 @@ class Draws:
             self._factors[key] = lognormal_factor(self.trial_z[:, stage, :trials], sigma)
         return self._factors[key]
 
-    def durations(self, stage: int, trials: int, overhead: float, train: float, sigma: float) -> np.ndarray:
-        """Trial durations (samples, trials) of a stage: ``overhead + train * xi``, remembered."""
-        key = ("durations", stage, trials, overhead, train, sigma)
+    def durations(self, stage: int, trials: int, overhead: float, train: float, sigma: float,
+                  interruptions_per_hour: float = 0.0, per_interruption: float = 0.0) -> np.ndarray:
+        """Trial durations (samples, trials) of a stage: ``overhead + train * xi``, remembered. On
+        spot instances (section 4.1) each trial is also interrupted a Poisson number of times, with
+        mean rate x that duration, each interruption costing ``per_interruption`` seconds."""
+        key = ("durations", stage, trials, overhead, train, sigma, interruptions_per_hour, per_interruption)
         if key not in self._factors:
-            self._factors[key] = overhead + train * self.trial_factor(sigma, stage, trials)
+            base = overhead + train * self.trial_factor(sigma, stage, trials)
+            if interruptions_per_hour > 0:
+                assert self.interruption_u is not None, "the draws were made for a problem without spot types"
+                counts = poisson_counts(self.interruption_u[:, stage, :trials], base * (interruptions_per_hour / 3600))
+                base = base + counts * per_interruption
+            self._factors[key] = base
         return self._factors[key]
 
     def pending_factor(self, sigma: float) -> np.ndarray:
@@ -72,7 +81,29 @@ class Draws:
             pending_z = rng.standard_normal((samples, stages, max_new))
         else:
             pending_z = np.zeros((samples, stages, max_new))
-        return cls(trial_z, pending_z)
+        interruption_u = None  # drawn after the others, so problems without spot draw as before
+        if any(t.interruptions_per_hour > 0 for t in problem.instance_types):
+            # Stratified over samples for each trial: interruptions are rare events, and the samples
+            # must hold each trial's share of them however few samples there are.
+            shape = (samples, stages, problem.sha.num_trials)
+            strata = rng.permuted(np.broadcast_to(np.arange(samples)[:, None, None], shape), axis=0)
+            interruption_u = (strata + rng.random(shape)) / samples
+        return cls(trial_z, pending_z, interruption_u)
+
+
+def poisson_counts(u: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Inverse CDF of Poisson(mean) at the uniforms ``u``: the smallest k with P(N <= k) >= u."""
+    counts = np.zeros(u.shape, dtype=np.int64)
+    term = np.exp(-mean)
+    cdf = term.copy()
+    for k in range(1, 1000):
+        above = u > cdf
+        if not above.any():
+            break
+        counts += above
+        term = term * mean / k
+        cdf = cdf + term
+    return counts
 
 
 def lognormal_factor(z: np.ndarray, sigma: float) -> np.ndarray:
@@ -235,8 +266,11 @@ def run_stage(problem: Problem, itype: InstanceType, fleet: Fleet, i: int, stage
     live_ready = np.concatenate([fleet.live_ready[:, :keep], running + itype.boot_seconds], axis=1)
     free = np.repeat(np.maximum(start[:, None], live_ready), itype.gpus // stage.gpus_per_trial, axis=1)
     n = problem.sha.trials(i + 1)
-    train = problem.sha.new_epochs(i + 1) * w.epoch_seconds[stage.gpus_per_trial]
-    end = schedule_stage(free, draws.durations(i, n, w.trial_overhead_seconds, train, w.straggler_sigma))
+    epoch = w.epoch_seconds[stage.gpus_per_trial]
+    durations = draws.durations(i, n, w.trial_overhead_seconds, problem.sha.new_epochs(i + 1) * epoch,
+                                w.straggler_sigma, itype.interruptions_per_hour,
+                                itype.interruption_seconds(epoch, w.trial_overhead_seconds))
+    end = schedule_stage(free, durations)
     return Fleet(end=end, stage_end=fleet.stage_end + (end,), running=fleet.running + tuple(running.T),
                  terminated=tuple(terminated) + (None,) * new,
                  live=fleet.live[:keep] + tuple(range(len(fleet.running), len(fleet.running) + new)),

@@ -7,8 +7,9 @@ import pytest
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.problem import parse_problem
-from rubberband_airflow.spec import load_spec, parse_spec
+from rubberband_airflow.spec import SpecError, load_spec, parse_spec
 from rubberband_airflow.tuning import (
+    DEFAULT_INTERRUPTIONS_PER_HOUR,
     RunSnapshot,
     measured_stage_overhead,
     past_runs,
@@ -86,3 +87,60 @@ def test_a_runs_snapshot_reads_back_the_spec_it_was_taken_of(spec, tmp_path, nam
     assert back.spec.path.endswith("/run/spec.json")
     with pytest.raises(FileNotFoundError, match="start_run"):
         read_snapshot(RunStorage(f"file://{tmp_path}/never-started"))
+
+
+def _ec2_types(spec, types: list[dict]):
+    data = spec.to_dict()
+    data["backend"] = {**data["backend"], "instance_types": types}
+    return parse_spec(data, "spot.yaml")
+
+
+def test_spot_offers_become_instance_types_the_planner_chooses_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    nightly = load_spec(ROOT / "dags" / "nightly_ec2_tuning.yaml")
+    spec = _ec2_types(nightly, [
+        {"name": "g5.xlarge", "max_instances": 4, "spot_price_per_hour": 0.4},  # both markets
+        {"name": "g5.12xlarge", "max_instances": 2, "market": "spot", "interruptions_per_hour": 0.2},  # spot only
+        {"name": "g6.xlarge", "max_instances": 2},  # on demand only
+    ])
+    types = {t.name: t for t in parse_problem(planning_problem(spec, {}, PROFILE)).instance_types}
+    assert set(types) == {"g5.xlarge", "g5.xlarge:spot", "g5.12xlarge:spot", "g6.xlarge"}
+    assert types["g5.xlarge"].market == "on-demand" and types["g5.xlarge"].price_per_hour == 1.006
+    assert (types["g5.xlarge:spot"].market, types["g5.xlarge:spot"].price_per_hour) == ("spot", 0.4)
+    assert types["g5.xlarge:spot"].interruptions_per_hour == DEFAULT_INTERRUPTIONS_PER_HOUR
+    assert types["g5.xlarge:spot"].max_instances == 4
+    # Spot without a spot price is planned at the on-demand price, the most AWS charges for it.
+    assert (types["g5.12xlarge:spot"].price_per_hour, types["g5.12xlarge:spot"].interruptions_per_hour) == (5.672, 0.2)
+    # The form's instance types name the EC2 types; each brings its offers.
+    only = parse_problem(planning_problem(spec, {"instance_types": ["g5.xlarge"]}, PROFILE)).instance_types
+    assert [t.name for t in only] == ["g5.xlarge", "g5.xlarge:spot"]
+
+
+def test_a_plan_on_a_spot_offer_runs_on_a_spot_backend_of_its_ec2_type(tmp_path, monkeypatch):
+    import boto3
+
+    from rubberband_airflow.execution.backends.base import Market
+    from rubberband_airflow.tuning import backend_for
+
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    spec = _ec2_types(load_spec(ROOT / "dags" / "nightly_ec2_tuning.yaml"),
+                      [{"name": "g5.xlarge", "max_instances": 4, "spot_price_per_hour": 0.4}])
+    client = boto3.client("ec2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    storage = RunStorage(f"file://{tmp_path}/run")
+    spot = backend_for(spec, storage, "d", "r", "g5.xlarge:spot", ec2_client=client)
+    on_demand = backend_for(spec, storage, "d", "r", "g5.xlarge", ec2_client=client)
+    assert (spot.instance_type, spot.market, spot.spot_price) == ("g5.xlarge", Market.SPOT, 0.4)
+    assert (on_demand.instance_type, on_demand.market) == ("g5.xlarge", Market.ON_DEMAND)
+    with pytest.raises(ProblemError) as err:
+        backend_for(spec, storage, "d", "r", "g6.xlarge:spot", ec2_client=client)
+    assert err.value.field == "backend.instance_types"
+
+
+def test_a_bad_interruption_rate_names_its_field(tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    data = load_spec(ROOT / "dags" / "nightly_ec2_tuning.yaml").to_dict()
+    data["backend"]["instance_types"][0]["interruptions_per_hour"] = "often"
+    with pytest.raises(SpecError) as err:
+        parse_spec(data, "bad.yaml")
+    assert str(err.value) == ("bad.yaml: backend.instance_types[0].interruptions_per_hour: "
+                              "must be a number, got string 'often'")
