@@ -39,6 +39,10 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
             results_by_trial.setdefault(t, {})[str(stage)] = r
         done = {t: r for t, r in results.items() if is_done(r)}
         start = storage.read_json("stages", str(stage), "start.json")["time"]
+        # The orchestrator's overhead (h of the planning model) runs from the last result of the stage
+        # before to the first trial the agents start in this one: promotion, scaling and placement.
+        spawned = [r.get("spawned", r.get("started")) for r in results.values()]
+        first = min((float(t) for t in spawned if t is not None), default=start)
         ends = [r["finished"] for r in results.values() if r.get("finished")]
         end = max(ends) if ends else storage.read_json("stages", str(stage), "end.json")["time"]
         alloc = plan["stages"][stage - 1] if stage <= len(plan.get("stages", [])) else {}
@@ -46,7 +50,7 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
                        "failed": sorted(set(results) - set(done)),
                        "gpus_per_trial": alloc.get("gpus_per_trial"), "instances": alloc.get("instances"),
                        "epochs": alloc.get("epochs"), "start": start, "end": end,
-                       "overhead_seconds": start - previous_end if previous_end else None,
+                       "overhead_seconds": first - previous_end if previous_end else None,
                        "seconds": end - start,
                        "best_metric": _best_metric(done, mode)})
         previous_end = end

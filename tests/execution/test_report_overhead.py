@@ -1,0 +1,34 @@
+"""The stage overhead a report measures is h of the planning model: from the last result of a
+stage to the first trial an agent starts in the next, scaling and placement included."""
+
+import pytest
+
+from rubberband_airflow.execution import runner
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.report import build_report
+
+
+def _result(t0: float, spawned: float, finished: float) -> dict:
+    return {"state": "done", "metric": 0.5, "instance": "i-1", "spawned": t0 + spawned,
+            "started": t0 + spawned + 0.5, "finished": t0 + finished}
+
+
+def test_overhead_runs_from_the_last_result_to_the_next_stages_first_trial(tmp_path):
+    storage = RunStorage(f"file://{tmp_path}/run")
+    plan = {"instance_type": "local-1", "stages": [{"gpus_per_trial": 1, "instances": 1, "epochs": 1},
+                                                   {"gpus_per_trial": 1, "instances": 1, "epochs": 2}]}
+    runner.start_run(storage, runner.RunSpec("m:f", "accuracy", "max", 0), [{"x": 1}, {"x": 2}], plan, 1)
+    t0 = storage.read_json("run.json")["started"]
+    storage.write_json({"stage": 1, "time": t0 + 1.0}, "stages", "1", "start.json")
+    storage.write_result("trial-0000", 1, _result(t0, 3.0, 10.0))
+    storage.write_result("trial-0001", 1, _result(t0, 3.5, 12.0))
+    storage.write_json({"stage": 1, "time": t0 + 12.5}, "stages", "1", "end.json")
+    storage.write_json({"trials": ["trial-0001"]}, "stages", "2", "trials.json")
+    # Stage 2's scaling task starts 1 s after the last result; its trial starts 6 s after it.
+    storage.write_json({"stage": 2, "time": t0 + 13.0}, "stages", "2", "start.json")
+    storage.write_result("trial-0001", 2, _result(t0, 18.0, 30.0))
+    storage.write_json({"stage": 2, "time": t0 + 30.5}, "stages", "2", "end.json")
+
+    report = build_report(storage, "dag")
+    assert report["stage_overhead_seconds"] == [pytest.approx(3.0), pytest.approx(6.0)]
+    assert report["actual"]["jct_seconds"] == pytest.approx(30.0)
