@@ -94,7 +94,7 @@ def test_concurrent_ec2_runs_keep_their_instances_apart(airflow_stack, stack_clo
     for dag_id in ("nightly_ec2_tuning", "digits_ec2"):
         stack.wait_for_dag(dag_id)
     runs = {"nightly_ec2_tuning": stack.trigger("nightly_ec2_tuning", {
-                "num_trials": 9, "instance_types": ["g5.xlarge"], "max_instances": 2, "deadline_seconds": 1800}),
+                "num_trials": 3, "instance_types": ["g5.xlarge"], "max_instances": 2, "deadline_seconds": 1800}),
             "digits_ec2": stack.trigger("digits_ec2", {"num_trials": 4, "max_instances": 2, "deadline_seconds": 900})}
     for dag_id, run_id in runs.items():
         assert stack.wait_for_run(dag_id, run_id, timeout=1500) == "success", stack.task_states(dag_id, run_id)
