@@ -181,7 +181,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     def place(plan: dict[str, Any], stage: int) -> list[str]:
         """Place the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
         r = _Run(conn_id, plan, stage)
-        placement = runner.stage_placement(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout)
+        placement = runner.stage_placement(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout, r.clear)
         return [t["trial"] for tasks in placement.values() for t in tasks]
 
     @task(trigger_rule="all_done")
@@ -202,10 +202,13 @@ def tuning_dag(spec_path: str | Path) -> DAG:
 
     @task(trigger_rule="all_done", outlets=[best])
     def report() -> dict[str, Any]:
-        """Write the report, publish the best configuration, and log a summary."""
+        """Write the report, publish the best configuration, and log a summary (in an attempt
+        continued after a clear of its failed tasks, first terminate what it launched since)."""
         if not get_current_context()["ti"].xcom_pull(task_ids="start_run"):
             raise AirflowSkipException("the run did not start: nothing to report")
         run = _Run(conn_id)
+        if run.clear > run.attempt - 1:  # a continued attempt: its teardown ran before the clear, not since
+            teardown_run(run.storage.uri, run.spec, run.dag_id, run.run_id)
         rep = {**build_report(run.storage, run.dag_id), "run_id": run.run_id, "attempt": run.attempt}
         run.storage.write_json(rep, "report.json")
         log_summary(rep)
@@ -236,6 +239,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         plan = RubberBandPlanOperator(task_id="plan", spec_path=spec_path, retries=0)
         started = start_run(plan.output)
         previous: Any = started
+        promotes = []
         for stage in range(1, _stage_count(spec) + 1):
             with TaskGroup(f"stage_{stage}"):
                 grow = scale_out(plan.output, stage)
@@ -255,9 +259,12 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                 waits >> promoted
             previous >> grow
             previous = promoted
+            promotes.append(promoted)
         # start_run is the setup: the teardown runs however the stages end, even if a user marks
         # the run failed, and terminates every instance the run launched.
         done = teardown().as_teardown(setups=started)
         previous >> done
-        done >> report()
+        # After every stage's promote too: a clear of the failed tasks re-runs the stage that failed
+        # (and those after it), not the teardown, and the report must wait for them.
+        [*promotes, done] >> report()
     return dag

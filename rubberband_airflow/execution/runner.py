@@ -9,6 +9,7 @@ storage, its backend and the plan it executes, parsed into the planning core's t
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import math
@@ -30,7 +31,8 @@ from rubberband_airflow.planning.validation import describe
 __all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run",
            "stage_trials", "begin_stage", "reconcile", "hung_reason", "scale_targets", "launch_batches", "scale_out",
            "scale_in", "scale", "place", "stage_placement", "assign_stage", "stage_results", "wait_stage",
-           "recover_trials", "promote", "promote_stage", "stop_instances", "run_sha", "summarize", "trial_id"]
+           "recover_trials", "promote", "promote_stage", "rerun_due", "rerun_failed", "try_began", "stop_instances",
+           "run_sha", "summarize", "trial_id"]
 
 log = logging.getLogger(__name__)
 
@@ -333,16 +335,18 @@ def place(trials: list[str], instances: list[str], ready_in: dict[str, float], s
 
 
 def stage_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
-                    timeout: TrialTimeout = TrialTimeout()) -> dict[str, list[dict[str, Any]]]:
+                    timeout: TrialTimeout = TrialTimeout(), clear: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Place the stage's trials on the live fleet's slots as the plan expects them to run, each
     with its time limit, and write the assignments the agents read. An instance whose agent has
     not reported yet is expected ready after the plan's pending and boot latency. The placement
     is written once: a retried (or concurrent) place returns the one written first, so a trial
-    is never placed on two instances."""
+    is never placed on two instances. ``clear`` is Airflow's clear number of the run then (a
+    failure is run again only after a later clear: ``rerun_due``)."""
     placement = _written_placement(storage, stage)
     if placement is None:
         placement = _new_placement(storage, backend, run_plan, stage, timeout)
-        if not storage.create_json({"stage": stage, "placement": placement}, "stages", str(stage), "placement.json"):
+        if not storage.create_json({"stage": stage, "placement": placement, "clear": clear},
+                                   "stages", str(stage), "placement.json"):
             placement = _written_placement(storage, stage)
             assert placement is not None
     for instance, tasks in placement.items():  # a first attempt may have stopped before writing them all
@@ -380,7 +384,8 @@ def assign_stage(storage: RunStorage, stage: int, placement: dict[str, list[dict
 
 
 def stage_results(storage: RunStorage, stage: int, trials: list[str]) -> dict[str, dict[str, Any] | None]:
-    return dict(zip(trials, storage.read_json_many([("trials", t, f"stage-{stage}.json") for t in trials])))
+    """Each trial's result in the stage: that of its newest try (None: none yet)."""
+    return storage.read_results(stage, trials)
 
 
 def _fail(storage: RunStorage, trial: str, stage: int, reason: str) -> dict[str, Any]:
@@ -462,7 +467,83 @@ def promote_stage(storage: RunStorage, backend: ComputeBackend, run_plan: RunPla
         promoted: list[str] = []
     else:
         promoted = promote(storage, stage, results, run_plan.sha.trials(stage + 1), mode)
-    return StageOutcome(stage, trials, promoted, failed, last)
+    outcome = StageOutcome(stage, trials, promoted, failed, last)
+    storage.write_json(outcome.to_json(), "stages", str(stage), "promoted.json")
+    return outcome
+
+
+# --- a failed trial run again (a clear of the failed tasks) -----------------------------------
+
+
+def try_began(storage: RunStorage, trial: str, stage: int) -> int:
+    """Airflow's clear number of the run when the trial's newest try of the stage was placed: its
+    stage placement's for the first try, else its retry record's."""
+    k = storage.current_try(trial, stage)
+    if k == 1:
+        return int((storage.read_json("stages", str(stage), "placement.json") or {}).get("clear") or 0)
+    return next(int(r["clear"]) for r in storage.retries(stage) if int(r["try"]) == k)
+
+
+def rerun_due(storage: RunStorage, trial: str, stage: int, clear: int) -> bool:
+    """Whether a trial's failure is to be run again: its newest try of the stage failed, the run
+    was cleared since that try began, and the stage is not promoted yet (once it is, a trial
+    run again could not take part: the run's later stages went on without it)."""
+    result = storage.read_result(trial, stage)
+    return (result is not None and not is_done(result) and clear > try_began(storage, trial, stage)
+            and not storage.exists("stages", str(stage), "promoted.json"))
+
+
+def rerun_failed(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
+                 clear: int) -> dict[str, Any]:
+    """Run the failed trials of a stage again, once for the clear numbered ``clear`` however many
+    tasks ask: a new try of each (its result ``stage-<i>.try-<k>.json``, written once as the
+    first's), placed on the live fleet, or on a batch of its own (``stage-<i>-retry-<k>``) when
+    the run has none (its teardown ran); each resumes from its last checkpoint. Returns the
+    try's record (``stages/<i>/retries/<k>.json``)."""
+    while True:
+        records = storage.retries(stage)
+        mine = [r for r in records if int(r["clear"]) == clear]
+        if mine:
+            return mine[0]
+        k = max((int(r["try"]) for r in records), default=1) + 1
+        record = recovery.once(storage, ("stages", str(stage), "retries", f"{k}.json"),
+                               functools.partial(_rerun, storage, backend, run_plan, stage, clear, k),
+                               f"try {k} of stage {stage}")
+        if int(record["clear"]) == clear:
+            return record
+
+
+def _rerun(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int, clear: int,
+           k: int) -> dict[str, Any]:
+    """The claimed retry: place the stage's failed trials (launching instances if none is live), write the record."""
+    trials = stage_trials(storage, stage)
+    results = stage_results(storage, stage, trials)
+    failed = [t for t in trials if results[t] is not None and not is_done(results[t])]
+    where = recovery.trial_instances(storage, stage)
+    live = reconcile(backend)
+    launched = None
+    if failed and not live:
+        slots = run_plan.slots_per_instance(stage)
+        count = min(run_plan.allocation(stage).instances, math.ceil(len(failed) / max(1, slots)))
+        batch = f"stage-{stage}-retry-{k}"
+        live = backend.launch(batch, count, run_plan.market(stage))
+        launched = {"batch": batch, "instances": live}
+    beats = storage.read_json_many([("instances", i, "heartbeat.json") for i in live])
+    ready_in = {i: 0.0 if beat else run_plan.launch_seconds for i, beat in zip(live, beats)}
+    placed = place(failed, live, ready_in, run_plan.slots_per_instance(stage),
+                   run_plan.allocation(stage).gpus_per_trial, run_plan.trial_seconds(stage),
+                   run_plan.sha.epochs(stage - 1), run_plan.sha.epochs(stage)) if failed else {}
+    limits = {t: where[t][1].get("limit_seconds") for t in failed if t in where}
+    placement = {i: [{**task, "try": k, **({"limit_seconds": limits[task["trial"]]}
+                                           if limits.get(task["trial"]) else {})} for task in tasks]
+                 for i, tasks in placed.items() if tasks}
+    record = {"stage": stage, "try": k, "clear": clear, "time": time.time(), "trials": failed,
+              "placement": placement, "launched": launched,
+              "failed_before": {t: (results[t] or {}).get("error") for t in failed}}
+    storage.write_json(record, "stages", str(stage), "retries", f"{k}.json")
+    log.warning("try %d of stage %d after clear %d: %s", k, stage, clear,
+                ", ".join(f"{t} -> {i}" for i, tasks in placement.items() for t in (x["trial"] for x in tasks)))
+    return record
 
 
 def stop_instances(storage: RunStorage, backend: ComputeBackend) -> list[str]:

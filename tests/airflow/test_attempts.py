@@ -9,15 +9,17 @@ from pathlib import Path
 import yaml
 
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.billing import billed_seconds
 from rubberband_airflow.search_space import sample
 from tests.airflow.conftest import BIN, ROOT, airflow_env, run
 from tests.airflow.test_dag_runs import _agents_alive
 
 # Test setup, not what is tested: `dag.test` for one logical date, as `airflow dags test` runs it,
 # except that an existing run of that date is kept, cleared as "Clear" on the whole run does in the
-# UI and REST API (every task instance, the run queued, its clear number one more), and run again,
-# instead of deleted. After start_run, the spec file is overwritten with the text given (a user
-# editing it mid-run).
+# UI and REST API (every task instance, or with "only failed" the failed and upstream-failed ones;
+# the run queued, its clear number one more), and run again, instead of deleted (nor cleared whole
+# first, as `dag.test` does). After start_run,
+# the spec file is overwritten with the text given, if any (a user editing it mid-run).
 RERUN = """
 import json, sys
 from datetime import datetime
@@ -29,16 +31,18 @@ import airflow.models.dagrun as dagrun_module
 import airflow.sdk.definitions.dag as dag_module
 from airflow.dag_processing.dagbag import DagBag
 from airflow.models.dagrun import DagRun
+from airflow.serialization.definitions.dag import SerializedDAG
 from airflow.utils.state import DagRunState
 
 dag_id, date, conf, spec_path, edit = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4], sys.argv[5]
+only_failed = sys.argv[6:] == ["only-failed"]
 create, run_task = dagrun_module.get_or_create_dagrun, dag_module._run_task
 
 def keep_existing(*, dag, logical_date, session, **kwargs):
     run = session.scalar(select(DagRun).where(DagRun.dag_id == dag.dag_id, DagRun.logical_date == logical_date))
     if run is None:
         return create(dag=dag, logical_date=logical_date, session=session, **kwargs)
-    dag.clear(run_id=run.run_id, dag_run_state=DagRunState.QUEUED, session=session)
+    dag.clear(run_id=run.run_id, dag_run_state=DagRunState.QUEUED, only_failed=only_failed, session=session)
     session.commit()
     session.refresh(run)
     run.state = DagRunState.RUNNING
@@ -48,11 +52,12 @@ def keep_existing(*, dag, logical_date, session, **kwargs):
 
 def run_then_edit(*, ti, task, **kwargs):
     out = run_task(ti=ti, task=task, **kwargs)
-    if ti.task_id == "start_run":
+    if ti.task_id == "start_run" and edit:
         Path(spec_path).write_text(edit)
     return out
 
 dagrun_module.get_or_create_dagrun, dag_module._run_task = keep_existing, run_then_edit
+SerializedDAG.clear_dags = lambda *args, **kwargs: 0
 dag = DagBag().dags[dag_id]
 run = dag.test(logical_date=datetime.fromisoformat(date), run_conf=conf)
 print("DAG RUN", run.run_id, getattr(run.state, "value", run.state), "clear number", run.clear_number)
@@ -111,3 +116,65 @@ def test_a_cleared_run_starts_a_new_attempt_and_a_spec_edited_mid_run_changes_no
     assert all(e["terminated"] is not None for e in rep2["ledger"])
     assert _report(first) == rep1  # the first attempt's files are left as they were
     assert _agents_alive(tmp_path) == []
+
+
+def _dag_test(env: dict, spec_path: Path, log: Path, *extra: str) -> str:
+    """Run (or clear and run again) the DAG run of DATE; returns its "DAG RUN <id> <state> ..." line."""
+    r = run([sys.executable, "-c", RERUN, spec_path.stem, DATE, json.dumps(CONF), str(spec_path), "", *extra], env)
+    out = r.stdout + r.stderr
+    log.write_text(out)
+    [line] = [x for x in r.stdout.splitlines() if x.startswith("DAG RUN")] or [out[-3000:]]
+    assert r.returncode == 0, line
+    return line
+
+
+def test_a_clear_of_the_failed_tasks_runs_the_failed_trial_again_and_keeps_what_finished(airflow_home, tmp_path):
+    dags, markers = tmp_path / "dags", tmp_path / "markers"
+    dags.mkdir()
+    markers.mkdir()
+    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / "flaky_tuning.py")
+    spec_path = dags / "flaky_tuning.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "name": "flaky_tuning", "trainable": "tests.trainables:fails_first_try", "metric": "accuracy",
+        "mode": "max", "search_space": {"lr": {"type": "uniform", "low": 0.01, "high": 0.5}},
+        "sha": {"num_trials": 2, "eta": 2, "min_epochs": 1}, "deadline_seconds": 300,
+        "backend": {"type": "local", "instance_type": "local-1", "slots": 1, "price_per_hour": 0.10,
+                    "max_instances": 2},
+        "billing": {"minimum_seconds": 0, "increment_seconds": 1}, "storage": f"file://{tmp_path}/store",
+        "profile": str(airflow_home / "rubberband/profiles/local-1.json"),
+        "trial_timeout": {"factor": 3, "floor_seconds": 120}, "seed": 0}))
+    # The fault: the trial of the last stage (stage 2) fails the first time it runs there.
+    env = {**airflow_env(tmp_path / "home", dags), "RUBBERBAND_TEST_MARKERS": str(markers),
+           "RUBBERBAND_TEST_FAIL_STAGES": "2"}
+    assert run([str(BIN / "airflow"), "db", "migrate"], env, timeout=300).returncode == 0
+
+    first = _dag_test(env, spec_path, tmp_path / "dag-test-0.log")
+    assert " failed clear number 0" in first  # every trial of stage 2 failed: no best configuration
+    [folder] = list((tmp_path / "store" / "flaky_tuning").glob("manual__*"))
+    storage = RunStorage(f"file://{folder}")
+    [finalist] = storage.read_json("stages", "2", "trials.json")["trials"]
+    assert "injected failure 0" in storage.read_result(finalist, 2)["error"]
+    assert _agents_alive(tmp_path) == []  # the teardown ran
+
+    # "Clear" with "only failed": start_run and the teardown stay, the failed tasks run again.
+    second = _dag_test(env, spec_path, tmp_path / "dag-test-1.log", "only-failed")
+    assert " success clear number 1" in second
+    assert [p.name for p in (tmp_path / "store" / "flaky_tuning").iterdir() if p.is_dir()] == [folder.name]
+    rep = _report(folder)
+    assert rep["attempt"] == 1 and rep["best"]["trial"] == finalist
+    assert rep["trials"][finalist]["results"]["2"]["state"] == "done"
+    assert all(t["results"]["1"]["state"] == "done" for t in rep["trials"].values())
+    [retry] = rep["retries"]
+    assert retry["stage"] == 2 and retry["try"] == 2 and retry["trials"] == [finalist] and retry["launched"]
+    # The first try's failure is kept beside the second try's result: nothing recorded is lost.
+    assert storage.read_result(finalist, 2, 1)["state"] == "failed"
+    assert storage.read_result(finalist, 2, 2)["state"] == "done"
+    # What finished was not trained again: each trial's epoch 1 once, the finalist's epoch 2 once.
+    trained = sorted((markers / "trained.log").read_text().splitlines())
+    assert trained == sorted([f"{t} 1" for t in rep["trials"]] + [f"{finalist} 2"])
+    # Every instance, the ones launched for the second try too, is terminated, and billed as the report says.
+    ledger = storage.ledger()
+    assert set(retry["launched"]) <= {e["instance"] for e in ledger}
+    assert all(e["terminated"] is not None for e in ledger) and _agents_alive(tmp_path) == []
+    cost = sum(billed_seconds(e["running"], e["terminated"], 0, 1) for e in ledger) * 0.10 / 3600
+    assert abs(rep["actual"]["cost_usd"] - cost) < 1e-9
