@@ -90,6 +90,9 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         "trials": {t: {"config": storage.read_config(t), "results": r} for t, r in sorted(results_by_trial.items())},
         "recoveries": recoveries(storage, ledger, prices, billing),
         "retries": retries(storage),
+        # What an earlier attempt of the run finished and this one kept (its cost is in that
+        # attempt's ledger and report, not here), or why nothing was kept.
+        "carried": storage.read_json("carried.json"),
         "spot_fallbacks": spot_fallbacks(ledger),
         "ledger": ledger,
     }
@@ -203,6 +206,13 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
     for f in rep.get("spot_fallbacks") or []:
         lines.append(f"Spot refused for batch {f['batch']} ({f['refused']}): its {len(f['instances'])} instances "
                      "ran on demand")
+    carried = rep.get("carried") or {}
+    if carried.get("reason"):
+        lines.append(f"Carried over: {carried['reason']}")
+    elif carried.get("results"):
+        kept = "; ".join(f"stage {s}: {len(ts)}" for s, ts in sorted(carried["results"].items()))
+        lines.append(f"Carried over from attempt {carried['from_attempt']} (trained and billed there): "
+                     f"the results of {kept} trials")
     for t in rep.get("retries") or []:
         lines.append(f"Try {t['try']} of stage {t['stage']} (after clear {t['clear']}): "
                      f"{', '.join(t['trials']) or 'no failed trial'} run again")

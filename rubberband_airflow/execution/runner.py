@@ -29,10 +29,10 @@ from rubberband_airflow.planning.problem import SHA, InstanceType, Problem, pars
 from rubberband_airflow.planning.validation import describe
 
 __all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run",
-           "stage_trials", "begin_stage", "reconcile", "hung_reason", "scale_targets", "launch_batches", "scale_out",
-           "scale_in", "scale", "place", "stage_placement", "assign_stage", "stage_results", "wait_stage",
-           "recover_trials", "promote", "promote_stage", "rerun_due", "rerun_failed", "try_began", "stop_instances",
-           "run_sha", "summarize", "trial_id"]
+           "stage_trials", "unfinished", "wanted_instances", "carry_over", "begin_stage", "reconcile", "hung_reason",
+           "scale_targets", "launch_batches", "scale_out", "scale_in", "scale", "place", "stage_placement",
+           "assign_stage", "stage_results", "wait_stage", "recover_trials", "promote", "promote_stage", "rerun_due",
+           "rerun_failed", "try_began", "stop_instances", "run_sha", "summarize", "trial_id"]
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,41 @@ def start_run(storage: RunStorage, spec: RunSpec, configs: list[dict[str, Any]],
     return trials
 
 
+# What a carried result keeps of its attempt's timing, under "carried" (the new attempt's stages are timed anew).
+_CARRIED_TIMING = ("started", "finished", "spawned", "instance", "slots")
+
+
+def carry_over(earlier: RunStorage, storage: RunStorage, earlier_attempt: int) -> dict[str, Any]:
+    """Keep what an earlier attempt of the run finished (its spec and plan are this one's): each
+    trial's done results, stage by stage (the newest try's), with its checkpoint and metrics, so
+    that the trial is not trained again; a failed trial (by its own fault or by loss) is not
+    carried and runs again. A carried result says ``carried_from`` (the attempt whose instances
+    trained it, and whose ledger paid for it) and keeps that attempt's timing under ``carried``.
+    Writes and returns ``carried.json``."""
+    stages: dict[str, list[str]] = {}
+    for stage in sorted(int(s) for s in earlier.listdir("stages") if s.isdigit()):
+        found = earlier.read_json("stages", str(stage), "trials.json")
+        results = earlier.read_results(stage, list(found["trials"])) if found else {}
+        for trial, result in results.items():
+            if result is None or not is_done(result):
+                continue
+            kept = {k: v for k, v in result.items() if k not in _CARRIED_TIMING}
+            timing = {k: result[k] for k in _CARRIED_TIMING if k in result}
+            storage.write_result(trial, stage, {**kept, "carried_from": earlier_attempt, "carried": timing}, 1)
+            stages.setdefault(str(stage), []).append(trial)
+    for trial in sorted({t for trials in stages.values() for t in trials}):
+        for name in earlier.listdir("trials", trial, "metrics"):
+            data = earlier.read_bytes("trials", trial, "metrics", name)
+            if data is not None and name.endswith(".json"):
+                storage.write_bytes(data, "trials", trial, "metrics", name)
+        state = earlier.read_bytes("trials", trial, "checkpoint.pt")
+        if state is not None:
+            storage.write_bytes(state, "trials", trial, "checkpoint.pt")
+    record = {"from_attempt": earlier_attempt, "from": earlier.uri, "results": stages}
+    storage.write_json(record, "carried.json")
+    return record
+
+
 def stage_trials(storage: RunStorage, stage: int) -> list[str]:
     data = storage.read_json("stages", str(stage), "trials.json")
     if data is None:
@@ -287,17 +322,29 @@ def launch_batches(stage: int, count: int, batch_size: int, continued: int = 0,
             for k, start in enumerate(range(0, count, batch_size))]
 
 
+def unfinished(storage: RunStorage, stage: int) -> list[str]:
+    """The trials of a stage with no result yet (all of them, unless results were carried over)."""
+    trials = stage_trials(storage, stage)
+    return [t for t, r in storage.read_results(stage, trials).items() if r is None]
+
+
+def wanted_instances(storage: RunStorage, run_plan: RunPlan, stage: int) -> int:
+    """The instances a stage runs on: the plan's, or none when every trial of the stage has its
+    result already (carried over from an earlier attempt)."""
+    return run_plan.allocation(stage).instances if unfinished(storage, stage) else 0
+
+
 def scale_out(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int,
               continued: int = 0) -> list[LaunchBatch]:
     """The batches of instances a stage adds to the live fleet (none when it adds none), in the
     market the plan gives the stage."""
-    missing, _ = scale_targets(reconcile(backend), run_plan.allocation(stage).instances)
+    missing, _ = scale_targets(reconcile(backend), wanted_instances(backend.storage, run_plan, stage))
     return launch_batches(stage, missing, batch_size, continued, run_plan.market(stage))
 
 
 def scale_in(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int) -> list[list[str]]:
     """The batches of instances a stage drops, the most recently requested first."""
-    _, surplus = scale_targets(reconcile(backend), run_plan.allocation(stage).instances)
+    _, surplus = scale_targets(reconcile(backend), wanted_instances(backend.storage, run_plan, stage))
     return [surplus[k:k + batch_size] for k in range(0, len(surplus), batch_size)]
 
 
@@ -362,7 +409,7 @@ def _written_placement(storage: RunStorage, stage: int) -> dict[str, list[dict[s
 
 def _new_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
                    timeout: TrialTimeout) -> dict[str, list[dict[str, Any]]]:
-    trials = stage_trials(storage, stage)
+    trials = unfinished(storage, stage)  # a result carried over from an earlier attempt is not run again
     live = backend.live()
     if trials and not live:
         raise RuntimeError(f"stage {stage} has {len(trials)} trials and no live instance to run them")

@@ -114,6 +114,7 @@ def test_a_cleared_run_starts_a_new_attempt_and_a_spec_edited_mid_run_changes_no
         assert [m["epoch"] for m in RunStorage(f"file://{second}").metrics(trial)][0] == 1
     assert all(t["results"]["1"]["state"] == "done" for t in rep2["trials"].values())
     assert all(e["terminated"] is not None for e in rep2["ledger"])
+    assert rep2["carried"]["reason"] == "nothing kept from attempt 1: the spec changed since"
     assert _report(first) == rep1  # the first attempt's files are left as they were
     assert _agents_alive(tmp_path) == []
 
@@ -128,7 +129,7 @@ def _dag_test(env: dict, spec_path: Path, log: Path, *extra: str) -> str:
     return line
 
 
-def test_a_clear_of_the_failed_tasks_runs_the_failed_trial_again_and_keeps_what_finished(airflow_home, tmp_path):
+def test_a_cleared_run_keeps_what_finished_and_runs_what_failed_again(airflow_home, tmp_path):
     dags, markers = tmp_path / "dags", tmp_path / "markers"
     dags.mkdir()
     markers.mkdir()
@@ -143,36 +144,51 @@ def test_a_clear_of_the_failed_tasks_runs_the_failed_trial_again_and_keeps_what_
         "billing": {"minimum_seconds": 0, "increment_seconds": 1}, "storage": f"file://{tmp_path}/store",
         "profile": str(airflow_home / "rubberband/profiles/local-1.json"),
         "trial_timeout": {"factor": 3, "floor_seconds": 120}, "seed": 0}))
-    # The fault: the trial of the last stage (stage 2) fails the first time it runs there.
+    # The fault: the trial of the last stage (stage 2) fails the first two times it runs there.
     env = {**airflow_env(tmp_path / "home", dags), "RUBBERBAND_TEST_MARKERS": str(markers),
-           "RUBBERBAND_TEST_FAIL_STAGES": "2"}
+           "RUBBERBAND_TEST_FAIL_STAGES": "2", "RUBBERBAND_TEST_FAILS": "2"}
     assert run([str(BIN / "airflow"), "db", "migrate"], env, timeout=300).returncode == 0
+    runs = tmp_path / "store" / "flaky_tuning"
 
     first = _dag_test(env, spec_path, tmp_path / "dag-test-0.log")
     assert " failed clear number 0" in first  # every trial of stage 2 failed: no best configuration
-    [folder] = list((tmp_path / "store" / "flaky_tuning").glob("manual__*"))
-    storage = RunStorage(f"file://{folder}")
-    [finalist] = storage.read_json("stages", "2", "trials.json")["trials"]
-    assert "injected failure 0" in storage.read_result(finalist, 2)["error"]
+    [one] = list(runs.glob("manual__*"))
+    rep1 = _report(one)
+    [finalist] = RunStorage(f"file://{one}").read_json("stages", "2", "trials.json")["trials"]
+    assert rep1["best"] is None and "injected failure 0" in rep1["trials"][finalist]["results"]["2"]["error"]
     assert _agents_alive(tmp_path) == []  # the teardown ran
 
-    # "Clear" with "only failed": start_run and the teardown stay, the failed tasks run again.
-    second = _dag_test(env, spec_path, tmp_path / "dag-test-1.log", "only-failed")
-    assert " success clear number 1" in second
-    assert [p.name for p in (tmp_path / "store" / "flaky_tuning").iterdir() if p.is_dir()] == [folder.name]
-    rep = _report(folder)
-    assert rep["attempt"] == 1 and rep["best"]["trial"] == finalist
+    # "Clear" of the whole run, spec and plan unchanged: attempt 2 keeps stage 1, runs stage 2 again.
+    second = _dag_test(env, spec_path, tmp_path / "dag-test-1.log", "all")
+    assert " failed clear number 1" in second  # the finalist's second failure
+    [two] = list(runs.glob("manual__*.attempt-2"))
+    storage = RunStorage(f"file://{two}")
+    carried = storage.read_json("carried.json")
+    assert carried["from_attempt"] == 1 and sorted(carried["results"]["1"]) == sorted(rep1["trials"])
+    assert "2" not in carried["results"]  # the failure is not kept: it ran again
+    assert not [e for e in storage.ledger() if e["batch"].startswith("stage-1-")]  # stage 1 launched nothing
+    assert "injected failure 1" in storage.read_result(finalist, 2)["error"]
+
+    # "Clear" with "only failed": start_run and the teardown stay, the failed tasks of attempt 2 run again.
+    third = _dag_test(env, spec_path, tmp_path / "dag-test-2.log", "only-failed")
+    assert " success clear number 2" in third
+    assert sorted(p.name for p in runs.iterdir() if p.is_dir()) == [one.name, two.name]
+    assert _report(one) == rep1  # the first attempt's report stays as it was: no attempt mixes another's
+    rep = _report(two)
+    assert rep["attempt"] == 2 and rep["best"]["trial"] == finalist
     assert rep["trials"][finalist]["results"]["2"]["state"] == "done"
-    assert all(t["results"]["1"]["state"] == "done" for t in rep["trials"].values())
+    assert all(t["results"]["1"]["state"] == "done" and t["results"]["1"]["carried_from"] == 1
+               for t in rep["trials"].values())
     [retry] = rep["retries"]
     assert retry["stage"] == 2 and retry["try"] == 2 and retry["trials"] == [finalist] and retry["launched"]
-    # The first try's failure is kept beside the second try's result: nothing recorded is lost.
-    assert storage.read_result(finalist, 2, 1)["state"] == "failed"
+    # The failure of the first try stays beside the second try's result: nothing recorded is lost.
+    assert "injected failure 1" in storage.read_result(finalist, 2, 1)["error"]
     assert storage.read_result(finalist, 2, 2)["state"] == "done"
-    # What finished was not trained again: each trial's epoch 1 once, the finalist's epoch 2 once.
+    # What finished was never trained again: each trial's epoch 1 once, the finalist's epoch 2 once.
     trained = sorted((markers / "trained.log").read_text().splitlines())
     assert trained == sorted([f"{t} 1" for t in rep["trials"]] + [f"{finalist} 2"])
-    # Every instance, the ones launched for the second try too, is terminated, and billed as the report says.
+    # Every instance of the attempt, those launched for the second try too, is terminated, and billed
+    # as the report says; what attempt 1 trained is in attempt 1's bill, not counted again.
     ledger = storage.ledger()
     assert set(retry["launched"]) <= {e["instance"] for e in ledger}
     assert all(e["terminated"] is not None for e in ledger) and _agents_alive(tmp_path) == []
