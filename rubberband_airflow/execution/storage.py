@@ -3,8 +3,9 @@
 A tuning DAG's folder is ``<storage>/<dag_id>``; each attempt of a DAG run has a folder of its
 own under it: ``<run_id>`` for the first, ``<run_id>.attempt-<n>`` for a later one, n being one
 more than the run's clear number (Airflow's count of its clears) when its ``start_run`` ran. A
-clear that re-runs start_run starts a new attempt in a new folder; a clear of later tasks only
-continues the attempt named in start_run's XCom. So a report never mixes attempts.
+clear that re-runs start_run starts a new attempt in a new folder (which may keep copies of what
+an earlier one finished, marked as such); a clear of later tasks only continues the attempt
+named in start_run's XCom. So a report never mixes attempts.
 ``best_config.json`` beside them is the DAG's latest published best configuration.
 
 Layout under the run (attempt) prefix:
@@ -22,6 +23,7 @@ Layout under the run (attempt) prefix:
     stages/<i>/recovery/<instance>.json  where the trials of an instance lost in stage i went
     stages/<i>/retries/<k>.json          the k-th try (k >= 2) of the stage's failed trials, after a clear
     stages/<i>/promoted.json             the stage's outcome, once promote succeeded
+    carried.json                         what this attempt kept of an earlier one's results, or why nothing
     stages/<i>/replan.json               the re-plan before stage i: time, the plan before and after
     instances/<instance>/heartbeat.json  the agent's latest heartbeat (its first one marks ready)
     instances/<instance>/stop            asks the agent to stop
