@@ -331,7 +331,10 @@ def unfinished(storage: RunStorage, stage: int) -> list[str]:
 def wanted_instances(storage: RunStorage, run_plan: RunPlan, stage: int) -> int:
     """The instances a stage runs on: the plan's, or none when every trial of the stage has its
     result already (carried over from an earlier attempt)."""
-    return run_plan.allocation(stage).instances if unfinished(storage, stage) else 0
+    planned = run_plan.allocation(stage).instances
+    if storage.read_json("stages", str(stage), "trials.json") is None:  # not promoted to yet: as planned
+        return planned
+    return planned if unfinished(storage, stage) else 0
 
 
 def scale_out(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int,
