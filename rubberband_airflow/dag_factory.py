@@ -19,6 +19,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from rubberband_airflow.execution import runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.hooks.backend import deployment_name, run_backend, teardown_run
 from rubberband_airflow.hooks.storage import run_storage, storage_for
 from rubberband_airflow.operators.planning import RubberBandPlanOperator
@@ -127,6 +128,36 @@ class _Run:
                            attempt=self.attempt, deployment=self.deployment)
 
 
+def _carry_over(storage: RunStorage, today: TuningSpec, params: dict[str, Any], plan: dict[str, Any], dag_id: str,
+                run_id: str, attempt: int) -> dict[str, Any]:
+    """Keep what the run's latest earlier attempt finished when its spec, form values and plan are
+    this attempt's (``runner.carry_over``); else record why nothing is kept (``carried.json``)."""
+    for earlier_attempt in range(attempt - 1, 0, -1):
+        earlier = storage_for(today, run_uri(today, dag_id, run_id, earlier_attempt))
+        try:
+            snapshot = read_snapshot(earlier)
+        except FileNotFoundError:
+            continue
+        if _canonical(snapshot.spec.to_dict()) != _canonical(today.to_dict()):
+            why = "the spec changed"
+        elif _canonical(snapshot.params) != _canonical(params):
+            why = "the trigger form's values changed"
+        elif _canonical(earlier.read_json("plan.json")) != _canonical(plan):
+            why = "the plan changed"
+        else:
+            record = runner.carry_over(earlier, storage, earlier_attempt)
+            log.info("kept from attempt %d: %s", earlier_attempt, record["results"])
+            return record
+        record = {"from_attempt": earlier_attempt, "from": earlier.uri, "results": {},
+                  "reason": f"nothing kept from attempt {earlier_attempt}: {why} since"}
+        log.info("%s", record["reason"])
+        storage.write_json(record, "carried.json")
+        return record
+    record = {"from_attempt": None, "results": {}, "reason": "no earlier attempt of the run was found"}
+    storage.write_json(record, "carried.json")
+    return record
+
+
 def tuning_dag(spec_path: str | Path) -> DAG:
     """Build the tuning DAG of one spec file; a bad spec raises an error naming the file and field."""
     spec_path = str(spec_path)
@@ -148,6 +179,8 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         configs = sample(today.search_space, cfg.sha.num_trials, cfg.seed)
         runner.start_run(storage, runner.RunSpec(today.trainable, today.metric, today.mode, cfg.seed),
                          configs, plan, plan["gpus_per_instance"])
+        if attempt > 1:
+            _carry_over(storage, today, params, plan, dag_id, ctx["run_id"], attempt)
         log.info("attempt %d of run %s: files in %s", attempt, ctx["run_id"], storage.uri)
         return storage.uri
 
@@ -181,8 +214,10 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     def place(plan: dict[str, Any], stage: int) -> list[str]:
         """Place the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
         r = _Run(conn_id, plan, stage)
-        placement = runner.stage_placement(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout)
-        return [t["trial"] for tasks in placement.values() for t in tasks]
+        placement = runner.stage_placement(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout, r.clear)
+        placed = [t["trial"] for tasks in placement.values() for t in tasks]
+        # A trial whose result was carried over from an earlier attempt is not placed; its wait ends at once.
+        return placed + [t for t in runner.stage_trials(r.storage, stage) if t not in placed]
 
     @task(trigger_rule="all_done")
     def promote(plan: dict[str, Any], stage: int) -> dict[str, Any]:
@@ -202,10 +237,13 @@ def tuning_dag(spec_path: str | Path) -> DAG:
 
     @task(trigger_rule="all_done", outlets=[best])
     def report() -> dict[str, Any]:
-        """Write the report, publish the best configuration, and log a summary."""
+        """Write the report, publish the best configuration, and log a summary (in an attempt
+        continued after a clear of its failed tasks, first terminate what it launched since)."""
         if not get_current_context()["ti"].xcom_pull(task_ids="start_run"):
             raise AirflowSkipException("the run did not start: nothing to report")
         run = _Run(conn_id)
+        if run.clear > run.attempt - 1:  # a continued attempt: its teardown ran before the clear, not since
+            teardown_run(run.storage.uri, run.spec, run.dag_id, run.run_id)
         rep = {**build_report(run.storage, run.dag_id), "run_id": run.run_id, "attempt": run.attempt}
         run.storage.write_json(rep, "report.json")
         log_summary(rep)
@@ -236,6 +274,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         plan = RubberBandPlanOperator(task_id="plan", spec_path=spec_path, retries=0)
         started = start_run(plan.output)
         previous: Any = started
+        promotes = []
         for stage in range(1, _stage_count(spec) + 1):
             with TaskGroup(f"stage_{stage}"):
                 grow = scale_out(plan.output, stage)
@@ -255,9 +294,12 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                 waits >> promoted
             previous >> grow
             previous = promoted
+            promotes.append(promoted)
         # start_run is the setup: the teardown runs however the stages end, even if a user marks
         # the run failed, and terminates every instance the run launched.
         done = teardown().as_teardown(setups=started)
         previous >> done
-        done >> report()
+        # After every stage's promote too: a clear of the failed tasks re-runs the stage that failed
+        # (and those after it), not the teardown, and the report must wait for them.
+        [*promotes, done] >> report()
     return dag

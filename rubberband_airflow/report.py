@@ -34,7 +34,8 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
     results_by_trial: dict[str, dict[str, Any]] = {}
     for stage in _stage_numbers(storage):
         trials = storage.read_json("stages", str(stage), "trials.json")["trials"]
-        results = {t: storage.read_result(t, stage) or {"state": "failed", "error": "no result"} for t in trials}
+        found = storage.read_results(stage, trials)
+        results = {t: r or {"state": "failed", "error": "no result"} for t, r in found.items()}
         for t, r in results.items():
             results_by_trial.setdefault(t, {})[str(stage)] = r
         done = {t: r for t, r in results.items() if is_done(r)}
@@ -92,6 +93,10 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         "stages": stages,
         "trials": {t: {"config": storage.read_config(t), "results": r} for t, r in sorted(results_by_trial.items())},
         "recoveries": recoveries(storage, ledger, prices, billing),
+        "retries": retries(storage),
+        # What an earlier attempt of the run finished and this one kept (its cost is in that
+        # attempt's ledger and report, not here), or why nothing was kept.
+        "carried": storage.read_json("carried.json"),
         "spot_fallbacks": spot_fallbacks(ledger),
         "ledger": ledger,
     }
@@ -120,6 +125,16 @@ def recoveries(storage: RunStorage, ledger: list[dict[str, Any]], prices: dict[s
                         "replacement_seconds": sum(b for _, b in billed),
                         "extra_seconds": idle + sum(b for _, b in billed), "extra_usd": extra_usd})
     return out
+
+
+def retries(storage: RunStorage) -> list[dict[str, Any]]:
+    """Each later try of a stage's failed trials (after a clear of the run's failed tasks): the
+    trials, why their previous try failed, and the instances launched for it (in the ledger)."""
+    return [{"stage": r["stage"], "try": r["try"], "clear": r["clear"], "trials": r["trials"],
+             "failed_before": r.get("failed_before") or {},
+             "launched": (r.get("launched") or {}).get("instances", [])}
+            for stage in sorted(int(s) for s in storage.listdir("stages") if s.isdigit())
+            for r in storage.retries(stage)]
 
 
 def _price(entry: dict[str, Any], prices: dict[str, float]) -> float:
@@ -195,6 +210,16 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
     for f in rep.get("spot_fallbacks") or []:
         lines.append(f"Spot refused for batch {f['batch']} ({f['refused']}): its {len(f['instances'])} instances "
                      "ran on demand")
+    carried = rep.get("carried") or {}
+    if carried.get("reason"):
+        lines.append(f"Carried over: {carried['reason']}")
+    elif carried.get("results"):
+        kept = "; ".join(f"stage {s}: {len(ts)}" for s, ts in sorted(carried["results"].items()))
+        lines.append(f"Carried over from attempt {carried['from_attempt']} (trained and billed there): "
+                     f"the results of {kept} trials")
+    for t in rep.get("retries") or []:
+        lines.append(f"Try {t['try']} of stage {t['stage']} (after clear {t['clear']}): "
+                     f"{', '.join(t['trials']) or 'no failed trial'} run again")
     for r in rep.get("recoveries") or []:
         moved = ", ".join(f"{t['trial']} from epoch {t['from_epoch']} -> {t['to'] or 'failed: ' + str(t['error'])}"
                           for t in r["trials"]) or "no unfinished trial"

@@ -133,9 +133,11 @@ def offer(name: str) -> tuple[str, Market | None]:
     return name, None
 
 
-def past_runs(root: RunStorage, limit: int = 5) -> list[dict[str, Any]]:
-    """Reports of a DAG's latest finished runs (``root``: its folder), newest first."""
-    return [rep for _, rep in newest_reports(root)[:limit]]
+def past_runs(root: RunStorage, limit: int = 5, exclude_run_id: str | None = None) -> list[dict[str, Any]]:
+    """Reports of a DAG's latest finished runs (``root``: its folder), newest first; with
+    ``exclude_run_id``, none of that DAG run's attempts."""
+    return [rep for _, rep in newest_reports(root) if exclude_run_id is None
+            or rep.get("run_id") != exclude_run_id][:limit]
 
 
 def measured_stage_overhead(reports: list[dict[str, Any]]) -> float | None:

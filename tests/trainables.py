@@ -93,3 +93,24 @@ def sleepy(ctx: TrialContext) -> None:
     for epoch in range(ctx.start_epoch + 1, ctx.stop_epoch + 1):
         time.sleep(per_epoch)
         ctx.report(epoch, loss=1.0 / epoch, accuracy=float(ctx.config["x"]) + epoch / 100)
+
+
+def fails_first_try(ctx: TrialContext) -> None:
+    """Plain Python, like ``plain``, but a trial fails the first RUBBERBAND_TEST_FAILS times (default 1)
+    it runs a stage in RUBBERBAND_TEST_FAIL_STAGES (a marker file per trial, stage and failure in
+    RUBBERBAND_TEST_MARKERS): a fault that is gone when the trial runs again. Each epoch it trains
+    is logged to ``trained.log`` there, so that a test sees what was trained how often."""
+    from pathlib import Path
+
+    markers = Path(os.environ["RUBBERBAND_TEST_MARKERS"])
+    stages = [int(s) for s in os.environ.get("RUBBERBAND_TEST_FAIL_STAGES", "").split(",") if s.strip()]
+    if ctx.stage in stages:
+        for k in range(int(os.environ.get("RUBBERBAND_TEST_FAILS", "1"))):
+            marker = markers / f"{ctx.trial_id}-stage-{ctx.stage}-failure-{k}"
+            if not marker.exists():
+                marker.touch()
+                raise RuntimeError(f"injected failure {k} of {ctx.trial_id} in stage {ctx.stage}")
+    for epoch in range(ctx.start_epoch + 1, ctx.stop_epoch + 1):
+        with open(markers / "trained.log", "a") as f:
+            f.write(f"{ctx.trial_id} {epoch}\n")
+        ctx.report(epoch, loss=1.0 / epoch, accuracy=1.0 - float(ctx.config["lr"]) / epoch)

@@ -80,7 +80,7 @@ class Agent:
     imds: Imds | None = None  # EC2's metadata service, watched for a spot interruption notice
     interruption: dict[str, Any] | None = None  # the spot interruption notice, once there is one
     running: list[_Running] = field(default_factory=list)
-    seen: set[tuple[int, str]] = field(default_factory=set)
+    seen: set[tuple[int, str, int]] = field(default_factory=set)  # (stage, trial, try)
     stopping: bool = False
     ready_at: float | None = None
     _last_beat: float = 0.0
@@ -109,10 +109,10 @@ class Agent:
         """Assigned tasks not yet started here and not yet finished (a restarted agent skips those)."""
         out = []
         for task in self.storage.assignments(self.instance):
-            key = (task["stage"], task["trial"])
+            key = _key(task)
             if key in self.seen:
                 continue
-            if self.storage.read_result(task["trial"], task["stage"]) is not None:
+            if self.storage.read_result(task["trial"], task["stage"], key[2]) is not None:
                 self.seen.add(key)
                 continue
             out.append(task)
@@ -122,12 +122,12 @@ class Agent:
         env = {**os.environ, "RUBBERBAND_SLOTS": ",".join(map(str, slots)), "OMP_NUM_THREADS": "1",
                "RUBBERBAND_SPAWNED": repr(time.time())}
         cmd = [sys.executable, "-m", "rubberband_airflow.execution.worker", self.storage.uri, task["trial"],
-               str(task["stage"]), self.instance]
+               str(task["stage"]), self.instance, "--try", str(_key(task)[2])]
         # Workers stay in the agent's process group: terminating the instance ends them too. Their
         # stderr goes to a file (a pipe would block a worker that writes much), whose tail explains a crash.
         stderr = tempfile.TemporaryFile()
         process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-        self.seen.add((task["stage"], task["trial"]))
+        self.seen.add(_key(task))
         limit = float(task.get("limit_seconds") or self.trial_timeout)
         self.running.append(_Running(task, slots, process, time.time(), limit, stderr))
 
@@ -153,7 +153,7 @@ class Agent:
                 r.tail = _tail(r.stderr)
             if r.timed_out:
                 reason = f"timed out after {r.limit:g} s"
-            elif self.storage.read_result(r.task["trial"], r.task["stage"]) is not None:
+            elif self.storage.read_result(r.task["trial"], r.task["stage"], _key(r.task)[2]) is not None:
                 self.running.remove(r)
                 continue
             elif self.stopping or self.interruption:  # the instance is going: not the trial's fault, it is re-placed
@@ -163,7 +163,7 @@ class Agent:
                 reason = f"worker exited with status {code}" + (f": {tail}" if tail else "")
             self.storage.write_result(r.task["trial"], r.task["stage"], {
                 "state": "failed", "error": reason, "instance": self.instance, "stage": r.task["stage"],
-                "started": r.started, "finished": time.time()})
+                "started": r.started, "finished": time.time()}, _key(r.task)[2])
             self.running.remove(r)
 
     def step(self) -> None:
@@ -270,6 +270,11 @@ class Agent:
                 return
             time.sleep(self.poll_seconds)
         self.shutdown()
+
+
+def _key(task: dict[str, Any]) -> tuple[int, str, int]:
+    """A task's stage, trial and try (1 unless a failed trial is run again after a clear)."""
+    return int(task["stage"]), str(task["trial"]), int(task.get("try") or 1)
 
 
 def _tail(f: Any, size: int = 8192) -> str:

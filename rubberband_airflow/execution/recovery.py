@@ -21,12 +21,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from rubberband_airflow.execution import checkpoint
 from rubberband_airflow.execution.backends.base import ComputeBackend
-from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.execution.storage import RunStorage, result_name
 
 if TYPE_CHECKING:
     from rubberband_airflow.execution.runner import RunPlan
@@ -56,10 +56,6 @@ def _record_path(stage: int, instance: str) -> tuple[str, ...]:
     return ("stages", str(stage), "recovery", f"{instance}.json")
 
 
-def _claim_path(stage: int, instance: str) -> tuple[str, ...]:
-    return ("stages", str(stage), "recovery", f"{instance}.claim")
-
-
 def read_record(storage: RunStorage, stage: int, instance: str) -> dict[str, Any] | None:
     """The recovery record of an instance lost in a stage, if it was lost there."""
     return storage.read_json(*_record_path(stage, instance))
@@ -82,9 +78,12 @@ def assigned_tasks(storage: RunStorage, stage: int) -> dict[str, list[dict[str, 
 
 def trial_instances(storage: RunStorage, stage: int,
                     recs: Iterable[dict[str, Any]] | None = None) -> dict[str, tuple[str | None, dict[str, Any]]]:
-    """Where each trial of a stage runs now, with its task: its assignment, followed through the
-    recoveries of the instances it lost (None where its recovery was impossible)."""
+    """Where each trial of a stage runs now, with its task: its assignment (that of its newest
+    try, see ``RunStorage.retries``), followed through the recoveries of the instances it lost
+    (None where its recovery was impossible)."""
     where = {t["trial"]: (inst, t) for inst, tasks in assigned_tasks(storage, stage).items() for t in tasks}
+    for retry in storage.retries(stage):
+        where.update({t["trial"]: (inst, t) for inst, tasks in retry.get("placement", {}).items() for t in tasks})
     moved = {r["lost"]: r.get("moved") or {} for r in (records(storage, stage) if recs is None else recs)}
     out: dict[str, tuple[str | None, dict[str, Any]]] = {}
     for trial, (inst, task) in where.items():
@@ -107,7 +106,7 @@ def held_tasks(storage: RunStorage, stage: int, instance: str,
     """The tasks an instance holds in a stage: placed there now, with no result yet, in order."""
     where = trial_instances(storage, stage) if where is None else where
     mine = [task for inst, task in where.values() if inst == instance]
-    results = storage.read_json_many([("trials", t["trial"], f"stage-{stage}.json") for t in mine])
+    results = storage.read_json_many([("trials", t["trial"], _result_name(stage, t)) for t in mine])
     return [task for task, result in zip(mine, results) if result is None]
 
 
@@ -210,25 +209,34 @@ def recover_trials(storage: RunStorage, backend: ComputeBackend, run_plan: RunPl
                    reason: str, wait: float = CLAIM_STALE_SECONDS + 60) -> dict[str, Any]:
     """Place the trials a lost instance held in a stage again, once however many callers ask;
     returns the loss's record: ``moved`` says where each trial went (None: failed, see ``error``)."""
+    return once(storage, _record_path(stage, lost), lambda: _recover(storage, backend, run_plan, stage, lost, reason),
+                f"the recovery of instance {lost} in stage {stage}", wait)
+
+
+def once(storage: RunStorage, record: tuple[str, ...], make: Callable[[], dict[str, Any]], what: str,
+         wait: float = CLAIM_STALE_SECONDS + 60) -> dict[str, Any]:
+    """The JSON record at ``record``, made by ``make`` (which writes it) in the one caller that
+    claims it first (a create-only ``.claim`` beside it); every other caller waits for it. A claim
+    whose claimant died (older than ``CLAIM_STALE_SECONDS``, with no record) is taken over."""
+    claim = (*record[:-1], record[-1].removesuffix(".json") + ".claim")
     deadline = time.monotonic() + wait
     while True:
-        record = read_record(storage, stage, lost)
-        if record is not None:
-            return record
-        if storage.create_json({"time": time.time(), "pid": os.getpid()}, *_claim_path(stage, lost)):
+        found = storage.read_json(*record)
+        if found is not None:
+            return found
+        if storage.create_json({"time": time.time(), "pid": os.getpid()}, *claim):
             try:
-                return _recover(storage, backend, run_plan, stage, lost, reason)
+                return make()
             except BaseException:
-                storage.delete(*_claim_path(stage, lost))  # let a later call try again
+                storage.delete(*claim)  # let a later call try again
                 raise
-        claim = storage.read_json(*_claim_path(stage, lost))
-        if claim is not None and time.time() - float(claim.get("time", 0)) > CLAIM_STALE_SECONDS:
-            log.warning("Taking over the recovery of %s in stage %s: its claim is stale", lost, stage)
-            storage.delete(*_claim_path(stage, lost))
+        held = storage.read_json(*claim)
+        if held is not None and time.time() - float(held.get("time", 0)) > CLAIM_STALE_SECONDS:
+            log.warning("Taking over %s: its claim is stale", what)
+            storage.delete(*claim)
             continue
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the recovery of instance {lost} in stage {stage} was claimed by another task "
-                               f"that has not finished it within {wait:g} s")
+            raise RuntimeError(f"{what} was claimed by another task that has not finished it within {wait:g} s")
         time.sleep(0.5)
 
 
@@ -279,11 +287,12 @@ def _recover(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, st
         "last_useful": _last_useful(storage, stage, lost, where, infos),
     }
     storage.write_json(record, *_record_path(stage, lost))
+    tries = {t["trial"]: int(t.get("try") or 1) for t in held}
     for trial, error in errors.items():
-        if storage.read_result(trial, stage) is None:
+        if storage.read_result(trial, stage, tries[trial]) is None:
             storage.write_result(trial, stage, {"state": "failed", "stage": stage, "instance": lost,
                                                 "error": f"{reason}; it was not recovered: {error}",
-                                                "finished": time.time()})
+                                                "finished": time.time()}, tries[trial])
     log.warning("Recovery of %s in stage %s: %s", lost, stage,
                 ", ".join(f"{t} -> {i}" for t, i in moved.items()) or "it held no unfinished trial")
     return record
@@ -291,7 +300,12 @@ def _recover(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, st
 
 def _task(task: dict[str, Any]) -> dict[str, Any]:
     """The task as placed again: its trial, GPUs, epochs and time limit."""
-    return {k: task[k] for k in ("trial", "gpus", "start_epoch", "stop_epoch", "limit_seconds") if k in task}
+    return {k: task[k] for k in ("trial", "gpus", "start_epoch", "stop_epoch", "limit_seconds", "try") if k in task}
+
+
+def _result_name(stage: int, task: dict[str, Any]) -> str:
+    """The name of the result file of a task's try of a stage."""
+    return result_name(stage, int(task.get("try") or 1))
 
 
 def _checkpoint(storage: RunStorage, trial: str) -> checkpoint.CheckpointInfo | None:
@@ -336,8 +350,7 @@ def _last_useful(storage: RunStorage, stage: int, lost: str, where: dict[str, tu
     beat = storage.heartbeat(lost) or {}
     times = [t for t in (beat.get("ready"), ledger.get("ready"), ledger.get("running")) if t is not None]
     times += [i.time for i in infos.values() if i is not None and i.stage == stage]
-    trials = list(where)
-    for result in storage.read_json_many([("trials", t, f"stage-{stage}.json") for t in trials]):
+    for result in storage.read_json_many([("trials", t, _result_name(stage, task)) for t, (_, task) in where.items()]):
         if result and result.get("instance") == lost and result.get("finished"):
             times.append(result["finished"])
     return max(times) if times else None

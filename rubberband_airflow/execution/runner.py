@@ -9,6 +9,7 @@ storage, its backend and the plan it executes, parsed into the planning core's t
 
 from __future__ import annotations
 
+import functools
 import heapq
 import logging
 import math
@@ -28,9 +29,10 @@ from rubberband_airflow.planning.problem import SHA, InstanceType, Problem, pars
 from rubberband_airflow.planning.validation import describe
 
 __all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run",
-           "stage_trials", "begin_stage", "reconcile", "hung_reason", "scale_targets", "launch_batches", "scale_out",
-           "scale_in", "scale", "place", "stage_placement", "assign_stage", "stage_results", "wait_stage",
-           "recover_trials", "promote", "promote_stage", "stop_instances", "run_sha", "summarize", "trial_id"]
+           "stage_trials", "unfinished", "wanted_instances", "carry_over", "begin_stage", "reconcile", "hung_reason",
+           "scale_targets", "launch_batches", "scale_out", "scale_in", "scale", "place", "stage_placement",
+           "assign_stage", "stage_results", "wait_stage", "recover_trials", "promote", "promote_stage", "rerun_due",
+           "rerun_failed", "try_began", "stop_instances", "run_sha", "summarize", "trial_id"]
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +229,41 @@ def start_run(storage: RunStorage, spec: RunSpec, configs: list[dict[str, Any]],
     return trials
 
 
+# What a carried result keeps of its attempt's timing, under "carried" (the new attempt's stages are timed anew).
+_CARRIED_TIMING = ("started", "finished", "spawned", "instance", "slots")
+
+
+def carry_over(earlier: RunStorage, storage: RunStorage, earlier_attempt: int) -> dict[str, Any]:
+    """Keep what an earlier attempt of the run finished (its spec and plan are this one's): each
+    trial's done results, stage by stage (the newest try's), with its checkpoint and metrics, so
+    that the trial is not trained again; a failed trial (by its own fault or by loss) is not
+    carried and runs again. A carried result says ``carried_from`` (the attempt whose instances
+    trained it, and whose ledger paid for it) and keeps that attempt's timing under ``carried``.
+    Writes and returns ``carried.json``."""
+    stages: dict[str, list[str]] = {}
+    for stage in sorted(int(s) for s in earlier.listdir("stages") if s.isdigit()):
+        found = earlier.read_json("stages", str(stage), "trials.json")
+        results = earlier.read_results(stage, list(found["trials"])) if found else {}
+        for trial, result in results.items():
+            if result is None or not is_done(result):
+                continue
+            kept = {k: v for k, v in result.items() if k not in _CARRIED_TIMING}
+            timing = {k: result[k] for k in _CARRIED_TIMING if k in result}
+            storage.write_result(trial, stage, {**kept, "carried_from": earlier_attempt, "carried": timing}, 1)
+            stages.setdefault(str(stage), []).append(trial)
+    for trial in sorted({t for trials in stages.values() for t in trials}):
+        for name in earlier.listdir("trials", trial, "metrics"):
+            data = earlier.read_bytes("trials", trial, "metrics", name)
+            if data is not None and name.endswith(".json"):
+                storage.write_bytes(data, "trials", trial, "metrics", name)
+        state = earlier.read_bytes("trials", trial, "checkpoint.pt")
+        if state is not None:
+            storage.write_bytes(state, "trials", trial, "checkpoint.pt")
+    record = {"from_attempt": earlier_attempt, "from": earlier.uri, "results": stages}
+    storage.write_json(record, "carried.json")
+    return record
+
+
 def stage_trials(storage: RunStorage, stage: int) -> list[str]:
     data = storage.read_json("stages", str(stage), "trials.json")
     if data is None:
@@ -285,17 +322,32 @@ def launch_batches(stage: int, count: int, batch_size: int, continued: int = 0,
             for k, start in enumerate(range(0, count, batch_size))]
 
 
+def unfinished(storage: RunStorage, stage: int) -> list[str]:
+    """The trials of a stage with no result yet (all of them, unless results were carried over)."""
+    trials = stage_trials(storage, stage)
+    return [t for t, r in storage.read_results(stage, trials).items() if r is None]
+
+
+def wanted_instances(storage: RunStorage, run_plan: RunPlan, stage: int) -> int:
+    """The instances a stage runs on: the plan's, or none when every trial of the stage has its
+    result already (carried over from an earlier attempt)."""
+    planned = run_plan.allocation(stage).instances
+    if storage.read_json("stages", str(stage), "trials.json") is None:  # not promoted to yet: as planned
+        return planned
+    return planned if unfinished(storage, stage) else 0
+
+
 def scale_out(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int,
               continued: int = 0) -> list[LaunchBatch]:
     """The batches of instances a stage adds to the live fleet (none when it adds none), in the
     market the plan gives the stage."""
-    missing, _ = scale_targets(reconcile(backend), run_plan.allocation(stage).instances)
+    missing, _ = scale_targets(reconcile(backend), wanted_instances(backend.storage, run_plan, stage))
     return launch_batches(stage, missing, batch_size, continued, run_plan.market(stage))
 
 
 def scale_in(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int) -> list[list[str]]:
     """The batches of instances a stage drops, the most recently requested first."""
-    _, surplus = scale_targets(reconcile(backend), run_plan.allocation(stage).instances)
+    _, surplus = scale_targets(reconcile(backend), wanted_instances(backend.storage, run_plan, stage))
     return [surplus[k:k + batch_size] for k in range(0, len(surplus), batch_size)]
 
 
@@ -333,16 +385,18 @@ def place(trials: list[str], instances: list[str], ready_in: dict[str, float], s
 
 
 def stage_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
-                    timeout: TrialTimeout = TrialTimeout()) -> dict[str, list[dict[str, Any]]]:
+                    timeout: TrialTimeout = TrialTimeout(), clear: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Place the stage's trials on the live fleet's slots as the plan expects them to run, each
     with its time limit, and write the assignments the agents read. An instance whose agent has
     not reported yet is expected ready after the plan's pending and boot latency. The placement
     is written once: a retried (or concurrent) place returns the one written first, so a trial
-    is never placed on two instances."""
+    is never placed on two instances. ``clear`` is Airflow's clear number of the run then (a
+    failure is run again only after a later clear: ``rerun_due``)."""
     placement = _written_placement(storage, stage)
     if placement is None:
         placement = _new_placement(storage, backend, run_plan, stage, timeout)
-        if not storage.create_json({"stage": stage, "placement": placement}, "stages", str(stage), "placement.json"):
+        if not storage.create_json({"stage": stage, "placement": placement, "clear": clear},
+                                   "stages", str(stage), "placement.json"):
             placement = _written_placement(storage, stage)
             assert placement is not None
     for instance, tasks in placement.items():  # a first attempt may have stopped before writing them all
@@ -358,7 +412,7 @@ def _written_placement(storage: RunStorage, stage: int) -> dict[str, list[dict[s
 
 def _new_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
                    timeout: TrialTimeout) -> dict[str, list[dict[str, Any]]]:
-    trials = stage_trials(storage, stage)
+    trials = unfinished(storage, stage)  # a result carried over from an earlier attempt is not run again
     live = backend.live()
     if trials and not live:
         raise RuntimeError(f"stage {stage} has {len(trials)} trials and no live instance to run them")
@@ -380,7 +434,8 @@ def assign_stage(storage: RunStorage, stage: int, placement: dict[str, list[dict
 
 
 def stage_results(storage: RunStorage, stage: int, trials: list[str]) -> dict[str, dict[str, Any] | None]:
-    return dict(zip(trials, storage.read_json_many([("trials", t, f"stage-{stage}.json") for t in trials])))
+    """Each trial's result in the stage: that of its newest try (None: none yet)."""
+    return storage.read_results(stage, trials)
 
 
 def _fail(storage: RunStorage, trial: str, stage: int, reason: str) -> dict[str, Any]:
@@ -462,7 +517,83 @@ def promote_stage(storage: RunStorage, backend: ComputeBackend, run_plan: RunPla
         promoted: list[str] = []
     else:
         promoted = promote(storage, stage, results, run_plan.sha.trials(stage + 1), mode)
-    return StageOutcome(stage, trials, promoted, failed, last)
+    outcome = StageOutcome(stage, trials, promoted, failed, last)
+    storage.write_json(outcome.to_json(), "stages", str(stage), "promoted.json")
+    return outcome
+
+
+# --- a failed trial run again (a clear of the failed tasks) -----------------------------------
+
+
+def try_began(storage: RunStorage, trial: str, stage: int) -> int:
+    """Airflow's clear number of the run when the trial's newest try of the stage was placed: its
+    stage placement's for the first try, else its retry record's."""
+    k = storage.current_try(trial, stage)
+    if k == 1:
+        return int((storage.read_json("stages", str(stage), "placement.json") or {}).get("clear") or 0)
+    return next(int(r["clear"]) for r in storage.retries(stage) if int(r["try"]) == k)
+
+
+def rerun_due(storage: RunStorage, trial: str, stage: int, clear: int) -> bool:
+    """Whether a trial's failure is to be run again: its newest try of the stage failed, the run
+    was cleared since that try began, and the stage is not promoted yet (once it is, a trial
+    run again could not take part: the run's later stages went on without it)."""
+    result = storage.read_result(trial, stage)
+    return (result is not None and not is_done(result) and clear > try_began(storage, trial, stage)
+            and not storage.exists("stages", str(stage), "promoted.json"))
+
+
+def rerun_failed(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
+                 clear: int) -> dict[str, Any]:
+    """Run the failed trials of a stage again, once for the clear numbered ``clear`` however many
+    tasks ask: a new try of each (its result ``stage-<i>.try-<k>.json``, written once as the
+    first's), placed on the live fleet, or on a batch of its own (``stage-<i>-retry-<k>``) when
+    the run has none (its teardown ran); each resumes from its last checkpoint. Returns the
+    try's record (``stages/<i>/retries/<k>.json``)."""
+    while True:
+        records = storage.retries(stage)
+        mine = [r for r in records if int(r["clear"]) == clear]
+        if mine:
+            return mine[0]
+        k = max((int(r["try"]) for r in records), default=1) + 1
+        record = recovery.once(storage, ("stages", str(stage), "retries", f"{k}.json"),
+                               functools.partial(_rerun, storage, backend, run_plan, stage, clear, k),
+                               f"try {k} of stage {stage}")
+        if int(record["clear"]) == clear:
+            return record
+
+
+def _rerun(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int, clear: int,
+           k: int) -> dict[str, Any]:
+    """The claimed retry: place the stage's failed trials (launching instances if none is live), write the record."""
+    trials = stage_trials(storage, stage)
+    results = stage_results(storage, stage, trials)
+    failed = [t for t in trials if results[t] is not None and not is_done(results[t])]
+    where = recovery.trial_instances(storage, stage)
+    live = reconcile(backend)
+    launched = None
+    if failed and not live:
+        slots = run_plan.slots_per_instance(stage)
+        count = min(run_plan.allocation(stage).instances, math.ceil(len(failed) / max(1, slots)))
+        batch = f"stage-{stage}-retry-{k}"
+        live = backend.launch(batch, count, run_plan.market(stage))
+        launched = {"batch": batch, "instances": live}
+    beats = storage.read_json_many([("instances", i, "heartbeat.json") for i in live])
+    ready_in = {i: 0.0 if beat else run_plan.launch_seconds for i, beat in zip(live, beats)}
+    placed = place(failed, live, ready_in, run_plan.slots_per_instance(stage),
+                   run_plan.allocation(stage).gpus_per_trial, run_plan.trial_seconds(stage),
+                   run_plan.sha.epochs(stage - 1), run_plan.sha.epochs(stage)) if failed else {}
+    limits = {t: where[t][1].get("limit_seconds") for t in failed if t in where}
+    placement = {i: [{**task, "try": k, **({"limit_seconds": limits[task["trial"]]}
+                                           if limits.get(task["trial"]) else {})} for task in tasks]
+                 for i, tasks in placed.items() if tasks}
+    record = {"stage": stage, "try": k, "clear": clear, "time": time.time(), "trials": failed,
+              "placement": placement, "launched": launched,
+              "failed_before": {t: (results[t] or {}).get("error") for t in failed}}
+    storage.write_json(record, "stages", str(stage), "retries", f"{k}.json")
+    log.warning("try %d of stage %d after clear %d: %s", k, stage, clear,
+                ", ".join(f"{t} -> {i}" for i, tasks in placement.items() for t in (x["trial"] for x in tasks)))
+    return record
 
 
 def stop_instances(storage: RunStorage, backend: ComputeBackend) -> list[str]:

@@ -3,8 +3,9 @@
 A tuning DAG's folder is ``<storage>/<dag_id>``; each attempt of a DAG run has a folder of its
 own under it: ``<run_id>`` for the first, ``<run_id>.attempt-<n>`` for a later one, n being one
 more than the run's clear number (Airflow's count of its clears) when its ``start_run`` ran. A
-clear that re-runs start_run starts a new attempt in a new folder; a clear of later tasks only
-continues the attempt named in start_run's XCom. So a report never mixes attempts.
+clear that re-runs start_run starts a new attempt in a new folder (which may keep copies of what
+an earlier one finished, marked as such); a clear of later tasks only continues the attempt
+named in start_run's XCom. So a report never mixes attempts.
 ``best_config.json`` beside them is the DAG's latest published best configuration.
 
 Layout under the run (attempt) prefix:
@@ -16,9 +17,13 @@ Layout under the run (attempt) prefix:
     trials/<trial>/metrics/<epoch>.json  one record per epoch, written by rank 0
     trials/<trial>/checkpoint.pt         the latest checkpoint, headed by its trial and epoch
     trials/<trial>/stage-<i>.json        the trial's result in stage i: done or failed, and why (written once)
+    trials/<trial>/stage-<i>.try-<k>.json  its result in the k-th try of stage i (a failed trial run again)
     stages/<i>/placement.json            the stage's placement (written once: a retried place reuses it)
     stages/<i>/<instance>.json           the trials assigned to an instance in stage i, in order
     stages/<i>/recovery/<instance>.json  where the trials of an instance lost in stage i went
+    stages/<i>/retries/<k>.json          the k-th try (k >= 2) of the stage's failed trials, after a clear
+    stages/<i>/promoted.json             the stage's outcome, once promote succeeded
+    carried.json                         what this attempt kept of an earlier one's results, or why nothing
     stages/<i>/replan.json               the re-plan before stage i: time, the plan before and after
     instances/<instance>/heartbeat.json  the agent's latest heartbeat (its first one marks ready)
     instances/<instance>/stop            asks the agent to stop
@@ -216,19 +221,48 @@ class RunStorage:
         an epoch already there is replaced (a retried epoch)."""
         self.write_json(record, "trials", trial, "metrics", f"{int(record.get('epoch', 0)):06d}.json")
 
-    def write_result(self, trial: str, stage: int, result: dict[str, Any]) -> bool:
-        """Record the trial's result in a stage, once: False (and nothing written) if one is there."""
-        return self.create_json(result, "trials", trial, f"stage-{stage}.json")
+    def write_result(self, trial: str, stage: int, result: dict[str, Any], try_number: int | None = None) -> bool:
+        """Record the trial's result in a try of a stage (None: its newest try), once: False (and
+        nothing written) if one is there."""
+        k = self.current_try(trial, stage) if try_number is None else try_number
+        return self.create_json(result, "trials", trial, result_name(stage, k))
 
-    def read_result(self, trial: str, stage: int) -> dict[str, Any] | None:
-        return self.read_json("trials", trial, f"stage-{stage}.json")
+    def read_result(self, trial: str, stage: int, try_number: int | None = None) -> dict[str, Any] | None:
+        """The trial's result in a try of a stage (None: its newest try, which is what counts)."""
+        k = self.current_try(trial, stage) if try_number is None else try_number
+        return self.read_json("trials", trial, result_name(stage, k))
+
+    def read_results(self, stage: int, trials: list[str]) -> dict[str, dict[str, Any] | None]:
+        """Each trial's result in its newest try of a stage (None: no result yet), read together."""
+        tries = self.result_tries(stage)
+        paths: list[tuple[str, ...]] = [("trials", t, result_name(stage, tries.get(t, 1))) for t in trials]
+        return dict(zip(trials, self.read_json_many(paths)))
+
+    def retries(self, stage: int) -> list[dict[str, Any]]:
+        """The records of a stage's later tries (``stages/<i>/retries/<k>.json``), by try."""
+        names = [n for n in self.listdir("stages", str(stage), "retries") if n.endswith(".json")]
+        found = [r for r in self.read_json_many([("stages", str(stage), "retries", n) for n in names]) if r]
+        return sorted(found, key=lambda r: int(r["try"]))
+
+    def result_tries(self, stage: int, records: list[dict[str, Any]] | None = None) -> dict[str, int]:
+        """The newest try of each trial of a stage that was tried more than once (others: 1)."""
+        out: dict[str, int] = {}
+        for record in self.retries(stage) if records is None else records:
+            for trial in record.get("trials") or []:
+                out[trial] = max(out.get(trial, 1), int(record["try"]))
+        return out
+
+    def current_try(self, trial: str, stage: int) -> int:
+        """The trial's newest try of a stage: 1 unless its failure was run again after a clear."""
+        return self.result_tries(stage).get(trial, 1)
 
     def write_assignment(self, stage: int, instance: str, tasks: list[dict[str, Any]]) -> None:
         self.write_json({"stage": stage, "tasks": tasks}, "stages", str(stage), f"{instance}.json")
 
     def assignments(self, instance: str) -> Iterator[dict[str, Any]]:
         """Every task assigned to this instance, stage by stage, in order: the stage's placement,
-        then the trials of lost instances placed here again (``stages/<i>/recovery/*.json``)."""
+        then the trials of lost instances placed here again (``stages/<i>/recovery/*.json``), then
+        later tries of failed trials (``stages/<i>/retries/*.json``; such a task has its ``try``)."""
         for stage in sorted(self.listdir("stages"), key=_stage_key):
             data = self.read_json("stages", stage, f"{instance}.json")
             if data:
@@ -238,6 +272,10 @@ class RunStorage:
             for record in self.read_json_many([("stages", stage, "recovery", n) for n in moved]):
                 for task in (record or {}).get("placement", {}).get(instance, []):
                     yield {**task, "stage": record["stage"]}
+            if stage.isdigit():
+                for record in self.retries(int(stage)):
+                    for task in record.get("placement", {}).get(instance, []):
+                        yield {**task, "stage": record["stage"]}
 
     def heartbeat(self, instance: str) -> dict[str, Any] | None:
         return self.read_json("instances", instance, "heartbeat.json")
@@ -254,6 +292,12 @@ class RunStorage:
 
     def write_ledger(self, entry: dict[str, Any]) -> None:
         self.write_json(entry, "ledger", f"{entry['instance']}.json")
+
+
+def result_name(stage: int, try_number: int = 1) -> str:
+    """The name of a trial's result file for a try of a stage: ``stage-<i>.json`` for the first,
+    ``stage-<i>.try-<k>.json`` for the k-th."""
+    return f"stage-{stage}.json" if try_number <= 1 else f"stage-{stage}.try-{try_number}.json"
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

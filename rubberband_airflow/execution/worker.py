@@ -96,14 +96,15 @@ def _check_reports(ctx: TrialContext, spec: dict[str, Any]) -> None:
                           f"{', '.join(k for k in final[-1] if k not in ('epoch', 'stage', 'time'))})")
 
 
-def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[int]) -> int:
-    """Run the trial's stage and write its result; returns the process exit status. Stopped at a
-    checkpoint for a spot interruption, it writes none (the trial resumes elsewhere)."""
+def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[int], try_number: int = 1) -> int:
+    """Run the trial's stage (its ``try_number``-th try) and write its result; returns the process
+    exit status. Stopped at a checkpoint for a spot interruption, it writes none (the trial resumes elsewhere)."""
     interruption.install()
     storage = RunStorage(run_uri)
     spec = patiently(lambda: storage.read_json("run.json"), "reading run.json") or {}
     task = patiently(lambda: next((t for t in storage.assignments(instance) if t["trial"] == trial
-                                   and t["stage"] == stage), None), "reading the assignment")
+                                   and t["stage"] == stage and int(t.get("try") or 1) == try_number), None),
+                     "reading the assignment")
     started = time.time()
     # When the agent spawned this process: the slot was busy from then (interpreter start included).
     spawned = float(os.environ.get("RUBBERBAND_SPAWNED", started))
@@ -136,7 +137,9 @@ def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[in
         result.update(state="failed", error=_reason(e))
         code = 1
     result["finished"] = time.time()
-    patiently(lambda: storage.write_result(trial, stage, result), "writing the result")
+    if try_number > 1:
+        result["try"] = try_number
+    patiently(lambda: storage.write_result(trial, stage, result, try_number), "writing the result")
     return code
 
 
@@ -169,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("trial")
     p.add_argument("stage", type=int)
     p.add_argument("instance")
+    p.add_argument("--try", dest="try_number", type=int, default=1, help="the try of the trial's stage (1: the first)")
     a = p.parse_args(argv)
     slots = [int(s) for s in os.environ.get("RUBBERBAND_SLOTS", "").split(",") if s.strip()]
-    return run_task(a.run_uri, a.trial, a.stage, a.instance, slots)
+    return run_task(a.run_uri, a.trial, a.stage, a.instance, slots, a.try_number)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,10 @@ class RubberBandPlanOperator(BaseOperator):
         """Plans the run for the spec and ``context["params"]``; the plan is the XCom."""
         spec = load_spec(self.spec_path)
         try:
-            history = past_runs(storage_for(spec, dag_uri(spec, context["dag"].dag_id)))
+            # Not this run's earlier attempts: a cleared run plans as its first attempt did, and keeps
+            # what that finished when nothing else changed (see the tuning DAG's start_run).
+            history = past_runs(storage_for(spec, dag_uri(spec, context["dag"].dag_id)),
+                                exclude_run_id=context["run_id"])
             problem = planning_problem(spec, dict(context["params"]), load_profile(spec), history)
             out = plan_problem(parse_problem(problem))
         except ProblemError as e:

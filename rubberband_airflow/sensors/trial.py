@@ -100,6 +100,7 @@ class TrialResultSensor(BaseSensorOperator):
         self._label(context)
         self._remember_run(context)
         storage = self._storage()
+        self._rerun_if_cleared(storage, context)
         result = storage.read_result(self.trial, int(self.stage))
         if result is not None:
             return self._finish(result)
@@ -114,6 +115,22 @@ class TrialResultSensor(BaseSensorOperator):
                                               storage_conn_id=self.storage_conn_id, spec_path=self.spec_path,
                                               dag_id=dag_id, run_id=run_id),
                    method_name="execute_complete")
+
+    def _rerun_if_cleared(self, storage: RunStorage, context: Context) -> None:
+        """A failed trial whose wait runs again after a clear of the run (a clear of the failed
+        tasks: Airflow's clear number of the run grew since the trial's try was placed) is run
+        again while its stage is not promoted: a new try, placed once for all the stage's failed
+        trials (``runner.rerun_failed``), which this wait then waits for."""
+        clear = getattr(context.get("dag_run"), "clear_number", None)
+        if clear is None or not runner.rerun_due(storage, self.trial, int(self.stage), int(clear)):
+            return
+        backend = self._backend(storage)
+        if backend is None:
+            return
+        plan = runner.RunPlan.from_json(storage.read_json("plan.json"))
+        record = runner.rerun_failed(storage, backend, plan, int(self.stage), int(clear))
+        self.log.warning("%s failed in stage %s; the run was cleared (clear %s): try %s of its stage runs %s",
+                         self.trial, self.stage, clear, record["try"], ", ".join(record["trials"]))
 
     def _remember_run(self, context: Context) -> None:
         """The DAG and run ids, which make the run's backend (a task's context has them)."""

@@ -84,7 +84,8 @@ class TrialResultTrigger(BaseTrigger):
     """
     Wait on the triggerer for one trial's result of one stage in a tuning run's storage.
 
-    Polls ``trials/<trial>/stage-<stage>.json`` until it exists, then fires with
+    Polls the trial's result of the stage (``trials/<trial>/stage-<stage>.json``, or that of its
+    newest try: ``stage-<stage>.try-<k>.json``) until it exists, then fires with
     ``{"trial", "stage", "result"}``. Fires with a failed result, ``"lost": True`` and the lost
     ``"instance"`` instead when the trial's instance is lost (see ``Liveness``), so a dead
     instance cannot stall the run while the rest of the fleet bills: the sensor then has the
@@ -146,10 +147,12 @@ class TrialResultTrigger(BaseTrigger):
         storage = await asyncio.to_thread(run_storage, self.run_uri, self.storage_conn_id)
         backend = await asyncio.to_thread(self.backend, storage)
         liveness = Liveness(storage, self.trial, self.stage, self.silent_seconds, self.boot_seconds, backend)
+        # The trial's newest try (a failed trial run again after a clear has a later one): its result counts.
+        tried = await asyncio.to_thread(storage.current_try, self.trial, self.stage)
         checked = float("-inf")
         while True:
             # fsspec calls block: keep them off the triggerer's event loop
-            result = await asyncio.to_thread(storage.read_result, self.trial, self.stage)
+            result = await asyncio.to_thread(storage.read_result, self.trial, self.stage, tried)
             if result is not None:
                 self.log.info("%s has a result for stage %s: %s", self.trial, self.stage, result.get("state"))
                 yield TriggerEvent({"trial": self.trial, "stage": self.stage, "result": result})

@@ -163,3 +163,80 @@ def test_a_retried_promotion_promotes_the_same_trials_and_keeps_the_stage_end(st
     assert again == first and storage.read_json("stages", "1", "end.json") == ended
     assert runner.stage_trials(storage, 2) == first.promoted and "trial-0063" in first.failed
     assert storage.read_result("trial-0063", 1)["error"] == "no result was recorded"
+
+
+def test_a_clear_runs_the_failed_trials_of_a_torn_down_stage_again_as_a_new_try(started, worked):
+    storage, backend = started
+    for batch in runner.scale_out(backend, worked, 1, 8):
+        backend.launch(batch.name, batch.count)
+    runner.stage_placement(storage, backend, worked, 1, clear=0)
+    failed = {"trial-0005", "trial-0009"}
+    _finish(storage, 1, skip=failed)
+    for t in failed:
+        storage.write_result(t, 1, {"state": "failed", "stage": 1, "error": "CUDA error"})
+    runner.stop_instances(storage, backend)  # the teardown of the run, which then failed
+    assert not runner.rerun_due(storage, "trial-0005", 1, clear=0)  # not cleared since: the failure stands
+    assert not runner.rerun_due(storage, "trial-0000", 1, clear=1)  # finished: kept
+    assert runner.rerun_due(storage, "trial-0005", 1, clear=1)
+
+    record = runner.rerun_failed(storage, backend, worked, 1, clear=1)
+    assert runner.rerun_failed(storage, backend, worked, 1, clear=1) == record  # the stage's other waits
+    assert record["try"] == 2 and sorted(record["trials"]) == sorted(failed)
+    # The run had no live instance: the try launched its own (slots of 4 GPUs, 1 per trial: one instance).
+    assert record["launched"]["instances"] == backend.live() == ["stage-1-retry-2-0"]
+    tasks = list(storage.assignments("stage-1-retry-2-0"))
+    assert sorted(t["trial"] for t in tasks) == sorted(failed) and {t["try"] for t in tasks} == {2}
+    assert all(t["start_epoch"] == 0 and t["stop_epoch"] == worked.sha.epochs(1) for t in tasks)
+    # The newest try counts: it has no result yet; the first try's failure is kept beside it.
+    assert storage.read_result("trial-0005", 1) is None
+    assert storage.read_result("trial-0005", 1, 1)["error"] == "CUDA error"
+    assert not runner.rerun_due(storage, "trial-0005", 1, clear=1)  # its try began at this clear
+    # Results are written once per try: a late writer of the first try changes nothing.
+    assert not storage.write_result("trial-0005", 1, {"state": "done", "stage": 1, "metric": 99}, 1)
+    assert storage.write_result("trial-0005", 1, {"state": "done", "stage": 1, "metric": 100}, 2)
+    assert not storage.write_result("trial-0005", 1, {"state": "failed", "stage": 1, "error": "late"}, 2)
+    storage.write_result("trial-0009", 1, {"state": "failed", "stage": 1, "error": "NaN loss"}, 2)
+    assert (storage.root + "/trials/trial-0005/stage-1.try-2.json") in storage.fs.ls(storage.path("trials",
+                                                                                                  "trial-0005"))
+    outcome = runner.promote_stage(storage, backend, worked, 1, "max")
+    assert outcome.promoted[0] == "trial-0005" and outcome.failed == ["trial-0009"]
+    # Once the stage is promoted, a later clear does not run its failures again: the run went on.
+    assert not runner.rerun_due(storage, "trial-0009", 1, clear=2)
+
+
+def test_a_new_attempt_keeps_what_the_earlier_one_finished_and_places_only_the_rest(tmp_path, started, worked):
+    earlier, backend = started
+    for batch in runner.scale_out(backend, worked, 1, 8):
+        backend.launch(batch.name, batch.count)
+    runner.stage_placement(earlier, backend, worked, 1)
+    _finish(earlier, 1, skip={"trial-0003"})
+    earlier.write_result("trial-0003", 1, {"state": "failed", "stage": 1, "error": "NaN loss"})
+    earlier.append_metrics("trial-0007", {"epoch": 1, "acc": 0.5})
+    earlier.write_bytes(b"state of trial-0007", "trials", "trial-0007", "checkpoint.pt")
+    runner.stop_instances(earlier, backend)
+
+    storage = RunStorage(f"file://{tmp_path}/run.attempt-2")
+    configs = [{"x": k} for k in range(worked.sha.num_trials)]
+    runner.start_run(storage, runner.RunSpec("m:f", "acc"), configs, worked.to_json(), 4)
+    record = runner.carry_over(earlier, storage, 1)
+    assert record["from_attempt"] == 1 and len(record["results"]["1"]) == worked.sha.num_trials - 1
+    kept = storage.read_result("trial-0007", 1)
+    assert kept["state"] == "done" and kept["metric"] == 7 and kept["carried_from"] == 1
+    assert storage.read_result("trial-0003", 1) is None  # the failure is not kept: it runs again
+    assert storage.metrics("trial-0007") == [{"epoch": 1, "acc": 0.5}]
+    assert storage.read_bytes("trials", "trial-0007", "checkpoint.pt") == b"state of trial-0007"
+    # The stage has one trial to run: the plan's instances, and only that trial is placed.
+    new = LedgerBackend(storage)
+    assert runner.unfinished(storage, 1) == ["trial-0003"]
+    for batch in runner.scale_out(new, worked, 1, 8):
+        new.launch(batch.name, batch.count)
+    placement = runner.stage_placement(storage, new, worked, 1)
+    assert [t["trial"] for tasks in placement.values() for t in tasks] == ["trial-0003"]
+    storage.write_result("trial-0003", 1, {"state": "done", "stage": 1, "metric": 3})
+    outcome = runner.promote_stage(storage, new, worked, 1, "max")
+    assert outcome.failed == [] and outcome.promoted == [f"trial-{k:04d}" for k in range(63, 47, -1)]
+    # A stage whose every result is kept launches nothing (and drops what is live).
+    for t in runner.stage_trials(storage, 2):
+        storage.write_result(t, 2, {"state": "done", "stage": 2, "metric": 1, "carried_from": 1})
+    assert runner.wanted_instances(storage, worked, 2) == 0
+    assert runner.scale_out(new, worked, 2, 8) == [] and runner.scale_in(new, worked, 2, 8)
