@@ -19,7 +19,8 @@ Layout under the run (attempt) prefix:
     stages/<i>/placement.json            the stage's placement (written once: a retried place reuses it)
     stages/<i>/<instance>.json           the trials assigned to an instance in stage i, in order
     stages/<i>/recovery/<instance>.json  where the trials of an instance lost in stage i went
-    stages/<i>/replan.json               the re-plan before stage i: time, the plan before and after
+    stages/<i>/plan.json                 the plan stages i on execute, re-planned before stage i (written once)
+    stages/<i>/replan.json               the re-plan before stage i: time, state, observed, the plan before and after
     instances/<instance>/heartbeat.json  the agent's latest heartbeat (its first one marks ready)
     instances/<instance>/stop            asks the agent to stop
     ledger/<instance>.json               request, running, ready and termination times
