@@ -208,6 +208,14 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         placement = runner.stage_placement(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout)
         return [t["trial"] for tasks in placement.values() for t in tasks]
 
+    @task
+    def prewarm(plan: dict[str, Any], stage: int) -> list[str]:
+        """Pre-warm the next stage: at the plan's lead time, launch the instances it adds, unless the
+        stage ended first (a plan without a lead time: nothing, at once)."""
+        r = _Run(conn_id, plan, stage)
+        assert r.plan is not None
+        return runner.prewarm(r.storage, r.backend, r.plan, stage, BATCH_SIZE, continued=r.clear - (r.attempt - 1))
+
     @task(trigger_rule="all_done")
     def promote(plan: dict[str, Any], stage: int) -> dict[str, Any]:
         """Promote the best trials that finished; failed trials are never promoted."""
@@ -282,8 +290,14 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                     poll_interval=2.0).expand(trial=trials)
                 promoted = promote(current, stage)
                 waits >> promoted
+                # The next stage counts its fleet once this stage's pre-warm is over.
+                after = [promoted]
+                if stage < _stage_count(spec):
+                    warm = prewarm(current, stage)
+                    trials >> warm
+                    after.append(warm)
             previous >> (head if head is not None else grow)
-            previous = promoted
+            previous = after
         # start_run is the setup: the teardown runs however the stages end, even if a user marks
         # the run failed, and terminates every instance the run launched.
         done = teardown().as_teardown(setups=started)

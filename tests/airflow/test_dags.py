@@ -55,13 +55,15 @@ def test_each_stage_after_the_first_executes_its_replan_unless_the_spec_turns_it
     replanned, fixed = bag.dags["replanned"], bag.dags["fixed"]
     assert "stage_1.replan" not in replanned.task_dict and "stage_2.replan" in replanned.task_dict
     # Stage 2's tasks take the re-plan's XCom as their plan; stage 3's re-plan starts from stage 2's.
-    assert replanned.task_dict["stage_2.replan"].upstream_task_ids == {"stage_1.promote", "plan"}
+    assert replanned.task_dict["stage_2.replan"].upstream_task_ids == {"stage_1.promote", "stage_1.prewarm", "plan"}
+    # A stage's pre-warm starts once its trials are placed, and the next stage counts its fleet after it.
+    assert replanned.task_dict["stage_1.prewarm"].upstream_task_ids == {"stage_1.place", "plan"}
     for task in ("scale_out", "scale_in", "place", "promote"):
         assert "stage_2.replan" in replanned.task_dict[f"stage_2.{task}"].upstream_task_ids
     assert "stage_2.replan" in replanned.task_dict["stage_3.replan"].upstream_task_ids
     # Switched off: no re-plan, every stage executes the first plan.
     assert not [t for t in fixed.task_dict if t.endswith(".replan")]
-    assert {"plan", "stage_1.promote"} <= fixed.task_dict["stage_2.scale_out"].upstream_task_ids
+    assert {"plan", "stage_1.promote", "stage_1.prewarm"} <= fixed.task_dict["stage_2.scale_out"].upstream_task_ids
 
 
 BAD = [
