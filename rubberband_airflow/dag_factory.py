@@ -17,12 +17,13 @@ from typing import Any
 from airflow.sdk import DAG, Asset, Param, TaskGroup, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from rubberband_airflow.execution import runner
+from rubberband_airflow.execution import replanning, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.hooks.backend import deployment_name, run_backend, teardown_run
 from rubberband_airflow.hooks.storage import run_storage, storage_for
 from rubberband_airflow.operators.planning import RubberBandPlanOperator
+from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.problem import SHA
 from rubberband_airflow.report import build_report, log_summary
 from rubberband_airflow.search_space import sample
@@ -103,7 +104,8 @@ class _Run:
     """What a task of one run works with: the run's storage (start_run's XCom), its own copy
     of the spec and the trigger form's values (the snapshot start_run wrote), its plan and backend."""
 
-    def __init__(self, conn_id: str | None, plan: dict[str, Any] | None = None, stage: int | None = None) -> None:
+    def __init__(self, conn_id: str | None, plan: dict[str, Any] | None = None, stage: int | None = None,
+                 skip: bool = True) -> None:
         ctx = get_current_context()
         self.dag_id, self.run_id, self.clear = ctx["dag"].dag_id, ctx["run_id"], _attempt(ctx) - 1
         uri = ctx["ti"].xcom_pull(task_ids="start_run")
@@ -114,10 +116,12 @@ class _Run:
         self.spec, self.params = snapshot.spec, snapshot.params
         self.attempt, self.deployment = snapshot.attempt, snapshot.deployment
         self.plan = runner.RunPlan.from_json(plan) if plan is not None else None
-        if plan is not None and _canonical(plan) != _canonical(self.storage.read_json("plan.json")):
-            raise AirflowFailException(f"the plan changed since this attempt's start_run ({uri}): clear the run "
-                                       "from start_run (or plan) on, so that a new attempt starts clean")
-        if self.plan is not None and stage is not None and not self.plan.has_stage(stage):
+        # The plan a task is given must be the one its stage executes in this attempt: plan.json, or
+        # the stage's re-plan (stages/<i>/plan.json, written once).
+        if plan is not None and _canonical(plan) != _canonical(replanning.current_plan(self.storage, stage or 1)):
+            raise AirflowFailException(f"the plan changed since this attempt's start_run or re-plan ({uri}): clear "
+                                       "the run from start_run (or plan) on, so that a new attempt starts clean")
+        if skip and self.plan is not None and stage is not None and not self.plan.has_stage(stage):
             raise AirflowSkipException(f"this run's plan has {self.plan.stages} stages")
 
     @property
@@ -185,6 +189,26 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         return storage.uri
 
     @task
+    def replan(plan: dict[str, Any], stage: int) -> dict[str, Any]:
+        """Re-plan the stages from this one on from the run's state (the plan the stage's tasks
+        execute); a plan without this stage is returned as it is."""
+        r = _Run(conn_id, plan, stage - 1, skip=False)
+        assert r.plan is not None
+        if not r.plan.has_stage(stage):
+            return plan
+        runner.reconcile(r.backend)
+        try:
+            after = replanning.replan_stage(r.storage, plan, stage)
+        except ProblemError as e:
+            raise AirflowFailException(f"re-plan before stage {stage}: {e}") from None
+        log.info("re-plan before stage %d: instances per stage %s -> %s; predicted JCT %.1f s -> %.1f s, "
+                 "cost $%.4f -> $%.4f", stage, [s["instances"] for s in plan["stages"]],
+                 [s["instances"] for s in after["stages"]], plan["predicted"]["jct_seconds"]["mean"],
+                 after["predicted"]["jct_seconds"]["mean"], plan["predicted"]["cost_usd"]["mean"],
+                 after["predicted"]["cost_usd"]["mean"])
+        return after
+
+    @task
     def scale_out(plan: dict[str, Any], stage: int) -> list[dict[str, Any]]:
         """The batches of instances this stage adds (empty when it adds none)."""
         r = _Run(conn_id, plan, stage)
@@ -199,15 +223,15 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         return runner.scale_in(r.backend, r.plan, stage, BATCH_SIZE)
 
     @task
-    def provision(plan: dict[str, Any], batch: dict[str, Any]) -> list[str]:
+    def provision(plan: dict[str, Any], stage: int, batch: dict[str, Any]) -> list[str]:
         """Launch one batch of instances (a retry finds the batch by its tags and launches nothing)."""
         launch = runner.LaunchBatch.from_json(batch)
-        return _Run(conn_id, plan).backend.launch(launch.name, launch.count, launch.market)
+        return _Run(conn_id, plan, stage).backend.launch(launch.name, launch.count, launch.market)
 
     @task
-    def deprovision(plan: dict[str, Any], instances: list[str]) -> list[str]:
+    def deprovision(plan: dict[str, Any], stage: int, instances: list[str]) -> list[str]:
         """Terminate one batch of surplus instances."""
-        _Run(conn_id, plan).backend.terminate(instances)
+        _Run(conn_id, plan, stage).backend.terminate(instances)
         return instances
 
     @task(trigger_rule="none_failed")
@@ -218,6 +242,14 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         placed = [t["trial"] for tasks in placement.values() for t in tasks]
         # A trial whose result was carried over from an earlier attempt is not placed; its wait ends at once.
         return placed + [t for t in runner.stage_trials(r.storage, stage) if t not in placed]
+
+    @task
+    def prewarm(plan: dict[str, Any], stage: int) -> list[str]:
+        """Pre-warm the next stage: at the plan's lead time, launch the instances it adds, unless the
+        stage ended first (a plan without a lead time: nothing, at once)."""
+        r = _Run(conn_id, plan, stage)
+        assert r.plan is not None
+        return runner.prewarm(r.storage, r.backend, r.plan, stage, BATCH_SIZE, continued=r.clear - (r.attempt - 1))
 
     @task(trigger_rule="all_done")
     def promote(plan: dict[str, Any], stage: int) -> dict[str, Any]:
@@ -275,14 +307,19 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         started = start_run(plan.output)
         previous: Any = started
         promotes = []
+        # The plan each stage executes: the first plan, or (re-planning on) its stage's re-plan.
+        current: Any = plan.output
         for stage in range(1, _stage_count(spec) + 1):
             with TaskGroup(f"stage_{stage}"):
-                grow = scale_out(plan.output, stage)
-                shrink = scale_in(plan.output, stage)
+                head = None
+                if spec.replan and stage > 1:
+                    current = head = replan(current, stage)
+                grow = scale_out(current, stage)
+                shrink = scale_in(current, stage)
                 grow >> shrink
-                launched = provision.partial(plan=plan.output).expand(batch=grow)
-                dropped = deprovision.partial(plan=plan.output).expand(instances=shrink)
-                trials = place(plan.output, stage)
+                launched = provision.partial(plan=current, stage=stage).expand(batch=grow)
+                dropped = deprovision.partial(plan=current, stage=stage).expand(instances=shrink)
+                trials = place(current, stage)
                 [launched, dropped] >> trials
                 # Deferred whatever [operators] default_deferrable says: a trial's wait lasts as long as
                 # the trial, and one sensor per trial must not hold a worker slot for it.
@@ -290,10 +327,16 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                     task_id="wait", run_uri="{{ ti.xcom_pull(task_ids='start_run') }}", stage=stage, retries=1,
                     storage_conn_id=conn_id, spec_path=spec_path, deferrable=True,
                     poll_interval=2.0).expand(trial=trials)
-                promoted = promote(plan.output, stage)
+                promoted = promote(current, stage)
                 waits >> promoted
-            previous >> grow
-            previous = promoted
+                # The next stage counts its fleet once this stage's pre-warm is over.
+                after = [promoted]
+                if stage < _stage_count(spec):
+                    warm = prewarm(current, stage)
+                    trials >> warm
+                    after.append(warm)
+            previous >> (head if head is not None else grow)
+            previous = after
             promotes.append(promoted)
         # start_run is the setup: the teardown runs however the stages end, even if a user marks
         # the run failed, and terminates every instance the run launched.

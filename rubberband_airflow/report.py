@@ -15,6 +15,7 @@ from rubberband_airflow.planning.billing import billed_seconds
 from rubberband_airflow.planning.plan import parse_plan
 from rubberband_airflow.planning.problem import Billing, parse_problem
 from rubberband_airflow.planning.simulator import Draws, simulate_outcome
+from rubberband_airflow.predictions import replan_lines, replan_rows, stage_predictions
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,11 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         outcome = simulate_outcome(problem, parse_plan(plan, problem), Draws.for_problem(problem))
         predicted_stage_ends = outcome.stage_end.mean(axis=0).tolist()
     jct = (final["end"] - run["started"]) if final and run.get("started") else None
+    records = [r for r in storage.read_json_many([("stages", str(s["stage"]), "replan.json") for s in stages])
+               if isinstance(r, dict)]
+    started = run.get("started")
+    predictions = stage_predictions(plan, records, {s["stage"]: s["end"] - started for s in stages}) \
+        if started else []
     stage1 = [r["1"]["metric"] for r in results_by_trial.values() if r.get("1", {}).get("state") == "done"]
     return {
         "dag_id": dag_id, "run": storage.uri, "metric": run.get("metric"), "mode": str(mode),
@@ -89,6 +95,8 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         "actual": {"jct_seconds": jct, "cost_usd": actual_cost,
                    "stage_end_seconds": [s["end"] - run["started"] for s in stages] if run.get("started") else None},
         "stage_overhead_seconds": [s["overhead_seconds"] for s in stages],
+        "replans": replan_rows(records, started),
+        "stage_predictions": predictions,
         "baselines": plan.get("baselines"),
         "stages": stages,
         "trials": {t: {"config": storage.read_config(t), "results": r} for t, r in sorted(results_by_trial.items())},
@@ -207,6 +215,7 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
         lines.append(f"{s['stage']:>5} {s['trials']:>6} {s['trials'] - len(s['failed']):>4} {s['instances'] or '-':>4} "
                      f"{s['gpus_per_trial'] or '-':>2} {s['seconds']:>8.1f} {s['overhead_seconds'] or 0:>8.1f} "
                      f"{s['best_metric'] if s['best_metric'] is not None else float('nan'):>8.4f}")
+    lines += replan_lines(rep)
     for f in rep.get("spot_fallbacks") or []:
         lines.append(f"Spot refused for batch {f['batch']} ({f['refused']}): its {len(f['instances'])} instances "
                      "ran on demand")

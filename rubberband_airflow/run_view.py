@@ -33,6 +33,7 @@ from rubberband_airflow.planning.plan import parse_plan
 from rubberband_airflow.planning.planner import plan_problem
 from rubberband_airflow.planning.problem import Problem, parse_problem
 from rubberband_airflow.planning.simulator import Draws, Outcome, simulate_outcome
+from rubberband_airflow.predictions import observed_text, stage_predictions
 
 _LIBRARIES = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")
 # Deadlines the cost-against-deadline curve re-plans the run's problem at, as fractions of its own.
@@ -263,6 +264,9 @@ def view_data(files: RunFiles) -> dict[str, Any]:
         "baselines": {k: _baseline_cost(v) for k, v in baselines.items() if k != "lower_bound"},
         "ledger": [str(e["instance"]) for e in files.ledger],
         "events": _events(files),
+        "stage_predictions": stage_predictions(
+            plan, [r for r in files.replans if isinstance(r.get("state"), dict)],
+            {s["stage"]: s["end"] - t0 for s in files.stages if s["end"] is not None}),
     }
 
 
@@ -290,8 +294,9 @@ def _events(files: RunFiles) -> list[dict[str, Any]]:
         before, after = r.get("before"), r.get("after")
         costs = [_fmt(_predicted(p, "cost_usd"), "$", 4) for p in (before, after)]
         jcts = [_fmt(_predicted(p, "jct_seconds"), " s") for p in (before, after)]
+        seen = f"observed {observed_text(r['observed'])}; " if isinstance(r.get("observed"), dict) else ""
         out.append({"t": r.get("time"), "kind": "re-plan", "label": f"re-plan before stage {r['stage']}",
-                    "detail": f"instances per stage {_shape(before)} to {_shape(after)}; predicted cost "
+                    "detail": f"{seen}instances per stage {_shape(before)} to {_shape(after)}; predicted cost "
                               f"{costs[0]} to {costs[1]}, JCT {jcts[0]} to {jcts[1]}"})
     timed = [{**e, "t": round(float(e["t"]) - t0, 3)} for e in out
              if isinstance(e["t"], (int, float)) and not isinstance(e["t"], bool) and math.isfinite(e["t"])]
@@ -536,6 +541,18 @@ def _figures(data: dict[str, Any]) -> list[tuple[str, str]]:
             ("trials done", f"{len(done)} / {len(data['trials'])}")]
 
 
+def _prediction_table(data: dict[str, Any]) -> str:
+    """Each ended stage's end, predicted by the plan it executed against actual."""
+    rows = "".join(f"<tr><td>{p['stage']}</td><td>{html.escape(str(p['plan']))}</td>"
+                   f"<td class='num'>{_fmt(p['predicted_end_seconds'], ' s')}</td>"
+                   f"<td class='num'>{_fmt(p['actual_end_seconds'], ' s')}</td>"
+                   f"<td class='num'>{_fmt(p['error_seconds'], ' s')}</td></tr>"
+                   for p in data.get("stage_predictions") or [])
+    return ("<h2>Stage ends, predicted against actual</h2><table id='predictions'><thead><tr><th>stage</th>"
+            "<th>executed plan</th><th>predicted end</th><th>actual end</th><th>error</th></tr></thead><tbody>"
+            + rows + "</tbody></table>") if rows else ""
+
+
 def _leaderboard(data: dict[str, Any]) -> str:
     rows = []
     for i, r in enumerate(data["trials"], start=1):
@@ -661,7 +678,7 @@ def render_html(data: dict[str, Any], title: str, description: str = "", refresh
         "recoveries of lost instances and re-plans. The planned instances (faded bars, plan #k) are the "
         "simulator's median run of the plan.</p>"
         "<div id='chart-fleet' class='chart'></div>"
-        + (f"<ul id='events' class='note'>{events}</ul>" if events else "")
+        + (f"<ul id='events' class='note'>{events}</ul>" if events else "") + _prediction_table(data)
         + "<h2>Cost over time, planned against actual</h2><div id='chart-cost' class='chart'></div>"
         f"<h2>Learning curves ({html.escape(data['metric'])} by epoch)</h2><p class='note'>Thicker, brighter lines "
         "reached later stages; a red cross marks a trial that failed.</p><div id='chart-curves' class='chart'></div>"

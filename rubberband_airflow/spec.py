@@ -87,6 +87,7 @@ class TuningSpec:
     billing: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     tags: tuple[str, ...] = ()
+    replan: bool = True
 
     @property
     def backend_type(self) -> BackendType:
@@ -244,6 +245,7 @@ def _parse(data: Any, path: str) -> TuningSpec:
         billing=_overrides(top.raw("billing", {}), "billing", parse_billing),
         description=_description(top.raw("description", None)),
         tags=_tags(top.raw("tags", None)),
+        replan=_boolean(top, "replan", default=True),
     )
     top.done()
     return spec
@@ -305,8 +307,8 @@ def _overrides(value: Any, where: str, parse: Callable[[Any, str], Any]) -> dict
     parse(value, where)
     return dict(value)
 
-def _boolean(reader: Reader, key: str) -> bool:
-    value = reader.raw(key, False)
+def _boolean(reader: Reader, key: str, default: bool = False) -> bool:
+    value = reader.raw(key, default)
     if not isinstance(value, bool):
         raise ProblemError(reader.name(key), f"must be true or false, got {describe(value)}")
     return value

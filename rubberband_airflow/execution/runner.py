@@ -30,9 +30,10 @@ from rubberband_airflow.planning.validation import describe
 
 __all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run",
            "stage_trials", "unfinished", "wanted_instances", "carry_over", "begin_stage", "reconcile", "hung_reason",
-           "scale_targets", "launch_batches", "scale_out", "scale_in", "scale", "place", "stage_placement",
-           "assign_stage", "stage_results", "wait_stage", "recover_trials", "promote", "promote_stage", "rerun_due",
-           "rerun_failed", "try_began", "stop_instances", "run_sha", "summarize", "trial_id"]
+           "scale_targets", "launch_batches", "scale_out", "scale_in", "scale", "prewarm_due", "prewarm", "place",
+           "stage_placement", "assign_stage", "stage_results", "wait_stage", "recover_trials", "promote",
+           "promote_stage", "rerun_due", "rerun_failed", "try_began", "stop_instances", "run_sha", "summarize",
+           "trial_id"]
 
 log = logging.getLogger(__name__)
 
@@ -360,6 +361,48 @@ def scale(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: in
     for batch in scale_out(backend, run_plan, stage, batch_size):
         launched += backend.launch(batch.name, batch.count, batch.market)
     return {"launched": launched, "terminated": terminated, "live": backend.live()}
+
+
+def prewarm_due(storage: RunStorage, run_plan: RunPlan, stage: int) -> float | None:
+    """When the instances the next stage adds are to be requested during this stage (Unix time:
+    the stage's start plus the next stage's ``launch_after_seconds``), or None: the plan does not
+    pre-warm the next stage, or the next stage adds no instance (section 4, step 2)."""
+    if not run_plan.has_stage(stage + 1):
+        return None
+    lead = run_plan.allocation(stage + 1).launch_after
+    if lead is None or run_plan.allocation(stage + 1).instances <= run_plan.allocation(stage).instances:
+        return None
+    start = storage.read_json("stages", str(stage), "start.json")
+    return None if start is None else float(start["time"]) + lead
+
+
+def prewarm(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int = 8,
+            continued: int = 0, poll: float = 1.0) -> list[str]:
+    """Pre-warm the next stage: once ``prewarm_due``, request the instances it adds (c_(i+1) - c_i),
+    unless every trial of this stage has a result by then (the barrier came first); returns those
+    launched. They are live when the next stage scales (it launches only what is still missing),
+    and a retry finds their batches (``stage-<i+1>-batch-<k>-prewarm``) and launches nothing again.
+    Without a due time it returns at once, launching nothing."""
+    due = prewarm_due(storage, run_plan, stage)
+    if due is None:
+        return []
+    trials = stage_trials(storage, stage)
+
+    def ended() -> bool:
+        return all(r is not None for r in stage_results(storage, stage, trials).values())
+
+    while time.time() < due:
+        if ended():
+            return []
+        time.sleep(max(0.0, min(poll, due - time.time())))
+    if ended():
+        return []
+    count = run_plan.allocation(stage + 1).instances - run_plan.allocation(stage).instances
+    launched: list[str] = []
+    for batch in launch_batches(stage + 1, count, batch_size, continued, run_plan.market(stage + 1)):
+        launched += backend.launch(f"{batch.name}-prewarm", batch.count, batch.market)
+    log.info("pre-warmed stage %d: %s", stage + 1, launched)
+    return launched
 
 
 # --- placement --------------------------------------------------------------------------------

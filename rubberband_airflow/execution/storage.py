@@ -24,7 +24,8 @@ Layout under the run (attempt) prefix:
     stages/<i>/retries/<k>.json          the k-th try (k >= 2) of the stage's failed trials, after a clear
     stages/<i>/promoted.json             the stage's outcome, once promote succeeded
     carried.json                         what this attempt kept of an earlier one's results, or why nothing
-    stages/<i>/replan.json               the re-plan before stage i: time, the plan before and after
+    stages/<i>/plan.json                 the plan stages i on execute, re-planned before stage i (written once)
+    stages/<i>/replan.json               the re-plan before stage i: time, state, observed, the plan before and after
     instances/<instance>/heartbeat.json  the agent's latest heartbeat (its first one marks ready)
     instances/<instance>/stop            asks the agent to stop
     ledger/<instance>.json               request, running, ready and termination times

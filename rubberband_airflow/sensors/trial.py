@@ -10,7 +10,7 @@ from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue, conf
 from airflow.sdk.bases.sensor import poke_mode_only
 from airflow.sdk.exceptions import AirflowFailException
 
-from rubberband_airflow.execution import runner
+from rubberband_airflow.execution import replanning, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.hooks.backend import backend_of_run
@@ -127,7 +127,7 @@ class TrialResultSensor(BaseSensorOperator):
         backend = self._backend(storage)
         if backend is None:
             return
-        plan = runner.RunPlan.from_json(storage.read_json("plan.json"))
+        plan = runner.RunPlan.from_json(replanning.current_plan(storage, int(self.stage)))
         record = runner.rerun_failed(storage, backend, plan, int(self.stage), int(clear))
         self.log.warning("%s failed in stage %s; the run was cleared (clear %s): try %s of its stage runs %s",
                          self.trial, self.stage, clear, record["try"], ", ".join(record["trials"]))
@@ -180,7 +180,7 @@ class TrialResultSensor(BaseSensorOperator):
         backend = self._backend(storage)
         if backend is None or instance is None:
             return False
-        plan = storage.read_json("plan.json")
+        plan = replanning.current_plan(storage, int(self.stage))  # the stage's re-plan, if it has one
         record = runner.recover_trials(storage, backend, runner.RunPlan.from_json(plan), int(self.stage), instance,
                                        reason)
         moved = (record.get("moved") or {}).get(self.trial)

@@ -12,7 +12,10 @@ any other) and resumes from it; its state is JSON, so a trial runs without torch
 seconds of CPU and hundreds of MB, too much for hundreds of trials on one machine).
 
 The curve's parameters are module defaults; a spec may fix them per run with one-value
-``choice`` parameters (``epoch_seconds``, ``serial``, ``noise``) in its search space.
+``choice`` parameters (``epoch_seconds``, ``serial``, ``noise``) in its search space. Two more
+make the workload deviate from its profile mid-run, as a real one may: from stage
+``slowdown_from_stage`` (default 2) on, every epoch takes ``slowdown`` times as long (default 1;
+1.5 is 50% slower, 0.5 twice as fast).
 ``COMPUTES = False`` lets a local backend declare more slots than the machine has cores for it
 (``backend.oversubscribe``): a sleeping trial does not slow the others down.
 """
@@ -46,6 +49,14 @@ def curve(config: dict[str, Any]) -> tuple[float, float, float]:
             float(config.get("noise", NOISE)))
 
 
+def slowdown(config: dict[str, Any], stage: int) -> float:
+    """The factor on a stage's epoch times: ``slowdown`` from stage ``slowdown_from_stage`` on, else 1."""
+    factor = float(config.get("slowdown", 1.0))
+    if not math.isfinite(factor) or factor <= 0:
+        raise TrialFailed(f"slowdown must be a positive number, got {config.get('slowdown')!r}")
+    return factor if stage >= int(config.get("slowdown_from_stage", 2)) else 1.0
+
+
 def epoch_seconds(gpus: int, epoch_1: float = EPOCH_SECONDS, serial: float = SERIAL) -> float:
     """Seconds of one epoch on ``gpus`` GPUs, before the straggler factor."""
     return epoch_1 * (serial + (1.0 - serial) / gpus)
@@ -70,7 +81,7 @@ def train(ctx: TrialContext) -> None:
     """Sleep through epochs ``ctx.start_epoch`` to ``ctx.stop_epoch``, reporting and checkpointing each."""
     epoch_1, serial, noise = curve(ctx.config)
     straggler = math.exp(random.Random(ctx.seed).gauss(0.0, noise)) if noise > 0 else 1.0
-    per_epoch = epoch_seconds(ctx.world_size, epoch_1, serial) * straggler
+    per_epoch = epoch_seconds(ctx.world_size, epoch_1, serial) * straggler * slowdown(ctx.config, ctx.stage)
     if ctx.start_epoch > 0:
         state = load_state(ctx)
         if state is None or int(state["epoch"]) != ctx.start_epoch:

@@ -42,12 +42,37 @@ def test_example_dags_import_without_errors(dagbag_for):
     assert [a.uri for a in downstream.timetable.asset_condition.objects] == [dag.task_dict["report"].outlets[0].uri]
 
 
+def test_each_stage_after_the_first_executes_its_replan_unless_the_spec_turns_it_off(dagbag_for, tmp_path):
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    spec = yaml.safe_load((ROOT / "dags" / "digits_tuning.yaml").read_text())
+    for name, replan in (("replanned", None), ("fixed", False)):
+        data = {**spec, "name": name} | ({} if replan is None else {"replan": replan})
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(data))
+        shutil.copy(ROOT / "dags" / "digits_tuning.py", folder / f"{name}.py")
+    bag = dagbag_for(folder)
+    assert bag.import_errors == {}
+    replanned, fixed = bag.dags["replanned"], bag.dags["fixed"]
+    assert "stage_1.replan" not in replanned.task_dict and "stage_2.replan" in replanned.task_dict
+    # Stage 2's tasks take the re-plan's XCom as their plan; stage 3's re-plan starts from stage 2's.
+    assert replanned.task_dict["stage_2.replan"].upstream_task_ids == {"stage_1.promote", "stage_1.prewarm", "plan"}
+    # A stage's pre-warm starts once its trials are placed, and the next stage counts its fleet after it.
+    assert replanned.task_dict["stage_1.prewarm"].upstream_task_ids == {"stage_1.place", "plan"}
+    for task in ("scale_out", "scale_in", "place", "promote"):
+        assert "stage_2.replan" in replanned.task_dict[f"stage_2.{task}"].upstream_task_ids
+    assert "stage_2.replan" in replanned.task_dict["stage_3.replan"].upstream_task_ids
+    # Switched off: no re-plan, every stage executes the first plan.
+    assert not [t for t in fixed.task_dict if t.endswith(".replan")]
+    assert {"plan", "stage_1.promote", "stage_1.prewarm"} <= fixed.task_dict["stage_2.scale_out"].upstream_task_ids
+
+
 BAD = [
     ("sha", {"num_trials": 0, "eta": 2, "min_epochs": 1}, "sha.num_trials"),
     ("search_space", {"lr": {"type": "gaussian"}}, "search_space.lr.type"),
     ("backend", {"type": "k8s"}, "backend.type"),
     ("deadline_seconds", -5, "deadline_seconds"),
     ("colour", "blue", "colour"),
+    ("replan", "yes", "replan"),
     ("backend", {"type": "ec2", "ami": "ami-1", "subnets": ["subnet-1"], "security_groups": ["sg-1"],
                  "instance_profile": "rubberband-agent", "instance_types": [{"name": "x9.huge", "max_instances": 2}]},
      "backend.instance_types[0]"),

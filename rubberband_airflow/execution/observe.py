@@ -1,0 +1,177 @@
+"""A run's state at a stage barrier, from its files: what a re-plan starts from (the state JSON of
+docs/planning-model.md section 7). Times are seconds from the run's start (``run.json``'s ``started``).
+
+- ``elapsed_seconds``: the end of the last stage run (its last trial's finish, as the report measures it).
+- ``spent_usd``: the instances already terminated (the ledger, billed by the problem's rule) and
+  the checkpoints already restored (stages 2 to j-1).
+- ``fleet``: the live instances of the plan's type, oldest request first; one still pending or
+  booting is expected running and ready after the problem's latencies.
+- ``observed``: per GPU count, the mean epoch time in the latest stage that ran trials on that many
+  GPUs (the gaps between a trial's epoch records in a stage; a trial with one epoch in the stage
+  counts from its worker's start); the trial overhead (the time a trial held its slot, from its
+  process's start or the end of the trial before it on the same slot, to its result, less its
+  epochs); the stage overhead (from a stage barrier to the first trial's start, less the launch
+  latency of its instance when that instance was requested after the barrier; stage 1's barrier
+  is the run's start); the launch latency per type (request to first heartbeat).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any
+
+from rubberband_airflow.execution.backends.base import billed_cost
+from rubberband_airflow.execution.results import is_done
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.problem import Problem
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def stage_results(storage: RunStorage, stage: int) -> dict[str, dict[str, Any]]:
+    """The results of a stage's trials that finished, by trial."""
+    chosen = storage.read_json("stages", str(stage), "trials.json") or {}
+    trials = list(chosen.get("trials") or [])
+    results = storage.read_json_many([("trials", t, f"stage-{stage}.json") for t in trials])
+    return {t: r for t, r in zip(trials, results) if is_done(r)}
+
+
+def stage_end(storage: RunStorage, stage: int) -> float | None:
+    """When a stage ended: its last trial's finish (else its end record; None if it has not ended)."""
+    ends = [r["finished"] for r in stage_results(storage, stage).values() if r.get("finished")]
+    if ends:
+        return float(max(ends))
+    end = storage.read_json("stages", str(stage), "end.json")
+    return None if end is None else float(end["time"])
+
+
+def _trial_gpus(storage: RunStorage, stage: int) -> dict[str, int]:
+    placement = (storage.read_json("stages", str(stage), "placement.json") or {}).get("placement") or {}
+    return {t["trial"]: int(t["gpus"]) for tasks in placement.values() for t in tasks}
+
+
+def _epoch_times(storage: RunStorage, trial: str, stage: int, result: Mapping[str, Any]) -> tuple[list[float], int]:
+    """The seconds of the epochs the trial ran in the stage, from its epoch records' times, and how
+    many epochs it ran there."""
+    records = [m for m in storage.metrics(trial) if m.get("stage") == stage and "time" in m]
+    times = [float(m["time"]) for m in sorted(records, key=lambda m: m["epoch"])]
+    if len(times) >= 2:
+        return [b - a for a, b in zip(times, times[1:])], len(times)
+    if times and result.get("started") is not None:
+        return [times[0] - float(result["started"])], 1
+    return [], len(times)
+
+
+def _slot_seconds(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """How long each trial held its slot: from its process's start, or from the end of the trial
+    before it on the same slots (the agent's pause between two trials is part of a trial's time)."""
+    by_slot: dict[tuple[str, str], list[tuple[float, float, str]]] = defaultdict(list)
+    for trial, r in results.items():
+        start = r.get("spawned", r.get("started"))
+        if start is not None and r.get("finished") is not None:
+            by_slot[(str(r.get("instance")), str(r.get("slots")))].append((float(start), float(r["finished"]), trial))
+    out = {}
+    for runs in by_slot.values():
+        previous = None
+        for start, end, trial in sorted(runs):
+            out[trial] = end - (previous if previous is not None and previous <= start else start)
+            previous = end
+    return out
+
+
+def _stage_epochs(storage: RunStorage, stage: int) -> tuple[dict[int, float], dict[str, tuple[int, float, int]]]:
+    """Mean epoch seconds per GPU count in a stage, and per finished trial (gpus, slot seconds, epochs run)."""
+    gpus = _trial_gpus(storage, stage)
+    results = stage_results(storage, stage)
+    held = _slot_seconds(results)
+    per_g: dict[int, list[float]] = defaultdict(list)
+    trials = {}
+    for trial, result in results.items():
+        if trial not in gpus or trial not in held:
+            continue
+        epochs, count = _epoch_times(storage, trial, stage, result)
+        per_g[gpus[trial]] += epochs
+        trials[trial] = (gpus[trial], held[trial], count)
+    return {g: sum(v) / len(v) for g, v in per_g.items() if v}, trials
+
+
+def _stage_overhead(storage: RunStorage, stage: int, barrier: float, ledger: Mapping[str, Mapping[str, Any]]) -> \
+        float | None:
+    """From the barrier before a stage to its first trial's start, less its instance's launch
+    latency when that instance was requested after the barrier."""
+    out = []
+    for result in stage_results(storage, stage).values():
+        start = result.get("spawned", result.get("started"))
+        entry = ledger.get(str(result.get("instance")), {})
+        if start is None:
+            continue
+        requested, ready = entry.get("requested"), entry.get("ready")
+        launch = ready - requested if requested is not None and ready is not None and requested >= barrier else 0.0
+        out.append(float(start) - barrier - max(0.0, launch))
+    return max(0.0, min(out)) if out else None
+
+
+def observed(storage: RunStorage, next_stage: int) -> dict[str, Any]:
+    """What the stages before ``next_stage`` measured (section 7's ``observed``)."""
+    run = storage.read_json("run.json") or {}
+    ledger_list = storage.ledger()
+    ledger = {e["instance"]: e for e in ledger_list}
+    epochs: dict[int, float] = {}
+    overheads: list[float] = []
+    stage_overheads: list[float] = []
+    barrier = run.get("started")
+    for stage in range(1, next_stage):
+        per_g, trials = _stage_epochs(storage, stage)
+        epochs.update(per_g)  # the latest stage that ran on g GPUs wins
+        for g, seconds, n in trials.values():
+            if n and g in per_g:
+                overheads.append(max(0.0, seconds - n * per_g[g]))
+        if barrier is not None:
+            h = _stage_overhead(storage, stage, float(barrier), ledger)
+            if h is not None:
+                stage_overheads.append(h)
+        barrier = stage_end(storage, stage)
+    launches: dict[str, list[float]] = defaultdict(list)
+    for e in ledger_list:
+        if e.get("requested") is not None and e.get("ready") is not None:
+            launches[str(e["type"])].append(max(0.0, float(e["ready"]) - float(e["requested"])))
+    out: dict[str, Any] = {"epoch_seconds": {str(g): s for g, s in sorted(epochs.items())}}
+    if (u := _mean(overheads)) is not None:
+        out["trial_overhead_seconds"] = u
+    if (h := _mean(stage_overheads)) is not None:
+        out["stage_overhead_seconds"] = h
+    out["launch_seconds"] = {t: sum(v) / len(v) for t, v in sorted(launches.items())}
+    return out
+
+
+def run_state(storage: RunStorage, problem: Problem, instance_type: str, next_stage: int,
+              now: float | None = None) -> dict[str, Any]:
+    """The state JSON of the run before ``next_stage`` (stages before it done), for ``problem``:
+    the live fleet of ``instance_type`` (live instances of other types are not the plan's)."""
+    now = time.time() if now is None else now
+    started = float((storage.read_json("run.json") or {})["started"])
+    end = stage_end(storage, next_stage - 1)
+    elapsed = (end if end is not None else now) - started
+    ledger = storage.ledger()
+    itype = problem.instance_type(instance_type)
+    prices = {t.name: t.price_per_hour for t in problem.instance_types}
+    done = [e for e in ledger if e.get("terminated") is not None]
+    restores = sum(problem.sha.trials(i) for i in range(2, next_stage))
+    spent = billed_cost(done, prices, problem.billing) \
+        + problem.billing.data_price_per_gb * problem.workload.checkpoint_gb * restores
+    fleet = []
+    for e in ledger:
+        if e.get("terminated") is not None or e.get("type") != instance_type:
+            continue
+        requested = float(e.get("requested") or now)
+        running = float(e["running"]) if e.get("running") is not None \
+            else max(now, requested + itype.pending_seconds)
+        ready = float(e["ready"]) if e.get("ready") is not None else max(now, running + itype.boot_seconds)
+        fleet.append({"instance_type": instance_type, "running_at_seconds": max(0.0, running - started),
+                      "ready_at_seconds": max(0.0, running - started, ready - started)})
+    return {"next_stage": next_stage, "elapsed_seconds": max(0.0, elapsed), "spent_usd": spent, "fleet": fleet,
+            "observed": observed(storage, next_stage)}

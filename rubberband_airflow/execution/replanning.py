@@ -1,0 +1,86 @@
+"""Re-planning a run before a stage: the plan each stage executes, and the re-plan from the run's
+state (docs/planning-model.md section 7; docs/airflow.md, "Re-planning").
+
+A run's first plan is ``plan.json``. The re-plan before stage i writes the whole run's revised
+plan to ``stages/<i>/plan.json`` once (a retried re-plan returns the plan written first, so the
+stage's tasks never mix two plans) and its record to ``stages/<i>/replan.json``: ``time``,
+``state`` (what it started from), ``observed``, ``before`` and ``after`` (each a plan as
+``plan.json`` holds it), and ``infeasible`` when no plan met the deadline and the fastest was
+taken. The revised plan keeps the stages already run, holds the re-planned ones from stage i on,
+its ``predicted`` counts JCT from the run's start and cost with what was spent, and its
+``problem`` is the first plan's corrected by what the run observed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from typing import Any
+
+from rubberband_airflow.execution import observe
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.errors import InfeasibleError
+from rubberband_airflow.planning.plan import parse_plan
+from rubberband_airflow.planning.problem import parse_problem
+from rubberband_airflow.planning.replan import corrected, parse_state, remaining_problem, replan
+from rubberband_airflow.planning.simulator import simulate
+
+
+def current_plan(storage: RunStorage, stage: int) -> dict[str, Any] | None:
+    """The plan stage ``stage`` executes: the latest re-plan at or before it, else ``plan.json``."""
+    revised = storage.read_json_many([("stages", str(k), "plan.json") for k in range(stage, 1, -1)])
+    return next((p for p in revised if p is not None), None) or storage.read_json("plan.json")
+
+
+def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float | None = None) -> \
+        tuple[dict[str, Any], dict[str, Any]]:
+    """The run's plan re-planned before ``stage`` from its state, and the record of the re-plan.
+    The re-plan keeps the run's instance type; when no plan meets the deadline, the fastest is taken."""
+    now = time.time() if now is None else now
+    first = storage.read_json("plan.json") or before
+    problem = parse_problem(first["problem"])
+    name = before["instance_type"]
+    problem = replace(problem, instance_types=(problem.instance_type(name),))
+    state = observe.run_state(storage, problem, name, stage, now)
+    state["observed"]["launch_seconds"] = {k: v for k, v in state["observed"]["launch_seconds"].items()
+                                           if k == name}
+    parsed = parse_state(state, problem)
+    record: dict[str, Any] = {"time": now, "stage": stage, "state": state, "observed": state["observed"]}
+    try:
+        out = replan(problem, parsed)
+    except InfeasibleError as e:
+        rest = remaining_problem(problem, parsed)
+        s = simulate(rest, parse_plan(e.fastest_plan, rest))
+        out = {"first_stage": stage, **e.fastest_plan, "deadline_seconds": problem.deadline_seconds,
+               "jct_quantile": problem.planner.jct_quantile,
+               "predicted": {"jct_seconds": s["jct_seconds"], "cost_usd": s["cost_usd"]}}
+        record["infeasible"] = str(e)
+    fixed = corrected(problem, parsed.observed)
+    after = {k: v for k, v in out.items() if k not in ("first_stage", "stages")}
+    after.update(stages=list(before["stages"][:stage - 1]) + list(out["stages"]),
+                 problem={**first["problem"], **_workload(fixed.to_dict(), first["problem"])},
+                 gpus_per_instance=before.get("gpus_per_instance", problem.instance_type(name).gpus),
+                 replanned_before_stage=stage)
+    record.update(before=before, after=after)
+    return after, record
+
+
+def _workload(fixed: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:
+    """The corrected workload and instance type latencies, in the first plan's problem."""
+    types = {t["name"]: t for t in fixed["instance_types"]}
+    return {"workload": {**original.get("workload", {}), **fixed["workload"]},
+            "instance_types": [{**t, **{k: types[t["name"]][k] for k in ("pending_seconds", "boot_seconds")}}
+                               if t.get("name") in types else t for t in original["instance_types"]]}
+
+
+def replan_stage(storage: RunStorage, before: dict[str, Any], stage: int) -> dict[str, Any]:
+    """Re-plan before ``stage`` once: write the revised plan (create-only) and the record; a second
+    call (a retry) returns the plan written first."""
+    written = storage.read_json("stages", str(stage), "plan.json")
+    if written is not None:
+        return dict(written)
+    after, record = revise(storage, before, stage)
+    if not storage.create_json(after, "stages", str(stage), "plan.json"):
+        return dict(storage.read_json("stages", str(stage), "plan.json"))
+    storage.write_json(record, "stages", str(stage), "replan.json")
+    return after

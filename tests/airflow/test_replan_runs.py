@@ -1,0 +1,152 @@
+"""Re-planning in the tuning DAG, end to end: real `dag.test` runs on SQLite of the sleeping synthetic
+workload on the local backend, one process for all of them. A workload that turns 1.5x slower than its
+profile after stage 1 misses its deadline with re-planning off and meets it with re-planning on; one
+that turns five times as fast ends cheaper than its first plan predicted."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.predictions import observed_text
+from rubberband_airflow.report import summary_lines
+from rubberband_airflow.run_view import run_view_html
+from rubberband_airflow.workloads import synthetic
+from tests.airflow.conftest import airflow_env, run
+
+# Test setup: every DAG of the folder run with `dag.test`, as `airflow dags test` runs one, in one process.
+RUN_ALL = """
+import sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag()
+assert not bag.import_errors, bag.import_errors
+for dag_id in sys.argv[1:]:
+    dr = bag.dags[dag_id].test()
+    print("DAG RUN", dag_id, getattr(dr.state, "value", dr.state), flush=True)
+"""
+EPOCH = 1.5
+
+
+# The workload's profile: its epochs as the synthetic curve gives them, the overheads of `dag.test`
+# on this machine as a re-plan measures them (an agent's start is its instance's boot).
+def _profile(epoch: float) -> dict:
+    return synthetic.profile(1, epoch, 0.0, trial_overhead_seconds=0.6, stage_overhead_seconds=2.2,
+                             instance_type="local-sleep", boot_seconds=0.8)
+
+
+# name: (trials, epochs in stage 1, seconds per epoch, deadline, slowdown from stage 2, re-planning).
+# At 63 s the cheapest plan of 16 trials runs stages 2 and 3 on one instance (predicted 55 s); 1.5x
+# slower from stage 2 on it takes 67 s or more (71 s on a loaded machine), and 58 to 60 s once stage 3's
+# four trials have two instances. At 50 s the cheapest plan of 8 trials of 3-second epochs runs stages
+# 2 and 3 on two instances (predicted 46 s); five times as fast from stage 2 on, their epochs cost a fifth.
+CASES = {"slow_fixed": (16, 1, EPOCH, 63.0, 1.5, False), "slow_replanned": (16, 1, EPOCH, 63.0, 1.5, True),
+         "fast_replanned": (8, 2, 3.0, 50.0, 0.2, True)}
+
+
+def _spec(name: str, store: Path, tmp: Path) -> dict:
+    trials, epochs, epoch, deadline, slowdown, replan = CASES[name]
+    profile = tmp / f"profile-{name}.json"
+    profile.write_text(json.dumps(_profile(epoch)))
+    space = {**synthetic.SEARCH_SPACE, "epoch_seconds": {"type": "choice", "values": [epoch]},
+             "serial": {"type": "choice", "values": [0.0]}, "slowdown": {"type": "choice", "values": [slowdown]}}
+    return {"name": name, "trainable": "rubberband_airflow.workloads.synthetic:train", "metric": synthetic.METRIC,
+            "mode": synthetic.MODE, "search_space": space,
+            "sha": {"num_trials": trials, "eta": 2, "min_epochs": epochs, "num_stages": 3},
+            "deadline_seconds": deadline,
+            "backend": {"type": "local", "instance_type": "local-sleep", "slots": 1, "price_per_hour": 3.6,
+                        "max_instances": 4, "oversubscribe": True},
+            "billing": {"minimum_seconds": 1, "increment_seconds": 1},
+            "storage": f"file://{store}", "profile": str(profile), "replan": replan, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def runs(airflow_home, tmp_path_factory) -> dict:
+    """The three runs' storage, by case."""
+    tmp = tmp_path_factory.mktemp("replan")
+    dags, store = tmp / "dags", tmp / "store"
+    dags.mkdir()
+    for name in CASES:
+        (dags / f"{name}.yaml").write_text(yaml.safe_dump(_spec(name, store, tmp)))
+        (dags / f"{name}.py").write_text("from pathlib import Path\nfrom rubberband_airflow.dag_factory import "
+                                         "tuning_dag\ndag = tuning_dag(Path(__file__).with_suffix('.yaml'))\n")
+    r = run([sys.executable, "-c", RUN_ALL, *CASES], airflow_env(airflow_home, dags), timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    out = {}
+    for name in CASES:
+        [folder] = sorted((store / name).glob("manual__*"))
+        out[name] = RunStorage(f"file://{folder}")
+    return out
+
+
+def _instances(plan: dict) -> list[int]:
+    return [s["instances"] for s in plan["stages"]]
+
+
+def test_a_slower_workload_misses_its_deadline_without_replanning_and_meets_it_with(runs):
+    fixed, replanned = runs["slow_fixed"], runs["slow_replanned"]
+    first = fixed.read_json("plan.json")
+    # Both runs start from the same plan, which meets the deadline on the profile.
+    assert _instances(replanned.read_json("plan.json")) == _instances(first)
+    deadline = first["deadline_seconds"]
+    assert first["predicted"]["jct_seconds"]["quantile"] <= deadline
+    missed, met = fixed.read_json("report.json"), replanned.read_json("report.json")
+    assert missed["actual"]["jct_seconds"] > deadline, missed["actual"]
+    assert met["actual"]["jct_seconds"] <= deadline, met["actual"]
+    # Without re-planning no stage has a re-plan; with it, the re-plan before stage 3 saw the epochs
+    # of stage 2 run 1.5x slower than profiled, and stage 3 ran on more instances than the first plan
+    # gave it (the re-plan before stage 2, from stage 1's overheads, may have added them already).
+    assert [s for s in fixed.listdir("stages") if fixed.exists("stages", s, "replan.json")] == []
+    record = replanned.read_json("stages", "3", "replan.json")
+    assert record["observed"]["epoch_seconds"]["1"] == pytest.approx(1.5 * EPOCH, rel=0.15)
+    assert record["before"] == replanned.read_json("stages", "2", "plan.json")
+    assert record["after"] == replanned.read_json("stages", "3", "plan.json")
+    assert record["after"]["stages"][2]["instances"] > first["stages"][2]["instances"]
+    # Stage 3 ran on the fleet the re-plan gave it: its trials' instances.
+    placed = replanned.read_json("stages", "3", "placement.json")["placement"]
+    assert len([i for i, tasks in placed.items() if tasks]) == record["after"]["stages"][2]["instances"]
+
+
+def test_a_faster_workload_ends_cheaper_than_its_first_plan_predicted(runs):
+    storage = runs["fast_replanned"]
+    first, rep = storage.read_json("plan.json"), storage.read_json("report.json")
+    record = storage.read_json("stages", "3", "replan.json")
+    # The re-plan before stage 3 measured the faster epochs and predicted less than the first plan did.
+    assert record["observed"]["epoch_seconds"]["1"] == pytest.approx(0.2 * 3.0, rel=0.25)
+    assert record["after"]["predicted"]["cost_usd"]["mean"] < first["predicted"]["cost_usd"]["mean"]
+    assert rep["actual"]["cost_usd"] < first["predicted"]["cost_usd"]["mean"]
+    assert rep["best"]["trial"] == synthetic.best_config({t: v["config"] for t, v in rep["trials"].items()})
+
+
+def test_the_report_and_the_run_view_show_each_replan_and_the_prediction_error_per_stage(runs):
+    storage = runs["slow_replanned"]
+    rep, started = storage.read_json("report.json"), storage.read_json("run.json")["started"]
+    records = [storage.read_json("stages", str(i), "replan.json") for i in (2, 3)]
+    assert [r["stage"] for r in rep["replans"]] == [2, 3]
+    for row, record in zip(rep["replans"], records):
+        assert row["seconds"] == pytest.approx(record["time"] - started)
+        assert row["observed"] == record["observed"]
+        assert row["before"] == {"instances": _instances(record["before"]),
+                                 "jct_seconds": record["before"]["predicted"]["jct_seconds"]["mean"],
+                                 "cost_usd": record["before"]["predicted"]["cost_usd"]["mean"]}
+        assert row["after"]["instances"] == _instances(record["after"])
+    # Each stage's end against the prediction of the plan it executed.
+    predictions = rep["stage_predictions"]
+    assert [(p["stage"], p["plan"]) for p in predictions] == [
+        (1, "first plan"), (2, "re-plan before stage 2"), (3, "re-plan before stage 3")]
+    for p, actual in zip(predictions, rep["actual"]["stage_end_seconds"]):
+        assert p["actual_end_seconds"] == pytest.approx(actual)
+        assert p["error_seconds"] == pytest.approx(actual - p["predicted_end_seconds"])
+    # The stage-3 re-plan's prediction of the run's end is its predicted JCT.
+    assert predictions[2]["predicted_end_seconds"] == pytest.approx(
+        records[1]["after"]["predicted"]["jct_seconds"]["mean"], rel=0.02)
+    lines = summary_lines(rep)
+    seen = f"observed {observed_text(records[1]['observed'])}"
+    assert any(line.startswith("Re-plan before stage 3 at ") and seen in line
+               and f"instances {_instances(records[1]['before'])} -> {_instances(records[1]['after'])}" in line
+               for line in lines), lines
+    assert any(line.startswith("Stage 3 ended at ") and "by the re-plan before stage 3" in line for line in lines)
+    page = run_view_html(storage, "slow_replanned")
+    assert f"re-plan before stage 3: {seen}" in page and "<table id='predictions'>" in page

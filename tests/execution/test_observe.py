@@ -1,0 +1,76 @@
+"""The run state a re-plan starts from, built from the files of a real run (local backend, sleeping
+synthetic trials run by real agents), and the re-plan written once per stage."""
+
+import pytest
+
+from rubberband_airflow.execution import observe, replanning, runner
+from rubberband_airflow.execution.runner import RunPlan, RunSpec
+from rubberband_airflow.planning.replan import parse_state
+from rubberband_airflow.search_space import sample
+from rubberband_airflow.workloads import synthetic
+from tests.execution.conftest import plan_json
+
+SYNTHETIC = "rubberband_airflow.workloads.synthetic:train"
+EPOCH = 0.4
+
+
+def _run_stage(storage, backend, run_plan: RunPlan, stage: int) -> None:
+    runner.begin_stage(storage, stage)
+    runner.scale(backend, run_plan, stage)
+    placement = runner.stage_placement(storage, backend, run_plan, stage)
+    runner.wait_stage(storage, backend, stage, [t["trial"] for ts in placement.values() for t in ts], 120,
+                      run_plan=run_plan)
+    runner.promote_stage(storage, backend, run_plan, stage, synthetic.MODE)
+
+
+def test_state_at_each_barrier_is_what_the_run_measured(storage, local_backend):
+    backend = local_backend(slots=1)
+    plan = plan_json("local-1", 1, [(1, 2), (1, 1), (1, 1)], num_trials=4, eta=2, min_epochs=2,
+                     epoch_seconds=1.0)
+    run_plan = RunPlan.from_json(plan)
+    # Stage 2 on: every epoch 1.5x as long (the workload's slowdown knob).
+    configs = [{**c, "epoch_seconds": EPOCH, "serial": 0.0, "slowdown": 1.5}
+               for c in sample(synthetic.SEARCH_SPACE, 4, seed=2)]
+    runner.start_run(storage, RunSpec(SYNTHETIC, synthetic.METRIC, synthetic.MODE), configs, plan, 1)
+    started = storage.read_json("run.json")["started"]
+    _run_stage(storage, backend, run_plan, 1)
+    state = observe.run_state(storage, run_plan.problem, "local-1", 2)
+    end1 = max(storage.read_result(t, 1)["finished"] for t in runner.stage_trials(storage, 1))
+    assert state["next_stage"] == 2 and state["elapsed_seconds"] == pytest.approx(end1 - started)
+    obs = state["observed"]
+    # Stage 1's epochs slept EPOCH each; a trial took its epochs plus its process's start and writes.
+    assert obs["epoch_seconds"]["1"] == pytest.approx(EPOCH, rel=0.25)
+    assert 0 <= obs["trial_overhead_seconds"] < 5
+    assert 0 <= obs["stage_overhead_seconds"] < 5
+    ledger = storage.ledger()
+    assert set(obs["launch_seconds"]) == {"local-1"}
+    assert obs["launch_seconds"]["local-1"] == pytest.approx(
+        sum(e["ready"] - e["requested"] for e in ledger) / len(ledger))
+    # Both instances are live (stage 2 has not scaled in yet), oldest first, nothing spent yet.
+    assert [f["running_at_seconds"] for f in state["fleet"]] == pytest.approx(
+        [e["running"] - started for e in ledger])
+    assert [f["ready_at_seconds"] for f in state["fleet"]] == pytest.approx([e["ready"] - started for e in ledger])
+    assert state["spent_usd"] == 0.0
+    parse_state(state, run_plan.problem)  # the planning core reads it as it is
+
+    _run_stage(storage, backend, run_plan, 2)
+    state = observe.run_state(storage, run_plan.problem, "local-1", 3)
+    # Stage 2 scaled in to one instance: the other is billed in what was spent; its epochs ran slower.
+    assert len(state["fleet"]) == 1 and state["spent_usd"] > 0
+    assert state["observed"]["epoch_seconds"]["1"] == pytest.approx(1.5 * EPOCH, rel=0.25)
+    parse_state(state, run_plan.problem)
+
+    # The re-plan before stage 3 is written once: a second call (a retried task) returns the first.
+    before = replanning.current_plan(storage, 3)
+    assert before == plan
+    after = replanning.replan_stage(storage, before, 3)
+    assert replanning.current_plan(storage, 3) == after and replanning.current_plan(storage, 2) == plan
+    assert after["stages"][:2] == plan["stages"][:2] and after["replanned_before_stage"] == 3
+    record = storage.read_json("stages", "3", "replan.json")
+    assert record["before"] == plan and record["after"] == after
+    assert record["time"] >= started + state["elapsed_seconds"]
+    assert record["observed"]["epoch_seconds"]["1"] == pytest.approx(1.5 * EPOCH, rel=0.25)
+    # The executed plan's problem has the observed epoch time, so its trial limits follow the slowdown.
+    assert RunPlan.from_json(after).problem.workload.epoch_seconds[1] == pytest.approx(1.5 * EPOCH, rel=0.25)
+    assert replanning.replan_stage(storage, plan, 3) == after
+    backend.terminate_all()
