@@ -246,10 +246,12 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                 trials = place(plan.output, stage)
                 [launched, dropped] >> trials
                 # Deferred whatever [operators] default_deferrable says: a trial's wait lasts as long as
-                # the trial, and one sensor per trial must not hold a worker slot for it.
+                # the trial, and one sensor per trial must not hold a worker slot for it. A done trial
+                # ends its task on the triggerer: a second worker launch per trial is what a stage of
+                # hundreds of trials spent its time on.
                 waits = TrialResultSensor.partial(
                     task_id="wait", run_uri="{{ ti.xcom_pull(task_ids='start_run') }}", stage=stage, retries=1,
-                    storage_conn_id=conn_id, spec_path=spec_path, deferrable=True,
+                    storage_conn_id=conn_id, spec_path=spec_path, deferrable=True, finish_on_triggerer=True,
                     poll_interval=2.0).expand(trial=trials)
                 promoted = promote(plan.output, stage)
                 waits >> promoted

@@ -169,7 +169,8 @@ class Agent:
     def step(self) -> None:
         had = [r.task for r in self.running]
         self.reap()
-        pending = self.pending()
+        # With every slot busy nothing could start: no listing of the assignments (requests on S3)
+        pending = self.pending() if self.free_slots() else []
         for task in pending:
             free = self.free_slots()
             if int(task["gpus"]) > len(free):
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds before a trial is failed, where its assignment gives no limit of its own")
     p.add_argument("--pending-seconds", type=float, default=0.0, help="emulated: wait before 'running'")
     p.add_argument("--boot-seconds", type=float, default=0.0, help="emulated: wait from running to ready")
-    p.add_argument("--poll-seconds", type=float, default=0.5)
+    p.add_argument("--poll-seconds", type=float, default=1.0)  # each look is a few requests to S3
     p.add_argument("--idle-timeout", type=float, help="exit after this many seconds with nothing to run")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -223,6 +223,26 @@ class RunStorage:
     def read_result(self, trial: str, stage: int) -> dict[str, Any] | None:
         return self.read_json("trials", trial, f"stage-{stage}.json")
 
+    def stage_results(self, stage: int) -> set[str]:
+        """The trials that have a result for a stage, from one listing of ``trials/`` (on S3 one
+        request per 1000 objects, however many trials there are), left out of fsspec's cache."""
+        path, name = self.path("trials"), f"stage-{stage}.json"
+        try:
+            found = self.fs.find(path)
+        except FileNotFoundError:
+            found = []
+        finally:  # s3fs caches the listing of every folder it saw: it would answer later reads from it
+            cache = getattr(self.fs, "dircache", None)
+            for key in [k for k in list(cache or {}) if k == path or k.startswith(path + "/")]:
+                cache.pop(key, None)  # type: ignore[union-attr]
+            self.fs.invalidate_cache(path)
+        out = set()
+        for p in found:
+            parts = p[len(path) + 1:].split("/")
+            if len(parts) == 2 and parts[1] == name:
+                out.add(parts[0])
+        return out
+
     def write_assignment(self, stage: int, instance: str, tasks: list[dict[str, Any]]) -> None:
         self.write_json({"stage": stage, "tasks": tasks}, "stages", str(stage), f"{instance}.json")
 
