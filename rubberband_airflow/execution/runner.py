@@ -351,6 +351,12 @@ def stage_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunP
     return placement
 
 
+def placed_trials(placement: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The trials of a stage's placement in the order ``place`` returns them (its instances sorted):
+    the map index of a trial's wait."""
+    return [t["trial"] for instance in sorted(placement) for t in placement[instance]]
+
+
 def _written_placement(storage: RunStorage, stage: int) -> dict[str, list[dict[str, Any]]] | None:
     data = storage.read_json("stages", str(stage), "placement.json")
     return None if data is None else dict(data["placement"])

@@ -9,6 +9,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue, conf
 from airflow.sdk.bases.sensor import poke_mode_only
 from airflow.sdk.exceptions import AirflowFailException
+from airflow.triggers.base import StartTriggerArgs
 
 from rubberband_airflow.execution import runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
@@ -65,6 +66,9 @@ class TrialResultSensor(BaseSensorOperator):
         (the default ``poke_interval``)
     :param finish_on_triggerer: deferred, a trial that is done ends this task on the triggerer (its
         XCom set there) instead of resuming it on a worker; a failed or lost trial still resumes it
+    :param start_from_trigger: the scheduler starts the wait on the triggerer, no worker runs
+        ``execute`` (with ``start_trigger_args``, whose trigger kwargs the triggerer renders)
+    :param start_trigger_args: the trigger to start from (a ``TrialResultTrigger``)
     """
 
     template_fields: Sequence[str] = ("run_uri", "trial", "stage", "storage_conn_id")
@@ -73,7 +77,8 @@ class TrialResultSensor(BaseSensorOperator):
     def __init__(self, *, run_uri: str, trial: str, stage: int, storage_conn_id: str | None = None,
                  spec_path: str | None = None,
                  deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
-                 poll_interval: float = 5.0, finish_on_triggerer: bool = False, **kwargs: Any) -> None:
+                 poll_interval: float = 5.0, finish_on_triggerer: bool = False, start_from_trigger: bool = False,
+                 start_trigger_args: StartTriggerArgs | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("map_index_template", "{{ rubberband_trial_label }}")
         kwargs.setdefault("poke_interval", poll_interval)
         super().__init__(**kwargs)
@@ -85,6 +90,9 @@ class TrialResultSensor(BaseSensorOperator):
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.finish_on_triggerer = finish_on_triggerer
+        self.start_from_trigger = start_from_trigger
+        if start_trigger_args is not None:
+            self.start_trigger_args = start_trigger_args
         self._liveness: Liveness | None = None
         self._liveness_checked = float("-inf")
         self._run_ids: tuple[str, str] | None = None  # (dag_id, run_id), from the task's context

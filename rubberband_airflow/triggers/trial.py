@@ -9,7 +9,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
-from rubberband_airflow.execution import recovery
+from rubberband_airflow.execution import recovery, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.hooks.storage import run_storage
@@ -151,11 +151,13 @@ class TrialResultTrigger(BaseTrigger):
     the triggerer's event loop.
 
     :param run_uri: the run's storage root, ``<storage>/<dag_id>/<run_id>``
-    :param trial: the trial id, e.g. ``trial-0003``
+    :param trial: the trial id, e.g. ``trial-0003``; None for the one at the task's map index in the
+        stage's placement (a wait started on the triggerer)
     :param stage: the stage (from 1) whose result to wait for
     :param poll_interval: seconds between reads of the result
     :param silent_seconds: the instance is lost when its heartbeat has not changed for this long
-    :param boot_seconds: the instance is lost when no heartbeat appeared this long after the wait began
+    :param boot_seconds: the instance is lost when no heartbeat appeared this long after the wait
+        began; None for ``boot_limit`` of the run's plan
     :param liveness_interval: seconds between looks at the instance
     :param storage_conn_id: the Airflow connection run storage is reached through; None for
         fsspec's own credentials (local paths always use them)
@@ -167,8 +169,8 @@ class TrialResultTrigger(BaseTrigger):
         with the sensor's XCom), instead of resuming the sensor on a worker
     """
 
-    def __init__(self, run_uri: str, trial: str, stage: int, poll_interval: float = 5.0,
-                 silent_seconds: float = SILENT_SECONDS, boot_seconds: float = BOOT_SECONDS,
+    def __init__(self, run_uri: str, trial: str | None, stage: int, poll_interval: float = 5.0,
+                 silent_seconds: float = SILENT_SECONDS, boot_seconds: float | None = BOOT_SECONDS,
                  liveness_interval: float = LIVENESS_INTERVAL, storage_conn_id: str | None = None,
                  spec_path: str | None = None, dag_id: str | None = None, run_id: str | None = None,
                  finish_task: bool = False) -> None:
@@ -204,6 +206,11 @@ class TrialResultTrigger(BaseTrigger):
         return backend_of_run(self.spec_path, storage, self.dag_id, self.run_id)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        ti = self.task_instance  # started on the triggerer: the run's ids are its task instance's
+        if self.spec_path and ti is not None:
+            self.dag_id, self.run_id = self.dag_id or ti.dag_id, self.run_id or ti.run_id
+        if self.boot_seconds is None or self.trial is None:
+            await asyncio.to_thread(self._from_run, ti)
         key = (asyncio.get_running_loop(), self.run_uri, self.storage_conn_id, self.stage, self.spec_path, self.dag_id,
                self.run_id, self.silent_seconds, self.boot_seconds)
         watch = _WATCHES.get(key)
@@ -221,6 +228,16 @@ class TrialResultTrigger(BaseTrigger):
             watch.users -= 1
             if watch.users == 0 and _WATCHES.get(key) is watch:
                 del _WATCHES[key]
+
+    def _from_run(self, ti: Any) -> None:
+        """What a trigger started on the triggerer reads from the run (blocking: call it in a thread):
+        the first-heartbeat limit of the run's plan, and its trial, by its map index in the placement."""
+        storage = run_storage(self.run_uri, self.storage_conn_id)
+        if self.boot_seconds is None:
+            self.boot_seconds = boot_limit(storage.read_json("plan.json"))
+        if self.trial is None:
+            placement = storage.read_json("stages", str(self.stage), "placement.json")
+            self.trial = runner.placed_trials(placement["placement"])[ti.map_index]
 
     async def _wait(self, watch: StageWatch) -> AsyncIterator[TriggerEvent]:
         began = time.monotonic()
