@@ -263,6 +263,9 @@ def airflow_stack(tmp_path_factory, airflow_home, stack_cloud) -> Iterator[Stack
 SCALE_DAG = "synthetic_scale"
 SCALE_PREFIX = "scale"
 CELERY_WORKERS = 2
+# Its epochs sleep this long whatever the GPUs (serial 1): every trial is a process of one slot (a
+# trial on more would start a torch process per rank, seconds of CPU each on this machine).
+EPOCH_SECONDS = 2.0
 
 
 def scale_spec(deadline_seconds: float = 240) -> dict[str, Any]:
@@ -271,7 +274,8 @@ def scale_spec(deadline_seconds: float = 240) -> dict[str, Any]:
             "metric": "loss", "mode": "min",
             "search_space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0},
                              "y": {"type": "uniform", "low": 0.0, "high": 1.0},
-                             "epoch_seconds": {"type": "choice", "values": [2.0]}},
+                             "epoch_seconds": {"type": "choice", "values": [EPOCH_SECONDS]},
+                             "serial": {"type": "choice", "values": [1.0]}},
             "sha": {"num_trials": 64, "eta": 4, "min_epochs": 1, "num_stages": 2},
             "deadline_seconds": deadline_seconds,
             "backend": {"type": "local", "instance_type": "local-sleep", "slots": 16, "price_per_hour": 1.0,
@@ -294,8 +298,8 @@ def celery_stack_at(home: Path, c: MotoCloud, settings: dict[str, str] | None = 
     (dags / f"{SCALE_DAG}.yaml").write_text(yaml.safe_dump(scale_spec()))
     shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / f"{SCALE_DAG}.py")
     with fsspec.open(f"s3://{BUCKET}/{SCALE_PREFIX}/profile.json", "w") as f:
-        f.write(json.dumps(synthetic.profile(16, 2.0, trial_overhead_seconds=1.0, stage_overhead_seconds=10.0,
-                                             instance_type="local-sleep")))
+        f.write(json.dumps(synthetic.profile(16, EPOCH_SECONDS, 1.0, trial_overhead_seconds=1.0,
+                                             stage_overhead_seconds=10.0, instance_type="local-sleep")))
     queue = f"rubberband-{os.getpid()}"
     pg = PG.rsplit("/", 1)[0].replace("postgresql://", "db+postgresql://")
     celery = {"AIRFLOW__CORE__EXECUTOR": "CeleryExecutor", "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,

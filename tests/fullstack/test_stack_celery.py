@@ -36,6 +36,7 @@ def test_a_synthetic_run_of_hundreds_of_trials_completes_on_celery_workers(celer
     assert len(rep["trials"]) == TRIALS
     assert storage.stage_results(1) == set(rep["trials"])  # one listing: 256 stage-1 results
     assert all(storage.read_result(t, 1)["state"] == "done" for t in rep["trials"])
+    assert [s["failed"] for s in rep["stages"]] == [[], []], rep["stages"]
     # The report's instances are the ledger's, each terminated; and the best trial is the known one.
     ledger = storage.ledger()
     assert sorted(e["instance"] for e in rep["ledger"]) == sorted(e["instance"] for e in ledger)
