@@ -81,22 +81,23 @@ class Liveness:
 
 
 class StageWatch:
-    """What every trigger of one stage of a run in a triggerer shares: one listing of the stage's
-    results per poll interval and one look at the instances of its unfinished trials per liveness
-    interval, instead of a GET per trial per poll (256 waiting trials on S3 were 128 requests a
-    second). Storage and the backend are called in threads, off the event loop.
+    """What every trigger of one stage of a run in a triggerer shares: the run's storage, backend,
+    plan and placement, read once; one listing of the stage's results per poll interval and one
+    look at the instances of its unfinished trials per liveness interval, instead of a GET per
+    trial per poll (256 waiting trials on S3 were 128 requests a second). Storage and the backend
+    are called in threads, off the event loop.
 
-    :param storage: the run's storage
     :param stage: the stage
-    :param backend: the run's backend, or None to go by heartbeats alone
     :param silent_seconds: an instance whose heartbeat has not changed for this long is lost
-    :param boot_seconds: an instance with no heartbeat this long after the first look is lost
+    :param boot_seconds: an instance with no heartbeat this long after the first look is lost;
+        None for ``boot_limit`` of the run's plan
     """
 
-    def __init__(self, storage: RunStorage, stage: int, backend: ComputeBackend | None, silent_seconds: float,
-                 boot_seconds: float) -> None:
-        self.storage, self.stage = storage, stage
-        self.watch = recovery.LossWatch(storage, backend, stage, silent_seconds, boot_seconds)
+    def __init__(self, stage: int, silent_seconds: float, boot_seconds: float | None) -> None:
+        self.stage, self.silent_seconds, self.boot_seconds = stage, silent_seconds, boot_seconds
+        self.storage: RunStorage | None = None
+        self.watch: recovery.LossWatch | None = None
+        self.placed: list[str] = []  # the stage's trials in the order of its waits' map indexes
         self.users = 0
         self.listed = float("-inf")  # monotonic start of the latest listing of results
         self.looked = float("-inf")  # monotonic start of the latest look at the instances
@@ -105,11 +106,30 @@ class StageWatch:
         self.lost: dict[str, str] = {}  # instance: why it is lost
         self._lock = asyncio.Lock()
 
+    async def open(self, trigger: TrialResultTrigger) -> RunStorage:
+        """The run's storage, with what the stage's triggers share read from it by the first one."""
+        async with self._lock:
+            if self.storage is None:
+                await asyncio.to_thread(self._open, trigger)
+        assert self.storage is not None
+        return self.storage
+
+    def _open(self, trigger: TrialResultTrigger) -> None:
+        storage = run_storage(trigger.run_uri, trigger.storage_conn_id)
+        if self.boot_seconds is None:
+            self.boot_seconds = boot_limit(storage.read_json("plan.json"))
+        self.watch = recovery.LossWatch(storage, trigger.backend(storage), self.stage, self.silent_seconds,
+                                        self.boot_seconds)
+        placement = storage.read_json("stages", str(self.stage), "placement.json")
+        self.placed = runner.placed_trials(placement["placement"]) if placement else []
+        self.storage = storage
+
     async def results(self, interval: float) -> set[str]:
         """The trials with a result, listed at most once per ``interval`` for all the stage's triggers."""
         async with self._lock:
             if time.monotonic() - self.listed >= interval:
                 began = time.monotonic()
+                assert self.storage is not None
                 self.done = await asyncio.to_thread(self.storage.stage_results, self.stage)
                 self.listed = began
         return self.done
@@ -125,6 +145,7 @@ class StageWatch:
         return self.looked
 
     def _look(self) -> tuple[dict[str, str | None], dict[str, str]]:
+        assert self.storage is not None and self.watch is not None
         where = {t: inst for t, (inst, _) in recovery.trial_instances(self.storage, self.stage).items()}
         busy = sorted({i for t, i in where.items() if i is not None and t not in self.done})
         lost = {i: why for i in busy if (why := self.watch.reason(i)) is not None}
@@ -209,19 +230,17 @@ class TrialResultTrigger(BaseTrigger):
         ti = self.task_instance  # started on the triggerer: the run's ids are its task instance's
         if self.spec_path and ti is not None:
             self.dag_id, self.run_id = self.dag_id or ti.dag_id, self.run_id or ti.run_id
-        if self.boot_seconds is None or self.trial is None:
-            await asyncio.to_thread(self._from_run, ti)
         key = (asyncio.get_running_loop(), self.run_uri, self.storage_conn_id, self.stage, self.spec_path, self.dag_id,
                self.run_id, self.silent_seconds, self.boot_seconds)
-        watch = _WATCHES.get(key)
-        if watch is None:
-            storage = await asyncio.to_thread(run_storage, self.run_uri, self.storage_conn_id)
-            backend = await asyncio.to_thread(self.backend, storage)
-            watch = _WATCHES.setdefault(key, StageWatch(storage, self.stage, backend, self.silent_seconds,
-                                                        self.boot_seconds))
+        watch = _WATCHES.setdefault(key, StageWatch(self.stage, self.silent_seconds, self.boot_seconds))
         watch.users += 1
         try:
-            async for event in self._wait(watch):
+            storage = await watch.open(self)
+            if self.trial is None:  # started on the triggerer: its trial is at its map index in the placement
+                self.trial = watch.placed[ti.map_index]
+            if self.boot_seconds is None:
+                self.boot_seconds = watch.boot_seconds
+            async for event in self._wait(watch, storage):
                 yield event
                 return
         finally:
@@ -229,21 +248,11 @@ class TrialResultTrigger(BaseTrigger):
             if watch.users == 0 and _WATCHES.get(key) is watch:
                 del _WATCHES[key]
 
-    def _from_run(self, ti: Any) -> None:
-        """What a trigger started on the triggerer reads from the run (blocking: call it in a thread):
-        the first-heartbeat limit of the run's plan, and its trial, by its map index in the placement."""
-        storage = run_storage(self.run_uri, self.storage_conn_id)
-        if self.boot_seconds is None:
-            self.boot_seconds = boot_limit(storage.read_json("plan.json"))
-        if self.trial is None:
-            placement = storage.read_json("stages", str(self.stage), "placement.json")
-            self.trial = runner.placed_trials(placement["placement"])[ti.map_index]
-
-    async def _wait(self, watch: StageWatch) -> AsyncIterator[TriggerEvent]:
+    async def _wait(self, watch: StageWatch, storage: RunStorage) -> AsyncIterator[TriggerEvent]:
         began = time.monotonic()
         while True:
             if self.trial in await watch.results(self.poll_interval):
-                result = await asyncio.to_thread(watch.storage.read_result, self.trial, self.stage)
+                result = await asyncio.to_thread(storage.read_result, self.trial, self.stage)
                 if result is not None:
                     self.log.info("%s has a result for stage %s: %s", self.trial, self.stage, result.get("state"))
                     yield self._event(result)
@@ -251,9 +260,10 @@ class TrialResultTrigger(BaseTrigger):
             if await watch.look(self.liveness_interval) >= began:  # a look since this wait began
                 instance = watch.where.get(self.trial)
                 reason = watch.lost.get(instance) if instance is not None else None
-                if instance is None and time.monotonic() - began > self.boot_seconds:
+                boot = float(self.boot_seconds or 0)
+                if instance is None and time.monotonic() - began > boot:
                     reason = (f"no instance (the trial was never placed) sent a heartbeat within "
-                              f"{self.boot_seconds:g} s: its agent never started")
+                              f"{boot:g} s: its agent never started")
                 if reason is not None:
                     self.log.warning("%s of stage %s is lost: %s", self.trial, self.stage, reason)
                     yield TriggerEvent({"trial": self.trial, "stage": self.stage, "lost": True, "instance": instance,

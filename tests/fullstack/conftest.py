@@ -294,7 +294,7 @@ def celery_stack_at(home: Path, c: MotoCloud, settings: dict[str, str] | None = 
     local instances (agent processes) the DAG launches. ``settings`` add to its environment;
     ``components`` replace or add components, as ``_stack``'s ``extra``."""
     dags = home / "dags"
-    dags.mkdir()
+    dags.mkdir(parents=True)
     (dags / f"{SCALE_DAG}.yaml").write_text(yaml.safe_dump(scale_spec()))
     shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / f"{SCALE_DAG}.py")
     with fsspec.open(f"s3://{BUCKET}/{SCALE_PREFIX}/profile.json", "w") as f:
