@@ -214,11 +214,14 @@ def write_doc(result: dict[str, Any]) -> None:
     lines += ["", f"Actual JCT was {min(ratios):.1f} to {max(ratios):.1f} times the prediction and the "
               f"orchestration overhead between stages {min(overheads):.1f} to {max(overheads):.1f} s (the plan "
               "assumed the profile's 10 s). On this machine a trial is a process of its own (an interpreter, "
-              "s3fs's imports, a dozen requests to moto's server, about a CPU-second) and the stage's trials on an "
-              "instance start together: a wave of 16 takes tens of seconds to start on 2 shared cores, which the "
-              "profile's 1 s trial overhead does not model. The requests include each trial's one-off reads (its "
-              "result once listed); the steady part is one listing of the stage's results per 2 s and one look at "
-              "its instances per 30 s, shared by all its waiting trials."]
+              "half a CPU-second of s3fs's imports, a dozen requests to moto's server) and the trials of an "
+              "instance start together: the *trial start* column is the time from spawn to running, which the "
+              "profile's 1 s trial overhead does not model, and which grows with the trials started at once on 2 "
+              "shared cores. The requests include each trial's one-off read of its result once listed (two "
+              "requests: s3fs heads an object before it gets it) and each stage's one-off reads of the plan, spec "
+              "and placement; the steady part is one listing of the stage's results per 2 s and one look at its "
+              "instances per 30 s, shared by all its waiting trials (`triggerer_requests_by_kind` in the raw "
+              "numbers)."]
     write_section("scale", "\n".join(lines))
 
 

@@ -6,8 +6,12 @@ components run on 127.0.0.1 with LocalExecutor and are stopped at the end. Their
 repo's dags/, with the EC2 example pointed at a moto server (its own process) whose instances
 a ``Hypervisor`` boots, and a second EC2 DAG (the digits spec on EC2) to run beside it.
 
-Its fixtures are session-wide: every module here uses them from this file, none imports them
-(an imported fixture is a fixture of that module, and would start a second stack).
+``celery_stack`` is the distributed one: CeleryExecutor (Redis broker, PostgreSQL result
+backend) with two workers, the scale DAG's run storage on S3; a module's fixture, it stops when
+test_stack_celery.py is done (``celery_stack_at`` builds it for benchmarks/bench_scale.py too).
+
+Its fixtures are session-wide (but ``celery_stack``): every module here uses them from this file,
+none imports them (an imported fixture is a fixture of that module, and would start a second stack).
 """
 
 from __future__ import annotations
