@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_replan
 	$(BIN)/python -m benchmarks.bench_spot
 	$(BIN)/python -m benchmarks.bench_orchestration
+	$(BIN)/python -m benchmarks.bench_scale
 
 # dist/mwaa/: plugins.zip (the plugin module, the package's wheel, constraints) and requirements.txt
 # for Amazon MWAA; docs/user-guide.md, "Deploy to Amazon MWAA".

@@ -14,8 +14,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import DAG, Asset, Param, TaskGroup, get_current_context, task
+from airflow.sdk import DAG, Asset, Param, TaskGroup, conf, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.triggers.base import StartTriggerArgs
 
 from rubberband_airflow.execution import replanning, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
@@ -29,6 +30,7 @@ from rubberband_airflow.report import build_report, log_summary
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.sensors.trial import TrialResultSensor
 from rubberband_airflow.spec import TuningSpec, load_spec
+from rubberband_airflow.triggers.trial import TrialResultTrigger
 from rubberband_airflow.tuning import (
     RunSnapshot,
     dag_uri,
@@ -57,6 +59,27 @@ def best_config_asset(spec_path: str | Path) -> Asset:
     """The Asset a tuning DAG publishes its best configuration to: schedule downstream DAGs on it."""
     spec = load_spec(str(spec_path))
     return Asset(name=f"{spec.name}.best_config", uri=best_config_uri(spec), group="rubberband")
+
+
+RUN_URI = "{{ ti.xcom_pull(task_ids='start_run') }}"
+# Seconds between two listings of a stage's results by its trials' triggers (one for all of them).
+POLL_SECONDS = 2.0
+
+
+def _waits_on_triggerer(stage: int, conn_id: str | None, spec_path: str) -> dict[str, Any]:
+    """With ``[rubberband] waits_start_on_triggerer``: the arguments that start a stage's trial
+    waits on the triggerer (the scheduler defers them there; no worker runs them unless one
+    fails or loses its instance). The triggerer renders the run URI's template; the trigger finds its
+    trial by its map index in the stage's placement."""
+    if not conf.getboolean("rubberband", "waits_start_on_triggerer", fallback=False):
+        return {}
+    return {"start_from_trigger": True, "start_trigger_args": StartTriggerArgs(
+        trigger_cls=f"{TrialResultTrigger.__module__}.{TrialResultTrigger.__qualname__}",
+        # map_indexes=-1: a plain GetXCom (the triggerer cannot serve a mapped task's sequence slice)
+        trigger_kwargs={"run_uri": "{{ ti.xcom_pull(task_ids='start_run', map_indexes=-1) }}", "trial": None,
+                        "stage": stage, "poll_interval": POLL_SECONDS,
+                        "storage_conn_id": conn_id, "spec_path": spec_path, "boot_seconds": None, "finish_task": True},
+        next_method="execute_complete", next_kwargs=None, timeout=None)}
 
 
 def _params(spec: TuningSpec) -> dict[str, Param]:
@@ -239,9 +262,8 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         """Place the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
         r = _Run(conn_id, plan, stage)
         placement = runner.stage_placement(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout, r.clear)
-        placed = [t["trial"] for tasks in placement.values() for t in tasks]
         # A trial whose result was carried over from an earlier attempt is not placed; its wait ends at once.
-        return placed + [t for t in runner.stage_trials(r.storage, stage) if t not in placed]
+        return runner.placed_trials(placement, runner.stage_trials(r.storage, stage))
 
     @task
     def prewarm(plan: dict[str, Any], stage: int) -> list[str]:
@@ -322,11 +344,13 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                 trials = place(current, stage)
                 [launched, dropped] >> trials
                 # Deferred whatever [operators] default_deferrable says: a trial's wait lasts as long as
-                # the trial, and one sensor per trial must not hold a worker slot for it.
+                # the trial, and one sensor per trial must not hold a worker slot for it. A done trial
+                # ends its task on the triggerer: a second worker launch per trial is what a stage of
+                # hundreds of trials spent its time on.
                 waits = TrialResultSensor.partial(
-                    task_id="wait", run_uri="{{ ti.xcom_pull(task_ids='start_run') }}", stage=stage, retries=1,
-                    storage_conn_id=conn_id, spec_path=spec_path, deferrable=True,
-                    poll_interval=2.0).expand(trial=trials)
+                    task_id="wait", run_uri=RUN_URI, stage=stage, retries=1,
+                    storage_conn_id=conn_id, spec_path=spec_path, deferrable=True, finish_on_triggerer=True,
+                    poll_interval=POLL_SECONDS, **_waits_on_triggerer(stage, conn_id, spec_path)).expand(trial=trials)
                 promoted = promote(current, stage)
                 waits >> promoted
                 # The next stage counts its fleet once this stage's pre-warm is over.

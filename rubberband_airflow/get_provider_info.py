@@ -26,6 +26,11 @@ def get_provider_info() -> dict[str, Any]:
                                "with it (rubberband:deployment), and a deployment's teardown and sweeper touch only "
                                "instances with its own name: give two deployments that share an AWS account "
                                "different names.",
-                "version_added": "0.1.0", "type": "string", "example": "prod-eu", "default": "default"}},
+                "version_added": "0.1.0", "type": "string", "example": "prod-eu", "default": "default"},
+                "waits_start_on_triggerer": {
+                "description": "Start each trial's wait on the triggerer (start_from_trigger) and end it there "
+                               "when the trial is done, so that it never takes a worker slot or a worker's process "
+                               "launch. Needs a running triggerer: `airflow dags test` has none, keep it False there.",
+                "version_added": "0.2.0", "type": "boolean", "example": "True", "default": "False"}},
         }},
     }

@@ -23,7 +23,7 @@ def test_compose_runs_the_airflow_stack_on_postgres_with_the_provider():
     for name in ("api-server", "scheduler", "dag-processor", "triggerer"):
         s = services[name]
         assert s["build"]["dockerfile"] == "docker/airflow.Dockerfile"
-        assert s["environment"]["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+        assert s["environment"]["AIRFLOW__CORE__EXECUTOR"] == "${AIRFLOW_EXECUTOR:-LocalExecutor}"
         assert s["environment"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql")
         assert s["depends_on"]["init"]["condition"] == "service_completed_successfully"
     assert services["init"]["command"] == ["db", "migrate"]
@@ -137,5 +137,28 @@ def test_compose_config_is_valid_and_demands_its_secrets():
             dict(reversed(v.split(":")[:2]) for v in services[name]["volumes"])
         assert mounts == {"/opt/airflow/dags": str(DOCKER.parent / "dags"),
                           "/opt/airflow/plugins": str(DOCKER.parent / "plugins")}
+        assert services[name]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"  # the default
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**env, "AIRFLOW_FERNET_KEY": "k" * 44})
     assert r.returncode != 0 and "set AIRFLOW_JWT_SECRET" in r.stderr
+
+
+@pytest.mark.skipif(_compose() is None, reason="no compose client (scripts/install-test-tools.sh installs one)")
+def test_compose_celery_profile_is_the_distributed_stack():
+    """The profile ``celery``: CeleryExecutor everywhere, Redis the broker, PostgreSQL the result
+    backend, two workers of the provider's image."""
+    cmd = [*_compose(), "-f", str(DOCKER / "compose.yaml"), "--profile", "celery", "config"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_")}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={
+        **env, "AIRFLOW_JWT_SECRET": "s" * 48, "AIRFLOW_FERNET_KEY": "k" * 44, "AIRFLOW_EXECUTOR": "CeleryExecutor"})
+    assert r.returncode == 0, r.stderr
+    services = yaml.safe_load(r.stdout)["services"]
+    assert services["redis"]["image"].startswith("redis:")
+    worker = services["worker"]
+    assert worker["command"] == ["celery", "worker"] and worker["deploy"]["replicas"] == 2
+    assert worker["build"]["dockerfile"] == "docker/airflow.Dockerfile"
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    for name in ("api-server", "scheduler", "dag-processor", "triggerer", "worker"):
+        environment = services[name]["environment"]
+        assert environment["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+        assert environment["AIRFLOW__CELERY__BROKER_URL"] == "redis://redis:6379/0"
+        assert environment["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql://")

@@ -448,6 +448,14 @@ def stage_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunP
     return placement
 
 
+def placed_trials(placement: dict[str, list[dict[str, Any]]], trials: list[str] | None = None) -> list[str]:
+    """The trials of a stage in the order ``place`` returns them, the map index of a trial's wait:
+    those of its placement (its instances sorted), then those of ``trials`` it left out (their
+    results carried over from an earlier attempt)."""
+    placed = [t["trial"] for instance in sorted(placement) for t in placement[instance]]
+    return placed + [t for t in trials or [] if t not in set(placed)]
+
+
 def _written_placement(storage: RunStorage, stage: int) -> dict[str, list[dict[str, Any]]] | None:
     data = storage.read_json("stages", str(stage), "placement.json")
     return None if data is None else dict(data["placement"])

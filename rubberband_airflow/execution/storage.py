@@ -257,6 +257,29 @@ class RunStorage:
         """The trial's newest try of a stage: 1 unless its failure was run again after a clear."""
         return self.result_tries(stage).get(trial, 1)
 
+    def stage_results(self, stage: int) -> set[str]:
+        """The trials that have a result for (the newest try of) a stage, from one listing of
+        ``trials/`` (on S3 one request per 1000 objects, however many trials there are), left out of
+        fsspec's cache."""
+        path, name = self.path("trials"), f"stage-{stage}.json"
+        try:
+            found = self.fs.find(path)
+        except FileNotFoundError:
+            found = []
+        finally:  # s3fs caches the listing of every folder it saw: it would answer later reads from it
+            cache = getattr(self.fs, "dircache", None)
+            for key in [k for k in list(cache or {}) if k == path or k.startswith(path + "/")]:
+                cache.pop(key, None)  # type: ignore[union-attr]
+            self.fs.invalidate_cache(path)
+        tries = self.result_tries(stage) if any(f".try-" in p for p in found) else {}
+        out = set()
+        for p in found:
+            parts = p[len(path) + 1:].split("/")
+            # a trial run again after a clear counts by its newest try's result
+            if len(parts) == 2 and parts[1] == (result_name(stage, tries[parts[0]]) if parts[0] in tries else name):
+                out.add(parts[0])
+        return out
+
     def write_assignment(self, stage: int, instance: str, tasks: list[dict[str, Any]]) -> None:
         self.write_json({"stage": stage, "tasks": tasks}, "stages", str(stage), f"{instance}.json")
 

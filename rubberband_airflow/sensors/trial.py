@@ -9,6 +9,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, Context, PokeReturnValue, conf
 from airflow.sdk.bases.sensor import poke_mode_only
 from airflow.sdk.exceptions import AirflowFailException
+from airflow.triggers.base import StartTriggerArgs
 
 from rubberband_airflow.execution import replanning, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
@@ -63,6 +64,11 @@ class TrialResultSensor(BaseSensorOperator):
         ``[operators] default_deferrable``
     :param poll_interval: seconds between reads of the result, on the triggerer or by each poke
         (the default ``poke_interval``)
+    :param finish_on_triggerer: deferred, a trial that is done ends this task on the triggerer (its
+        XCom set there) instead of resuming it on a worker; a failed or lost trial still resumes it
+    :param start_from_trigger: the scheduler starts the wait on the triggerer, no worker runs
+        ``execute`` (with ``start_trigger_args``, whose trigger kwargs the triggerer renders)
+    :param start_trigger_args: the trigger to start from (a ``TrialResultTrigger``)
     """
 
     template_fields: Sequence[str] = ("run_uri", "trial", "stage", "storage_conn_id")
@@ -71,7 +77,8 @@ class TrialResultSensor(BaseSensorOperator):
     def __init__(self, *, run_uri: str, trial: str, stage: int, storage_conn_id: str | None = None,
                  spec_path: str | None = None,
                  deferrable: bool = conf.getboolean("operators", "default_deferrable", fallback=False),
-                 poll_interval: float = 5.0, **kwargs: Any) -> None:
+                 poll_interval: float = 5.0, finish_on_triggerer: bool = False, start_from_trigger: bool = False,
+                 start_trigger_args: StartTriggerArgs | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("map_index_template", "{{ rubberband_trial_label }}")
         kwargs.setdefault("poke_interval", poll_interval)
         super().__init__(**kwargs)
@@ -82,6 +89,10 @@ class TrialResultSensor(BaseSensorOperator):
         self.spec_path = spec_path
         self.deferrable = deferrable
         self.poll_interval = poll_interval
+        self.finish_on_triggerer = finish_on_triggerer
+        self.start_from_trigger = start_from_trigger
+        if start_trigger_args is not None:
+            self.start_trigger_args = start_trigger_args
         self._liveness: Liveness | None = None
         self._liveness_checked = float("-inf")
         self._run_ids: tuple[str, str] | None = None  # (dag_id, run_id), from the task's context
@@ -113,7 +124,7 @@ class TrialResultSensor(BaseSensorOperator):
         self.defer(trigger=TrialResultTrigger(self.run_uri, self.trial, int(self.stage), self.poll_interval,
                                               boot_seconds=boot_limit(storage.read_json("plan.json")),
                                               storage_conn_id=self.storage_conn_id, spec_path=self.spec_path,
-                                              dag_id=dag_id, run_id=run_id),
+                                              dag_id=dag_id, run_id=run_id, finish_task=self.finish_on_triggerer),
                    method_name="execute_complete")
 
     def _rerun_if_cleared(self, storage: RunStorage, context: Context) -> None:
@@ -161,11 +172,15 @@ class TrialResultSensor(BaseSensorOperator):
         self.log.debug("%s has no result for stage %s yet", self.trial, self.stage)
         return False
 
-    def execute_complete(self, context: Context, event: dict[str, Any]) -> dict[str, Any] | None:
+    def execute_complete(self, context: Context, event: dict[str, Any] | str) -> dict[str, Any] | None:
         """Resumes from the trigger: the trial's result; or its instance was lost, and the trial is
         placed again (the wait goes on) or, where it cannot be, failed."""
         self._label(context)
         self._remember_run(context)
+        if not isinstance(event, dict):  # a task-end event that resumed the task after all (`airflow dags test`)
+            result = self._storage().read_result(self.trial, int(self.stage))
+            return self._finish(result or {"state": "failed", "error": f"the trigger ended the wait ({event}) "
+                                                                          "but the trial has no result"})
         if event.get("lost"):
             storage = self._storage()
             if self._recover(storage, event.get("instance"), event["result"]["error"]):

@@ -7,9 +7,9 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
-from rubberband_airflow.execution import recovery
+from rubberband_airflow.execution import recovery, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.hooks.storage import run_storage
@@ -80,13 +80,92 @@ class Liveness:
         return self.watch.reason(self.instance)
 
 
+class StageWatch:
+    """What every trigger of one stage of a run in a triggerer shares: the run's storage, backend,
+    plan and placement, read once; one listing of the stage's results per poll interval and one
+    look at the instances of its unfinished trials per liveness interval, instead of a GET per
+    trial per poll (256 waiting trials on S3 were 128 requests a second). Storage and the backend
+    are called in threads, off the event loop.
+
+    :param stage: the stage
+    :param silent_seconds: an instance whose heartbeat has not changed for this long is lost
+    :param boot_seconds: an instance with no heartbeat this long after the first look is lost;
+        None for ``boot_limit`` of the run's plan
+    """
+
+    def __init__(self, stage: int, silent_seconds: float, boot_seconds: float | None) -> None:
+        self.stage, self.silent_seconds, self.boot_seconds = stage, silent_seconds, boot_seconds
+        self.storage: RunStorage | None = None
+        self.watch: recovery.LossWatch | None = None
+        self.placed: list[str] = []  # the stage's trials in the order of its waits' map indexes
+        self.users = 0
+        self.listed = float("-inf")  # monotonic start of the latest listing of results
+        self.looked = float("-inf")  # monotonic start of the latest look at the instances
+        self.done: set[str] = set()
+        self.where: dict[str, str | None] = {}  # trial: its instance now (None: recovery impossible)
+        self.lost: dict[str, str] = {}  # instance: why it is lost
+        self._lock = asyncio.Lock()
+
+    async def open(self, trigger: TrialResultTrigger) -> RunStorage:
+        """The run's storage, with what the stage's triggers share read from it by the first one."""
+        async with self._lock:
+            if self.storage is None:
+                await asyncio.to_thread(self._open, trigger)
+        assert self.storage is not None
+        return self.storage
+
+    def _open(self, trigger: TrialResultTrigger) -> None:
+        storage = run_storage(trigger.run_uri, trigger.storage_conn_id)
+        if self.boot_seconds is None:
+            self.boot_seconds = boot_limit(storage.read_json("plan.json"))
+        self.watch = recovery.LossWatch(storage, trigger.backend(storage), self.stage, self.silent_seconds,
+                                        self.boot_seconds)
+        placement = storage.read_json("stages", str(self.stage), "placement.json")
+        self.placed = runner.placed_trials(placement["placement"] if placement else {},
+                                           runner.stage_trials(storage, self.stage))
+        self.storage = storage
+
+    async def results(self, interval: float) -> set[str]:
+        """The trials with a result, listed at most once per ``interval`` for all the stage's triggers."""
+        async with self._lock:
+            if time.monotonic() - self.listed >= interval:
+                began = time.monotonic()
+                assert self.storage is not None
+                self.done = await asyncio.to_thread(self.storage.stage_results, self.stage)
+                self.listed = began
+        return self.done
+
+    async def look(self, interval: float) -> float:
+        """Look at the instances of the unfinished trials at most once per ``interval``; returns
+        when the latest look began (a trigger trusts only a look that began after its own wait)."""
+        async with self._lock:
+            if time.monotonic() - self.looked >= interval:
+                began = time.monotonic()
+                self.where, self.lost = await asyncio.to_thread(self._look)
+                self.looked = began
+        return self.looked
+
+    def _look(self) -> tuple[dict[str, str | None], dict[str, str]]:
+        assert self.storage is not None and self.watch is not None
+        where = {t: inst for t, (inst, _) in recovery.trial_instances(self.storage, self.stage).items()}
+        busy = sorted({i for t, i in where.items() if i is not None and t not in self.done})
+        lost = {i: why for i in busy if (why := self.watch.reason(i)) is not None}
+        return where, lost
+
+
+# One StageWatch per (event loop, run, stage, how the instances are watched) in this process.
+_WATCHES: dict[tuple[Any, ...], StageWatch] = {}
+
+
 class TrialResultTrigger(BaseTrigger):
     """
     Wait on the triggerer for one trial's result of one stage in a tuning run's storage.
 
-    Polls the trial's result of the stage (``trials/<trial>/stage-<stage>.json``, or that of its
-    newest try: ``stage-<stage>.try-<k>.json``) until it exists, then fires with
-    ``{"trial", "stage", "result"}``. Fires with a failed result, ``"lost": True`` and the lost
+    Waits until the trial's result of the stage exists (``trials/<trial>/stage-<stage>.json``, or
+    that of its newest try after a clear: ``stage-<stage>.try-<k>.json``), then fires with
+    ``{"trial", "stage", "result"}``. The triggers of one stage in a triggerer share a
+    ``StageWatch``: one listing of the stage's results per poll interval, one look at its
+    instances per liveness interval. Fires with a failed result, ``"lost": True`` and the lost
     ``"instance"`` instead when the trial's instance is lost (see ``Liveness``), so a dead
     instance cannot stall the run while the rest of the fleet bills: the sensor then has the
     trial placed again. Given the spec and the run's ids, the trigger makes the run's backend
@@ -95,11 +174,13 @@ class TrialResultTrigger(BaseTrigger):
     the triggerer's event loop.
 
     :param run_uri: the run's storage root, ``<storage>/<dag_id>/<run_id>``
-    :param trial: the trial id, e.g. ``trial-0003``
+    :param trial: the trial id, e.g. ``trial-0003``; None for the one at the task's map index in the
+        stage's placement (a wait started on the triggerer)
     :param stage: the stage (from 1) whose result to wait for
     :param poll_interval: seconds between reads of the result
     :param silent_seconds: the instance is lost when its heartbeat has not changed for this long
-    :param boot_seconds: the instance is lost when no heartbeat appeared this long after the wait began
+    :param boot_seconds: the instance is lost when no heartbeat appeared this long after the wait
+        began; None for ``boot_limit`` of the run's plan
     :param liveness_interval: seconds between looks at the instance
     :param storage_conn_id: the Airflow connection run storage is reached through; None for
         fsspec's own credentials (local paths always use them)
@@ -107,12 +188,15 @@ class TrialResultTrigger(BaseTrigger):
         heartbeats alone
     :param dag_id: the tuning DAG's id (with ``spec_path``)
     :param run_id: the DAG run's id (with ``spec_path``)
+    :param finish_task: end the task on the triggerer when the trial is done (``TaskSuccessEvent``
+        with the sensor's XCom), instead of resuming the sensor on a worker
     """
 
-    def __init__(self, run_uri: str, trial: str, stage: int, poll_interval: float = 5.0,
-                 silent_seconds: float = SILENT_SECONDS, boot_seconds: float = BOOT_SECONDS,
+    def __init__(self, run_uri: str, trial: str | None, stage: int, poll_interval: float = 5.0,
+                 silent_seconds: float = SILENT_SECONDS, boot_seconds: float | None = BOOT_SECONDS,
                  liveness_interval: float = LIVENESS_INTERVAL, storage_conn_id: str | None = None,
-                 spec_path: str | None = None, dag_id: str | None = None, run_id: str | None = None) -> None:
+                 spec_path: str | None = None, dag_id: str | None = None, run_id: str | None = None,
+                 finish_task: bool = False) -> None:
         super().__init__()
         self.run_uri = run_uri
         self.trial = trial
@@ -125,6 +209,7 @@ class TrialResultTrigger(BaseTrigger):
         self.spec_path = spec_path
         self.dag_id = dag_id
         self.run_id = run_id
+        self.finish_task = finish_task
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         """The class path and every constructor argument, as the triggerer recreates the trigger."""
@@ -133,7 +218,7 @@ class TrialResultTrigger(BaseTrigger):
                  "poll_interval": self.poll_interval, "silent_seconds": self.silent_seconds,
                  "boot_seconds": self.boot_seconds, "liveness_interval": self.liveness_interval,
                  "storage_conn_id": self.storage_conn_id, "spec_path": self.spec_path, "dag_id": self.dag_id,
-                 "run_id": self.run_id})
+                 "run_id": self.run_id, "finish_task": self.finish_task})
 
     def backend(self, storage: RunStorage) -> ComputeBackend | None:
         """The run's backend (blocking: call it in a thread), or None without a spec."""
@@ -144,26 +229,56 @@ class TrialResultTrigger(BaseTrigger):
         return backend_of_run(self.spec_path, storage, self.dag_id, self.run_id)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        storage = await asyncio.to_thread(run_storage, self.run_uri, self.storage_conn_id)
-        backend = await asyncio.to_thread(self.backend, storage)
-        liveness = Liveness(storage, self.trial, self.stage, self.silent_seconds, self.boot_seconds, backend)
+        ti = self.task_instance  # started on the triggerer: the run's ids are its task instance's
+        if self.spec_path and ti is not None:
+            self.dag_id, self.run_id = self.dag_id or ti.dag_id, self.run_id or ti.run_id
+        key = (asyncio.get_running_loop(), self.run_uri, self.storage_conn_id, self.stage, self.spec_path, self.dag_id,
+               self.run_id, self.silent_seconds, self.boot_seconds)
+        watch = _WATCHES.setdefault(key, StageWatch(self.stage, self.silent_seconds, self.boot_seconds))
+        watch.users += 1
+        try:
+            storage = await watch.open(self)
+            if self.trial is None:  # started on the triggerer: its trial is at its map index in the placement
+                self.trial = watch.placed[ti.map_index]
+            if self.boot_seconds is None:
+                self.boot_seconds = watch.boot_seconds
+            async for event in self._wait(watch, storage):
+                yield event
+                return
+        finally:
+            watch.users -= 1
+            if watch.users == 0 and _WATCHES.get(key) is watch:
+                del _WATCHES[key]
+
+    async def _wait(self, watch: StageWatch, storage: RunStorage) -> AsyncIterator[TriggerEvent]:
+        began = time.monotonic()
         # The trial's newest try (a failed trial run again after a clear has a later one): its result counts.
         tried = await asyncio.to_thread(storage.current_try, self.trial, self.stage)
-        checked = float("-inf")
         while True:
-            # fsspec calls block: keep them off the triggerer's event loop
-            result = await asyncio.to_thread(storage.read_result, self.trial, self.stage, tried)
-            if result is not None:
-                self.log.info("%s has a result for stage %s: %s", self.trial, self.stage, result.get("state"))
-                yield TriggerEvent({"trial": self.trial, "stage": self.stage, "result": result})
-                return
-            if time.monotonic() - checked >= self.liveness_interval:
-                checked = time.monotonic()
-                reason = await asyncio.to_thread(liveness.lost)
+            if self.trial in await watch.results(self.poll_interval):
+                result = await asyncio.to_thread(storage.read_result, self.trial, self.stage, tried)
+                if result is not None:
+                    self.log.info("%s has a result for stage %s: %s", self.trial, self.stage, result.get("state"))
+                    yield self._event(result)
+                    return
+            if await watch.look(self.liveness_interval) >= began:  # a look since this wait began
+                instance = watch.where.get(self.trial)
+                reason = watch.lost.get(instance) if instance is not None else None
+                boot = float(self.boot_seconds or 0)
+                if instance is None and time.monotonic() - began > boot:
+                    reason = (f"no instance (the trial was never placed) sent a heartbeat within "
+                              f"{boot:g} s: its agent never started")
                 if reason is not None:
                     self.log.warning("%s of stage %s is lost: %s", self.trial, self.stage, reason)
-                    yield TriggerEvent({"trial": self.trial, "stage": self.stage, "lost": True,
-                                        "instance": liveness.instance,
-                                        "result": lost_result(self.stage, reason, liveness.instance)})
+                    yield TriggerEvent({"trial": self.trial, "stage": self.stage, "lost": True, "instance": instance,
+                                        "result": lost_result(self.stage, reason, instance)})
                     return
             await asyncio.sleep(self.poll_interval)
+
+    def _event(self, result: dict[str, Any]) -> TriggerEvent:
+        """The event of a result: with ``finish_task``, a done trial ends its task here (its XCom the
+        sensor's), so the task never goes back to a worker; anything else resumes the sensor."""
+        if self.finish_task and result.get("state") == "done":
+            return TaskSuccessEvent(xcoms={"return_value": {"trial": self.trial, "stage": int(self.stage),
+                                                            "metric": result.get("metric")}})
+        return TriggerEvent({"trial": self.trial, "stage": self.stage, "result": result})

@@ -109,7 +109,8 @@ def test_a_deferring_sensor_hands_the_wait_to_its_trigger(storage):  # noqa: F81
     assert deferred.value.trigger.serialize()[1] == {
         "run_uri": storage.uri, "trial": "trial-0000", "stage": 1, "poll_interval": 2.0,
         "silent_seconds": SILENT_SECONDS, "boot_seconds": BOOT_SECONDS, "liveness_interval": LIVENESS_INTERVAL,
-        "storage_conn_id": "aws_default", "spec_path": None, "dag_id": None, "run_id": None}
+        "storage_conn_id": "aws_default", "spec_path": None, "dag_id": None, "run_id": None,
+        "finish_task": False}
 
 
 # template_fields
@@ -139,7 +140,7 @@ def test_trigger_serialize_round_trips_every_constructor_argument():
     kwargs = {"run_uri": "s3://b/t/manual__1", "trial": "trial-0007", "stage": 3, "poll_interval": 1.5,
               "silent_seconds": 120.0, "boot_seconds": 1800.0, "liveness_interval": 10.0,
               "storage_conn_id": "aws_default", "spec_path": "/opt/dags/digits_tuning.yaml",
-              "dag_id": "digits_tuning", "run_id": "manual__1"}
+              "dag_id": "digits_tuning", "run_id": "manual__1", "finish_task": True}
     params = set(inspect.signature(TrialResultTrigger.__init__).parameters) - {"self"}
     assert set(kwargs) == params  # every argument, none at its default
     assert all(kwargs[p] != inspect.signature(TrialResultTrigger).parameters[p].default for p in params)

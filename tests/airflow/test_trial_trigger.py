@@ -10,6 +10,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run
 from rubberband_airflow.sensors.trial import TrialResultSensor
+from rubberband_airflow.triggers import trial as trial_trigger
 from rubberband_airflow.triggers.trial import BOOT_SECONDS, TrialResultTrigger, boot_limit
 from tests.execution.conftest import agent_processes, env, local_backend, storage  # noqa: F401 (fixtures)
 
@@ -82,3 +83,35 @@ def test_the_wait_for_a_first_heartbeat_grows_with_the_launch_latency_the_plan_e
     plan["instance_type"] = "g5.xlarge"
     assert boot_limit(plan) == BOOT_SECONDS  # never less than the default
     assert boot_limit(None) == BOOT_SECONDS
+
+
+def test_the_triggers_of_a_stage_share_its_listing_and_each_ends_with_its_own_trial(storage):
+    trials = [f"trial-{k:04d}" for k in range(32)]
+    start_run(storage, RunSpec("tests.trainables:hangs", "accuracy", "max", seed=1), [{"lr": 0.1}] * 32,
+              {"instance_type": "local-1", "stages": []}, 1)
+    assign_stage(storage, 1, {"i-0": [{"trial": t, "gpus": 1, "start_epoch": 0, "stop_epoch": 1} for t in trials]})
+    for k, t in enumerate(trials[:16]):  # half are done now, the other half while the triggers wait
+        storage.write_result(t, 1, {"state": "done", "stage": 1, "metric": k / 100})
+
+    async def wait_all() -> list:
+        async def first(trigger: TrialResultTrigger):
+            async for event in trigger.run():
+                return event
+        triggers = [TrialResultTrigger(storage.uri, t, 1, poll_interval=0.2, boot_seconds=60, finish_task=True)
+                    for t in trials]
+        waits = asyncio.gather(*(first(t) for t in triggers))
+        await asyncio.sleep(1.0)
+        [watch] = trial_trigger._WATCHES.values()  # one watch, one listing per poll, for the stage's 16 waiting
+        assert watch.users == 16 and watch.done == set(trials[:16])
+        for k, t in enumerate(trials[16:], start=16):
+            await asyncio.to_thread(storage.write_result, t, 1, {"state": "done", "stage": 1, "metric": k / 100})
+        return await asyncio.wait_for(waits, 30)
+
+    events = asyncio.run(wait_all())
+    assert trial_trigger._WATCHES == {}  # the last trigger out dropped it
+    # Each ended its own task on the triggerer, its XCom the sensor's.
+    assert [e.xcoms["return_value"] for e in events] == [
+        {"trial": t, "stage": 1, "metric": k / 100} for k, t in enumerate(trials)]
+    assert {e.task_instance_state for e in events} == {"success"}
+    assert storage.stage_results(1) == set(trials)
+    assert storage.stage_results(2) == set()

@@ -6,8 +6,12 @@ components run on 127.0.0.1 with LocalExecutor and are stopped at the end. Their
 repo's dags/, with the EC2 example pointed at a moto server (its own process) whose instances
 a ``Hypervisor`` boots, and a second EC2 DAG (the digits spec on EC2) to run beside it.
 
-Its fixtures are session-wide: every module here uses them from this file, none imports them
-(an imported fixture is a fixture of that module, and would start a second stack).
+``celery_stack`` is the distributed one: CeleryExecutor (Redis broker, PostgreSQL result
+backend) with two workers, the scale DAG's run storage on S3; a module's fixture, it stops when
+test_stack_celery.py is done (``celery_stack_at`` builds it for benchmarks/bench_scale.py too).
+
+Its fixtures are session-wide (but ``celery_stack``): every module here uses them from this file,
+none imports them (an imported fixture is a fixture of that module, and would start a second stack).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +37,9 @@ import pytest
 import yaml
 from psycopg2 import sql
 
+from rubberband_airflow.workloads import synthetic
 from tests.airflow.conftest import BIN, ROOT, airflow_env, airflow_home, run  # noqa: F401 (a fixture)
-from tests.execution.moto_cloud import BUCKET, REGION, MotoCloud, airflow_side, cloud
+from tests.execution.moto_cloud import BUCKET, REGION, MotoCloud, airflow_side, cloud, cloud_env
 
 PG = os.environ.get("RUBBERBAND_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
@@ -131,22 +137,29 @@ class Stack:
         return {f"{t['task_id']}[{t['map_index']}]": t["state"] for t in tis}
 
 
-@pytest.fixture(scope="session")
-def stack_cloud(tmp_path_factory) -> Iterator[MotoCloud]:
+@contextmanager
+def moto_cloud_server(folder: Path) -> Iterator[MotoCloud]:
     """moto's server in a process of its own (its state apart from any other test's), set up by ``cloud``."""
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto_server.log", "w")
+    log = open(folder / "moto_server.log", "w")
     server = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     endpoint = f"http://127.0.0.1:{port}"
     try:
         _wait_until_up(f"{endpoint}/moto-api/", server, Path(log.name))
-        with pytest.MonkeyPatch.context() as mp, cloud(mp, endpoint, tmp_path_factory.mktemp("agents")) as c:
+        with pytest.MonkeyPatch.context() as mp, cloud(mp, endpoint, folder / "agents") as c:
             yield c
     finally:
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def stack_cloud(tmp_path_factory) -> Iterator[MotoCloud]:
+    """moto's server for the stacks (see ``moto_cloud_server``)."""
+    with moto_cloud_server(tmp_path_factory.mktemp("moto")) as c:
+        yield c
 
 
 def _ec2_backend(c: MotoCloud) -> dict[str, Any]:
@@ -173,19 +186,18 @@ def _stack_dags(dags: Path, c: MotoCloud, profile: Path) -> None:
         f.write(profile.read_text())
 
 
-@pytest.fixture(scope="session")
-def airflow_stack(tmp_path_factory, airflow_home, stack_cloud) -> Iterator[Stack]:
-    db = f"rubberband_test_{os.getpid()}"
+@contextmanager
+def _stack(home: Path, dags: Path, settings: dict[str, str],
+           extra: dict[str, tuple[list[str], dict[str, str]]] | None = None) -> Iterator[Stack]:
+    """Airflow on a database of its own on PostgreSQL: ``COMPONENTS`` and the ``extra`` ones
+    (name: arguments of ``airflow``, environment added to the stack's), with ``settings`` on top of
+    the environment every stack has (``{db}`` in one is the database's name); all stopped, and the
+    database dropped, at the end."""
+    db = f"rubberband_test_{os.getpid()}_{home.name}".lower()
     admin = psycopg2.connect(PG)
     admin.autocommit = True
     with admin.cursor() as cur:
         cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
-    home = tmp_path_factory.mktemp("stack_home")
-    profile = home / "rubberband" / "profiles" / "local-1.json"
-    profile.parent.mkdir(parents=True)
-    shutil.copy(airflow_home / "rubberband" / "profiles" / "local-1.json", profile)  # from the profiler
-    dags = home / "dags"
-    _stack_dags(dags, stack_cloud, profile)
     password = secrets.token_urlsafe(16)
     passwords = home / "passwords.json"
     passwords.write_text(json.dumps({"admin": password}))
@@ -200,18 +212,22 @@ def airflow_stack(tmp_path_factory, airflow_home, stack_cloud) -> Iterator[Stack
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(32),
+           "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
+           "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
-           "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2"}
+           "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+           **{k: v.replace("{db}", db) for k, v in settings.items()}}
     processes: list[subprocess.Popen] = []
     try:
         r = run([str(BIN / "airflow"), "db", "migrate"], env, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         logs = home / "component-logs"
         logs.mkdir()
-        for name in COMPONENTS:
+        commands = {name: ([name], {}) for name in COMPONENTS} | (extra or {})
+        for name, (args, added) in commands.items():
             out = open(logs / f"{name}.log", "w")
-            processes.append(subprocess.Popen([str(BIN / "airflow"), name], env=env, cwd=ROOT, stdout=out,
-                                              stderr=subprocess.STDOUT, start_new_session=True))
+            processes.append(subprocess.Popen([str(BIN / "airflow"), *args], env={**env, **added}, cwd=ROOT,
+                                              stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
         stack = Stack(home, port, env, password)
         _wait_until_up(f"{stack.base}/api/v2/monitor/health", processes[0], logs / "api-server.log")
         yield stack
@@ -230,6 +246,89 @@ def airflow_stack(tmp_path_factory, airflow_home, stack_cloud) -> Iterator[Stack
         with admin.cursor() as cur:
             cur.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
         admin.close()
+
+
+@pytest.fixture(scope="session")
+def airflow_stack(tmp_path_factory, airflow_home, stack_cloud) -> Iterator[Stack]:
+    """The LocalExecutor stack with the repo's DAGs and the EC2 ones on moto."""
+    home = tmp_path_factory.mktemp("stack_home")
+    profile = home / "rubberband" / "profiles" / "local-1.json"
+    profile.parent.mkdir(parents=True)
+    shutil.copy(airflow_home / "rubberband" / "profiles" / "local-1.json", profile)  # from the profiler
+    dags = home / "dags"
+    _stack_dags(dags, stack_cloud, profile)
+    with _stack(home, dags, {}) as stack:
+        yield stack
+
+
+# The scale DAG: the synthetic workload (sleeping epochs) on oversubscribed local instances,
+# run storage on S3. Its spec's trials are the most a test or the benchmark asks for, a quarter
+# of what the trigger form allows (the form's num_trials picks 16, 64 or 256).
+SCALE_DAG = "synthetic_scale"
+SCALE_PREFIX = "scale"
+CELERY_WORKERS = 2
+# Its epochs sleep this long whatever the GPUs (serial 1): every trial is a process of one slot (a
+# trial on more would start a torch process per rank, seconds of CPU each on this machine).
+EPOCH_SECONDS = 2.0
+
+
+def scale_spec(deadline_seconds: float = 240) -> dict[str, Any]:
+    """The scale DAG's spec: 64 trials by default, eta 4, two stages; 16 instances of 16 slots."""
+    return {"name": SCALE_DAG, "schedule": None, "trainable": "rubberband_airflow.workloads.synthetic:train",
+            "metric": "loss", "mode": "min",
+            "search_space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0},
+                             "y": {"type": "uniform", "low": 0.0, "high": 1.0},
+                             "epoch_seconds": {"type": "choice", "values": [EPOCH_SECONDS]},
+                             "serial": {"type": "choice", "values": [1.0]}},
+            "sha": {"num_trials": 64, "eta": 4, "min_epochs": 1, "num_stages": 2},
+            "deadline_seconds": deadline_seconds,
+            "backend": {"type": "local", "instance_type": "local-sleep", "slots": 16, "price_per_hour": 1.0,
+                        "max_instances": 16, "oversubscribe": True},
+            "billing": {"minimum_seconds": 0, "increment_seconds": 1},
+            "storage": f"s3://{BUCKET}/{SCALE_PREFIX}", "profile": f"s3://{BUCKET}/{SCALE_PREFIX}/profile.json",
+            "trial_timeout": {"factor": 3, "floor_seconds": 300}, "seed": 0}
+
+
+@contextmanager
+def celery_stack_at(home: Path, c: MotoCloud, settings: dict[str, str] | None = None,
+                    components: dict[str, tuple[list[str], dict[str, str]]] | None = None) -> Iterator[Stack]:
+    """Airflow with CeleryExecutor: Redis (127.0.0.1:6379) the broker, the stack's PostgreSQL database
+    the result backend, two workers on a queue of the stack's own, and the scale DAG, whose run
+    storage is on S3 (moto's server), so no task reads another's local disk. The workers host the
+    local instances (agent processes) the DAG launches. ``settings`` add to its environment;
+    ``components`` replace or add components, as ``_stack``'s ``extra``."""
+    dags = home / "dags"
+    dags.mkdir(parents=True)
+    (dags / f"{SCALE_DAG}.yaml").write_text(yaml.safe_dump(scale_spec()))
+    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / f"{SCALE_DAG}.py")
+    with fsspec.open(f"s3://{BUCKET}/{SCALE_PREFIX}/profile.json", "w") as f:
+        f.write(json.dumps(synthetic.profile(16, EPOCH_SECONDS, 1.0, trial_overhead_seconds=1.0,
+                                             stage_overhead_seconds=10.0, instance_type="local-sleep")))
+    queue = f"rubberband-{os.getpid()}"
+    pg = PG.rsplit("/", 1)[0].replace("postgresql://", "db+postgresql://")
+    celery = {"AIRFLOW__CORE__EXECUTOR": "CeleryExecutor", "AIRFLOW__OPERATORS__DEFAULT_QUEUE": queue,
+                "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:6379/{1 + os.getpid() % 15}",
+                "AIRFLOW__CELERY__RESULT_BACKEND": f"{pg}/{{db}}",
+                "AIRFLOW__CORE__PARALLELISM": "32", "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "64",
+                "AIRFLOW__SCHEDULER__MAX_TIS_PER_QUERY": "512"}
+    # The machine's credentials for S3 (an instance role's): a local backend's storage is reached
+    # with fsspec's own, by the agents and by every Airflow component that reads run storage.
+    machine = {k: v for k, v in cloud_env(c.endpoint).items() if k.startswith(("AWS_", "FSSPEC_"))}
+    workers = {f"celery-worker-{k}": (["celery", "worker", "--concurrency", "8", "--queues", queue,
+                                       "--celery-hostname", f"worker{k}@%h"],
+                                      {"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port())})
+               for k in range(1, CELERY_WORKERS + 1)}
+    with _stack(home, dags, {**celery, **machine, **(settings or {})}, {**workers, **(components or {})}) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def celery_stack(tmp_path_factory, stack_cloud) -> Iterator[Stack]:
+    """The Celery stack (``celery_stack_at``) with trial waits started on the triggerer; it stops
+    when the module's tests are done."""
+    with celery_stack_at(tmp_path_factory.mktemp("celery_home"), stack_cloud,
+                         {"AIRFLOW__RUBBERBAND__WAITS_START_ON_TRIGGERER": "True"}) as stack:
+        yield stack
 
 
 def run_folder(run_id: str) -> str:
