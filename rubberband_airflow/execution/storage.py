@@ -271,7 +271,7 @@ class RunStorage:
             for key in [k for k in list(cache or {}) if k == path or k.startswith(path + "/")]:
                 cache.pop(key, None)  # type: ignore[union-attr]
             self.fs.invalidate_cache(path)
-        tries = self.result_tries(stage) if any(".try-" in p for p in found) else {}
+        tries = self.result_tries(stage)  # one listing of the stage's retries (none: no try after a clear)
         out = set()
         for p in found:
             parts = p[len(path) + 1:].split("/")

@@ -191,11 +191,14 @@ def test_a_clear_runs_the_failed_trials_of_a_torn_down_stage_again_as_a_new_try(
     assert storage.read_result("trial-0005", 1) is None
     assert storage.read_result("trial-0005", 1, 1)["error"] == "CUDA error"
     assert not runner.rerun_due(storage, "trial-0005", 1, clear=1)  # its try began at this clear
+    # The triggers' shared listing of the stage's results waits for the new try too.
+    assert not failed & storage.stage_results(1) and "trial-0000" in storage.stage_results(1)
     # Results are written once per try: a late writer of the first try changes nothing.
     assert not storage.write_result("trial-0005", 1, {"state": "done", "stage": 1, "metric": 99}, 1)
     assert storage.write_result("trial-0005", 1, {"state": "done", "stage": 1, "metric": 100}, 2)
     assert not storage.write_result("trial-0005", 1, {"state": "failed", "stage": 1, "error": "late"}, 2)
     storage.write_result("trial-0009", 1, {"state": "failed", "stage": 1, "error": "NaN loss"}, 2)
+    assert failed <= storage.stage_results(1)
     assert (storage.root + "/trials/trial-0005/stage-1.try-2.json") in storage.fs.ls(storage.path("trials",
                                                                                                   "trial-0005"))
     outcome = runner.promote_stage(storage, backend, worked, 1, "max")
