@@ -138,6 +138,10 @@ class _Run:
         snapshot = read_snapshot(self.storage)
         self.spec, self.params = snapshot.spec, snapshot.params
         self.attempt, self.deployment = snapshot.attempt, snapshot.deployment
+        if plan is None and stage is not None and skip:
+            # A task with an all_done or none_failed rule, past the plan's last stage: the re-plan
+            # of its stage was skipped, so no plan reached it.
+            raise AirflowSkipException(f"no plan reached stage {stage}: the run's plan ends before it")
         self.plan = runner.RunPlan.from_json(plan) if plan is not None else None
         # The plan a task is given must be the one its stage executes in this attempt: plan.json, or
         # the stage's re-plan (stages/<i>/plan.json, written once).
