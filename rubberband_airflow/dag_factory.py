@@ -298,7 +298,8 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         """Write the report, publish the best configuration, and log a summary (in an attempt
         continued after a clear of its failed tasks, first terminate what it launched since)."""
         if not get_current_context()["ti"].xcom_pull(task_ids="start_run"):
-            raise AirflowSkipException("the run did not start: nothing to report")
+            # The plan or start_run failed: the run failed, whatever its skipped stages leave behind.
+            raise AirflowFailException("the run did not start (its plan or start_run failed): nothing to report")
         run = _Run(conn_id)
         if run.clear > run.attempt - 1:  # a continued attempt: its teardown ran before the clear, not since
             teardown_run(run.storage.uri, run.spec, run.dag_id, run.run_id)
