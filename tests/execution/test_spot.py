@@ -228,8 +228,8 @@ def test_a_stage_allocations_market_in_the_plan_json_reaches_the_launch(tmp_path
     assert run_plan.market(1) is None and run_plan.market(2) == Market.SPOT
     assert RunPlan.from_json(run_plan.to_json()) == run_plan
 
-    class NoFleet:  # scale_out asks the backend for its live fleet only
-        storage = None
+    class NoFleet:  # scale_out asks the backend for its live fleet, and its storage for the stage's trials
+        storage = RunStorage(f"file://{tmp_path}/run")
 
         def live(self):
             return []
