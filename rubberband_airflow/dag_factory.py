@@ -20,7 +20,6 @@ from airflow.triggers.base import StartTriggerArgs
 
 from rubberband_airflow.execution import replanning, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
-from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.hooks.backend import deployment_name, run_backend, teardown_run
 from rubberband_airflow.hooks.storage import run_storage, storage_for
 from rubberband_airflow.operators.planning import RubberBandPlanOperator
@@ -33,6 +32,7 @@ from rubberband_airflow.spec import TuningSpec, load_spec
 from rubberband_airflow.triggers.trial import TrialResultTrigger
 from rubberband_airflow.tuning import (
     RunSnapshot,
+    carry_over_earlier_attempt,
     dag_uri,
     instance_type_names,
     read_snapshot,
@@ -159,36 +159,6 @@ class _Run:
                            attempt=self.attempt, deployment=self.deployment)
 
 
-def _carry_over(storage: RunStorage, today: TuningSpec, params: dict[str, Any], plan: dict[str, Any], dag_id: str,
-                run_id: str, attempt: int) -> dict[str, Any]:
-    """Keep what the run's latest earlier attempt finished when its spec, form values and plan are
-    this attempt's (``runner.carry_over``); else record why nothing is kept (``carried.json``)."""
-    for earlier_attempt in range(attempt - 1, 0, -1):
-        earlier = storage_for(today, run_uri(today, dag_id, run_id, earlier_attempt))
-        try:
-            snapshot = read_snapshot(earlier)
-        except FileNotFoundError:
-            continue
-        if _canonical(snapshot.spec.to_dict()) != _canonical(today.to_dict()):
-            why = "the spec changed"
-        elif _canonical(snapshot.params) != _canonical(params):
-            why = "the trigger form's values changed"
-        elif _canonical(earlier.read_json("plan.json")) != _canonical(plan):
-            why = "the plan changed"
-        else:
-            record = runner.carry_over(earlier, storage, earlier_attempt)
-            log.info("kept from attempt %d: %s", earlier_attempt, record["results"])
-            return record
-        record = {"from_attempt": earlier_attempt, "from": earlier.uri, "results": {},
-                  "reason": f"nothing kept from attempt {earlier_attempt}: {why} since"}
-        log.info("%s", record["reason"])
-        storage.write_json(record, "carried.json")
-        return record
-    record = {"from_attempt": None, "results": {}, "reason": "no earlier attempt of the run was found"}
-    storage.write_json(record, "carried.json")
-    return record
-
-
 def tuning_dag(spec_path: str | Path) -> DAG:
     """Build the tuning DAG of one spec file; a bad spec raises an error naming the file and field."""
     spec_path = str(spec_path)
@@ -211,7 +181,9 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         runner.start_run(storage, runner.RunSpec(today.trainable, today.metric, today.mode, cfg.seed),
                          configs, plan, plan["gpus_per_instance"])
         if attempt > 1:
-            _carry_over(storage, today, params, plan, dag_id, ctx["run_id"], attempt)
+            kept = carry_over_earlier_attempt(storage, today, params, plan, attempt,
+                                              lambda k: storage_for(today, run_uri(today, dag_id, ctx["run_id"], k)))
+            log.info("%s", kept.get("reason") or f"kept from attempt {kept['from_attempt']}: {kept['results']}")
         log.info("attempt %d of run %s: files in %s", attempt, ctx["run_id"], storage.uri)
         return storage.uri
 

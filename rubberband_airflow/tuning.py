@@ -5,10 +5,12 @@ connection (``rubberband_airflow.hooks.storage``) and hands the results in.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from rubberband_airflow.execution import runner
 from rubberband_airflow.execution.backends.base import ComputeBackend, Market
 from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
 from rubberband_airflow.execution.storage import RunStorage
@@ -231,3 +233,35 @@ def read_snapshot(storage: RunStorage) -> RunSnapshot:
     if data is None:
         raise FileNotFoundError(f"{storage.url(SNAPSHOT)} does not exist: the run's start_run did not write it")
     return RunSnapshot.from_json(data, storage.url(SNAPSHOT))
+
+
+def carry_over_earlier_attempt(storage: RunStorage, today: TuningSpec, params: dict[str, Any], plan: dict[str, Any],
+                               attempt: int, attempt_storage: Callable[[int], RunStorage]) -> dict[str, Any]:
+    """Keep what the run's latest earlier attempt (``attempt_storage(k)``: attempt k's storage)
+    finished when its spec, form values and plan are this attempt's (``runner.carry_over``); else
+    record why nothing is kept (``carried.json``)."""
+    for earlier_attempt in range(attempt - 1, 0, -1):
+        earlier = attempt_storage(earlier_attempt)
+        try:
+            snapshot = read_snapshot(earlier)
+        except FileNotFoundError:
+            continue
+        if _canonical(snapshot.spec.to_dict()) != _canonical(today.to_dict()):
+            why = "the spec changed"
+        elif _canonical(snapshot.params) != _canonical(params):
+            why = "the trigger form's values changed"
+        elif _canonical(earlier.read_json("plan.json")) != _canonical(plan):
+            why = "the plan changed"
+        else:
+            return runner.carry_over(earlier, storage, earlier_attempt)
+        record = {"from_attempt": earlier_attempt, "from": earlier.uri, "results": {},
+                  "reason": f"nothing kept from attempt {earlier_attempt}: {why} since"}
+        storage.write_json(record, "carried.json")
+        return record
+    record = {"from_attempt": None, "results": {}, "reason": "no earlier attempt of the run was found"}
+    storage.write_json(record, "carried.json")
+    return record
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
