@@ -95,6 +95,8 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         "actual": {"jct_seconds": jct, "cost_usd": actual_cost,
                    "stage_end_seconds": [s["end"] - run["started"] for s in stages] if run.get("started") else None},
         "stage_overhead_seconds": [s["overhead_seconds"] for s in stages],
+        "planned_stage_overhead": {"seconds": (problem_data or {}).get("workload", {}).get("stage_overhead_seconds"),
+                                   "from": plan.get("stage_overhead_from")},
         "replans": replan_rows(records, started),
         "stage_predictions": predictions,
         "baselines": plan.get("baselines"),
@@ -187,6 +189,23 @@ def _pct(actual: float | None, predicted: float | None) -> str:
     return f"{(actual - predicted) / predicted * 100:+.1f}%"
 
 
+OVERHEAD_SOURCES = {"spec": "fixed by the spec", "past runs": "measured in the DAG's past runs",
+                    "calibration": "measured by the calibration DAG", "profile": "the profile's estimate"}
+
+
+def overhead_lines(rep: dict[str, Any]) -> list[str]:
+    """The stage overhead the plan assumed, where it came from, and the run's own (stage 2 on)."""
+    planned = rep.get("planned_stage_overhead") or {}
+    if planned.get("seconds") is None:
+        return []
+    source = OVERHEAD_SOURCES.get(planned.get("from") or "", "")
+    line = f"Stage overhead: planned {planned['seconds']:.1f} s" + (f" ({source})" if source else "")
+    measured = [o for o in (rep.get("stage_overhead_seconds") or [])[1:] if o is not None]
+    if measured:
+        line += f", this run {sum(measured) / len(measured):.1f} s"
+    return [line]
+
+
 def summary_lines(rep: dict[str, Any]) -> list[str]:
     """The report as a few readable lines (the task log and `make demo` print these)."""
     lines = [f"RubberBand run {rep['run']}"]
@@ -215,6 +234,7 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
         lines.append(f"{s['stage']:>5} {s['trials']:>6} {s['trials'] - len(s['failed']):>4} {s['instances'] or '-':>4} "
                      f"{s['gpus_per_trial'] or '-':>2} {s['seconds']:>8.1f} {s['overhead_seconds'] or 0:>8.1f} "
                      f"{s['best_metric'] if s['best_metric'] is not None else float('nan'):>8.4f}")
+    lines += overhead_lines(rep)
     lines += replan_lines(rep)
     for f in rep.get("spot_fallbacks") or []:
         lines.append(f"Spot refused for batch {f['batch']} ({f['refused']}): its {len(f['instances'])} instances "

@@ -119,6 +119,13 @@ def _expand(value: str) -> str:
     return os.path.expandvars(value)
 
 
+def _beside(location: str, spec_path: str) -> str:
+    """A relative local path, as the spec file's folder sees it; a URL or an absolute path as it is."""
+    if "://" in location or os.path.isabs(location) or "://" in spec_path:
+        return location
+    return str(Path(spec_path).resolve().parent / location)
+
+
 def parse_spec(data: Any, path: str) -> TuningSpec:
     """Validate a spec's content; every error names the file and the field."""
     try:
@@ -234,7 +241,7 @@ def _parse(data: Any, path: str) -> TuningSpec:
                            f"module sets COMPUTES = False, as rubberband_airflow.workloads.synthetic does); "
                            f"{trainable} computes, and would run slower than profiled on shared cores")
     storage = _expand(top.string("storage"))
-    profile = _expand(top.string("profile"))
+    profile = _beside(_expand(top.string("profile")), path)
     spec = TuningSpec(
         path=path, name=name, schedule=schedule, trainable=trainable, metric=metric, mode=Mode(mode),
         search_space=space, sha=sha, deadline_seconds=deadline, backend=backend, storage=storage, profile=profile,

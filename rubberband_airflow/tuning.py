@@ -148,21 +148,36 @@ def measured_stage_overhead(reports: list[dict[str, Any]]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+CALIBRATION_DAG_ID = "rubberband_calibration"  # its runs, under a storage root, measure that deployment
+
+
+def stage_overhead(spec: TuningSpec, history: list[dict[str, Any]],
+                   calibration: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """The stage overhead a run plans with and where it comes from: the spec's, the mean of the
+    DAG's past runs, else of the deployment's calibration runs, else None (the profile's estimate)."""
+    if spec.stage_overhead_seconds is not None:
+        return spec.stage_overhead_seconds, "spec"
+    if (measured := measured_stage_overhead(history)) is not None:
+        return measured, "past runs"
+    if (measured := measured_stage_overhead(calibration)) is not None:
+        return measured, "calibration"
+    return None, "profile"
+
+
 def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: dict[str, Any],
-                     history: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                     history: list[dict[str, Any]] | None = None,
+                     calibration: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The planning problem of one run: the profile, the spec, the trigger form's values and,
-    where the spec does not fix it, the stage overhead measured in the DAG's past runs."""
+    where the spec does not fix it, the stage overhead measured in the DAG's past runs or, before
+    its first, in the deployment's calibration runs (``stage_overhead``)."""
     s = settings(spec, params)
     sha = {"num_trials": s.sha.num_trials, "eta": s.sha.eta, "min_epochs": s.sha.min_epochs}
     if s.sha.num_stages is not None:
         sha["num_stages"] = s.sha.num_stages
     tuning: dict[str, Any] = {"sha": sha, "deadline_seconds": s.deadline_seconds,
                               "instance_types": _instance_types(spec, s.instance_types, s.max_instances)}
-    measured = measured_stage_overhead(history or [])
-    if spec.stage_overhead_seconds is not None:
-        tuning["stage_overhead_seconds"] = spec.stage_overhead_seconds
-    elif measured is not None:
-        tuning["stage_overhead_seconds"] = measured
+    if (h := stage_overhead(spec, history or [], calibration or [])[0]) is not None:
+        tuning["stage_overhead_seconds"] = h
     if spec.billing:
         tuning["billing"] = spec.billing
     tuning["planner"] = {**spec.planner, "seed": s.seed}

@@ -13,7 +13,7 @@ from rubberband_airflow.planning.errors import InfeasibleError, ProblemError
 from rubberband_airflow.planning.planner import plan_problem
 from rubberband_airflow.planning.problem import parse_problem
 from rubberband_airflow.spec import load_spec
-from rubberband_airflow.tuning import dag_uri, past_runs, planning_problem
+from rubberband_airflow.tuning import CALIBRATION_DAG_ID, dag_uri, past_runs, planning_problem, stage_overhead
 
 
 class RubberBandPlanOperator(BaseOperator):
@@ -21,7 +21,8 @@ class RubberBandPlanOperator(BaseOperator):
     Plan a tuning run: the cheapest allocation that meets the deadline at the planner's quantile.
 
     Builds the planning problem from the spec's profile, the spec, the run's params and the
-    stage overhead measured in the DAG's last runs (so a nightly DAG plans better each night), and
+    stage overhead measured in the DAG's last runs (so a nightly DAG plans better each night) or,
+    before its first, by the deployment's calibration DAG (``rubberband_calibration``), and
     returns the plan as plain JSON with its predicted JCT and cost and the baselines. A bad input
     or an impossible deadline fails the task (no retry), the latter with the fastest achievable JCT.
 
@@ -43,7 +44,12 @@ class RubberBandPlanOperator(BaseOperator):
             # what that finished when nothing else changed (see the tuning DAG's start_run).
             history = past_runs(storage_for(spec, dag_uri(spec, context["dag"].dag_id)),
                                 exclude_run_id=context["run_id"])
-            problem = planning_problem(spec, dict(context["params"]), load_profile(spec), history)
+            # Before a DAG's first run has measured its stage overhead: this deployment's, measured
+            # by the calibration DAG's runs under the same storage root (none: the profile's estimate).
+            calibration = [] if stage_overhead(spec, history, [])[0] is not None \
+                or context["dag"].dag_id == CALIBRATION_DAG_ID else \
+                past_runs(storage_for(spec, dag_uri(spec, CALIBRATION_DAG_ID)))
+            problem = planning_problem(spec, dict(context["params"]), load_profile(spec), history, calibration)
             out = plan_problem(parse_problem(problem))
         except ProblemError as e:
             raise AirflowFailException(f"bad tuning input: {e}") from None
@@ -51,6 +57,7 @@ class RubberBandPlanOperator(BaseOperator):
             raise AirflowFailException(str(e)) from None
         out["problem"] = problem
         out["history_runs"] = len(history)
+        out["stage_overhead_from"] = stage_overhead(spec, history, calibration)[1]
         pred = out["predicted"]
         self.log.info("Plan: %s, stages %s; predicted JCT p%g %.0f s, mean cost $%.2f (deadline %.0f s)",
                       out["instance_type"], [(s["instances"], s["gpus_per_trial"]) for s in out["stages"]],

@@ -37,6 +37,8 @@ def test_example_dags_import_without_errors(dagbag_for):
     assert bag.dags["nightly_ec2_tuning"].timetable.expression == "0 2 * * *"
     sweeper = bag.dags["rubberband_sweeper"]
     assert sweeper.timetable.expression == "*/15 * * * *" and sweeper.max_active_runs == 1
+    # The calibration DAG runs when triggered, on the repo's storage root.
+    assert type(bag.dags["rubberband_calibration"].timetable).__name__ == "NullTimetable"
     # The downstream example is scheduled on that Asset.
     downstream = bag.dags["train_best_digits"]
     assert [a.uri for a in downstream.timetable.asset_condition.objects] == [dag.task_dict["report"].outlets[0].uri]

@@ -11,47 +11,55 @@ import yaml
 from rubberband_airflow.execution.backends.base import billed_cost
 from rubberband_airflow.execution.prices import lookup
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.problem import parse_billing
+from rubberband_airflow.workloads import synthetic
 from tests.airflow.conftest import BIN, ROOT, airflow_env, run
 from tests.execution.moto_cloud import BUCKET, REGION, airflow_side, moto_cloud  # noqa: F401 (the fixture)
 
 
-def test_digits_dag_runs_on_ec2_and_bills_what_the_ledger_says(airflow_home, moto_cloud, tmp_path):
+def test_a_tuning_dag_runs_on_ec2_and_bills_what_the_ledger_says(airflow_home, moto_cloud, tmp_path):
+    # The sleeping synthetic workload (real training on EC2 instances: the full-stack tests' digits_ec2).
     spec = yaml.safe_load((ROOT / "dags" / "digits_tuning.yaml").read_text())
-    spec.update(name="digits_ec2", storage=f"s3://{BUCKET}/rubberband", profile=f"s3://{BUCKET}/profiles/g5.xlarge.json",
+    spec.update(name="synthetic_ec2", storage=f"s3://{BUCKET}/rubberband", profile=f"s3://{BUCKET}/profiles/g5.xlarge.json",
+                trainable="rubberband_airflow.workloads.synthetic:train", metric=synthetic.METRIC, mode=synthetic.MODE,
+                search_space={**synthetic.SEARCH_SPACE, "epoch_seconds": {"type": "choice", "values": [0.5]}},
+                sha={"num_trials": 8, "eta": 2, "min_epochs": 1},
                 backend={"type": "ec2", "aws_conn_id": "aws_default", "region": REGION, "ami": moto_cloud.image_id,
                          "subnets": moto_cloud.subnets, "security_groups": [moto_cloud.security_group],
                          "instance_profile": moto_cloud.instance_profile,
                          "instance_types": [{"name": "g5.xlarge", "max_instances": 2}]})
     dags = tmp_path / "dags"
     dags.mkdir()
-    (dags / "digits_ec2.yaml").write_text(yaml.safe_dump(spec))
-    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / "digits_ec2.py")
-    with fsspec.open(spec["profile"], "w") as f:  # the profiler's measurements, kept in the bucket
-        f.write((airflow_home / "rubberband" / "profiles" / "local-1.json").read_text())
+    (dags / "synthetic_ec2.yaml").write_text(yaml.safe_dump(spec))
+    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / "synthetic_ec2.py")
+    with fsspec.open(spec["profile"], "w") as f:  # the workload's profile, kept in the bucket
+        f.write(json.dumps(synthetic.profile(1, 0.5, trial_overhead_seconds=0.5, stage_overhead_seconds=2.0,
+                                             instance_type="g5.xlarge", pending_seconds=1.0, boot_seconds=1.0)))
 
     home = tmp_path / "home"
     env = airflow_side(airflow_env(home, dags))  # no ambient AWS keys: everything through the connection
     assert run([str(BIN / "airflow"), "db", "migrate"], env, timeout=300).returncode == 0
-    r = run([str(BIN / "airflow"), "dags", "test", "digits_ec2"], env, timeout=900)
+    r = run([str(BIN / "airflow"), "dags", "test", "synthetic_ec2"], env, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
 
-    root = RunStorage(f"s3://{BUCKET}/rubberband/digits_ec2")
+    root = RunStorage(f"s3://{BUCKET}/rubberband/synthetic_ec2")
     [run_name] = [n for n in root.listdir() if n.startswith("manual__")]
     storage = RunStorage(root.url(run_name))
     rep = storage.read_json("report.json")
-    assert rep["best"] is not None and rep["best"]["metric"] > rep["median_stage1_metric"]
+    assert rep["best"]["trial"] == synthetic.best_config({t: v["config"] for t, v in rep["trials"].items()})
     assert [s["trials"] for s in rep["stages"]] == [8, 4, 2, 1]
+    assert all(r["state"] == "done" for t in rep["trials"].values() for r in t["results"].values())
     # Afterwards no instance of the DAG is pending or running, and every agent is gone.
-    assert moto_cloud.instances(dag_id="digits_ec2") == []
+    assert moto_cloud.instances(dag_id="synthetic_ec2") == []
     moto_cloud.hypervisor.sync()
     assert moto_cloud.hypervisor.booted == {}
-    # The report's cost is the ledger's bill at the price table's g5.xlarge price.
+    # The report's cost is the ledger's bill at the price table's g5.xlarge price, by the spec's billing.
     ledger = storage.ledger()
     assert ledger and all(e["running"] is not None and e["terminated"] is not None for e in ledger)
     assert all(e["instance"].startswith("i-") for e in ledger)
-    bill = billed_cost(ledger, {"g5.xlarge": lookup("g5.xlarge").price_per_hour})
+    bill = billed_cost(ledger, {"g5.xlarge": lookup("g5.xlarge").price_per_hour}, parse_billing(spec["billing"]))
     assert abs(rep["actual"]["cost_usd"] - bill) < 1e-9 and bill > 0
-    published = json.loads(RunStorage(f"s3://{BUCKET}/rubberband/digits_ec2").read_bytes("best_config.json"))
+    published = json.loads(RunStorage(f"s3://{BUCKET}/rubberband/synthetic_ec2").read_bytes("best_config.json"))
     assert published["config"] == rep["best"]["config"]
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+import yaml
 
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.errors import ProblemError
@@ -17,6 +18,7 @@ from rubberband_airflow.tuning import (
     read_snapshot,
     run_uri,
     settings,
+    stage_overhead,
     write_snapshot,
 )
 from tests.airflow.conftest import ROOT
@@ -55,6 +57,30 @@ def test_past_runs_give_the_stage_overhead(spec):
     assert measured_stage_overhead(reports) == pytest.approx((2 + 3 + 1 + 2 + 3) / 5)  # stage 1 left out
     problem = planning_problem(spec, {}, PROFILE, reports)
     assert problem["workload"]["stage_overhead_seconds"] == pytest.approx(2.2)
+
+
+def test_the_overhead_comes_from_the_spec_then_past_runs_then_calibration_then_the_profile(spec):
+    past, calibration = [{"stage_overhead_seconds": [0.1, 2.0]}], [{"stage_overhead_seconds": [0.3, 5.0, 7.0]}]
+    assert stage_overhead(spec, past, calibration) == (2.0, "past runs")
+    assert stage_overhead(spec, [{"stage_overhead_seconds": [0.1]}], calibration) == (6.0, "calibration")
+    assert stage_overhead(spec, [], []) == (None, "profile")
+    assert planning_problem(spec, {}, PROFILE, [], [])["workload"]["stage_overhead_seconds"] == 1.4
+    assert planning_problem(spec, {}, PROFILE, [], calibration)["workload"]["stage_overhead_seconds"] == 6.0
+    fixed = dataclasses.replace(spec, stage_overhead_seconds=0.5)
+    assert stage_overhead(fixed, past, calibration) == (0.5, "spec")
+
+
+def test_a_relative_profile_path_is_the_spec_files_folders(tmp_path):
+    data = {**yaml.safe_load((ROOT / "dags" / "digits_tuning.yaml").read_text()), "profile": "profiles/p.json"}
+    (tmp_path / "dags").mkdir()
+    path = tmp_path / "dags" / "x.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_spec(path).profile == str(tmp_path / "dags" / "profiles" / "p.json")
+    for kept in ("/abs/p.json", "s3://bucket/p.json"):
+        path.write_text(yaml.safe_dump({**data, "profile": kept}))
+        assert load_spec(path).profile == kept
+    assert load_spec(ROOT / "dags" / "rubberband_calibration.yaml").profile == \
+        str(ROOT / "dags" / "rubberband_calibration.profile.json")
 
 
 def test_run_uri_is_safe_for_any_run_id(spec):
