@@ -22,9 +22,12 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 demo: $(STAMP)
 	scripts/demo.sh
 
+# Two workers, each module on one of them; then the tests that time trials against limits and
+# deadlines, alone (marked `serial`). Each run fails if it collects no test.
 test: $(STAMP) lint
 	scripts/install-test-tools.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not serial"
+	$(BIN)/python -m pytest -m serial
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -32,6 +32,20 @@ _STARTED_BY_TESTS = ("rubberband_airflow.execution", "rubberband-agent", "moto_s
 # processes of another test session running at the same time are not taken for ours.
 _SESSION_MARK = "RUBBERBAND_TEST_SESSION"
 _MARK = os.environ.setdefault(_SESSION_MARK, f"{os.getpid()}-{time.time()}")
+if (_WORKER := os.environ.get("PYTEST_XDIST_WORKER")) and not _MARK.endswith(f"-{_WORKER}"):
+    # A worker of `pytest -n` inherits its controller's mark: each worker checks only its own processes.
+    _MARK = os.environ[_SESSION_MARK] = f"{_MARK}-{_WORKER}"
+
+# Under `pytest -n N --dist loadgroup` a module runs on one worker, its module fixtures made once; the
+# modules on the session's Airflow stack (LocalExecutor) share one worker and so one stack.
+_ONE_STACK = {"tests/fullstack/test_stack.py", "tests/fullstack/test_run_tab.py"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.nodeid.split("::", 1)[0]
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group("airflow_stack" if module in _ONE_STACK else module))
 
 
 def _ours(p: psutil.Process, mark: str) -> bool:

@@ -24,6 +24,9 @@ from tests.airflow.conftest import ROOT, airflow_env, run
 RUN_ALL = """
 import sys
 from airflow.dag_processing.dagbag import DagBag
+
+# Times trials against their limits and deadlines: run alone (`make test` runs these after the rest).
+pytestmark = pytest.mark.serial
 bag = DagBag()
 assert not bag.import_errors, bag.import_errors
 for dag_id in sys.argv[1:]:

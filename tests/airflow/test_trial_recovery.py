@@ -18,6 +18,9 @@ from rubberband_airflow.sensors.trial import TrialResultSensor
 from rubberband_airflow.triggers.trial import TrialResultTrigger
 from tests.execution.conftest import agent_processes, env, local_backend, plan_json, storage  # noqa: F401
 
+# Times trials against their limits and deadlines: run alone (`make test` runs these after the rest).
+pytestmark = pytest.mark.serial
+
 SPEC = """
 name: recovery_test
 trainable: tests.trainables:steady
