@@ -5,6 +5,13 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run (`make test` must not pass or fail by the draw);
+# HYPOTHESIS_PROFILE=explore draws new ones, to look for counterexamples.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "rubberband_airflow" / "examples"

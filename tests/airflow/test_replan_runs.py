@@ -24,9 +24,6 @@ from tests.airflow.conftest import ROOT, airflow_env, run
 RUN_ALL = """
 import sys
 from airflow.dag_processing.dagbag import DagBag
-
-# Times trials against their limits and deadlines: run alone (`make test` runs these after the rest).
-pytestmark = pytest.mark.serial
 bag = DagBag()
 assert not bag.import_errors, bag.import_errors
 for dag_id in sys.argv[1:]:
@@ -34,6 +31,9 @@ for dag_id in sys.argv[1:]:
     print("DAG RUN", dag_id, getattr(dr.state, "value", dr.state), flush=True)
 """
 EPOCH = 2.0
+
+# Times trials against their limits and deadlines: run alone (`make test` runs these after the rest).
+pytestmark = pytest.mark.serial
 
 
 # The workload's profile: its epochs as the synthetic curve gives them, the overheads of `dag.test`

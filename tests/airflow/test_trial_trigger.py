@@ -14,9 +14,6 @@ from rubberband_airflow.triggers import trial as trial_trigger
 from rubberband_airflow.triggers.trial import BOOT_SECONDS, TrialResultTrigger, boot_limit
 from tests.execution.conftest import agent_processes, env, local_backend, storage  # noqa: F401 (fixtures)
 
-# Times trials against their limits and deadlines: run alone (`make test` runs these after the rest).
-pytestmark = pytest.mark.serial
-
 
 def _run(storage, backend, trainable: str) -> str:
     start_run(storage, RunSpec(trainable, "accuracy", "max", seed=1), [{"lr": 0.1}],

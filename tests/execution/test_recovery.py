@@ -17,9 +17,6 @@ from tests.execution.conftest import agent_processes, plan_json
 from tests.execution.moto_cloud import moto_cloud  # noqa: F401 (the fixture)
 from tests.execution.test_run_view import fleet_events
 
-# Times trials against their limits and deadlines: run alone (`make test` runs these after the rest).
-pytestmark = pytest.mark.serial
-
 SPEC = RunSpec("tests.trainables:steady", "accuracy", "max", seed=3)
 CONFIGS = [{"lr": 0.05 * (k + 1)} for k in range(4)]
 EPOCHS = 4  # in stage 1; stage 2 trains to 8

@@ -25,9 +25,6 @@ from tests.execution.moto_cloud import BUCKET, moto_cloud  # noqa: F401 (the fix
 from tests.execution.test_runner import LedgerBackend, started, worked  # noqa: F401 (fixtures)
 from tests.flaky_fs import S3Storm, register, storm_env
 
-# Times trials against their limits and deadlines: run alone (`make test` runs these after the rest).
-pytestmark = pytest.mark.serial
-
 SPEC = RunSpec("tests.trainables:sleepy", "accuracy", "max", seed=1)
 
 

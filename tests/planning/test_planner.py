@@ -7,7 +7,15 @@ from rubberband_airflow.planning.exhaustive import all_plans, exhaustive_optimum
 from rubberband_airflow.planning.frontier import frontier
 from rubberband_airflow.planning.plan import parse_plan
 from rubberband_airflow.planning.planner import Evaluator, lower_bound_cost, plan_problem
-from rubberband_airflow.planning.problem import parse_problem
+from rubberband_airflow.planning.problem import (
+    SHA,
+    Billing,
+    InstanceType,
+    PlannerSettings,
+    Problem,
+    Workload,
+    parse_problem,
+)
 from rubberband_airflow.planning.simulator import simulate
 from tests.planning.strategies import problems
 
@@ -71,6 +79,27 @@ _FASTER_IS_CHEAPER = parse_problem({
 @example(_FASTER_IS_CHEAPER)
 def test_noisy_plan_within_one_percent_of_exhaustive_optimum(problem):
     _check_against_exhaustive(problem)
+
+
+# Found by hypothesis (HYPOTHESIS_PROFILE=explore): noise reorders two plans the noise-free frontier
+# keeps apart. Stage 1 on one instance of 1-GPU trials then stage 2 on two of 4-GPU trials costs
+# 146 instance-seconds noise-free and 124 s; the reverse shape, 144 and 89 s, dominates it and prunes
+# it from the frontier. With stragglers (sigma 0.3) the pruned plan is 7% cheaper at the quantile.
+# The frontier's dominance is noise-free; a fix keeps near-dominated points for noisy problems.
+GAP = Problem(sha=SHA(num_trials=9, eta=2, min_epochs=1, num_stages=2, done=0),
+              workload=Workload(epoch_seconds={1: 34.0, 4: 11.0, 8: 1.0}, trial_overhead_seconds=0.0,
+                                stage_overhead_seconds=0.0, straggler_sigma=0.3, checkpoint_gb=0.0),
+              instance_types=(InstanceType(name="type-0", gpus=4, price_per_hour=1.0, pending_seconds=0.0,
+                                           boot_seconds=0.0, pending_sigma=0.0, max_instances=2, market="on-demand",
+                                           interruptions_per_hour=0.0),),
+              deadline_seconds=134.75,
+              billing=Billing(minimum_seconds=0.0, increment_seconds=1.0, data_price_per_gb=0.0),
+              planner=PlannerSettings(jct_quantile=0.9, samples=16, seed=0), start=None)
+
+
+@pytest.mark.xfail(reason="known gap: the noise-free frontier prunes a plan that noise makes the cheapest", strict=True)
+def test_noisy_plan_the_noise_free_frontier_prunes():
+    _check_against_exhaustive(GAP)
 
 
 def test_example_problem_plan_and_baselines(resnet_problem):
