@@ -55,9 +55,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.xdist_group("airflow_stack" if module in _ONE_STACK else module))
 
 
-def _ours(p: psutil.Process, mark: str) -> bool:
+def ours(p: psutil.Process) -> bool:
+    """Whether this test session (this xdist worker) started ``p``."""
     try:
-        return p.environ().get(_SESSION_MARK) == mark
+        return p.environ().get(_SESSION_MARK) == _MARK
     except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
 
@@ -73,7 +74,7 @@ def nothing_left_running():
         for p in psutil.process_iter(["pid", "cmdline", "create_time", "status"]):
             cmd = " ".join(p.info["cmdline"] or []) + " "
             if (p.pid != os.getpid() and p.info["create_time"] >= began - 1 and p.info["status"] != psutil.STATUS_ZOMBIE
-                    and any(m in cmd for m in _STARTED_BY_TESTS) and _ours(p, _MARK)):
+                    and any(m in cmd for m in _STARTED_BY_TESTS) and ours(p)):
                 out.append(f"{p.pid}: {cmd[:200]}")
         return out
 

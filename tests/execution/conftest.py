@@ -9,6 +9,7 @@ from rubberband_airflow.execution.runner import RunPlan
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.plan import Plan
 from rubberband_airflow.planning.problem import parse_problem
+from tests.conftest import ours
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,11 +41,12 @@ def local_backend(storage, env):
 
 
 def agent_processes(storage: RunStorage) -> list[psutil.Process]:
-    """Agent and worker processes of this run still alive on the machine."""
+    """Agent and worker processes of this run that this test session started, still alive (another
+    session on the machine may run the same test, with the same storage URI, at the same time)."""
     out = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
-        if storage.uri in cmd and p.status() != psutil.STATUS_ZOMBIE:
+        if storage.uri in cmd and p.status() != psutil.STATUS_ZOMBIE and ours(p):
             out.append(p)
     return out
 
