@@ -37,7 +37,8 @@ def replan_rows(records: list[dict[str, Any]], started: float | None) -> list[di
         t = r.get("time")
         out.append({"stage": r.get("stage"), "seconds": t - started if isinstance(t, (int, float)) and started
                     else None, "observed": r.get("observed") or {}, "infeasible": r.get("infeasible"),
-                    "before": _summary(r.get("before")), "after": _summary(r.get("after"))})
+                    "before": _summary(r.get("before")), "after": _summary(r.get("after")),
+                    "spot_fallback": r.get("spot_fallback")})
     return out
 
 
@@ -51,7 +52,10 @@ def _replan_ends(first: dict[str, Any], record: dict[str, Any]) -> list[float]:
     """The mean predicted ends of the re-planned stages (from the re-plan's stage on)."""
     after, stage = record["after"], int(record["stage"])
     problem = parse_problem(first["problem"])
-    problem = replace(problem, instance_types=(problem.instance_type(after["instance_type"]),))
+    name = after["instance_type"]  # an on-demand fallback's is only in the re-plan's problem
+    itype = (problem if name in {t.name for t in problem.instance_types} else parse_problem(after["problem"])) \
+        .instance_type(name)
+    problem = replace(problem, instance_types=(itype,))
     rest = remaining_problem(problem, parse_state(record["state"], problem))
     plan = parse_plan({"instance_type": after["instance_type"], "stages": after["stages"][stage - 1:]}, rest)
     return simulate_outcome(rest, plan, Draws.for_problem(rest)).stage_end.mean(axis=0).tolist()
@@ -101,7 +105,9 @@ def replan_lines(rep: dict[str, Any]) -> list[str]:
         lines.append(f"Re-plan before stage {r['stage']}{when}: observed {observed_text(r['observed'])}; instances "
                      f"{b['instances']} -> {a['instances']}, predicted JCT {_num(b['jct_seconds'], ' s')} -> "
                      f"{_num(a['jct_seconds'], ' s')}, cost {_num(b['cost_usd'], '$')} -> {_num(a['cost_usd'], '$')}"
-                     + (" (no plan met the deadline: the fastest)" if r.get("infeasible") else ""))
+                     + (" (no plan met the deadline: the fastest)" if r.get("infeasible") else "")
+                     + (f"; on demand from here: EC2 had no spot capacity for {', '.join(f['batches'])}"
+                        if (f := r.get("spot_fallback")) else ""))
     for p in rep.get("stage_predictions") or []:
         lines.append(f"Stage {p['stage']} ended at {p['actual_end_seconds']:.1f} s, predicted "
                      f"{_num(p['predicted_end_seconds'], ' s')} by the {p['plan']} "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rubberband_airflow.execution import runner
-from rubberband_airflow.execution.backends.base import ComputeBackend, Market
+from rubberband_airflow.execution.backends.base import SPOT_SUFFIX, ComputeBackend, Market, offer
 from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.errors import ProblemError
@@ -24,7 +24,6 @@ from rubberband_airflow.spec import EC2BackendSpec, LocalBackendSpec, TuningSpec
 # interruption a day per instance, at the high end of what AWS's Spot Instance Advisor reports
 # for GPU types ("<5%" to "5-10%" of instances interrupted a month is far less).
 DEFAULT_INTERRUPTIONS_PER_HOUR = 0.05
-SPOT_SUFFIX = ":spot"  # a spot offer's name in the planning problem: "<instance type>:spot"
 
 # Run parameters a trigger form may override, with the spec's value as default.
 OVERRIDABLE = ("deadline_seconds", "num_trials", "eta", "min_epochs", "instance_types", "max_instances", "seed")
@@ -127,14 +126,6 @@ def _instance_types(spec: TuningSpec, chosen: list[str], max_instances: int | No
     return types
 
 
-def offer(name: str) -> tuple[str, Market | None]:
-    """The instance type and market of a planning problem's instance type name (``g5.xlarge:spot``:
-    spot; a plain name: the spec's market)."""
-    if name.endswith(SPOT_SUFFIX):
-        return name[:-len(SPOT_SUFFIX)], Market.SPOT
-    return name, None
-
-
 def past_runs(root: RunStorage, limit: int = 5, exclude_run_id: str | None = None) -> list[dict[str, Any]]:
     """Reports of a DAG's latest finished runs (``root``: its folder), newest first; with
     ``exclude_run_id``, none of that DAG run's attempts."""
@@ -211,7 +202,14 @@ def backend_for(spec: TuningSpec, storage: RunStorage, dag_id: str, run_id: str,
                       trial_timeout=spec.trial_timeout.floor_seconds, idle_timeout=idle_timeout, client=ec2_client,
                       attempt=attempt, **({"deployment": deployment} if deployment else {}),
                       market=market or Market(given.get("market", Market.ON_DEMAND)),
-                      spot_price=given.get("spot_price_per_hour"))
+                      spot_price=given.get("spot_price_per_hour"), price=_on_demand_price(given))
+
+
+def _on_demand_price(given: dict[str, Any]) -> float:
+    """A spec instance type's on-demand hourly price: the spec's, else the price list's."""
+    from rubberband_airflow.execution.prices import lookup
+
+    return float(given["price_per_hour"]) if "price_per_hour" in given else lookup(given["name"]).price_per_hour
 
 
 SNAPSHOT = "spec.json"  # a run's own copy of its spec, in its storage

@@ -12,7 +12,7 @@ docs/planning-model.md section 7). Times are seconds from the run's start (``run
   process's start or the end of the trial before it on the same slot, to its result, less its
   epochs); the stage overhead (from a stage barrier to the first trial's start, less the launch
   latency of its instance when that instance was requested after the barrier; stage 1's barrier
-  is the run's start); the launch latency per type (request to first heartbeat).
+  is the run's start); the launch latency per offer (``offer_name``: request to first heartbeat).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
-from rubberband_airflow.execution.backends.base import billed_cost
+from rubberband_airflow.execution.backends.base import billed_cost, offer_name
 from rubberband_airflow.execution.results import is_done
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.problem import Problem
@@ -138,7 +138,7 @@ def observed(storage: RunStorage, next_stage: int) -> dict[str, Any]:
     launches: dict[str, list[float]] = defaultdict(list)
     for e in ledger_list:
         if e.get("requested") is not None and e.get("ready") is not None:
-            launches[str(e["type"])].append(max(0.0, float(e["ready"]) - float(e["requested"])))
+            launches[offer_name(e)].append(max(0.0, float(e["ready"]) - float(e["requested"])))
     out: dict[str, Any] = {"epoch_seconds": {str(g): s for g, s in sorted(epochs.items())}}
     if (u := _mean(overheads)) is not None:
         out["trial_overhead_seconds"] = u
@@ -149,9 +149,10 @@ def observed(storage: RunStorage, next_stage: int) -> dict[str, Any]:
 
 
 def run_state(storage: RunStorage, problem: Problem, instance_type: str, next_stage: int,
-              now: float | None = None) -> dict[str, Any]:
+              now: float | None = None, also: tuple[str, ...] = ()) -> dict[str, Any]:
     """The state JSON of the run before ``next_stage`` (stages before it done), for ``problem``:
-    the live fleet of ``instance_type`` (live instances of other types are not the plan's)."""
+    the live fleet of ``instance_type``, an offer's name (``offer_name``; live instances of other
+    offers are not the plan's), or of ``also`` (offers whose live instances count as it)."""
     now = time.time() if now is None else now
     started = float((storage.read_json("run.json") or {})["started"])
     end = stage_end(storage, next_stage - 1)
@@ -165,7 +166,7 @@ def run_state(storage: RunStorage, problem: Problem, instance_type: str, next_st
         + problem.billing.data_price_per_gb * problem.workload.checkpoint_gb * restores
     fleet = []
     for e in ledger:
-        if e.get("terminated") is not None or e.get("type") != instance_type:
+        if e.get("terminated") is not None or offer_name(e) not in (instance_type, *also):
             continue
         requested = float(e.get("requested") or now)
         running = float(e["running"]) if e.get("running") is not None \

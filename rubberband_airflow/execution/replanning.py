@@ -18,10 +18,11 @@ from dataclasses import replace
 from typing import Any
 
 from rubberband_airflow.execution import observe
+from rubberband_airflow.execution.backends.base import Market, offer
 from rubberband_airflow.execution.storage import RunStorage
-from rubberband_airflow.planning.errors import InfeasibleError
+from rubberband_airflow.planning.errors import InfeasibleError, ProblemError
 from rubberband_airflow.planning.plan import parse_plan
-from rubberband_airflow.planning.problem import parse_problem
+from rubberband_airflow.planning.problem import InstanceType, Problem, parse_problem
 from rubberband_airflow.planning.replan import corrected, parse_state, remaining_problem, replan
 from rubberband_airflow.planning.simulator import simulate
 
@@ -35,17 +36,27 @@ def current_plan(storage: RunStorage, stage: int) -> dict[str, Any] | None:
 def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float | None = None) -> \
         tuple[dict[str, Any], dict[str, Any]]:
     """The run's plan re-planned before ``stage`` from its state, and the record of the re-plan.
-    The re-plan keeps the run's instance type; when no plan meets the deadline, the fastest is taken."""
+    The re-plan keeps the run's instance type and market, except that a spot plan whose launches
+    EC2 refused spot capacity (``spot_fallback``) goes on demand: its live instances, spot or not,
+    are its fleet. When no plan meets the deadline, the fastest is taken."""
     now = time.time() if now is None else now
     first = storage.read_json("plan.json") or before
     problem = parse_problem(first["problem"])
     name = before["instance_type"]
-    problem = replace(problem, instance_types=(problem.instance_type(name),))
-    state = observe.run_state(storage, problem, name, stage, now)
+    itype = _instance_type(problem, before, name)
+    also: tuple[str, ...] = ()
+    fallback = spot_fallback(storage.ledger(), name)
+    if fallback is not None:
+        also, name = (name,), offer(name)[0]
+        itype = _on_demand(problem, itype, name, fallback["price_per_hour"])
+    problem = replace(problem, instance_types=(itype,))
+    state = observe.run_state(storage, problem, name, stage, now, also=also)
     state["observed"]["launch_seconds"] = {k: v for k, v in state["observed"]["launch_seconds"].items()
                                            if k == name}
     parsed = parse_state(state, problem)
     record: dict[str, Any] = {"time": now, "stage": stage, "state": state, "observed": state["observed"]}
+    if fallback is not None:
+        record["spot_fallback"] = fallback
     try:
         out = replan(problem, parsed)
     except InfeasibleError as e:
@@ -55,22 +66,60 @@ def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float |
                "jct_quantile": problem.planner.jct_quantile,
                "predicted": {"jct_seconds": s["jct_seconds"], "cost_usd": s["cost_usd"]}}
         record["infeasible"] = str(e)
+    stages = list(out["stages"])
+    if fallback is not None or any(s.get("market") == Market.ON_DEMAND for s in before["stages"]):
+        # Said outright: a stage that names no market launches in the backend's, spot for a spot spec.
+        stages = [{**s, "market": str(Market.ON_DEMAND)} for s in stages]
     fixed = corrected(problem, parsed.observed)
     after = {k: v for k, v in out.items() if k not in ("first_stage", "stages")}
-    after.update(stages=list(before["stages"][:stage - 1]) + list(out["stages"]),
+    after.update(stages=list(before["stages"][:stage - 1]) + stages,
                  problem={**first["problem"], **_workload(fixed.to_dict(), first["problem"])},
-                 gpus_per_instance=before.get("gpus_per_instance", problem.instance_type(name).gpus),
+                 gpus_per_instance=before.get("gpus_per_instance", itype.gpus),
                  replanned_before_stage=stage)
     record.update(before=before, after=after)
     return after, record
 
 
+def spot_fallback(ledger: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """Where a plan on the spot offer ``name`` had a batch launched on demand because EC2 refused
+    spot capacity: the batches, EC2's refusals and the on-demand price the ledger records (None
+    where it records none); None for an on-demand plan or a run that got its spot capacity."""
+    instance_type, market = offer(name)
+    fell = [e for e in ledger if e.get("spot_refused") and e.get("type") == instance_type]
+    if market != Market.SPOT or not fell:
+        return None
+    prices = [e["price_per_hour"] for e in fell if e.get("price_per_hour") is not None]
+    return {"batches": sorted({e["batch"] for e in fell}), "refused": fell[-1]["spot_refused"],
+            "price_per_hour": prices[-1] if prices else None}
+
+
+def _instance_type(problem: Problem, plan: dict[str, Any], name: str) -> InstanceType:
+    """The plan's instance type: the first plan's problem's, else (an offer a re-plan added) its own."""
+    try:
+        return problem.instance_type(name)
+    except ProblemError:
+        return parse_problem(plan["problem"]).instance_type(name)
+
+
+def _on_demand(problem: Problem, spot: InstanceType, name: str, price: float | None) -> InstanceType:
+    """The on-demand offer of a spot type: the problem's where it has one, else the spot type's
+    figures on demand at ``price`` (the ledger's; the spot price where it records none)."""
+    try:
+        return problem.instance_type(name)
+    except ProblemError:
+        return replace(spot, name=name, market=str(Market.ON_DEMAND), interruptions_per_hour=0.0,
+                       price_per_hour=spot.price_per_hour if price is None else float(price))
+
+
 def _workload(fixed: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]:
-    """The corrected workload and instance type latencies, in the first plan's problem."""
+    """The corrected workload and instance type latencies, in the first plan's problem (with the
+    re-plan's instance type added where that problem has none of its name: an on-demand fallback)."""
     types = {t["name"]: t for t in fixed["instance_types"]}
+    names = {t.get("name") for t in original["instance_types"]}
     return {"workload": {**original.get("workload", {}), **fixed["workload"]},
             "instance_types": [{**t, **{k: types[t["name"]][k] for k in ("pending_seconds", "boot_seconds")}}
-                               if t.get("name") in types else t for t in original["instance_types"]]}
+                               if t.get("name") in types else t for t in original["instance_types"]]
+            + [t for n, t in types.items() if n not in names]}
 
 
 def replan_stage(storage: RunStorage, before: dict[str, Any], stage: int) -> dict[str, Any]:

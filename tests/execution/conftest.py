@@ -4,6 +4,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from rubberband_airflow.execution import runner
 from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
 from rubberband_airflow.execution.runner import RunPlan
 from rubberband_airflow.execution.storage import RunStorage
@@ -62,3 +63,13 @@ def plan_json(instance_type: str, gpus: int, stages: list[tuple[int, int]], *, n
                             "pending_seconds": pending, "boot_seconds": boot}],
         "deadline_seconds": 3600})
     return RunPlan(problem, Plan.of(instance_type, stages)).to_json()
+
+
+def run_stage(storage: RunStorage, backend, run_plan: RunPlan, stage: int, mode: str, timeout: float = 120) -> None:
+    """One stage as the tuning DAG's tasks run it: begin, scale, place, wait for its trials, promote."""
+    runner.begin_stage(storage, stage)
+    runner.scale(backend, run_plan, stage)
+    placement = runner.stage_placement(storage, backend, run_plan, stage)
+    runner.wait_stage(storage, backend, stage, [t["trial"] for ts in placement.values() for t in ts], timeout,
+                      run_plan=run_plan)
+    runner.promote_stage(storage, backend, run_plan, stage, mode)

@@ -8,19 +8,10 @@ from rubberband_airflow.execution.runner import RunPlan, RunSpec
 from rubberband_airflow.planning.replan import parse_state
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.workloads import synthetic
-from tests.execution.conftest import plan_json
+from tests.execution.conftest import plan_json, run_stage
 
 SYNTHETIC = "rubberband_airflow.workloads.synthetic:train"
 EPOCH = 0.4
-
-
-def _run_stage(storage, backend, run_plan: RunPlan, stage: int) -> None:
-    runner.begin_stage(storage, stage)
-    runner.scale(backend, run_plan, stage)
-    placement = runner.stage_placement(storage, backend, run_plan, stage)
-    runner.wait_stage(storage, backend, stage, [t["trial"] for ts in placement.values() for t in ts], 120,
-                      run_plan=run_plan)
-    runner.promote_stage(storage, backend, run_plan, stage, synthetic.MODE)
 
 
 def test_state_at_each_barrier_is_what_the_run_measured(storage, local_backend):
@@ -33,7 +24,7 @@ def test_state_at_each_barrier_is_what_the_run_measured(storage, local_backend):
                for c in sample(synthetic.SEARCH_SPACE, 4, seed=2)]
     runner.start_run(storage, RunSpec(SYNTHETIC, synthetic.METRIC, synthetic.MODE), configs, plan, 1)
     started = storage.read_json("run.json")["started"]
-    _run_stage(storage, backend, run_plan, 1)
+    run_stage(storage, backend, run_plan, 1, synthetic.MODE)
     state = observe.run_state(storage, run_plan.problem, "local-1", 2)
     end1 = max(storage.read_result(t, 1)["finished"] for t in runner.stage_trials(storage, 1))
     assert state["next_stage"] == 2 and state["elapsed_seconds"] == pytest.approx(end1 - started)
@@ -53,7 +44,7 @@ def test_state_at_each_barrier_is_what_the_run_measured(storage, local_backend):
     assert state["spent_usd"] == 0.0
     parse_state(state, run_plan.problem)  # the planning core reads it as it is
 
-    _run_stage(storage, backend, run_plan, 2)
+    run_stage(storage, backend, run_plan, 2, synthetic.MODE)
     state = observe.run_state(storage, run_plan.problem, "local-1", 3)
     # Stage 2 scaled in to one instance: the other is billed in what was spent; its epochs ran slower.
     assert len(state["fleet"]) == 1 and state["spent_usd"] > 0
@@ -74,3 +65,25 @@ def test_state_at_each_barrier_is_what_the_run_measured(storage, local_backend):
     assert RunPlan.from_json(after).problem.workload.epoch_seconds[1] == pytest.approx(1.5 * EPOCH, rel=0.25)
     assert replanning.replan_stage(storage, plan, 3) == after
     backend.terminate_all()
+
+
+def test_a_spot_plans_state_counts_its_spot_fleet_and_bills_each_instance_at_its_recorded_price(storage):
+    plan = plan_json("g5.xlarge:spot", 1, [(1, 2), (1, 1)], num_trials=4, eta=2, min_epochs=1)
+    plan["problem"]["instance_types"][0].update(market="spot", price_per_hour=0.3)
+    problem = RunPlan.from_json(plan).problem
+    runner.start_run(storage, RunSpec(SYNTHETIC, synthetic.METRIC, synthetic.MODE),
+                     sample(synthetic.SEARCH_SPACE, 4, seed=1), plan, 1)
+    t0 = storage.read_json("run.json")["started"]
+    entry = {"batch": "stage-1-batch-0", "type": "g5.xlarge", "slots": 1, "requested": t0, "running": t0 + 10,
+             "ready": t0 + 40}
+    storage.write_ledger({**entry, "instance": "i-spot", "market": "spot", "price_per_hour": 0.3, "terminated": None})
+    storage.write_ledger({**entry, "instance": "i-gone", "market": "spot", "price_per_hour": 0.3,
+                          "terminated": t0 + 3610})
+    storage.write_ledger({**entry, "instance": "i-od", "market": "on-demand", "price_per_hour": 1.0,
+                          "terminated": t0 + 3610})
+    state = observe.run_state(storage, problem, "g5.xlarge:spot", 2, now=t0 + 100)
+    # The live spot instance is the plan's fleet; the terminated ones are billed at their own prices.
+    assert state["fleet"] == [{"instance_type": "g5.xlarge:spot", "running_at_seconds": 10.0, "ready_at_seconds": 40.0}]
+    assert state["spent_usd"] == pytest.approx(0.3 + 1.0)
+    assert state["observed"]["launch_seconds"] == {"g5.xlarge:spot": 40.0, "g5.xlarge": 40.0}
+    parse_state({**state, "observed": {}}, problem)

@@ -17,24 +17,29 @@ import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
 
-from rubberband_airflow.execution import recovery
-from rubberband_airflow.execution.backends.base import Market
+from rubberband_airflow.execution import prices, recovery, replanning, runner
+from rubberband_airflow.execution.backends.base import SPOT_SUFFIX, Market
 from rubberband_airflow.execution.backends.ec2 import EC2Backend
 from rubberband_airflow.execution.runner import RunPlan, RunSpec, run_sha, scale_out
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.billing import billed_seconds
 from rubberband_airflow.planning.errors import ProblemError
+from rubberband_airflow.planning.plan import parse_plan
 from rubberband_airflow.planning.problem import parse_problem
+from rubberband_airflow.planning.simulator import simulate
 from rubberband_airflow.report import build_report, summary_lines
+from rubberband_airflow.search_space import sample
 from rubberband_airflow.spec import SpecError, load_spec, parse_spec
 from rubberband_airflow.tuning import backend_for
-from tests.execution.conftest import ROOT, agent_processes, plan_json
+from rubberband_airflow.workloads import synthetic
+from tests.execution.conftest import ROOT, agent_processes, plan_json, run_stage
 from tests.execution.moto_cloud import REGION, MotoCloud, moto_cloud  # noqa: F401 (the fixture)
 from tests.execution.test_ec2_backend import TYPE, _backend
 
 SPOT_PRICE = 0.3  # USD per hour, against g5.xlarge's 1.006 on demand
 EPOCHS = 8  # of the interrupted trial, 1 s each (tests.trainables.steady)
 ROOT_SPEC = ROOT / "dags" / "nightly_ec2_tuning.yaml"
+SYNTHETIC = "rubberband_airflow.workloads.synthetic:train"
 
 
 def _params(request) -> dict[str, list[str]]:
@@ -133,6 +138,59 @@ def test_no_spot_capacity_in_any_subnet_launches_the_batch_on_demand_and_the_rep
     _cleanup(moto_cloud, backend)
 
 
+def test_no_spot_capacity_sends_the_rest_of_the_run_on_demand_and_the_re_plan_prices_it_so(moto_cloud):
+    storage = moto_cloud.storage("tune_digits/spot-4")
+    client = boto3.client("ec2", endpoint_url=moto_cloud.endpoint, region_name=REGION,
+                          config=Config(retries={"total_max_attempts": 1}))
+    requests = _run_instances_requests(client)
+    client.meta.events.register("before-send.ec2.RunInstances", _no_spot_capacity)
+    on_demand = prices.lookup(TYPE).price_per_hour
+    # A spot-only spec's backend, as backend_for makes it: spot by default, both prices known.
+    backend = _backend(moto_cloud, storage, client=client, market=Market.SPOT, spot_price=SPOT_PRICE,
+                       price=on_demand)
+    plan = plan_json(TYPE + SPOT_SUFFIX, 1, [(1, 2), (1, 1)], num_trials=4, eta=2, min_epochs=2)
+    plan["problem"]["instance_types"][0].update(market="spot", price_per_hour=SPOT_PRICE, interruptions_per_hour=0.05)
+    plan["problem"]["deadline_seconds"] = 600
+    for s in plan["stages"]:
+        s["market"] = "spot"
+    configs = [{**c, "epoch_seconds": 0.3, "serial": 0.0} for c in sample(synthetic.SEARCH_SPACE, 4, seed=3)]
+    runner.start_run(storage, RunSpec(SYNTHETIC, synthetic.METRIC, synthetic.MODE), configs, plan, 1)
+
+    # Spot is refused in both subnets: stage 1 runs on demand.
+    run_stage(storage, backend, RunPlan.from_json(plan), 1, synthetic.MODE, 240)
+    assert [r.get("InstanceMarketOptions.MarketType") for r in requests] == [["spot"], ["spot"], None]
+    after = replanning.replan_stage(storage, replanning.current_plan(storage, 2), 2)
+
+    # The re-plan goes on demand: the two instances stage 1 got on demand are its fleet, priced on demand.
+    assert after["instance_type"] == TYPE and after["stages"][0] == plan["stages"][0]
+    assert after["stages"][1]["market"] == "on-demand"
+    record = storage.read_json("stages", "2", "replan.json")
+    assert record["spot_fallback"]["batches"] == ["stage-1-batch-0"] and "InsufficientInstanceCapacity" in \
+        record["spot_fallback"]["refused"] and record["spot_fallback"]["price_per_hour"] == on_demand
+    assert len(record["state"]["fleet"]) == 2 and record["state"]["spent_usd"] == 0.0
+    revised = RunPlan.from_json(after)
+    assert revised.problem.instance_type(TYPE).price_per_hour == on_demand
+    assert revised.problem.instance_type(TYPE).interruptions_per_hour == 0
+    assert revised.market(2) == Market.ON_DEMAND
+    # Priced on demand, the rest of the run costs more than the first plan's whole estimate on spot.
+    first = parse_problem(plan["problem"])
+    assert after["predicted"]["cost_usd"]["mean"] > simulate(first, parse_plan(plan, first))["cost_usd"]["mean"]
+
+    run_stage(storage, backend, revised, 2, synthetic.MODE, 240)  # on the fleet it has: no spot request, no launch
+    assert len(requests) == 3 and len(storage.ledger()) == 2
+    backend.terminate_all()
+    report = build_report(storage, "tune_digits")
+    assert report["best"]["trial"] == synthetic.best_config({t: v["config"] for t, v in report["trials"].items()})
+    ledger = storage.ledger()
+    billing = parse_problem(plan["problem"]).billing
+    bill = sum(on_demand / 3600 * billed_seconds(e["running"], e["terminated"], billing.minimum_seconds,
+                                                 billing.increment_seconds) for e in ledger)
+    assert report["actual"]["cost_usd"] == pytest.approx(bill, rel=1e-9) and bill > 0
+    assert any("on demand from here: EC2 had no spot capacity for stage-1-batch-0" in line
+               for line in summary_lines(report))
+    _cleanup(moto_cloud, backend)
+
+
 def test_a_spot_instance_interrupted_mid_trial_loses_no_epoch_and_the_run_completes(moto_cloud):
     storage = moto_cloud.storage("tune_digits/spot-3")
     backend = _backend(moto_cloud, storage, spot_price=SPOT_PRICE)  # on demand unless the plan says spot
@@ -204,6 +262,7 @@ def test_the_spec_gives_an_instance_types_market_and_spot_price_to_its_backend(t
     storage = RunStorage(f"file://{tmp_path}/run")
     backend = backend_for(spec, storage, "tune", "run-1", TYPE, client)
     assert isinstance(backend, EC2Backend) and backend.market == Market.SPOT and backend.spot_price == SPOT_PRICE
+    assert backend.price == prices.lookup(TYPE).price_per_hour  # what an on-demand fallback is billed at
     assert parse_spec(spec.to_dict(), spec.path) == spec  # a run's snapshot of its spec keeps them
     plain = backend_for(load_spec(ROOT_SPEC), storage, "tune", "run-1", "g5.xlarge", client)
     assert plain.market == Market.ON_DEMAND and plain.spot_price is None  # the default: on demand

@@ -21,6 +21,23 @@ class Market(StrEnum):
     SPOT = "spot"
 
 
+SPOT_SUFFIX = ":spot"  # a spot offer's name in the planning problem: "<instance type>:spot"
+
+
+def offer(name: str) -> tuple[str, Market | None]:
+    """The instance type and market of a planning problem's instance type name (``g5.xlarge:spot``:
+    spot; a plain name: the spec's market)."""
+    if name.endswith(SPOT_SUFFIX):
+        return name[:-len(SPOT_SUFFIX)], Market.SPOT
+    return name, None
+
+
+def offer_name(entry: Mapping[str, Any]) -> str:
+    """The planning problem's name for what a ledger entry's instance is: its type, ``:spot`` added
+    for a spot instance."""
+    return str(entry["type"]) + (SPOT_SUFFIX if entry.get("market") == Market.SPOT else "")
+
+
 class ComputeBackend(ABC):
     """Launches, describes and terminates the instances of one run, keeping its ledger."""
 
@@ -53,11 +70,12 @@ class ComputeBackend(ABC):
 
 
 def entry_price(entry: Mapping[str, Any], prices: Mapping[str, float]) -> float:
-    """What a ledger entry's instance costs per hour: a spot instance the spot price its entry
-    records, any other its type's (on-demand) price in ``prices``."""
-    if entry.get("market") == Market.SPOT and entry.get("price_per_hour") is not None:
+    """What a ledger entry's instance costs per hour: the price its entry records, else its offer's
+    price in ``prices`` (``offer_name``), else its type's (the on-demand price)."""
+    if entry.get("price_per_hour") is not None:
         return float(entry["price_per_hour"])
-    return prices[entry["type"]]
+    name = offer_name(entry)
+    return prices[name] if name in prices else prices[entry["type"]]
 
 
 def billed_cost(ledger: list[dict[str, Any]], prices: dict[str, float], billing: Billing = Billing(),

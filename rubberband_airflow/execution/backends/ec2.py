@@ -69,12 +69,14 @@ class EC2Backend(ComputeBackend):
                  security_groups: Sequence[str], instance_profile: str, dag_id: str, run_id: str, slots: int,
                  trial_timeout: float = 3600.0, key_name: str | None = None, *, client: Any,
                  idle_timeout: float | None = None, attempt: int = 1, deployment: str = DEFAULT_DEPLOYMENT,
-                 market: Market = Market.ON_DEMAND, spot_price: float | None = None) -> None:
+                 market: Market = Market.ON_DEMAND, spot_price: float | None = None,
+                 price: float | None = None) -> None:
         """``client`` is a boto3 EC2 client; ``subnets`` are tried in order; ``instance_profile`` is
         a name or an ARN; ``slots`` is the GPUs per instance; ``attempt`` is the attempt of the DAG
         run (1, then one more per clear) and ``deployment`` the Airflow deployment's name;
         ``market`` is where a launch that names none buys its instances, ``spot_price`` the hourly
-        price a spot instance is billed at in the ledger (None: its type's on-demand price)."""
+        price a spot instance is billed at in the ledger (None: its type's on-demand price), ``price``
+        the on-demand one (None: the planning problem's for the type)."""
         if not subnets:
             raise ValueError("at least one subnet is needed")
         if slots < 1:
@@ -104,6 +106,7 @@ class EC2Backend(ComputeBackend):
         if spot_price is not None and not spot_price > 0:
             raise ValueError(f"spot_price must be positive, got {spot_price!r}")
         self.spot_price = spot_price
+        self.price = price
         self._recorded: set[tuple[str, str]] = set()  # (instance, ledger key) already set
         self.client = client
 
@@ -309,13 +312,15 @@ class EC2Backend(ComputeBackend):
 
     def _write_new_entry(self, instance: str, batch: str, requested: float, market: Market,
                          spot_refused: list[str] | None = None) -> None:
-        """A launched instance's ledger entry: a spot one records its price (none: billed on
-        demand), one launched on demand after spot was refused the refusals."""
+        """A launched instance's ledger entry with its hourly price where the backend knows it (a
+        spot one without a spot price is billed on demand); one launched on demand after spot was
+        refused records the refusals."""
         entry: dict[str, Any] = {"instance": instance, "batch": batch, "type": self.instance_type,
                                  "slots": self.slots, "market": str(market), "requested": requested,
                                  "running": None, "ready": None, "terminated": None}
-        if market == Market.SPOT and self.spot_price is not None:
-            entry["price_per_hour"] = self.spot_price
+        price = self.spot_price if market == Market.SPOT and self.spot_price is not None else self.price
+        if price is not None:
+            entry["price_per_hour"] = price
         if spot_refused:
             entry["spot_refused"] = "; ".join(spot_refused)
         self.storage.write_ledger(entry)
