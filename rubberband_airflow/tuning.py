@@ -155,6 +155,16 @@ def stage_overhead(spec: TuningSpec, history: list[dict[str, Any]],
     return None, "profile"
 
 
+def calibration_runs(spec: TuningSpec, dag_id: str, history: list[dict[str, Any]],
+                     read: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The calibration reports a run of ``dag_id`` plans with (``read`` reads them from the
+    calibration DAG's folder under the same storage root): only where neither the spec nor the
+    DAG's past runs give its stage overhead, and never for the calibration DAG itself."""
+    if dag_id == CALIBRATION_DAG_ID or stage_overhead(spec, history, [])[0] is not None:
+        return []
+    return read()
+
+
 def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: dict[str, Any],
                      history: list[dict[str, Any]] | None = None,
                      calibration: list[dict[str, Any]] | None = None) -> dict[str, Any]:

@@ -13,7 +13,14 @@ from rubberband_airflow.planning.errors import InfeasibleError, ProblemError
 from rubberband_airflow.planning.planner import plan_problem
 from rubberband_airflow.planning.problem import parse_problem
 from rubberband_airflow.spec import load_spec
-from rubberband_airflow.tuning import CALIBRATION_DAG_ID, dag_uri, past_runs, planning_problem, stage_overhead
+from rubberband_airflow.tuning import (
+    CALIBRATION_DAG_ID,
+    calibration_runs,
+    dag_uri,
+    past_runs,
+    planning_problem,
+    stage_overhead,
+)
 
 
 class RubberBandPlanOperator(BaseOperator):
@@ -44,11 +51,8 @@ class RubberBandPlanOperator(BaseOperator):
             # what that finished when nothing else changed (see the tuning DAG's start_run).
             history = past_runs(storage_for(spec, dag_uri(spec, context["dag"].dag_id)),
                                 exclude_run_id=context["run_id"])
-            # Before a DAG's first run has measured its stage overhead: this deployment's, measured
-            # by the calibration DAG's runs under the same storage root (none: the profile's estimate).
-            calibration = [] if stage_overhead(spec, history, [])[0] is not None \
-                or context["dag"].dag_id == CALIBRATION_DAG_ID else \
-                past_runs(storage_for(spec, dag_uri(spec, CALIBRATION_DAG_ID)))
+            calibration = calibration_runs(spec, context["dag"].dag_id, history,
+                                           lambda: past_runs(storage_for(spec, dag_uri(spec, CALIBRATION_DAG_ID))))
             problem = planning_problem(spec, dict(context["params"]), load_profile(spec), history, calibration)
             out = plan_problem(parse_problem(problem))
         except ProblemError as e:

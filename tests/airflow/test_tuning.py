@@ -10,8 +10,10 @@ from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.problem import parse_problem
 from rubberband_airflow.spec import SpecError, load_spec, parse_spec
 from rubberband_airflow.tuning import (
+    CALIBRATION_DAG_ID,
     DEFAULT_INTERRUPTIONS_PER_HOUR,
     RunSnapshot,
+    calibration_runs,
     measured_stage_overhead,
     past_runs,
     planning_problem,
@@ -68,6 +70,16 @@ def test_the_overhead_comes_from_the_spec_then_past_runs_then_calibration_then_t
     assert planning_problem(spec, {}, PROFILE, [], calibration)["workload"]["stage_overhead_seconds"] == 6.0
     fixed = dataclasses.replace(spec, stage_overhead_seconds=0.5)
     assert stage_overhead(fixed, past, calibration) == (0.5, "spec")
+    # The calibration runs are read only where neither the spec nor past runs give the overhead.
+    reads = []
+
+    def read():
+        reads.append(1)
+        return calibration
+
+    assert calibration_runs(spec, "tune", [], read) == calibration and len(reads) == 1
+    assert calibration_runs(spec, "tune", past, read) == [] and calibration_runs(fixed, "tune", [], read) == []
+    assert calibration_runs(spec, CALIBRATION_DAG_ID, [], read) == [] and len(reads) == 1
 
 
 def test_a_relative_profile_path_is_the_spec_files_folders(tmp_path):

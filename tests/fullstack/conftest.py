@@ -291,16 +291,19 @@ def scale_spec(deadline_seconds: float = 240) -> dict[str, Any]:
 
 @contextmanager
 def celery_stack_at(home: Path, c: MotoCloud, settings: dict[str, str] | None = None,
-                    components: dict[str, tuple[list[str], dict[str, str]]] | None = None) -> Iterator[Stack]:
+                    components: dict[str, tuple[list[str], dict[str, str]]] | None = None,
+                    specs: dict[str, dict[str, Any]] | None = None) -> Iterator[Stack]:
     """Airflow with CeleryExecutor: Redis (127.0.0.1:6379) the broker, the stack's PostgreSQL database
     the result backend, two workers on a queue of the stack's own, and the scale DAG, whose run
     storage is on S3 (moto's server), so no task reads another's local disk. The workers host the
     local instances (agent processes) the DAG launches. ``settings`` add to its environment;
-    ``components`` replace or add components, as ``_stack``'s ``extra``."""
+    ``components`` replace or add components, as ``_stack``'s ``extra``; ``specs`` are more tuning
+    DAGs, by DAG id."""
     dags = home / "dags"
     dags.mkdir(parents=True)
-    (dags / f"{SCALE_DAG}.yaml").write_text(yaml.safe_dump(scale_spec()))
-    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / f"{SCALE_DAG}.py")
+    for dag_id, spec in {SCALE_DAG: scale_spec(), **(specs or {})}.items():
+        (dags / f"{dag_id}.yaml").write_text(yaml.safe_dump(spec))
+        shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / f"{dag_id}.py")
     with fsspec.open(f"s3://{BUCKET}/{SCALE_PREFIX}/profile.json", "w") as f:
         f.write(json.dumps(synthetic.profile(16, EPOCH_SECONDS, 1.0, trial_overhead_seconds=1.0,
                                              stage_overhead_seconds=10.0, instance_type="local-sleep")))
