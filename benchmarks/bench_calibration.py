@@ -18,23 +18,19 @@ section of docs/benchmarks.md.
 from __future__ import annotations
 
 import json
-import os
-import platform
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import fsspec
-import psutil
 import yaml
 
-from benchmarks.doc_sections import write_section
+from benchmarks.doc_sections import save_results, write_section
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.tuning import CALIBRATION_DAG_ID
 from rubberband_airflow.workloads import synthetic
 from tests.execution.moto_cloud import BUCKET
-from tests.fullstack.conftest import celery_stack_at, moto_cloud_server, run_folder
+from tests.fullstack.conftest import celery_stack_at, moto_cloud_server, run_folder, synthetic_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "calibration.json"
@@ -51,18 +47,8 @@ DEADLINE = 90.0
 
 def _spec(name: str, root: str) -> dict[str, Any]:
     """16 trials, eta 2, three stages of sleeping epochs on two local instances of two slots."""
-    return {"name": name, "schedule": None, "trainable": "rubberband_airflow.workloads.synthetic:train",
-            "metric": synthetic.METRIC, "mode": synthetic.MODE,
-            "search_space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0},
-                             "y": {"type": "uniform", "low": 0.0, "high": 1.0},
-                             "epoch_seconds": {"type": "choice", "values": [EPOCH]},
-                             "serial": {"type": "choice", "values": [1.0]}},
-            "sha": {"num_trials": 16, "eta": 2, "min_epochs": 1, "num_stages": 3},
-            "deadline_seconds": DEADLINE,
-            "backend": {"type": "local", "instance_type": "local-sleep", "slots": 2, "price_per_hour": 1.0,
-                        "max_instances": 2, "oversubscribe": True},
-            "billing": {"minimum_seconds": 0, "increment_seconds": 1},
-            "storage": root, "profile": PROFILE, "trial_timeout": {"factor": 3, "floor_seconds": 300}, "seed": 0}
+    return synthetic_spec(name, root, PROFILE, {"num_trials": 16, "eta": 2, "min_epochs": 1, "num_stages": 3}, 2, 2,
+                          DEADLINE, EPOCH)
 
 
 def _calibration_spec(root: str) -> dict[str, Any]:
@@ -102,12 +88,7 @@ def main() -> None:
                 stack.wait_for_dag(dag_id)
             runs = [_run(stack, UNCALIBRATED, uncalibrated), _run(stack, CALIBRATION_DAG_ID, calibrated),
                     _run(stack, DAG, calibrated)]
-    result = {"machine": f"{platform.machine()}, {psutil.cpu_count()} CPUs, CPython {platform.python_version()}",
-              "load_average": os.getloadavg()[0], "runs": runs}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    write_doc(result)
-    print("wrote", RESULTS.relative_to(ROOT), "and docs/benchmarks.md", file=sys.stderr)
+    write_doc(save_results(RESULTS, runs))
 
 
 def _error(r: dict[str, Any], figure: str) -> float:

@@ -16,8 +16,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import platform
-import sys
 import tempfile
 import threading
 import time
@@ -29,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.doc_sections import write_section
+from benchmarks.doc_sections import save_results, write_section
 from rubberband_airflow.execution.storage import RunStorage
 from tests.execution.moto_cloud import BUCKET
 from tests.fullstack.conftest import SCALE_DAG, SCALE_PREFIX, Stack, celery_stack_at, moto_cloud_server, run_folder
@@ -169,12 +167,7 @@ def main() -> None:
             stack.wait_for_dag(SCALE_DAG)
             runs = [measure(stack, proxy, n) for n in SIZES]
         proxy.shutdown()
-    result = {"machine": f"{platform.machine()}, {psutil.cpu_count()} CPUs, CPython {platform.python_version()}",
-              "load_average": os.getloadavg()[0], "runs": runs}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    write_doc(result)
-    print("wrote", RESULTS.relative_to(ROOT), "and docs/benchmarks.md", file=sys.stderr)
+    write_doc(save_results(RESULTS, runs))
 
 
 def write_doc(result: dict[str, Any]) -> None:

@@ -272,21 +272,27 @@ CELERY_WORKERS = 2
 EPOCH_SECONDS = 2.0
 
 
-def scale_spec(deadline_seconds: float = 240) -> dict[str, Any]:
-    """The scale DAG's spec: 64 trials by default, eta 4, two stages; 16 instances of 16 slots."""
-    return {"name": SCALE_DAG, "schedule": None, "trainable": "rubberband_airflow.workloads.synthetic:train",
+def synthetic_spec(name: str, storage: str, profile: str, sha: dict[str, int], slots: int, max_instances: int,
+                   deadline_seconds: float, epoch_seconds: float = EPOCH_SECONDS) -> dict[str, Any]:
+    """A tuning DAG's spec: the synthetic workload's sleeping epochs (serial 1) on oversubscribed
+    local instances of ``slots``."""
+    return {"name": name, "schedule": None, "trainable": "rubberband_airflow.workloads.synthetic:train",
             "metric": "loss", "mode": "min",
             "search_space": {"x": {"type": "uniform", "low": 0.0, "high": 1.0},
                              "y": {"type": "uniform", "low": 0.0, "high": 1.0},
-                             "epoch_seconds": {"type": "choice", "values": [EPOCH_SECONDS]},
+                             "epoch_seconds": {"type": "choice", "values": [epoch_seconds]},
                              "serial": {"type": "choice", "values": [1.0]}},
-            "sha": {"num_trials": 64, "eta": 4, "min_epochs": 1, "num_stages": 2},
-            "deadline_seconds": deadline_seconds,
-            "backend": {"type": "local", "instance_type": "local-sleep", "slots": 16, "price_per_hour": 1.0,
-                        "max_instances": 16, "oversubscribe": True},
+            "sha": sha, "deadline_seconds": deadline_seconds,
+            "backend": {"type": "local", "instance_type": "local-sleep", "slots": slots, "price_per_hour": 1.0,
+                        "max_instances": max_instances, "oversubscribe": True},
             "billing": {"minimum_seconds": 0, "increment_seconds": 1},
-            "storage": f"s3://{BUCKET}/{SCALE_PREFIX}", "profile": f"s3://{BUCKET}/{SCALE_PREFIX}/profile.json",
-            "trial_timeout": {"factor": 3, "floor_seconds": 300}, "seed": 0}
+            "storage": storage, "profile": profile, "trial_timeout": {"factor": 3, "floor_seconds": 300}, "seed": 0}
+
+
+def scale_spec(deadline_seconds: float = 240) -> dict[str, Any]:
+    """The scale DAG's spec: 64 trials by default, eta 4, two stages; 16 instances of 16 slots."""
+    return synthetic_spec(SCALE_DAG, f"s3://{BUCKET}/{SCALE_PREFIX}", f"s3://{BUCKET}/{SCALE_PREFIX}/profile.json",
+                          {"num_trials": 64, "eta": 4, "min_epochs": 1, "num_stages": 2}, 16, 16, deadline_seconds)
 
 
 @contextmanager
