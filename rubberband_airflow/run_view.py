@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from rubberband_airflow.execution import recovery
+from rubberband_airflow.execution.backends.base import entry_price
 from rubberband_airflow.execution.results import Mode, is_done, ranked
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.billing import billed_seconds
@@ -104,15 +105,30 @@ def read_run(storage: RunStorage, now: float | None = None) -> RunFiles:
 # --- the numbers behind each chart ---------------------------------------------------------------
 
 
-def _cumulative_cost(running: np.ndarray, terminated: np.ndarray, price: float, problem: Problem,
+def _cumulative_cost(running: np.ndarray, terminated: np.ndarray, price: float | np.ndarray, problem: Problem,
                      times: np.ndarray) -> list[float]:
-    """The bill so far at each of ``times``: every instance billed from running to min(t, termination)."""
+    """The bill so far at each of ``times``: every instance billed from running to min(t, termination)
+    at its hourly ``price`` (one for all, or one per instance)."""
     if running.size == 0:
         return [problem.data_cost()] * len(times)
     ends = np.minimum(terminated[None, :], times[:, None])
     seconds = billed_seconds(np.broadcast_to(running, ends.shape), ends, problem.billing.minimum_seconds,
                              problem.billing.increment_seconds)
-    return (price / 3600.0 * seconds.sum(axis=1) + problem.data_cost()).tolist()
+    return ((np.asarray(price) / 3600.0 * seconds).sum(axis=1) + problem.data_cost()).tolist()
+
+
+def _prices(ledger: list[dict[str, Any]], problem: Problem, plan: dict[str, Any]) -> np.ndarray:
+    """Each running instance's hourly price: its ledger entry's (``entry_price``), else the plan's type's."""
+    prices = {t.name: t.price_per_hour for t in problem.instance_types}
+    default = problem.instance_type(plan["instance_type"]).price_per_hour
+    out = []
+    for e in ledger:
+        if e.get("running") is not None:
+            try:
+                out.append(entry_price(e, prices))
+            except KeyError:
+                out.append(default)
+    return np.array(out, dtype=float)
 
 
 def _count_steps(starts: list[float], ends: list[float], series: str, until: float | None = None
@@ -242,8 +258,7 @@ def view_data(files: RunFiles) -> dict[str, Any]:
                                           planned["terminated"], np.array(actual_running + actual_term)]))
         planned_cost = _cumulative_cost(planned["running"], planned["terminated"], planned["price"], problem, times)
         actual_cost = _cumulative_cost(np.array(actual_running), np.array(actual_term),
-                                       problem.instance_type(plan["instance_type"]).price_per_hour, problem,
-                                       times[times <= end + 1e-9])
+                                       _prices(files.ledger, problem, plan), problem, times[times <= end + 1e-9])
         cost = [{"t": round(float(t), 3), "cost": c, "series": "planned"} for t, c in zip(times, planned_cost)] \
             + [{"t": round(float(t), 3), "cost": c, "series": "actual"} for t, c in zip(times, actual_cost)]
         final = {"actual": actual_cost[-1] if actual_cost else None, "planned": planned_cost[-1]}

@@ -28,6 +28,7 @@ from rubberband_airflow.planning.plan import parse_plan
 from rubberband_airflow.planning.problem import parse_problem
 from rubberband_airflow.planning.simulator import simulate
 from rubberband_airflow.report import build_report, summary_lines
+from rubberband_airflow.run_view import read_run, view_data
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.spec import SpecError, load_spec, parse_spec
 from rubberband_airflow.tuning import backend_for
@@ -186,6 +187,7 @@ def test_no_spot_capacity_sends_the_rest_of_the_run_on_demand_and_the_re_plan_pr
     bill = sum(on_demand / 3600 * billed_seconds(e["running"], e["terminated"], billing.minimum_seconds,
                                                  billing.increment_seconds) for e in ledger)
     assert report["actual"]["cost_usd"] == pytest.approx(bill, rel=1e-9) and bill > 0
+    assert view_data(read_run(storage))["actual"]["cost_usd"] == pytest.approx(bill, rel=1e-6)  # the run view's
     assert any("on demand from here: EC2 had no spot capacity for stage-1-batch-0" in line
                for line in summary_lines(report))
     _cleanup(moto_cloud, backend)
