@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.bench_spot
 	$(BIN)/python -m benchmarks.bench_orchestration
 	$(BIN)/python -m benchmarks.bench_scale
+	$(BIN)/python -m benchmarks.bench_calibration
 
 # dist/mwaa/: plugins.zip (the plugin module, the package's wheel, constraints) and requirements.txt
 # for Amazon MWAA; docs/user-guide.md, "Deploy to Amazon MWAA".

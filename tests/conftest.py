@@ -48,11 +48,20 @@ if (_WORKER := os.environ.get("PYTEST_XDIST_WORKER")) and not _MARK.endswith(f"-
 _ONE_STACK = {"tests/fullstack/test_stack.py", "tests/fullstack/test_run_tab.py"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which adds the groups to the test ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.nodeid.split("::", 1)[0]
         if not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group("airflow_stack" if module in _ONE_STACK else module))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """A worker of `--dist loadgroup` fails its collection where xdist could not add the groups to
+    the test ids (the scheduler would then spread a module, and its fixtures, over both workers)."""
+    if getattr(session.config.option, "loadgroup", False) and any("@" not in i.nodeid for i in session.items):
+        raise pytest.UsageError("pytest-xdist did not group the tests (`--dist loadgroup`): this pytest "
+                                "keeps test ids where xdist cannot add a group; use the versions of constraints.txt")
 
 
 def ours(p: psutil.Process) -> bool:

@@ -1,6 +1,7 @@
 """An Airflow home on SQLite for the tests: migrated once per session, DAGs from the repo's dags/."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,14 +23,29 @@ def run(cmd: list[str], env: dict, timeout: float = 900) -> subprocess.Completed
 
 
 @pytest.fixture(scope="session")
-def airflow_home(tmp_path_factory) -> Path:
-    """AIRFLOW_HOME with a migrated SQLite database and a profile of the digits example (from the profiler)."""
+def migrated_home(tmp_path_factory) -> Path:
+    """AIRFLOW_HOME with a migrated SQLite database."""
     home = tmp_path_factory.mktemp("airflow_home")
-    env = airflow_env(home)
-    r = run([str(BIN / "airflow"), "db", "migrate"], env, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    profile = home / "rubberband" / "profiles" / "local-1.json"
-    r = run([str(BIN / "rubberband"), "profile", "--slots", "1", "--epochs", "3", "--storage",
-             f"file://{home}/rubberband/profiling", "--out", str(profile)], env, timeout=600)
+    r = run([str(BIN / "airflow"), "db", "migrate"], airflow_env(home), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return home
+
+
+@pytest.fixture(scope="session")
+def digits_profile(tmp_path_factory) -> Path:
+    """The profile of the digits example on a local instance of one slot, from the profiler."""
+    folder = tmp_path_factory.mktemp("profiling")
+    profile = folder / "local-1.json"
+    r = run([str(BIN / "rubberband"), "profile", "--slots", "1", "--epochs", "3", "--storage",
+             f"file://{folder}/runs", "--out", str(profile)], {**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return profile
+
+
+@pytest.fixture(scope="session")
+def airflow_home(migrated_home, digits_profile) -> Path:
+    """``migrated_home`` with the digits profile where the repo's digits spec reads it."""
+    profile = migrated_home / "rubberband" / "profiles" / "local-1.json"
+    profile.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(digits_profile, profile)
+    return migrated_home

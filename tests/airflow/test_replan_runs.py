@@ -77,7 +77,7 @@ def _spec(name: str, store: Path, tmp: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(airflow_home, tmp_path_factory) -> dict:
+def runs(migrated_home, tmp_path_factory) -> dict:
     """The runs' storage, by case, and the calibration run's: it runs first."""
     tmp = tmp_path_factory.mktemp("replan")
     dags, store = tmp / "dags", tmp / "store"
@@ -90,7 +90,7 @@ def runs(airflow_home, tmp_path_factory) -> dict:
         (dags / f"{name}.yaml").write_text(yaml.safe_dump(_spec(name, store, tmp)))
         (dags / f"{name}.py").write_text("from pathlib import Path\nfrom rubberband_airflow.dag_factory import "
                                          "tuning_dag\ndag = tuning_dag(Path(__file__).with_suffix('.yaml'))\n")
-    r = run([sys.executable, "-c", RUN_ALL, CALIBRATION_DAG_ID, *CASES], airflow_env(airflow_home, dags), timeout=600)
+    r = run([sys.executable, "-c", RUN_ALL, CALIBRATION_DAG_ID, *CASES], airflow_env(migrated_home, dags), timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     out = {}
     for name in (CALIBRATION_DAG_ID, *CASES):

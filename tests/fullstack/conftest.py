@@ -38,7 +38,15 @@ import yaml
 from psycopg2 import sql
 
 from rubberband_airflow.workloads import synthetic
-from tests.airflow.conftest import BIN, ROOT, airflow_env, airflow_home, run  # noqa: F401 (a fixture)
+from tests.airflow.conftest import (  # noqa: F401 (fixtures)
+    BIN,
+    ROOT,
+    airflow_env,
+    airflow_home,
+    digits_profile,
+    migrated_home,
+    run,
+)
 from tests.execution.moto_cloud import BUCKET, REGION, MotoCloud, airflow_side, cloud, cloud_env
 
 PG = os.environ.get("RUBBERBAND_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -249,12 +257,12 @@ def _stack(home: Path, dags: Path, settings: dict[str, str],
 
 
 @pytest.fixture(scope="session")
-def airflow_stack(tmp_path_factory, airflow_home, stack_cloud) -> Iterator[Stack]:
+def airflow_stack(tmp_path_factory, digits_profile, stack_cloud) -> Iterator[Stack]:
     """The LocalExecutor stack with the repo's DAGs and the EC2 ones on moto."""
     home = tmp_path_factory.mktemp("stack_home")
     profile = home / "rubberband" / "profiles" / "local-1.json"
     profile.parent.mkdir(parents=True)
-    shutil.copy(airflow_home / "rubberband" / "profiles" / "local-1.json", profile)  # from the profiler
+    shutil.copy(digits_profile, profile)
     dags = home / "dags"
     _stack_dags(dags, stack_cloud, profile)
     with _stack(home, dags, {}) as stack:
