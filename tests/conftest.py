@@ -48,8 +48,18 @@ if (_WORKER := os.environ.get("PYTEST_XDIST_WORKER")) and not _MARK.endswith(f"-
 _ONE_STACK = {"tests/fullstack/test_stack.py", "tests/fullstack/test_run_tab.py"}
 
 
+# The slowest modules, slowest first (`make test` on this machine): they start first, so that the
+# two workers end together rather than one waiting for a long module the other took up last.
+_SLOWEST = ("tests/fullstack/test_stack.py", "tests/fullstack/test_run_tab.py", "tests/airflow/test_dag_runs.py",
+            "tests/airflow/test_ec2_dag.py", "tests/fullstack/test_stack_celery.py", "tests/execution/test_weather.py",
+            "tests/airflow/test_attempts.py", "tests/test_mwaa_bundle.py", "tests/execution/test_ec2_backend.py",
+            "tests/execution/test_recovery.py", "tests/execution/test_agent.py", "tests/execution/test_spot.py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which adds the groups to the test ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {m: k for k, m in enumerate(_SLOWEST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: a module keeps its order
     for item in items:
         module = item.nodeid.split("::", 1)[0]
         if not item.get_closest_marker("xdist_group"):

@@ -256,9 +256,10 @@ def _stack(home: Path, dags: Path, settings: dict[str, str],
         admin.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def airflow_stack(tmp_path_factory, digits_profile, stack_cloud) -> Iterator[Stack]:
-    """The LocalExecutor stack with the repo's DAGs and the EC2 ones on moto."""
+    """The LocalExecutor stack with the repo's DAGs and the EC2 ones on moto; it stops when a worker
+    goes on to tests outside tests/fullstack (the modules on it run one after the other: conftest.py)."""
     home = tmp_path_factory.mktemp("stack_home")
     profile = home / "rubberband" / "profiles" / "local-1.json"
     profile.parent.mkdir(parents=True)
@@ -353,7 +354,7 @@ def run_folder(run_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def digits_rest_run(airflow_stack) -> str:
     """The id of a digits run with 4 trials and a 600 s deadline, triggered over REST when first asked
     for (returned at once, the run in flight); the tests that read a finished digits run share it."""
