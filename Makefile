@@ -22,11 +22,12 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 demo: $(STAMP)
 	scripts/demo.sh
 
-# Two workers, each module on one of them; then the tests that time trials against limits and
-# deadlines, alone (marked `serial`). Each run fails if it collects no test.
+# Two workers, each module on one of them, the slowest modules first (in tests/conftest.py's order:
+# xdist would start with the modules of the most tests); then the tests that time trials against
+# limits and deadlines, alone (marked `serial`). Each run fails if it collects no test.
 test: $(STAMP) lint
 	scripts/install-test-tools.sh
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not serial"
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder -m "not serial"
 	$(BIN)/python -m pytest -m serial
 
 lint: $(STAMP)
