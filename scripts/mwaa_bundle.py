@@ -47,11 +47,18 @@ def build_wheel(dest: Path) -> Path:
     """The package's wheel, without its dependencies (MWAA installs those from requirements.txt).
 
     setuptools builds in the repository's build/: cleared first, so that no module an earlier build
-    copied there and the source has since lost goes into the wheel.
+    copied there and the source has since lost goes into the wheel. The build's build/ and egg-info
+    are removed after it: with the repository on a PYTHONPATH the egg-info reads as a second copy
+    of the package, which registers the provider and its plugin twice.
     """
-    shutil.rmtree(ROOT / "build", ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(dest), str(ROOT)],
-                   check=True)
+    leftovers = (ROOT / "build", ROOT / "rubberband_airflow.egg-info")
+    shutil.rmtree(leftovers[0], ignore_errors=True)
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(dest),
+                        str(ROOT)], check=True)
+    finally:
+        for path in leftovers:
+            shutil.rmtree(path, ignore_errors=True)
     [wheel] = dest.glob("rubberband_airflow-*.whl")
     return wheel
 

@@ -41,6 +41,8 @@ def test_an_airflow_version_the_provider_does_not_support_is_refused():
 def test_the_bundle_installs_and_its_plugin_loads_once_in_a_clean_environment(tmp_path):
     r = _make("mwaa")
     assert r.returncode == 0, r.stderr[-3000:]
+    # The wheel's build leaves nothing in the repository that reads as a second copy of the package.
+    assert not (ROOT / "rubberband_airflow.egg-info").exists() and not (ROOT / "build").exists()
     plugins = tmp_path / "plugins"  # where MWAA unpacks plugins.zip
     with zipfile.ZipFile(BUNDLE / "plugins.zip") as z:
         z.extractall(plugins)
