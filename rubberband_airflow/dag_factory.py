@@ -125,10 +125,10 @@ def _attempt(ctx: Any) -> int:
 
 class _Run:
     """What a task of one run works with: the run's storage (start_run's XCom), its own copy
-    of the spec and the trigger form's values (the snapshot start_run wrote), its plan and backend."""
+    of the spec and the trigger form's values (the snapshot start_run wrote), and the plan its
+    stage executes in this attempt (``plan.json``, or the latest re-plan at or before the stage)."""
 
-    def __init__(self, conn_id: str | None, plan: dict[str, Any] | None = None, stage: int | None = None,
-                 skip: bool = True) -> None:
+    def __init__(self, conn_id: str | None, stage: int | None = None) -> None:
         ctx = get_current_context()
         self.dag_id, self.run_id, self.clear = ctx["dag"].dag_id, ctx["run_id"], _attempt(ctx) - 1
         uri = ctx["ti"].xcom_pull(task_ids="start_run")
@@ -138,17 +138,16 @@ class _Run:
         snapshot = read_snapshot(self.storage)
         self.spec, self.params = snapshot.spec, snapshot.params
         self.attempt, self.deployment = snapshot.attempt, snapshot.deployment
-        if plan is None and stage is not None and skip:
-            # A task with an all_done or none_failed rule, past the plan's last stage: the re-plan
-            # of its stage was skipped, so no plan reached it.
-            raise AirflowSkipException(f"no plan reached stage {stage}: the run's plan ends before it")
-        self.plan = runner.RunPlan.from_json(plan) if plan is not None else None
-        # The plan a task is given must be the one its stage executes in this attempt: plan.json, or
-        # the stage's re-plan (stages/<i>/plan.json, written once).
-        if plan is not None and _canonical(plan) != _canonical(replanning.current_plan(self.storage, stage or 1)):
-            raise AirflowFailException(f"the plan changed since this attempt's start_run or re-plan ({uri}): clear "
-                                       "the run from start_run (or plan) on, so that a new attempt starts clean")
-        if skip and self.plan is not None and stage is not None and not self.plan.has_stage(stage):
+        self.plan: runner.RunPlan | None = None
+        if stage is not None:
+            self.use(replanning.current_plan(self.storage, stage), stage)
+
+    def use(self, plan: dict[str, Any] | None, stage: int) -> None:
+        """Execute ``plan`` from here on; past its last stage, skip this task."""
+        if plan is None:
+            raise AirflowFailException(f"{self.storage.uri} has no plan.json: clear the run from start_run on")
+        self.plan = runner.RunPlan.from_json(plan)
+        if not self.plan.has_stage(stage):
             raise AirflowSkipException(f"this run's plan has {self.plan.stages} stages")
 
     @property
@@ -188,71 +187,67 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         return storage.uri
 
     @task
-    def replan(plan: dict[str, Any], stage: int) -> dict[str, Any]:
-        """Re-plan the stages from this one on from the run's state (the plan the stage's tasks
-        execute); a plan without this stage is returned as it is."""
-        r = _Run(conn_id, plan, stage - 1, skip=False)
+    def scale(stage: int, replan: bool) -> list[dict[str, Any]]:
+        """Start the stage in one task (each task hop between two stages costs the orchestrator a
+        scheduling round and a task process): re-plan the stages from this one on from the run's
+        state (``replan``), then return the stage's batches: the instances it adds (``launch``)
+        and those it drops, the most recently requested first (``drop``)."""
+        r = _Run(conn_id)
+        if replan:
+            before = replanning.current_plan(r.storage, stage - 1)
+            r.use(before, stage)
+            assert before is not None
+            runner.reconcile(r.backend)
+            try:
+                after = replanning.replan_stage(r.storage, before, stage)
+            except ProblemError as e:
+                raise AirflowFailException(f"re-plan before stage {stage}: {e}") from None
+            log.info("re-plan before stage %d: instances per stage %s -> %s; predicted JCT %.1f s -> %.1f s, "
+                     "cost $%.4f -> $%.4f", stage, [s["instances"] for s in before["stages"]],
+                     [s["instances"] for s in after["stages"]], before["predicted"]["jct_seconds"]["mean"],
+                     after["predicted"]["jct_seconds"]["mean"], before["predicted"]["cost_usd"]["mean"],
+                     after["predicted"]["cost_usd"]["mean"])
+        r.use(replanning.current_plan(r.storage, stage), stage)
         assert r.plan is not None
-        if not r.plan.has_stage(stage):
-            return plan
-        runner.reconcile(r.backend)
-        try:
-            after = replanning.replan_stage(r.storage, plan, stage)
-        except ProblemError as e:
-            raise AirflowFailException(f"re-plan before stage {stage}: {e}") from None
-        log.info("re-plan before stage %d: instances per stage %s -> %s; predicted JCT %.1f s -> %.1f s, "
-                 "cost $%.4f -> $%.4f", stage, [s["instances"] for s in plan["stages"]],
-                 [s["instances"] for s in after["stages"]], plan["predicted"]["jct_seconds"]["mean"],
-                 after["predicted"]["jct_seconds"]["mean"], plan["predicted"]["cost_usd"]["mean"],
-                 after["predicted"]["cost_usd"]["mean"])
-        return after
-
-    @task
-    def scale_out(plan: dict[str, Any], stage: int) -> list[dict[str, Any]]:
-        """The batches of instances this stage adds (empty when it adds none)."""
-        r = _Run(conn_id, plan, stage)
         runner.begin_stage(r.storage, stage)
-        batches = runner.scale_out(r.backend, r.plan, stage, BATCH_SIZE, continued=r.clear - (r.attempt - 1))
-        return [b.to_json() for b in batches]
+        backend = r.backend
+        launch = runner.scale_out(backend, r.plan, stage, BATCH_SIZE, continued=r.clear - (r.attempt - 1))
+        drop = runner.scale_in(backend, r.plan, stage, BATCH_SIZE)
+        return [{"launch": b.to_json()} for b in launch] + [{"drop": instances} for instances in drop]
 
     @task
-    def scale_in(plan: dict[str, Any], stage: int) -> list[list[str]]:
-        """The batches of instances this stage drops: the most recently requested first."""
-        r = _Run(conn_id, plan, stage)
-        return runner.scale_in(r.backend, r.plan, stage, BATCH_SIZE)
+    def resize(stage: int, batch: dict[str, Any]) -> list[str]:
+        """Launch one batch of instances (a retry finds the batch by its tags and launches nothing),
+        or terminate one batch of surplus instances."""
+        backend = _Run(conn_id, stage).backend
+        if "launch" in batch:
+            launch = runner.LaunchBatch.from_json(batch["launch"])
+            return backend.launch(launch.name, launch.count, launch.market)
+        backend.terminate(batch["drop"])
+        return list(batch["drop"])
 
-    @task
-    def provision(plan: dict[str, Any], stage: int, batch: dict[str, Any]) -> list[str]:
-        """Launch one batch of instances (a retry finds the batch by its tags and launches nothing)."""
-        launch = runner.LaunchBatch.from_json(batch)
-        return _Run(conn_id, plan, stage).backend.launch(launch.name, launch.count, launch.market)
-
-    @task
-    def deprovision(plan: dict[str, Any], stage: int, instances: list[str]) -> list[str]:
-        """Terminate one batch of surplus instances."""
-        _Run(conn_id, plan, stage).backend.terminate(instances)
-        return instances
-
-    @task(trigger_rule="none_failed")
-    def place(plan: dict[str, Any], stage: int) -> list[str]:
+    @task(trigger_rule="none_failed_min_one_success")
+    def place(stage: int) -> list[str]:
         """Place the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
-        r = _Run(conn_id, plan, stage)
+        r = _Run(conn_id, stage)
+        assert r.plan is not None
         placement = runner.stage_placement(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout, r.clear)
         # A trial whose result was carried over from an earlier attempt is not placed; its wait ends at once.
         return runner.placed_trials(placement, runner.stage_trials(r.storage, stage))
 
     @task
-    def prewarm(plan: dict[str, Any], stage: int) -> list[str]:
+    def prewarm(stage: int) -> list[str]:
         """Pre-warm the next stage: at the plan's lead time, launch the instances it adds, unless the
         stage ended first (a plan without a lead time: nothing, at once)."""
-        r = _Run(conn_id, plan, stage)
+        r = _Run(conn_id, stage)
         assert r.plan is not None
         return runner.prewarm(r.storage, r.backend, r.plan, stage, BATCH_SIZE, continued=r.clear - (r.attempt - 1))
 
     @task(trigger_rule="all_done")
-    def promote(plan: dict[str, Any], stage: int) -> dict[str, Any]:
+    def promote(stage: int) -> dict[str, Any]:
         """Promote the best trials that finished; failed trials are never promoted."""
-        r = _Run(conn_id, plan, stage)
+        r = _Run(conn_id, stage)
+        assert r.plan is not None
         try:
             return runner.promote_stage(r.storage, r.backend, r.plan, stage, r.spec.mode).to_json()
         except runner.StageFailed as e:
@@ -306,20 +301,15 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         started = start_run(plan.output)
         previous: Any = started
         promotes = []
-        # The plan each stage executes: the first plan, or (re-planning on) its stage's re-plan.
-        current: Any = plan.output
         for stage in range(1, _stage_count(spec) + 1):
             with TaskGroup(f"stage_{stage}"):
-                head = None
-                if spec.replan and stage > 1:
-                    current = head = replan(current, stage)
-                grow = scale_out(current, stage)
-                shrink = scale_in(current, stage)
-                grow >> shrink
-                launched = provision.partial(plan=current, stage=stage).expand(batch=grow)
-                dropped = deprovision.partial(plan=current, stage=stage).expand(instances=shrink)
-                trials = place(current, stage)
-                [launched, dropped] >> trials
+                # Every task of a stage reads the plan it executes from run storage: the first plan,
+                # or (re-planning on) the stage's re-plan, which its scale task writes.
+                batches = scale(stage, spec.replan and stage > 1)
+                resized = resize.partial(stage=stage).expand(batch=batches)
+                # A stage past the plan's last stage skips its scale task, and with it the rest.
+                trials = place(stage)
+                [batches, resized] >> trials
                 # Deferred whatever [operators] default_deferrable says: a trial's wait lasts as long as
                 # the trial, and one sensor per trial must not hold a worker slot for it. A done trial
                 # ends its task on the triggerer: a second worker launch per trial is what a stage of
@@ -328,15 +318,15 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                     task_id="wait", run_uri=RUN_URI, stage=stage, retries=1,
                     storage_conn_id=conn_id, spec_path=spec_path, deferrable=True, finish_on_triggerer=True,
                     poll_interval=POLL_SECONDS, **_waits_on_triggerer(stage, conn_id, spec_path)).expand(trial=trials)
-                promoted = promote(current, stage)
-                waits >> promoted
+                promoted = promote(stage)
+                [batches, waits] >> promoted
                 # The next stage counts its fleet once this stage's pre-warm is over.
                 after = [promoted]
                 if stage < _stage_count(spec):
-                    warm = prewarm(current, stage)
+                    warm = prewarm(stage)
                     trials >> warm
                     after.append(warm)
-            previous >> (head if head is not None else grow)
+            previous >> batches
             previous = after
             promotes.append(promoted)
         # start_run is the setup: the teardown runs however the stages end, even if a user marks

@@ -26,8 +26,8 @@ def test_example_dags_import_without_errors(dagbag_for):
     assert bag.import_errors == {}
     dag = bag.dags["digits_tuning"]
     ids = set(dag.task_dict)
-    assert {"plan", "start_run", "teardown", "report", "stage_1.scale_out", "stage_1.scale_in",
-            "stage_1.provision", "stage_1.deprovision", "stage_1.place", "stage_1.wait", "stage_1.promote"} <= ids
+    assert {"plan", "start_run", "teardown", "report", "stage_1.scale",
+            "stage_1.resize", "stage_1.place", "stage_1.wait", "stage_1.promote"} <= ids
     assert dag.task_dict["teardown"].is_teardown
     assert dag.task_dict["stage_1.wait"].partial_kwargs["deferrable"] is True  # no worker slot per waiting trial
     assert set(dag.params) >= {"deadline_seconds", "num_trials", "eta", "min_epochs", "instance_types", "seed"}
@@ -55,18 +55,21 @@ def test_each_stage_after_the_first_executes_its_replan_unless_the_spec_turns_it
     bag = dagbag_for(folder)
     assert bag.import_errors == {}
     replanned, fixed = bag.dags["replanned"], bag.dags["fixed"]
-    assert "stage_1.replan" not in replanned.task_dict and "stage_2.replan" in replanned.task_dict
-    # Stage 2's tasks take the re-plan's XCom as their plan; stage 3's re-plan starts from stage 2's.
-    assert replanned.task_dict["stage_2.replan"].upstream_task_ids == {"stage_1.promote", "stage_1.prewarm", "plan"}
-    # A stage's pre-warm starts once its trials are placed, and the next stage counts its fleet after it.
-    assert replanned.task_dict["stage_1.prewarm"].upstream_task_ids == {"stage_1.place", "plan"}
-    for task in ("scale_out", "scale_in", "place", "promote"):
-        assert "stage_2.replan" in replanned.task_dict[f"stage_2.{task}"].upstream_task_ids
-    assert "stage_2.replan" in replanned.task_dict["stage_3.replan"].upstream_task_ids
-    # Switched off: no re-plan, every stage executes the first plan.
-    assert not [t for t in fixed.task_dict if t.endswith(".replan")]
-    assert {"plan", "stage_1.promote", "stage_1.prewarm"} <= fixed.task_dict["stage_2.scale_out"].upstream_task_ids
-
+    # One task from a stage's barrier to its launches: the scale task re-plans (stages 2 on, unless
+    # the spec says replan: false) and works out the batches the stage's one mapped task resizes by.
+    assert {t.rsplit(".", 1)[-1] for t in replanned.task_dict if t.startswith("stage_2.")} == \
+        {"scale", "resize", "place", "wait", "promote", "prewarm"}
+    assert [replanned.task_dict[f"stage_{i}.scale"].op_args[1] for i in (1, 2, 3)] == [False, True, True]
+    assert [fixed.task_dict[f"stage_{i}.scale"].op_args[1] for i in (1, 2, 3)] == [False, False, False]
+    for dag in (replanned, fixed):
+        tasks = dag.task_dict
+        assert tasks["stage_1.scale"].upstream_task_ids == {"start_run"}
+        # The next stage starts once this one's trials are promoted and its pre-warm is over.
+        assert tasks["stage_2.scale"].upstream_task_ids == {"stage_1.promote", "stage_1.prewarm"}
+        assert tasks["stage_2.place"].upstream_task_ids == {"stage_2.scale", "stage_2.resize"}
+        assert tasks["stage_2.promote"].upstream_task_ids == {"stage_2.scale", "stage_2.wait"}
+        # A stage's pre-warm starts once its trials are placed.
+        assert tasks["stage_1.prewarm"].upstream_task_ids == {"stage_1.place"}
 
 BAD = [
     ("sha", {"num_trials": 0, "eta": 2, "min_epochs": 1}, "sha.num_trials"),

@@ -95,7 +95,7 @@ def test_concurrent_ec2_runs_keep_their_instances_apart(airflow_stack, stack_clo
         stack.wait_for_dag(dag_id)
     runs = {"nightly_ec2_tuning": stack.trigger("nightly_ec2_tuning", {
                 "num_trials": 3, "instance_types": ["g5.xlarge"], "max_instances": 2, "deadline_seconds": 1800}),
-            "digits_ec2": stack.trigger("digits_ec2", {"num_trials": 4, "max_instances": 2, "deadline_seconds": 900})}
+            "digits_ec2": stack.trigger("digits_ec2", {"num_trials": 2, "max_instances": 2, "deadline_seconds": 900})}
     for dag_id, run_id in runs.items():
         assert stack.wait_for_run(dag_id, run_id, timeout=1500) == "success", stack.task_states(dag_id, run_id)
 
@@ -133,8 +133,8 @@ def test_concurrent_ec2_runs_keep_their_instances_apart(airflow_stack, stack_clo
     assert cloud.hypervisor.booted == {}
 
 
-def test_a_run_marked_failed_mid_provision_leaves_no_instance_running(airflow_stack, stack_cloud):
-    """A user marks an EC2 run failed while a batch of its instances is being launched: the
+def test_a_run_marked_failed_mid_resize_leaves_no_instance_running(airflow_stack, stack_cloud):
+    """A user marks an EC2 run failed while a batch of its instances is being launched (stage_1.resize): the
     teardown (a setup's teardown runs however the run ends) terminates what the run launched and
     sweeps by its tags, and the sweeper finds anything launched after; nothing is left running."""
     stack, cloud = airflow_stack, stack_cloud
@@ -143,7 +143,7 @@ def test_a_run_marked_failed_mid_provision_leaves_no_instance_running(airflow_st
     run_id = stack.trigger("digits_ec2", {"num_trials": 4, "max_instances": 2, "deadline_seconds": 900})
     quoted = urllib.parse.quote(run_id, safe="")
     deadline = time.time() + 600
-    while (states := stack.task_states("digits_ec2", run_id)).get("stage_1.provision[0]") != "running":
+    while (states := stack.task_states("digits_ec2", run_id)).get("stage_1.resize[0]") != "running":
         assert time.time() < deadline and stack.api("GET", f"/dags/digits_ec2/dagRuns/{quoted}")["state"] \
             in ("queued", "running"), states
         time.sleep(0.3)
@@ -157,8 +157,8 @@ def test_a_run_marked_failed_mid_provision_leaves_no_instance_running(airflow_st
     # The run ends (Airflow 3.3 runs it again while its teardown runs, then judges it by its leaves,
     # which the mark left skipped: it may end "success"); what it launched must be gone either way.
     stack.wait_for_run("digits_ec2", run_id, timeout=300)
-    assert states["stage_1.provision[0]"] != "success" or stack.task_states("digits_ec2", run_id)[
-        "stage_1.place[-1]"] != "success", "the run was not stopped mid-provision"
+    assert states["stage_1.resize[0]"] != "success" or stack.task_states("digits_ec2", run_id)[
+        "stage_1.place[-1]"] != "success", "the run was not stopped mid-launch"
     sweep = stack.trigger("rubberband_sweeper", {})
     assert stack.wait_for_run("rubberband_sweeper", sweep) == "success"
     assert cloud.instances(dag_id="digits_ec2", run_id=run_id) == []
