@@ -70,7 +70,7 @@ def _slot_cycles(results: dict[str, dict[str, Any]], epoch_seconds: dict[str, fl
                  epochs: int) -> list[tuple[float, float, int]]:
     """(slot seconds, epoch seconds, epochs) of each task that followed another on the same slot.
 
-    A slot is busy from one task's spawn to the next one's: interpreter start, imports, checkpoint
+    A slot is busy from one task's spawn to the next one's: its fork, the trainable's imports, checkpoint
     restore and save, and the agent noticing the slot is free all count, as they do in a run.
     """
     by_slot: dict[str, list[tuple[float, str]]] = {}

@@ -93,8 +93,11 @@ def nothing_left_running():
         out = []
         for p in psutil.process_iter(["pid", "cmdline", "create_time", "status"]):
             cmd = " ".join(p.info["cmdline"] or []) + " "
+            # An agent run inside the session (not as a process) leaves its trials' fork server to
+            # the session's process, which it ends with.
+            server = "multiprocessing.forkserver" in cmd and p.ppid() == os.getpid()
             if (p.pid != os.getpid() and p.info["create_time"] >= began - 1 and p.info["status"] != psutil.STATUS_ZOMBIE
-                    and any(m in cmd for m in _STARTED_BY_TESTS) and ours(p)):
+                    and any(m in cmd for m in _STARTED_BY_TESTS) and ours(p) and not server):
                 out.append(f"{p.pid}: {cmd[:200]}")
         return out
 

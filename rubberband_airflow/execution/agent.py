@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing
+import multiprocessing.forkserver as _forkserver
 import os
 import signal
 import subprocess
@@ -36,6 +38,7 @@ from typing import Any
 
 import psutil
 
+from rubberband_airflow.execution import worker
 from rubberband_airflow.execution.backoff import MAX_BACKOFF_SECONDS, retry
 from rubberband_airflow.execution.storage import RunStorage
 
@@ -52,13 +55,39 @@ SPOT_POLL_SECONDS = 5.0
 # After a notice, running trials get until this long before the interruption to reach a checkpoint.
 SPOT_MARGIN_SECONDS = 15.0
 SPOT_NOTICE_SECONDS = 120.0  # the notice's lead time, where its time cannot be read
+# Trials start as forks of a server that imported the worker and the storage's filesystem once:
+# an interpreter start and those imports were a CPU-second per trial, and on a 2-core machine a
+# hundred trials starting at once waited half a minute for them.
+_FORKS = multiprocessing.get_context("forkserver")
+_FORKS.set_forkserver_preload(["rubberband_airflow.execution.worker", "s3fs", "gcsfs", "adlfs"])
+
+
+class TrialProcess:
+    """A trial's worker, forked from the agent's fork server; waited for like a ``Popen``."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], stderr: str) -> None:
+        self._process = _FORKS.Process(target=worker.forked_main, args=(argv, env, stderr), name="rubberband-trial")
+        self._process.start()
+        self.pid = self._process.pid
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired("rubberband-trial", timeout or 0.0)
+        return self._process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
 
 
 @dataclass
 class _Running:
     task: dict[str, Any]
     slots: list[int]
-    process: subprocess.Popen
+    process: TrialProcess
     started: float
     limit: float  # seconds the trial may run
     stderr: Any = None  # the worker's stderr, a temporary file
@@ -122,12 +151,11 @@ class Agent:
     def start(self, task: dict[str, Any], slots: list[int]) -> None:
         env = {**os.environ, "RUBBERBAND_SLOTS": ",".join(map(str, slots)), "OMP_NUM_THREADS": "1",
                "RUBBERBAND_SPAWNED": repr(time.time())}
-        cmd = [sys.executable, "-m", "rubberband_airflow.execution.worker", self.storage.uri, task["trial"],
-               str(task["stage"]), self.instance, "--try", str(_key(task)[2])]
+        argv = [self.storage.uri, task["trial"], str(task["stage"]), self.instance, "--try", str(_key(task)[2])]
         # Workers stay in the agent's process group: terminating the instance ends them too. Their
         # stderr goes to a file (a pipe would block a worker that writes much), whose tail explains a crash.
-        stderr = tempfile.TemporaryFile()
-        process = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        stderr = tempfile.NamedTemporaryFile(prefix="rubberband-trial-", suffix=".stderr")
+        process = TrialProcess(argv, env, stderr.name)
         self.seen.add(_key(task))
         limit = float(task.get("limit_seconds") or self.trial_timeout)
         self.running.append(_Running(task, slots, process, time.time(), limit, stderr))
@@ -291,12 +319,12 @@ def _tail(f: Any, size: int = 8192) -> str:
     return text
 
 
-def _kill_tree(process: subprocess.Popen) -> None:
+def _kill_tree(process: TrialProcess) -> None:
     """Kill a worker and every process it started (its rank processes)."""
     _signal_tree(process, signal.SIGKILL)
 
 
-def _signal_tree(process: subprocess.Popen, sig: int) -> None:
+def _signal_tree(process: TrialProcess, sig: int) -> None:
     """Send ``sig`` to a worker's processes (its rank processes first) and the worker."""
     try:
         children = psutil.Process(process.pid).children(recursive=True)
@@ -405,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         agent.storage.write_json({"instance": a.instance, "running": time.time()}, "instances", a.instance,
                                  "running.json")
     time.sleep(a.boot_seconds)
+    _forkserver.ensure_running()  # the trials' fork server starts with the agent, not with its first trial
     agent.run()
     return 0
 

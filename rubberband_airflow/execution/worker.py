@@ -1,6 +1,7 @@
 """Runs one stage of one trial: ``world_size`` co-located worker processes around the trainable.
 
-Started by the agent as ``python -m rubberband_airflow.execution.worker RUN_URI TRIAL STAGE``;
+Started by the agent as a fork of its fork server (``forked_main``; by hand: ``python -m
+rubberband_airflow.execution.worker RUN_URI TRIAL STAGE INSTANCE``);
 what to run comes from the run's files (``run.json``, the trial's ``config.json`` and the
 stage assignment), never from the command line. Rank 0 writes the trial's stage result.
 A storage error burst does not fail the trial: the worker's reads and writes (metrics,
@@ -106,7 +107,7 @@ def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[in
                                    and t["stage"] == stage and int(t.get("try") or 1) == try_number), None),
                      "reading the assignment")
     started = time.time()
-    # When the agent spawned this process: the slot was busy from then (interpreter start included).
+    # When the agent spawned this process: the slot was busy from then (its fork included).
     spawned = float(os.environ.get("RUBBERBAND_SPAWNED", started))
     result: dict[str, Any] = {"instance": instance, "started": started, "spawned": spawned, "stage": stage,
                               "slots": slots}
@@ -176,6 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     slots = [int(s) for s in os.environ.get("RUBBERBAND_SLOTS", "").split(",") if s.strip()]
     return run_task(a.run_uri, a.trial, a.stage, a.instance, slots, a.try_number)
+
+
+def forked_main(argv: list[str], env: dict[str, str], stderr: str) -> None:
+    """A trial forked by the agent: the trial's environment, stderr to the agent's file, then ``main``."""
+    os.environ.clear()
+    os.environ.update(env)
+    sys.argv = [__file__, *argv]  # as if started as ``python -m rubberband_airflow.execution.worker``
+    out = os.open(stderr, os.O_WRONLY | os.O_APPEND)
+    os.dup2(out, 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    sys.exit(main(argv))
 
 
 if __name__ == "__main__":
