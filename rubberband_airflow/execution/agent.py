@@ -68,7 +68,8 @@ class TrialProcess:
     def __init__(self, argv: list[str], env: dict[str, str], stderr: str) -> None:
         self._process = _FORKS.Process(target=worker.forked_main, args=(argv, env, stderr), name="rubberband-trial")
         self._process.start()
-        self.pid = self._process.pid
+        assert self._process.pid is not None
+        self.pid: int = self._process.pid
 
     def poll(self) -> int | None:
         return self._process.exitcode
