@@ -67,7 +67,10 @@ def _run(stack: Any, dag_id: str, root: str) -> dict[str, Any]:
            "measured_stage_overhead": rep["stage_overhead_seconds"],
            "instances_per_stage": [s["instances"] for s in plan["stages"]],
            "predicted_jct": rep["predicted"]["jct_seconds"]["mean"], "actual_jct": rep["actual"]["jct_seconds"],
-           "predicted_cost": rep["predicted"]["cost_usd"]["mean"], "actual_cost": rep["actual"]["cost_usd"]}
+           "predicted_cost": rep["predicted"]["cost_usd"]["mean"], "actual_cost": rep["actual"]["cost_usd"],
+           # What the run measured of a trial's overhead by its first re-plan (the profile's: TRIAL_OVERHEAD).
+           "measured_trial_overhead": ((storage.read_json("stages", "2", "replan.json") or {}).get("observed")
+                                       or {}).get("trial_overhead_seconds")}
     print(json.dumps(out), flush=True)
     return out
 

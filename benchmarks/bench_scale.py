@@ -6,7 +6,7 @@ S3 (moto's server); trial waits started on the triggerer. Its triggerer reaches 
 counting proxy, so the storage requests of the trial waits are counted. For each run, per stage:
 the orchestration overhead (the previous stage's last result to the stage's first trial start),
 the triggerer's storage requests per minute per waiting trial, the scheduler's time per mapped
-wait (the place task's end to the last wait's start, over the waits); and the run's predicted
+wait (the start task's end to the last wait's start, over the waits); and the run's predicted
 against actual JCT and cost, and the triggerer's CPU seconds. Writes benchmarks/results/scale.json
 and a section of docs/benchmarks.md.
 """
@@ -123,7 +123,7 @@ def measure(stack: Stack, proxy: _Proxy, trials: int) -> dict[str, Any]:
         latency = [r["started"] - r["spawned"] for r in results if r.get("spawned")]
         last_result = max(r["finished"] for r in results)
         waits = [t for t in tis if t["task_id"] == f"stage_{i}.wait"]
-        place = next(t for t in tis if t["task_id"] == f"stage_{i}.place")
+        start = next(t for t in tis if t["task_id"] == f"stage_{i}.start")
         starts = [_time(t["start_date"]) for t in waits]
         ends = [_time(t["end_date"]) for t in waits]
         window = (min(x for x in starts if x), max(x for x in ends if x))
@@ -142,7 +142,7 @@ def measure(stack: Stack, proxy: _Proxy, trials: int) -> dict[str, Any]:
                        "triggerer_requests": requests, "triggerer_requests_by_kind": kinds,
                        "trial_minutes_waited": trial_minutes,
                        "requests_per_trial_minute": requests / trial_minutes if trial_minutes else None,
-                       "scheduler_seconds_per_wait": (max(x for x in starts if x) - _time(place["end_date"]))
+                       "scheduler_seconds_per_wait": (max(x for x in starts if x) - _time(start["end_date"]))
                        / len(waits)})
         previous_last = last_result
     plan = storage.read_json("plan.json")
@@ -183,7 +183,7 @@ def write_doc(result: dict[str, Any]) -> None:
              "the end).", "",
              "*Overhead*: the previous stage's last result to the stage's first trial start. *Trial start*: a "
              "trial's process spawned by its agent to its worker running. *Requests*: the "
-             "triggerer's S3 requests per minute per waiting trial. *Scheduler*: the place task's end to the "
+             "triggerer's S3 requests per minute per waiting trial. *Scheduler*: the start task's end to the "
              "stage's last wait started, per wait.", "",
              "| trials | stage | trials in stage | instances | overhead | trial start (mean, max) | "
              "requests / trial-minute | scheduler per wait | predicted JCT | actual JCT | predicted cost | "
@@ -206,11 +206,12 @@ def write_doc(result: dict[str, Any]) -> None:
     overheads = [s["overhead_seconds"] for r in runs for s in r["stages"] if s["overhead_seconds"] is not None]
     lines += ["", f"Actual JCT was {min(ratios):.1f} to {max(ratios):.1f} times the prediction and the "
               f"orchestration overhead between stages {min(overheads):.1f} to {max(overheads):.1f} s (the plan "
-              "assumed the profile's 10 s). On this machine a trial is a process of its own (an interpreter, "
-              "half a CPU-second of s3fs's imports, a dozen requests to moto's server) and the trials of an "
-              "instance start together: the *trial start* column is the time from spawn to running, which the "
-              "profile's 1 s trial overhead does not model, and which grows with the trials started at once on 2 "
-              "shared cores. The requests include each trial's one-off read of its result once listed (two "
+              "assumed the profile's 10 s; between two stages the DAG runs two tasks, the last stage's promote and "
+              "the next one's start). On this machine a trial is a process of its own, forked from its agent's "
+              "fork server (which imported the worker and s3fs once), that makes a dozen requests to moto's "
+              "server, and the trials of an instance start together: the *trial start* column is the time from "
+              "the fork to the worker running, which grows with the trials started at once on 2 shared cores. "
+              "The requests include each trial's one-off read of its result once listed (two "
               "requests: s3fs heads an object before it gets it) and each stage's one-off reads of the plan, spec "
               "and placement; the steady part is one listing of the stage's results per 2 s and one look at its "
               "instances per 30 s, shared by all its waiting trials (`triggerer_requests_by_kind` in the raw "

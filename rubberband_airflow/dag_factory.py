@@ -1,4 +1,5 @@
-"""One DAG per tuning spec: plan, then per stage of successive halving scale, place, wait, promote;
+"""One DAG per tuning spec: plan, then per stage of successive halving start (re-plan, scale,
+place), wait, promote;
 a teardown that always terminates what the run launched; a report that publishes the best config.
 
     # dags/digits_tuning.py
@@ -44,7 +45,7 @@ from rubberband_airflow.tuning import (
 
 log = logging.getLogger(__name__)
 
-# Instances launched (or terminated) by one mapped scaling task.
+# Instances launched in one request (a batch, found again by its name when a task is retried).
 BATCH_SIZE = 8
 # The trigger form may raise the number of trials up to this factor of the spec's.
 TRIALS_FACTOR = 4
@@ -187,11 +188,11 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         return storage.uri
 
     @task
-    def scale(stage: int, replan: bool) -> list[dict[str, Any]]:
+    def start(stage: int, replan: bool) -> list[str]:
         """Start the stage in one task (each task hop between two stages costs the orchestrator a
         scheduling round and a task process): re-plan the stages from this one on from the run's
-        state (``replan``), then return the stage's batches: the instances it adds (``launch``)
-        and those it drops, the most recently requested first (``drop``)."""
+        state (``replan``), grow or shrink the fleet (newest instances dropped first), and place
+        the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
         r = _Run(conn_id)
         if replan:
             before = replanning.current_plan(r.storage, stage - 1)
@@ -211,27 +212,9 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         assert r.plan is not None
         runner.begin_stage(r.storage, stage)
         backend = r.backend
-        launch = runner.scale_out(backend, r.plan, stage, BATCH_SIZE, continued=r.clear - (r.attempt - 1))
-        drop = runner.scale_in(backend, r.plan, stage, BATCH_SIZE)
-        return [{"launch": b.to_json()} for b in launch] + [{"drop": instances} for instances in drop]
-
-    @task
-    def resize(stage: int, batch: dict[str, Any]) -> list[str]:
-        """Launch one batch of instances (a retry finds the batch by its tags and launches nothing),
-        or terminate one batch of surplus instances."""
-        backend = _Run(conn_id, stage).backend
-        if "launch" in batch:
-            launch = runner.LaunchBatch.from_json(batch["launch"])
-            return backend.launch(launch.name, launch.count, launch.market)
-        backend.terminate(batch["drop"])
-        return list(batch["drop"])
-
-    @task(trigger_rule="none_failed_min_one_success")
-    def place(stage: int) -> list[str]:
-        """Place the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
-        r = _Run(conn_id, stage)
-        assert r.plan is not None
-        placement = runner.stage_placement(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout, r.clear)
+        scaled = runner.scale(backend, r.plan, stage, BATCH_SIZE, continued=r.clear - (r.attempt - 1))
+        log.info("stage %d: launched %s, terminated %s", stage, scaled["launched"], scaled["terminated"])
+        placement = runner.stage_placement(r.storage, backend, r.plan, stage, r.spec.trial_timeout, r.clear)
         # A trial whose result was carried over from an earlier attempt is not placed; its wait ends at once.
         return runner.placed_trials(placement, runner.stage_trials(r.storage, stage))
 
@@ -243,7 +226,9 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         assert r.plan is not None
         return runner.prewarm(r.storage, r.backend, r.plan, stage, BATCH_SIZE, continued=r.clear - (r.attempt - 1))
 
-    @task(trigger_rule="all_done")
+    # After every wait, failed or not; skipped with its stage (a stage past the plan's last, whose
+    # start skipped it), without a task process.
+    @task(trigger_rule="all_done_min_one_success")
     def promote(stage: int) -> dict[str, Any]:
         """Promote the best trials that finished; failed trials are never promoted."""
         r = _Run(conn_id, stage)
@@ -304,12 +289,9 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         for stage in range(1, _stage_count(spec) + 1):
             with TaskGroup(f"stage_{stage}"):
                 # Every task of a stage reads the plan it executes from run storage: the first plan,
-                # or (re-planning on) the stage's re-plan, which its scale task writes.
-                batches = scale(stage, spec.replan and stage > 1)
-                resized = resize.partial(stage=stage).expand(batch=batches)
-                # A stage past the plan's last stage skips its scale task, and with it the rest.
-                trials = place(stage)
-                [batches, resized] >> trials
+                # or (re-planning on) the stage's re-plan, which its start task writes. A stage past
+                # the plan's last skips its start, and with it the rest.
+                trials = start(stage, spec.replan and stage > 1)
                 # Deferred whatever [operators] default_deferrable says: a trial's wait lasts as long as
                 # the trial, and one sensor per trial must not hold a worker slot for it. A done trial
                 # ends its task on the triggerer: a second worker launch per trial is what a stage of
@@ -319,14 +301,14 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                     storage_conn_id=conn_id, spec_path=spec_path, deferrable=True, finish_on_triggerer=True,
                     poll_interval=POLL_SECONDS, **_waits_on_triggerer(stage, conn_id, spec_path)).expand(trial=trials)
                 promoted = promote(stage)
-                [batches, waits] >> promoted
+                [trials, waits] >> promoted
                 # The next stage counts its fleet once this stage's pre-warm is over.
                 after = [promoted]
                 if stage < _stage_count(spec):
                     warm = prewarm(stage)
                     trials >> warm
                     after.append(warm)
-            previous >> batches
+            previous >> trials
             previous = after
             promotes.append(promoted)
         # start_run is the setup: the teardown runs however the stages end, even if a user marks

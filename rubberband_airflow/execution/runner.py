@@ -352,13 +352,15 @@ def scale_in(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size:
     return [surplus[k:k + batch_size] for k in range(0, len(surplus), batch_size)]
 
 
-def scale(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int = 8) -> dict[str, list[str]]:
-    """Grow or shrink the fleet for a stage in one go: terminate the newest first, or launch the missing."""
+def scale(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int = 8,
+          continued: int = 0) -> dict[str, list[str]]:
+    """Grow or shrink the fleet for a stage in one go: terminate the newest first, or launch the
+    missing in batches (a retry finds a batch by its name and launches nothing again)."""
     launched: list[str] = []
     terminated = [i for batch in scale_in(backend, run_plan, stage, batch_size) for i in batch]
     if terminated:
         backend.terminate(terminated)
-    for batch in scale_out(backend, run_plan, stage, batch_size):
+    for batch in scale_out(backend, run_plan, stage, batch_size, continued):
         launched += backend.launch(batch.name, batch.count, batch.market)
     return {"launched": launched, "terminated": terminated, "live": backend.live()}
 

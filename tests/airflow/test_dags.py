@@ -26,8 +26,8 @@ def test_example_dags_import_without_errors(dagbag_for):
     assert bag.import_errors == {}
     dag = bag.dags["digits_tuning"]
     ids = set(dag.task_dict)
-    assert {"plan", "start_run", "teardown", "report", "stage_1.scale",
-            "stage_1.resize", "stage_1.place", "stage_1.wait", "stage_1.promote"} <= ids
+    assert {"plan", "start_run", "teardown", "report", "stage_1.start",
+            "stage_1.wait", "stage_1.promote", "stage_1.prewarm"} <= ids
     assert dag.task_dict["teardown"].is_teardown
     assert dag.task_dict["stage_1.wait"].partial_kwargs["deferrable"] is True  # no worker slot per waiting trial
     assert set(dag.params) >= {"deadline_seconds", "num_trials", "eta", "min_epochs", "instance_types", "seed"}
@@ -55,21 +55,21 @@ def test_each_stage_after_the_first_executes_its_replan_unless_the_spec_turns_it
     bag = dagbag_for(folder)
     assert bag.import_errors == {}
     replanned, fixed = bag.dags["replanned"], bag.dags["fixed"]
-    # One task from a stage's barrier to its launches: the scale task re-plans (stages 2 on, unless
-    # the spec says replan: false) and works out the batches the stage's one mapped task resizes by.
+    # One task from a stage's barrier to its trials' waits: the start task re-plans (stages 2 on,
+    # unless the spec says replan: false), scales the fleet and places the trials.
     assert {t.rsplit(".", 1)[-1] for t in replanned.task_dict if t.startswith("stage_2.")} == \
-        {"scale", "resize", "place", "wait", "promote", "prewarm"}
-    assert [replanned.task_dict[f"stage_{i}.scale"].op_args[1] for i in (1, 2, 3)] == [False, True, True]
-    assert [fixed.task_dict[f"stage_{i}.scale"].op_args[1] for i in (1, 2, 3)] == [False, False, False]
+        {"start", "wait", "promote", "prewarm"}
+    assert [replanned.task_dict[f"stage_{i}.start"].op_args[1] for i in (1, 2, 3)] == [False, True, True]
+    assert [fixed.task_dict[f"stage_{i}.start"].op_args[1] for i in (1, 2, 3)] == [False, False, False]
     for dag in (replanned, fixed):
         tasks = dag.task_dict
-        assert tasks["stage_1.scale"].upstream_task_ids == {"start_run"}
+        assert tasks["stage_1.start"].upstream_task_ids == {"start_run"}
         # The next stage starts once this one's trials are promoted and its pre-warm is over.
-        assert tasks["stage_2.scale"].upstream_task_ids == {"stage_1.promote", "stage_1.prewarm"}
-        assert tasks["stage_2.place"].upstream_task_ids == {"stage_2.scale", "stage_2.resize"}
-        assert tasks["stage_2.promote"].upstream_task_ids == {"stage_2.scale", "stage_2.wait"}
+        assert tasks["stage_2.start"].upstream_task_ids == {"stage_1.promote", "stage_1.prewarm"}
+        assert tasks["stage_2.wait"].upstream_task_ids == {"stage_2.start"}
+        assert tasks["stage_2.promote"].upstream_task_ids == {"stage_2.start", "stage_2.wait"}
         # A stage's pre-warm starts once its trials are placed.
-        assert tasks["stage_1.prewarm"].upstream_task_ids == {"stage_1.place"}
+        assert tasks["stage_1.prewarm"].upstream_task_ids == {"stage_1.start"}
 
 BAD = [
     ("sha", {"num_trials": 0, "eta": 2, "min_epochs": 1}, "sha.num_trials"),
