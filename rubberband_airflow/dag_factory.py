@@ -198,23 +198,14 @@ def tuning_dag(spec_path: str | Path) -> DAG:
             before = replanning.current_plan(r.storage, stage - 1)
             r.use(before, stage)
             assert before is not None
-            runner.reconcile(r.backend)
             try:
-                after = replanning.replan_stage(r.storage, before, stage)
+                replanning.replan_before(r.storage, r.backend, before, stage)
             except ProblemError as e:
                 raise AirflowFailException(f"re-plan before stage {stage}: {e}") from None
-            log.info("re-plan before stage %d: instances per stage %s -> %s; predicted JCT %.1f s -> %.1f s, "
-                     "cost $%.4f -> $%.4f", stage, [s["instances"] for s in before["stages"]],
-                     [s["instances"] for s in after["stages"]], before["predicted"]["jct_seconds"]["mean"],
-                     after["predicted"]["jct_seconds"]["mean"], before["predicted"]["cost_usd"]["mean"],
-                     after["predicted"]["cost_usd"]["mean"])
         r.use(replanning.current_plan(r.storage, stage), stage)
         assert r.plan is not None
-        runner.begin_stage(r.storage, stage)
-        backend = r.backend
-        scaled = runner.scale(backend, r.plan, stage, BATCH_SIZE, continued=r.clear - (r.attempt - 1))
-        log.info("stage %d: launched %s, terminated %s", stage, scaled["launched"], scaled["terminated"])
-        placement = runner.stage_placement(r.storage, backend, r.plan, stage, r.spec.trial_timeout, r.clear)
+        placement = runner.start_stage(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout, r.clear, BATCH_SIZE,
+                                       continued=r.clear - (r.attempt - 1))
         # A trial whose result was carried over from an earlier attempt is not placed; its wait ends at once.
         return runner.placed_trials(placement, runner.stage_trials(r.storage, stage))
 

@@ -13,18 +13,21 @@ its ``predicted`` counts JCT from the run's start and cost with what was spent, 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
 from typing import Any
 
-from rubberband_airflow.execution import observe
-from rubberband_airflow.execution.backends.base import Market, offer
+from rubberband_airflow.execution import observe, runner
+from rubberband_airflow.execution.backends.base import ComputeBackend, Market, offer
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.errors import InfeasibleError, ProblemError
 from rubberband_airflow.planning.plan import parse_plan
 from rubberband_airflow.planning.problem import InstanceType, Problem, parse_problem
 from rubberband_airflow.planning.replan import corrected, parse_state, remaining_problem, replan
 from rubberband_airflow.planning.simulator import simulate
+
+log = logging.getLogger(__name__)
 
 
 def current_plan(storage: RunStorage, stage: int) -> dict[str, Any] | None:
@@ -120,6 +123,19 @@ def _workload(fixed: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]
             "instance_types": [{**t, **{k: types[t["name"]][k] for k in ("pending_seconds", "boot_seconds")}}
                                if t.get("name") in types else t for t in original["instance_types"]]
             + [t for n, t in types.items() if n not in names]}
+
+
+def replan_before(storage: RunStorage, backend: ComputeBackend, before: dict[str, Any], stage: int) -> dict[str, Any]:
+    """Re-plan before ``stage`` (``replan_stage``) once the instances that are gone or whose agent
+    quit are retired, so that the fleet it counts is the one the stage will have."""
+    runner.reconcile(backend)
+    after = replan_stage(storage, before, stage)
+    log.info("re-plan before stage %d: instances per stage %s -> %s; predicted JCT %.1f s -> %.1f s, "
+             "cost $%.4f -> $%.4f", stage, [s["instances"] for s in before["stages"]],
+             [s["instances"] for s in after["stages"]], before["predicted"]["jct_seconds"]["mean"],
+             after["predicted"]["jct_seconds"]["mean"], before["predicted"]["cost_usd"]["mean"],
+             after["predicted"]["cost_usd"]["mean"])
+    return after
 
 
 def replan_stage(storage: RunStorage, before: dict[str, Any], stage: int) -> dict[str, Any]:

@@ -30,10 +30,10 @@ from rubberband_airflow.planning.validation import describe
 
 __all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run",
            "stage_trials", "unfinished", "wanted_instances", "carry_over", "begin_stage", "reconcile", "hung_reason",
-           "scale_targets", "launch_batches", "scale_out", "scale_in", "scale", "prewarm_due", "prewarm", "place",
-           "stage_placement", "assign_stage", "stage_results", "wait_stage", "recover_trials", "promote",
-           "promote_stage", "rerun_due", "rerun_failed", "try_began", "stop_instances", "run_sha", "summarize",
-           "trial_id"]
+           "scale_targets", "launch_batches", "scale_out", "scale_in", "scale", "start_stage", "prewarm_due",
+           "prewarm", "place", "stage_placement", "assign_stage", "stage_results", "wait_stage", "recover_trials",
+           "promote", "promote_stage", "rerun_due", "rerun_failed", "try_began", "stop_instances", "run_sha",
+           "summarize", "trial_id"]
 
 log = logging.getLogger(__name__)
 
@@ -365,6 +365,17 @@ def scale(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: in
     return {"launched": launched, "terminated": terminated, "live": backend.live()}
 
 
+def start_stage(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
+                timeout: TrialTimeout = TrialTimeout(), clear: int = 0, batch_size: int = 8,
+                continued: int = 0) -> dict[str, list[dict[str, Any]]]:
+    """Start a stage: record its start, grow or shrink the fleet to the plan's, and place its
+    trials (``stage_placement``, whose placement it returns)."""
+    begin_stage(storage, stage)
+    scaled = scale(backend, run_plan, stage, batch_size, continued)
+    log.info("stage %d: launched %s, terminated %s", stage, scaled["launched"], scaled["terminated"])
+    return stage_placement(storage, backend, run_plan, stage, timeout, clear)
+
+
 def prewarm_due(storage: RunStorage, run_plan: RunPlan, stage: int) -> float | None:
     """When the instances the next stage adds are to be requested during this stage (Unix time:
     the stage's start plus the next stage's ``launch_after_seconds``), or None: the plan does not
@@ -678,9 +689,7 @@ def run_sha(storage: RunStorage, backend: ComputeBackend, spec: RunSpec, configs
     stages_out = []
     try:
         for stage in range(1, run_plan.stages + 1):
-            begin_stage(storage, stage)
-            scale(backend, run_plan, stage, batch_size)
-            placement = stage_placement(storage, backend, run_plan, stage, trial_timeout)
+            placement = start_stage(storage, backend, run_plan, stage, trial_timeout, batch_size=batch_size)
             wait_stage(storage, backend, stage, [t["trial"] for tasks in placement.values() for t in tasks],
                        stage_timeout, run_plan=run_plan)
             outcome = promote_stage(storage, backend, run_plan, stage, spec.mode)
