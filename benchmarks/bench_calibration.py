@@ -39,8 +39,9 @@ UNCALIBRATED = f"{DAG}_uncalibrated"
 PROFILE = f"s3://{BUCKET}/profiles/local-sleep-2.json"
 # The profile's stage overhead: the agent's and runner's alone (the profiler's, without Airflow).
 AGENT_STAGE_OVERHEAD = 1.0
-# What the agent's trial start costs here with a few trials at once (a process, s3fs's imports).
-TRIAL_OVERHEAD = 3.0
+# What a trial's start costs here with a few trials at once (a fork of the agent's fork server, the
+# trainable's import, a dozen requests to moto's server): the runs measure it (measured_trial_overhead).
+TRIAL_OVERHEAD = 1.0
 EPOCH = 2.0
 DEADLINE = 90.0
 

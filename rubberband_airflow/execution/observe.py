@@ -54,10 +54,10 @@ def _trial_gpus(storage: RunStorage, stage: int) -> dict[str, int]:
     return {t["trial"]: int(t["gpus"]) for tasks in placement.values() for t in tasks}
 
 
-def _epoch_times(storage: RunStorage, trial: str, stage: int, result: Mapping[str, Any]) -> tuple[list[float], int]:
-    """The seconds of the epochs the trial ran in the stage, from its epoch records' times, and how
+def _epoch_times(metrics: list[dict[str, Any]], stage: int, result: Mapping[str, Any]) -> tuple[list[float], int]:
+    """The seconds of the epochs a trial ran in the stage, from its epoch records' times, and how
     many epochs it ran there."""
-    records = [m for m in storage.metrics(trial) if m.get("stage") == stage and "time" in m]
+    records = [m for m in metrics if m.get("stage") == stage and "time" in m]
     times = [float(m["time"]) for m in sorted(records, key=lambda m: m["epoch"])]
     if len(times) >= 2:
         return [b - a for a, b in zip(times, times[1:])], len(times)
@@ -90,10 +90,11 @@ def _stage_epochs(storage: RunStorage, stage: int) -> tuple[dict[int, float], di
     held = _slot_seconds(results)
     per_g: dict[int, list[float]] = defaultdict(list)
     trials = {}
+    metrics = storage.metrics_many([t for t in results if t in gpus and t in held])
     for trial, result in results.items():
-        if trial not in gpus or trial not in held:
+        if trial not in metrics:
             continue
-        epochs, count = _epoch_times(storage, trial, stage, result)
+        epochs, count = _epoch_times(metrics[trial], stage, result)
         per_g[gpus[trial]] += epochs
         trials[trial] = (gpus[trial], held[trial], count)
     return {g: sum(v) / len(v) for g, v in per_g.items() if v}, trials

@@ -9,6 +9,7 @@ from rubberband_airflow.planning.replan import parse_state
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.workloads import synthetic
 from tests.execution.conftest import plan_json, run_stage
+from tests.execution.moto_cloud import moto_cloud  # noqa: F401 (the fixture)
 
 SYNTHETIC = "rubberband_airflow.workloads.synthetic:train"
 EPOCH = 0.4
@@ -87,3 +88,24 @@ def test_a_spot_plans_state_counts_its_spot_fleet_and_bills_each_instance_at_its
     assert state["spent_usd"] == pytest.approx(0.3 + 1.0)
     assert state["observed"]["launch_seconds"] == {"g5.xlarge:spot": 40.0, "g5.xlarge": 40.0}
     parse_state({**state, "observed": {}}, problem)
+
+
+@pytest.mark.parametrize("where", ["file", "s3"])
+def test_the_metrics_of_many_trials_are_each_trials_own(where, storage, request):
+    """What a re-plan reads of hundreds of trials at once is what it would read trial by trial: on
+    the local disk and on S3 (moto's server), a trial whose id begins another's, a trial of the
+    older one-file format, and one with no epoch yet."""
+    if where == "s3":
+        storage = request.getfixturevalue("moto_cloud").storage("metrics/run-1")
+    for trial, epochs in (("trial-1", 3), ("trial-10", 2), ("trial-2", 0)):
+        storage.write_config(trial, {"x": 1})
+        for epoch in range(1, epochs + 1):
+            storage.append_metrics(trial, {"epoch": epoch, "loss": 1 / epoch, "stage": 1, "time": 10.0 + epoch})
+    old = b'{"epoch": 1, "loss": 0.5}\n{"epoch": 2, "loss": 0.25}\n'
+    storage.write_bytes(old, "trials", "trial-old", "metrics.jsonl")
+    trials = ["trial-1", "trial-10", "trial-2", "trial-old"]
+    many = storage.metrics_many(trials)
+    assert many == {t: storage.metrics(t) for t in trials}
+    assert [m["epoch"] for m in many["trial-1"]] == [1, 2, 3] and many["trial-2"] == []
+    assert [m["loss"] for m in many["trial-old"]] == [0.5, 0.25]
+    assert storage.metrics_many(["trial-10"]) == {"trial-10": many["trial-10"]}
