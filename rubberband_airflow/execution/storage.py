@@ -283,9 +283,13 @@ class RunStorage:
         return self.result_tries(stage).get(trial, 1)
 
     def stage_results(self, stage: int) -> set[str]:
-        """The trials that have a result for (the newest try of) a stage, from one listing of
-        ``trials/`` (on S3 one request per 1000 objects, however many trials there are), left out of
-        fsspec's cache."""
+        """The trials that have a result for (the newest try of) a stage (``stage_result_tries``)."""
+        return set(self.stage_result_tries(stage))
+
+    def stage_result_tries(self, stage: int) -> dict[str, int]:
+        """The trials that have a result for the newest try of a stage, each with that try: from one
+        listing of ``trials/`` (on S3 one request per 1000 objects, however many trials there are),
+        left out of fsspec's cache, and one of the stage's retries."""
         path, name = self.path("trials"), f"stage-{stage}.json"
         try:
             found = self.fs.find(path)
@@ -297,12 +301,12 @@ class RunStorage:
                 cache.pop(key, None)  # type: ignore[union-attr]
             self.fs.invalidate_cache(path)
         tries = self.result_tries(stage)  # one listing of the stage's retries (none: no try after a clear)
-        out = set()
+        out = {}
         for p in found:
             parts = p[len(path) + 1:].split("/")
             # a trial run again after a clear counts by its newest try's result
             if len(parts) == 2 and parts[1] == (result_name(stage, tries[parts[0]]) if parts[0] in tries else name):
-                out.add(parts[0])
+                out[parts[0]] = tries.get(parts[0], 1)
         return out
 
     def write_assignment(self, stage: int, instance: str, tasks: list[dict[str, Any]]) -> None:

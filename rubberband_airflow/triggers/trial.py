@@ -101,7 +101,7 @@ class StageWatch:
         self.users = 0
         self.listed = float("-inf")  # monotonic start of the latest listing of results
         self.looked = float("-inf")  # monotonic start of the latest look at the instances
-        self.done: set[str] = set()
+        self.done: dict[str, int] = {}  # trial: the try of its result (the newest), as last listed
         self.where: dict[str, str | None] = {}  # trial: its instance now (None: recovery impossible)
         self.lost: dict[str, str] = {}  # instance: why it is lost
         self._lock = asyncio.Lock()
@@ -125,13 +125,14 @@ class StageWatch:
                                            runner.stage_trials(storage, self.stage))
         self.storage = storage
 
-    async def results(self, interval: float) -> set[str]:
-        """The trials with a result, listed at most once per ``interval`` for all the stage's triggers."""
+    async def results(self, interval: float) -> dict[str, int]:
+        """The trials with a result, each with its try, listed at most once per ``interval`` for all
+        the stage's triggers (a trial run again after a clear counts by its newest try)."""
         async with self._lock:
             if time.monotonic() - self.listed >= interval:
                 began = time.monotonic()
                 assert self.storage is not None
-                self.done = await asyncio.to_thread(self.storage.stage_results, self.stage)
+                self.done = await asyncio.to_thread(self.storage.stage_result_tries, self.stage)
                 self.listed = began
         return self.done
 
@@ -252,11 +253,11 @@ class TrialResultTrigger(BaseTrigger):
 
     async def _wait(self, watch: StageWatch, storage: RunStorage) -> AsyncIterator[TriggerEvent]:
         began = time.monotonic()
-        # The trial's newest try (a failed trial run again after a clear has a later one): its result counts.
-        tried = await asyncio.to_thread(storage.current_try, self.trial, self.stage)
         while True:
-            if self.trial in await watch.results(self.poll_interval):
-                result = await asyncio.to_thread(storage.read_result, self.trial, self.stage, tried)
+            done = await watch.results(self.poll_interval)
+            if self.trial in done:
+                # The trial's newest try (a failed trial run again after a clear has a later one) counts.
+                result = await asyncio.to_thread(storage.read_result, self.trial, self.stage, done[self.trial])
                 if result is not None:
                     self.log.info("%s has a result for stage %s: %s", self.trial, self.stage, result.get("state"))
                     yield self._event(result)
