@@ -110,8 +110,7 @@ def measure(stack: Stack, proxy: _Proxy, trials: int) -> dict[str, Any]:
     state = stack.wait_for_run(SCALE_DAG, run_id, timeout=3600)
     wall = time.time() - began
     cpu = _triggerer_cpu(stack) - cpu
-    quoted = urllib.parse.quote(run_id, safe="")
-    tis = stack.api("GET", f"/dags/{SCALE_DAG}/dagRuns/{quoted}/taskInstances?limit=2000")["task_instances"]
+    tis = stack.task_instances(SCALE_DAG, run_id)
     storage = RunStorage(f"s3://{BUCKET}/{SCALE_PREFIX}/{SCALE_DAG}/{run_folder(run_id)}")
     rep = storage.read_json("report.json")
     stages = []

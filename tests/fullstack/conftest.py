@@ -139,10 +139,18 @@ class Stack:
                 lines.append(str(line))
         return "\n".join(lines)
 
-    def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """Every task instance of a run, page by page (the API gives at most 100 at a time)."""
         quoted = urllib.request.quote(run_id, safe="")
-        tis = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=1000")["task_instances"]
-        return {f"{t['task_id']}[{t['map_index']}]": t["state"] for t in tis}
+        tis: list[dict[str, Any]] = []
+        while True:
+            page = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=100&offset={len(tis)}")
+            tis += page["task_instances"]
+            if not page["task_instances"] or len(tis) >= page["total_entries"]:
+                return tis
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
+        return {f"{t['task_id']}[{t['map_index']}]": t["state"] for t in self.task_instances(dag_id, run_id)}
 
 
 @contextmanager

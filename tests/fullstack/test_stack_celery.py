@@ -2,7 +2,6 @@
 with two workers, run storage on S3 (moto's server), a synthetic run of hundreds of trials."""
 
 import os
-import urllib.parse
 
 import psutil
 
@@ -11,11 +10,9 @@ from rubberband_airflow.workloads import synthetic
 from tests.execution.moto_cloud import BUCKET
 from tests.fullstack.conftest import CELERY_WORKERS, SCALE_DAG, SCALE_PREFIX, run_folder
 
-# 64 trials by default, about 3 minutes here: each trial is a process of its own (an interpreter
-# start, s3fs's imports, a dozen requests to moto's server), about a CPU-second apiece on this
-# 2-core machine, and 256 take longer than make test's budget allows. benchmarks/bench_scale.py
-# runs 256; RUBBERBAND_SCALE_TRIALS=256 runs them here.
-TRIALS = int(os.environ.get("RUBBERBAND_SCALE_TRIALS", "64"))
+# 256 trials by default: each trial is a fork of its agent's fork server (which imported the worker
+# and s3fs once) that makes a dozen requests to moto's server; RUBBERBAND_SCALE_TRIALS=64 runs fewer.
+TRIALS = int(os.environ.get("RUBBERBAND_SCALE_TRIALS", "256"))
 
 
 def _agents(run_uri: str) -> list[psutil.Process]:
@@ -50,8 +47,7 @@ def test_a_synthetic_run_of_hundreds_of_trials_completes_on_celery_workers(celer
     assert _agents(storage.uri) == []
 
     # Both Celery workers ran the run's tasks, from the stack's own queue.
-    quoted = urllib.parse.quote(run_id, safe="")
-    tis = stack.api("GET", f"/dags/{SCALE_DAG}/dagRuns/{quoted}/taskInstances?limit=1000")["task_instances"]
+    tis = stack.task_instances(SCALE_DAG, run_id)
     assert {t["queue"] for t in tis if t["state"] == "success" and t["task_id"] != "stage_1.wait"} == {
         stack.env["AIRFLOW__OPERATORS__DEFAULT_QUEUE"]}
     for k in range(1, CELERY_WORKERS + 1):
