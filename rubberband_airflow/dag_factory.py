@@ -9,7 +9,6 @@ a teardown that always terminates what the run launched; a report that publishes
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -113,10 +112,6 @@ def _params(spec: TuningSpec) -> dict[str, Param]:
 def _stage_count(spec: TuningSpec) -> int:
     """Task groups made at parse time: enough for the most stages the trigger form allows (eta 2)."""
     return SHA(spec.sha.num_trials * TRIALS_FACTOR, 2, spec.sha.min_epochs, spec.sha.num_stages).stages
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
 
 
 def _attempt(ctx: Any) -> int:
