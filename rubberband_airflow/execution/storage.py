@@ -198,6 +198,21 @@ class RunStorage:
         finally:
             self.fs.invalidate_cache(path)
 
+    def _find(self, *parts: str) -> list[str]:
+        """Every file under a folder, from one listing (on S3 a flat one, a request per 1000 objects),
+        left out of fsspec's cache: s3fs caches the listing of every folder it saw, and would answer
+        later reads under it from that listing (a result written since: not found)."""
+        path = self.path(*parts)
+        try:
+            return list(self.fs.find(path))
+        except FileNotFoundError:
+            return []
+        finally:
+            cache = getattr(self.fs, "dircache", None)
+            for key in [k for k in list(cache or {}) if k == path or k.startswith(path + "/")]:
+                cache.pop(key, None)  # type: ignore[union-attr]
+            self.fs.invalidate_cache(path)
+
     # --- the run's records ---
     def write_config(self, trial: str, config: dict[str, Any]) -> None:
         self.write_json(config, "trials", trial, "config.json")
@@ -221,13 +236,7 @@ class RunStorage:
         """``metrics`` of many trials: one listing of the run's trials (on S3 a flat listing, a
         request per 1000 objects) and their records read together, not two requests per trial."""
         wanted = set(trials)
-        root = self.path("trials")
-        try:
-            found = self.fs.find(root)
-        except FileNotFoundError:
-            found = []
-        finally:
-            self.fs.invalidate_cache(root)
+        found = self._find("trials")
         paths: list[tuple[str, ...]] = []
         for name in found:
             parts = name.rstrip("/").rsplit("/", 3)[-3:]  # <trial>/metrics/<epoch>.json
@@ -291,15 +300,7 @@ class RunStorage:
         listing of ``trials/`` (on S3 one request per 1000 objects, however many trials there are),
         left out of fsspec's cache, and one of the stage's retries."""
         path, name = self.path("trials"), f"stage-{stage}.json"
-        try:
-            found = self.fs.find(path)
-        except FileNotFoundError:
-            found = []
-        finally:  # s3fs caches the listing of every folder it saw: it would answer later reads from it
-            cache = getattr(self.fs, "dircache", None)
-            for key in [k for k in list(cache or {}) if k == path or k.startswith(path + "/")]:
-                cache.pop(key, None)  # type: ignore[union-attr]
-            self.fs.invalidate_cache(path)
+        found = self._find("trials")
         tries = self.result_tries(stage)  # one listing of the stage's retries (none: no try after a clear)
         out = {}
         for p in found:

@@ -1,10 +1,12 @@
 """The run state a re-plan starts from, built from the files of a real run (local backend, sleeping
 synthetic trials run by real agents), and the re-plan written once per stage."""
 
+import fsspec
 import pytest
 
 from rubberband_airflow.execution import observe, replanning, runner
 from rubberband_airflow.execution.runner import RunPlan, RunSpec
+from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.replan import parse_state
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.workloads import synthetic
@@ -109,3 +111,11 @@ def test_the_metrics_of_many_trials_are_each_trials_own(where, storage, request)
     assert [m["epoch"] for m in many["trial-1"]] == [1, 2, 3] and many["trial-2"] == []
     assert [m["loss"] for m in many["trial-old"]] == [0.5, 0.25]
     assert storage.metrics_many(["trial-10"]) == {"trial-10": many["trial-10"]}
+    # What another process (an agent) writes after it is seen: s3fs would answer reads under a
+    # folder it listed from its cache of that listing.
+    agent = RunStorage(storage.uri, fsspec.filesystem(storage.fs.protocol[0], skip_instance_cache=True,
+                                                      **storage.fs.storage_options))
+    agent.write_result("trial-2", 1, {"state": "done", "stage": 1, "metric": 0.5})
+    agent.append_metrics("trial-2", {"epoch": 1, "loss": 1.0, "stage": 1, "time": 11.0})
+    assert storage.read_result("trial-2", 1)["metric"] == 0.5
+    assert [m["epoch"] for m in storage.metrics_many(["trial-2"])["trial-2"]] == [1]
