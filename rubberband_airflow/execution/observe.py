@@ -7,12 +7,13 @@ docs/planning-model.md section 7). Times are seconds from the run's start (``run
 - ``fleet``: the live instances of the plan's type, oldest request first; one still pending or
   booting is expected running and ready after the problem's latencies.
 - ``observed``: per GPU count, the mean epoch time in the latest stage that ran trials on that many
-  GPUs (the gaps between a trial's epoch records in a stage; a trial with one epoch in the stage
-  counts from its worker's start); the trial overhead (the time a trial held its slot, from its
-  process's start or the end of the trial before it on the same slot, to its result, less its
-  epochs); the stage overhead (from a stage barrier to the first trial's start, less the launch
-  latency of its instance when that instance was requested after the barrier; stage 1's barrier
-  is the run's start); the launch latency per offer (``offer_name``: request to first heartbeat).
+  GPUs (the gaps between the ends of a trial's epochs in a stage, which its result records as
+  ``epoch_ends``; a trial with one epoch in the stage counts from its worker's start); the trial
+  overhead (the time a trial held its slot, from its process's start or the end of the trial
+  before it on the same slot, to its result, less its epochs); the stage overhead (from a stage
+  barrier to the first trial's start, less the launch latency of its instance when that instance
+  was requested after the barrier; stage 1's barrier is the run's start); the launch latency per
+  offer (``offer_name``: request to first heartbeat).
 """
 
 from __future__ import annotations
@@ -32,21 +33,29 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def stage_results(storage: RunStorage, stage: int) -> dict[str, dict[str, Any]]:
-    """The results of a stage's trials that finished, by trial."""
-    chosen = storage.read_json("stages", str(stage), "trials.json") or {}
-    trials = list(chosen.get("trials") or [])
-    results = storage.read_json_many([("trials", t, f"stage-{stage}.json") for t in trials])
-    return {t: r for t, r in zip(trials, results) if is_done(r)}
+class StageResults:
+    """The finished results of a run's stages, by trial, each stage's read once (a re-plan looks
+    at a stage's results several times; hundreds of trials are hundreds of reads each time)."""
 
+    def __init__(self, storage: RunStorage) -> None:
+        self.storage = storage
+        self._by_stage: dict[int, dict[str, dict[str, Any]]] = {}
 
-def stage_end(storage: RunStorage, stage: int) -> float | None:
-    """When a stage ended: its last trial's finish (else its end record; None if it has not ended)."""
-    ends = [r["finished"] for r in stage_results(storage, stage).values() if r.get("finished")]
-    if ends:
-        return float(max(ends))
-    end = storage.read_json("stages", str(stage), "end.json")
-    return None if end is None else float(end["time"])
+    def __call__(self, stage: int) -> dict[str, dict[str, Any]]:
+        if stage not in self._by_stage:
+            chosen = self.storage.read_json("stages", str(stage), "trials.json") or {}
+            trials = list(chosen.get("trials") or [])
+            results = self.storage.read_json_many([("trials", t, f"stage-{stage}.json") for t in trials])
+            self._by_stage[stage] = {t: r for t, r in zip(trials, results) if is_done(r)}
+        return self._by_stage[stage]
+
+    def end(self, stage: int) -> float | None:
+        """When a stage ended: its last trial's finish (else its end record; None if it has not ended)."""
+        ends = [r["finished"] for r in self(stage).values() if r.get("finished")]
+        if ends:
+            return float(max(ends))
+        end = self.storage.read_json("stages", str(stage), "end.json")
+        return None if end is None else float(end["time"])
 
 
 def _trial_gpus(storage: RunStorage, stage: int) -> dict[str, int]:
@@ -54,16 +63,20 @@ def _trial_gpus(storage: RunStorage, stage: int) -> dict[str, int]:
     return {t["trial"]: int(t["gpus"]) for tasks in placement.values() for t in tasks}
 
 
-def _epoch_times(metrics: list[dict[str, Any]], stage: int, result: Mapping[str, Any]) -> tuple[list[float], int]:
-    """The seconds of the epochs a trial ran in the stage, from its epoch records' times, and how
-    many epochs it ran there."""
+def _epoch_ends(metrics: list[dict[str, Any]], stage: int) -> list[float]:
+    """When each of the stage's epochs ended, by epoch, from a trial's epoch records."""
     records = [m for m in metrics if m.get("stage") == stage and "time" in m]
-    times = [float(m["time"]) for m in sorted(records, key=lambda m: m["epoch"])]
-    if len(times) >= 2:
-        return [b - a for a, b in zip(times, times[1:])], len(times)
-    if times and result.get("started") is not None:
-        return [times[0] - float(result["started"])], 1
-    return [], len(times)
+    return [float(m["time"]) for m in sorted(records, key=lambda m: m["epoch"])]
+
+
+def _epoch_times(ends: list[float], result: Mapping[str, Any]) -> tuple[list[float], int]:
+    """The seconds of the epochs a trial ran in the stage, from when they ended, and how many it ran
+    there (a trial with one epoch in the stage counts it from its worker's start)."""
+    if len(ends) >= 2:
+        return [b - a for a, b in zip(ends, ends[1:])], len(ends)
+    if ends and result.get("started") is not None:
+        return [ends[0] - float(result["started"])], 1
+    return [], len(ends)
 
 
 def _slot_seconds(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
@@ -83,29 +96,32 @@ def _slot_seconds(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _stage_epochs(storage: RunStorage, stage: int) -> tuple[dict[int, float], dict[str, tuple[int, float, int]]]:
-    """Mean epoch seconds per GPU count in a stage, and per finished trial (gpus, slot seconds, epochs run)."""
+def _stage_epochs(storage: RunStorage, results: Mapping[str, Mapping[str, Any]], stage: int) -> \
+        tuple[dict[int, float], dict[str, tuple[int, float, int]]]:
+    """Mean epoch seconds per GPU count in a stage, and per finished trial (gpus, slot seconds, epochs
+    run). A result records when its epochs ended (``epoch_ends``); the epoch records of a trial
+    whose result does not (a run written before results did) are read, all such trials together."""
     gpus = _trial_gpus(storage, stage)
-    results = stage_results(storage, stage)
     held = _slot_seconds(results)
+    counted = [t for t in results if t in gpus and t in held]
+    older = storage.metrics_many([t for t in counted if "epoch_ends" not in results[t]])
     per_g: dict[int, list[float]] = defaultdict(list)
     trials = {}
-    metrics = storage.metrics_many([t for t in results if t in gpus and t in held])
-    for trial, result in results.items():
-        if trial not in metrics:
-            continue
-        epochs, count = _epoch_times(metrics[trial], stage, result)
+    for trial in counted:
+        result = results[trial]
+        ends = [float(x) for x in result["epoch_ends"]] if "epoch_ends" in result else _epoch_ends(older[trial], stage)
+        epochs, count = _epoch_times(ends, result)
         per_g[gpus[trial]] += epochs
         trials[trial] = (gpus[trial], held[trial], count)
     return {g: sum(v) / len(v) for g, v in per_g.items() if v}, trials
 
 
-def _stage_overhead(storage: RunStorage, stage: int, barrier: float, ledger: Mapping[str, Mapping[str, Any]]) -> \
-        float | None:
+def _stage_overhead(results: Mapping[str, Mapping[str, Any]], barrier: float,
+                    ledger: Mapping[str, Mapping[str, Any]]) -> float | None:
     """From the barrier before a stage to its first trial's start, less its instance's launch
     latency when that instance was requested after the barrier."""
     out = []
-    for result in stage_results(storage, stage).values():
+    for result in results.values():
         start = result.get("spawned", result.get("started"))
         entry = ledger.get(str(result.get("instance")), {})
         if start is None:
@@ -116,8 +132,9 @@ def _stage_overhead(storage: RunStorage, stage: int, barrier: float, ledger: Map
     return max(0.0, min(out)) if out else None
 
 
-def observed(storage: RunStorage, next_stage: int) -> dict[str, Any]:
+def observed(storage: RunStorage, next_stage: int, results: StageResults | None = None) -> dict[str, Any]:
     """What the stages before ``next_stage`` measured (section 7's ``observed``)."""
+    results = StageResults(storage) if results is None else results
     run = storage.read_json("run.json") or {}
     ledger_list = storage.ledger()
     ledger = {e["instance"]: e for e in ledger_list}
@@ -126,16 +143,16 @@ def observed(storage: RunStorage, next_stage: int) -> dict[str, Any]:
     stage_overheads: list[float] = []
     barrier = run.get("started")
     for stage in range(1, next_stage):
-        per_g, trials = _stage_epochs(storage, stage)
+        per_g, trials = _stage_epochs(storage, results(stage), stage)
         epochs.update(per_g)  # the latest stage that ran on g GPUs wins
         for g, seconds, n in trials.values():
             if n and g in per_g:
                 overheads.append(max(0.0, seconds - n * per_g[g]))
         if barrier is not None:
-            h = _stage_overhead(storage, stage, float(barrier), ledger)
+            h = _stage_overhead(results(stage), float(barrier), ledger)
             if h is not None:
                 stage_overheads.append(h)
-        barrier = stage_end(storage, stage)
+        barrier = results.end(stage)
     launches: dict[str, list[float]] = defaultdict(list)
     for e in ledger_list:
         if e.get("requested") is not None and e.get("ready") is not None:
@@ -156,7 +173,8 @@ def run_state(storage: RunStorage, problem: Problem, instance_type: str, next_st
     offers are not the plan's), or of ``also`` (offers whose live instances count as it)."""
     now = time.time() if now is None else now
     started = float((storage.read_json("run.json") or {})["started"])
-    end = stage_end(storage, next_stage - 1)
+    results = StageResults(storage)
+    end = results.end(next_stage - 1)
     elapsed = (end if end is not None else now) - started
     ledger = storage.ledger()
     itype = problem.instance_type(instance_type)
@@ -176,4 +194,4 @@ def run_state(storage: RunStorage, problem: Problem, instance_type: str, next_st
         fleet.append({"instance_type": instance_type, "running_at_seconds": max(0.0, running - started),
                       "ready_at_seconds": max(0.0, running - started, ready - started)})
     return {"next_stage": next_stage, "elapsed_seconds": max(0.0, elapsed), "spent_usd": spent, "fleet": fleet,
-            "observed": observed(storage, next_stage)}
+            "observed": observed(storage, next_stage, results)}

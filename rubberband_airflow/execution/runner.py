@@ -356,11 +356,11 @@ def scale(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: in
           continued: int = 0) -> dict[str, list[str]]:
     """Grow or shrink the fleet for a stage in one go: terminate the newest first, or launch the
     missing in batches (a retry finds a batch by its name and launches nothing again)."""
-    launched: list[str] = []
-    terminated = [i for batch in scale_in(backend, run_plan, stage, batch_size) for i in batch]
+    missing, terminated = scale_targets(reconcile(backend), wanted_instances(backend.storage, run_plan, stage))
     if terminated:
         backend.terminate(terminated)
-    for batch in scale_out(backend, run_plan, stage, batch_size, continued):
+    launched: list[str] = []
+    for batch in launch_batches(stage, missing, batch_size, continued, run_plan.market(stage)):
         launched += backend.launch(batch.name, batch.count, batch.market)
     return {"launched": launched, "terminated": terminated, "live": backend.live()}
 

@@ -46,6 +46,14 @@ def test_state_at_each_barrier_is_what_the_run_measured(storage, local_backend):
     assert [f["ready_at_seconds"] for f in state["fleet"]] == pytest.approx([e["ready"] - started for e in ledger])
     assert state["spent_usd"] == 0.0
     parse_state(state, run_plan.problem)  # the planning core reads it as it is
+    # Each result records when its epochs of the stage ended, as its epoch records say; a result
+    # written before results did (no epoch_ends) is measured from its epoch records, the same.
+    for t in runner.stage_trials(storage, 1):
+        result = storage.read_result(t, 1)
+        assert result["epoch_ends"] == [m["time"] for m in storage.metrics(t) if m["stage"] == 1]
+        del result["epoch_ends"]
+        storage.write_json(result, "trials", t, "stage-1.json")
+    assert observe.run_state(storage, run_plan.problem, "local-1", 2)["observed"] == obs
 
     run_stage(storage, backend, run_plan, 2, synthetic.MODE)
     state = observe.run_state(storage, run_plan.problem, "local-1", 3)
