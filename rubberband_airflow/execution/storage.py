@@ -121,14 +121,22 @@ class RunStorage:
         return True
 
     def read_bytes(self, *parts: str) -> bytes | None:
-        """The object's content in one GET, or None if it does not exist.
+        """The object's content, or None if it does not exist.
 
         Heartbeats and ledgers are rewritten while others read them: on S3 an object replaced
         between a read's requests fails it (precondition failed), so such a read is tried again.
         """
+        return self._read(self.path(*parts))
+
+    def _small(self) -> dict[str, Any]:
+        """What reads a small object in one request: s3fs (and adlfs) first ask an object's size, to
+        read a large one (a checkpoint) in concurrent ranges; that doubled every read of a result."""
+        return {"max_concurrency": 1} if getattr(self.fs, "max_concurrency", 1) > 1 else {}
+
+    def _read(self, path: str, **kwargs: Any) -> bytes | None:
         for attempt in range(_READ_TRIES):
             try:
-                return self.fs.cat_file(self.path(*parts))
+                return self.fs.cat_file(path, **kwargs)
             except FileNotFoundError:
                 return None
             except OSError:
@@ -145,7 +153,7 @@ class RunStorage:
         full = [self.path(*parts) for parts in paths]
         if any(c in self.root for c in "*?["):  # fsspec would take the paths for glob patterns
             return [self.read_json(*parts) for parts in paths]
-        got = self.fs.cat(full, on_error="return")
+        got = self.fs.cat(full, on_error="return", **self._small())
         out: list[Any] = []
         for parts, path in zip(paths, full):
             data = got.get(path) if isinstance(got, dict) else None
@@ -165,7 +173,7 @@ class RunStorage:
         return self.create_bytes(json.dumps(value, indent=1, sort_keys=True).encode(), *parts)
 
     def read_json(self, *parts: str) -> Any:
-        data = self.read_bytes(*parts)
+        data = self._read(self.path(*parts), **self._small())
         return None if data is None else json.loads(data)
 
     def exists(self, *parts: str) -> bool:
