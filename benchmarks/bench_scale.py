@@ -195,8 +195,8 @@ def write_doc(result: dict[str, Any]) -> None:
              "at most 64 trials at once), at the deadlines of `DEADLINES`, on the "
              "Celery stack of the full-stack tests (two workers, Redis, PostgreSQL, S3 on moto's server), trial "
              "waits started on the triggerer. "
-             f"Machine: {result['machine']}, shared with other work (load average {result['load_average']:.1f} at "
-             "the end).", "",
+             f"Machine: {result['machine']}, running nothing else (load average {result['load_average']:.1f} at "
+             "the end, the stack's and its trials' own).", "",
              "*Overhead*: the previous stage's last result to the stage's first trial start. *Trial start*: a "
              "trial's process spawned by its agent to its worker running. *Requests*: the "
              "triggerer's S3 requests per minute per waiting trial. *Scheduler*: the start task's end to the "
