@@ -43,10 +43,14 @@ class StageResults:
 
     def __call__(self, stage: int) -> dict[str, dict[str, Any]]:
         if stage not in self._by_stage:
-            chosen = self.storage.read_json("stages", str(stage), "trials.json") or {}
-            trials = list(chosen.get("trials") or [])
-            results = self.storage.read_json_many([("trials", t, f"stage-{stage}.json") for t in trials])
-            self._by_stage[stage] = {t: r for t, r in zip(trials, results) if is_done(r)}
+            # A promoted stage's outcome holds its results (the newest try's); else each trial's is read.
+            outcome = self.storage.read_json("stages", str(stage), "promoted.json") or {}
+            if "results" in outcome:
+                found = dict(outcome["results"])
+            else:
+                chosen = self.storage.read_json("stages", str(stage), "trials.json") or {}
+                found = self.storage.read_results(stage, list(chosen.get("trials") or []))
+            self._by_stage[stage] = {t: r for t, r in found.items() if is_done(r)}
         return self._by_stage[stage]
 
     def end(self, stage: int) -> float | None:

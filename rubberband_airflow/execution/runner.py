@@ -329,13 +329,13 @@ def unfinished(storage: RunStorage, stage: int) -> list[str]:
     return [t for t, r in storage.read_results(stage, trials).items() if r is None]
 
 
-def wanted_instances(storage: RunStorage, run_plan: RunPlan, stage: int) -> int:
+def wanted_instances(storage: RunStorage, run_plan: RunPlan, stage: int, todo: list[str] | None = None) -> int:
     """The instances a stage runs on: the plan's, or none when every trial of the stage has its
-    result already (carried over from an earlier attempt)."""
+    result already (carried over from an earlier attempt); ``todo``: its ``unfinished`` trials, if read."""
     planned = run_plan.allocation(stage).instances
-    if storage.read_json("stages", str(stage), "trials.json") is None:  # not promoted to yet: as planned
+    if todo is None and storage.read_json("stages", str(stage), "trials.json") is None:  # not promoted to yet
         return planned
-    return planned if unfinished(storage, stage) else 0
+    return planned if (unfinished(storage, stage) if todo is None else todo) else 0
 
 
 def scale_out(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int,
@@ -353,10 +353,10 @@ def scale_in(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size:
 
 
 def scale(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int = 8,
-          continued: int = 0) -> dict[str, list[str]]:
+          continued: int = 0, todo: list[str] | None = None) -> dict[str, list[str]]:
     """Grow or shrink the fleet for a stage in one go: terminate the newest first, or launch the
     missing in batches (a retry finds a batch by its name and launches nothing again)."""
-    missing, terminated = scale_targets(reconcile(backend), wanted_instances(backend.storage, run_plan, stage))
+    missing, terminated = scale_targets(reconcile(backend), wanted_instances(backend.storage, run_plan, stage, todo))
     if terminated:
         backend.terminate(terminated)
     launched: list[str] = []
@@ -369,11 +369,13 @@ def start_stage(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan,
                 timeout: TrialTimeout = TrialTimeout(), clear: int = 0, batch_size: int = 8,
                 continued: int = 0) -> dict[str, list[dict[str, Any]]]:
     """Start a stage: record its start, grow or shrink the fleet to the plan's, and place its
-    trials (``stage_placement``, whose placement it returns)."""
+    trials (``stage_placement``, whose placement it returns). The stage's results are read once for
+    both (hundreds of trials are hundreds of reads)."""
     begin_stage(storage, stage)
-    scaled = scale(backend, run_plan, stage, batch_size, continued)
+    todo = unfinished(storage, stage)
+    scaled = scale(backend, run_plan, stage, batch_size, continued, todo)
     log.info("stage %d: launched %s, terminated %s", stage, scaled["launched"], scaled["terminated"])
-    return stage_placement(storage, backend, run_plan, stage, timeout, clear)
+    return stage_placement(storage, backend, run_plan, stage, timeout, clear, todo)
 
 
 def prewarm_due(storage: RunStorage, run_plan: RunPlan, stage: int) -> float | None:
@@ -441,16 +443,18 @@ def place(trials: list[str], instances: list[str], ready_in: dict[str, float], s
 
 
 def stage_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
-                    timeout: TrialTimeout = TrialTimeout(), clear: int = 0) -> dict[str, list[dict[str, Any]]]:
+                    timeout: TrialTimeout = TrialTimeout(), clear: int = 0,
+                    todo: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
     """Place the stage's trials on the live fleet's slots as the plan expects them to run, each
     with its time limit, and write the assignments the agents read. An instance whose agent has
     not reported yet is expected ready after the plan's pending and boot latency. The placement
     is written once: a retried (or concurrent) place returns the one written first, so a trial
     is never placed on two instances. ``clear`` is Airflow's clear number of the run then (a
-    failure is run again only after a later clear: ``rerun_due``)."""
+    failure is run again only after a later clear: ``rerun_due``); ``todo``: the stage's
+    ``unfinished`` trials, where already read."""
     placement = _written_placement(storage, stage)
     if placement is None:
-        placement = _new_placement(storage, backend, run_plan, stage, timeout)
+        placement = _new_placement(storage, backend, run_plan, stage, timeout, todo)
         if not storage.create_json({"stage": stage, "placement": placement, "clear": clear},
                                    "stages", str(stage), "placement.json"):
             placement = _written_placement(storage, stage)
@@ -475,8 +479,9 @@ def _written_placement(storage: RunStorage, stage: int) -> dict[str, list[dict[s
 
 
 def _new_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
-                   timeout: TrialTimeout) -> dict[str, list[dict[str, Any]]]:
-    trials = unfinished(storage, stage)  # a result carried over from an earlier attempt is not run again
+                   timeout: TrialTimeout, todo: list[str] | None) -> dict[str, list[dict[str, Any]]]:
+    # A result carried over from an earlier attempt is not run again.
+    trials = unfinished(storage, stage) if todo is None else todo
     live = backend.live()
     if trials and not live:
         raise RuntimeError(f"stage {stage} has {len(trials)} trials and no live instance to run them")
@@ -582,7 +587,8 @@ def promote_stage(storage: RunStorage, backend: ComputeBackend, run_plan: RunPla
     else:
         promoted = promote(storage, stage, results, run_plan.sha.trials(stage + 1), mode)
     outcome = StageOutcome(stage, trials, promoted, failed, last)
-    storage.write_json(outcome.to_json(), "stages", str(stage), "promoted.json")
+    # With every result of the stage, which the next re-plan reads in one request, not one per trial.
+    storage.write_json({**outcome.to_json(), "results": results}, "stages", str(stage), "promoted.json")
     return outcome
 
 

@@ -22,7 +22,7 @@ Layout under the run (attempt) prefix:
     stages/<i>/<instance>.json           the trials assigned to an instance in stage i, in order
     stages/<i>/recovery/<instance>.json  where the trials of an instance lost in stage i went
     stages/<i>/retries/<k>.json          the k-th try (k >= 2) of the stage's failed trials, after a clear
-    stages/<i>/promoted.json             the stage's outcome, once promote succeeded
+    stages/<i>/promoted.json             the stage's outcome and every trial's result in it, once promote succeeded
     carried.json                         what this attempt kept of an earlier one's results, or why nothing
     stages/<i>/plan.json                 the plan stages i on execute, re-planned before stage i (written once)
     stages/<i>/replan.json               the re-plan before stage i: time, state, observed, the plan before and after

@@ -46,6 +46,13 @@ def test_state_at_each_barrier_is_what_the_run_measured(storage, local_backend):
     assert [f["ready_at_seconds"] for f in state["fleet"]] == pytest.approx([e["ready"] - started for e in ledger])
     assert state["spent_usd"] == 0.0
     parse_state(state, run_plan.problem)  # the planning core reads it as it is
+    # The promoted stage's outcome holds each trial's result, which the re-plan reads in one request;
+    # without them (a stage promoted before outcomes held them) each trial's own is read, the same.
+    outcome = storage.read_json("stages", "1", "promoted.json")
+    assert outcome["results"] == storage.read_results(1, runner.stage_trials(storage, 1))
+    del outcome["results"]
+    storage.write_json(outcome, "stages", "1", "promoted.json")
+    assert observe.run_state(storage, run_plan.problem, "local-1", 2)["observed"] == obs
     # Each result records when its epochs of the stage ended, as its epoch records say; a result
     # written before results did (no epoch_ends) is measured from its epoch records, the same.
     for t in runner.stage_trials(storage, 1):
