@@ -104,6 +104,20 @@ def _triggerer_cpu(stack: Stack) -> float:
     return total
 
 
+def _startup(stack: Stack, run_id: str, ti: dict[str, Any]) -> float | None:
+    """Seconds from a task instance's start to its task process having parsed the DAG (Airflow's task
+    runner's imports and DAG parse, before any of the task's own code), from its log."""
+    log = stack.home / "logs" / f"dag_id={ti['dag_id']}" / f"run_id={run_id}" / f"task_id={ti['task_id']}" / \
+        f"attempt={ti.get('try_number') or 1}.log"
+    try:
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    except (OSError, ValueError):
+        return None
+    parsed = next((r["timestamp"] for r in lines if r.get("event") == "Worker startup parse complete"), None)
+    begun = _time(ti["start_date"])
+    return None if parsed is None or begun is None else _time(parsed) - begun
+
+
 def measure(stack: Stack, proxy: _Proxy, trials: int) -> dict[str, Any]:
     """One run of the scale DAG with ``trials`` trials, and what it measured."""
     cpu = _triggerer_cpu(stack)
@@ -148,7 +162,10 @@ def measure(stack: Stack, proxy: _Proxy, trials: int) -> dict[str, Any]:
                        "promote": _time(promote["end_date"]) - _time(promote["start_date"]),
                        "start_queued": _time(start["start_date"]) - _time(promote["end_date"]),
                        "start": _time(start["end_date"]) - _time(start["start_date"]),
-                       "first_trial": first_start - _time(start["end_date"])}
+                       "first_trial": first_start - _time(start["end_date"]),
+                       # of promote's and start's runs: the task process's start (Airflow's)
+                       "promote_startup": _startup(stack, run_id, promote),
+                       "start_startup": _startup(stack, run_id, start)}
         stages.append({"stage": i, "trials": s["trials"], "instances": s["instances"],
                        "overhead_seconds": first_start - previous_last if previous_last else None,
                        "barrier_seconds": barrier,
@@ -249,6 +266,12 @@ def write_doc(result: dict[str, Any]) -> None:
                 top = max(parts, key=parts.get)
                 lines.append(f"- {r['trials']} trials, before stage {s['stage']}: the largest part of the "
                              f"{s['overhead_seconds']:.1f} s is {names[top]}, {parts[top]:.1f} s.")
+    startups = [p[k] for r in runs for s in r["stages"] if (p := s.get("barrier_seconds"))
+                for k in ("promote_startup", "start_startup") if p.get(k) is not None]
+    if startups:
+        lines += ["", f"Each of promote's and start's runs begins with the task process's start, Airflow's: its "
+                  f"imports and the DAG's parse took {min(startups):.1f} to {max(startups):.1f} s of each run "
+                  "(`promote_startup`, `start_startup`), before any of the task's own code."]
     lines += ["", "A wait started on the triggerer costs the triggerer a load of the DAG's serialized form "
               "(twice: Airflow builds the trigger's workload, then renders its arguments) and about 25 ms of its "
               "main loop to end the task: while the triggers of a stage of hundreds of trials are created, the "

@@ -35,10 +35,15 @@ def replan_rows(records: list[dict[str, Any]], started: float | None) -> list[di
     out = []
     for r in sorted(records, key=lambda r: r.get("stage") or 0):
         t = r.get("time")
+        retry = r.get("spot_retry")
+        if isinstance(retry, dict):  # how long before the re-plan EC2 last refused spot capacity
+            since = t - retry["time"] if isinstance(t, (int, float)) and isinstance(retry.get("time"), (int, float)) \
+                else None
+            retry = {"batches": retry.get("batches") or [], "refused_seconds_before": since}
         out.append({"stage": r.get("stage"), "seconds": t - started if isinstance(t, (int, float)) and started
                     else None, "observed": r.get("observed") or {}, "infeasible": r.get("infeasible"),
                     "before": _summary(r.get("before")), "after": _summary(r.get("after")),
-                    "spot_fallback": r.get("spot_fallback")})
+                    "spot_fallback": r.get("spot_fallback"), "spot_retry": retry})
     return out
 
 
@@ -107,7 +112,10 @@ def replan_lines(rep: dict[str, Any]) -> list[str]:
                      f"{_num(a['jct_seconds'], ' s')}, cost {_num(b['cost_usd'], '$')} -> {_num(a['cost_usd'], '$')}"
                      + (" (no plan met the deadline: the fastest)" if r.get("infeasible") else "")
                      + (f"; on demand from here: EC2 had no spot capacity for {', '.join(f['batches'])}"
-                        if (f := r.get("spot_fallback")) else ""))
+                        if (f := r.get("spot_fallback")) else "")
+                     + (f"; back on spot: EC2 last refused spot capacity "
+                        f"{_num(back['refused_seconds_before'], ' s')} before ({', '.join(back['batches'])})"
+                        if (back := r.get("spot_retry")) else ""))
     for p in rep.get("stage_predictions") or []:
         lines.append(f"Stage {p['stage']} ended at {p['actual_end_seconds']:.1f} s, predicted "
                      f"{_num(p['predicted_end_seconds'], ' s')} by the {p['plan']} "

@@ -29,6 +29,10 @@ from rubberband_airflow.planning.simulator import simulate
 
 log = logging.getLogger(__name__)
 
+# After EC2 refused a spot plan's launch spot capacity, its re-plans go on demand; the first re-plan
+# this long after the latest refusal plans on spot again (EC2's capacity is short for minutes, often).
+SPOT_RETRY_SECONDS = 600.0
+
 
 def current_plan(storage: RunStorage, stage: int) -> dict[str, Any] | None:
     """The plan stage ``stage`` executes: the latest re-plan at or before it, else ``plan.json``."""
@@ -40,18 +44,25 @@ def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float |
         tuple[dict[str, Any], dict[str, Any]]:
     """The run's plan re-planned before ``stage`` from its state, and the record of the re-plan.
     The re-plan keeps the run's instance type and market, except that a spot plan whose launches
-    EC2 refused spot capacity (``spot_fallback``) goes on demand: its live instances, spot or not,
-    are its fleet. When no plan meets the deadline, the fastest is taken."""
+    EC2 refused spot capacity (``spot_fallback``) goes on demand until ``SPOT_RETRY_SECONDS`` after
+    the latest refusal, then back to spot; either way the type's live instances, spot or not, are
+    its fleet. When no plan meets the deadline, the fastest is taken."""
     now = time.time() if now is None else now
     first = storage.read_json("plan.json") or before
     problem = parse_problem(first["problem"])
     name = before["instance_type"]
     itype = _instance_type(problem, before, name)
     also: tuple[str, ...] = ()
-    fallback = spot_fallback(storage.ledger(), name)
-    if fallback is not None:
-        also, name = (name,), offer(name)[0]
-        itype = _on_demand(problem, itype, name, fallback["price_per_hour"])
+    market = Market.ON_DEMAND if any(s.get("market") == Market.ON_DEMAND for s in before["stages"]) else None
+    # The refusals of the run's own spot offer (a plan re-planned after a fallback is on demand).
+    spot = first["instance_type"]
+    fallback = spot_fallback(storage.ledger(), spot)
+    if fallback is not None and now - fallback["time"] < SPOT_RETRY_SECONDS:
+        name, also, market = offer(spot)[0], (spot,), Market.ON_DEMAND
+        itype = _on_demand(problem, _instance_type(problem, first, spot), name, fallback["price_per_hour"])
+    elif fallback is not None:
+        name, also, market = spot, (offer(spot)[0],), Market.SPOT
+        itype = _instance_type(problem, first, spot)
     problem = replace(problem, instance_types=(itype,))
     state = observe.run_state(storage, problem, name, stage, now, also=also)
     state["observed"]["launch_seconds"] = {k: v for k, v in state["observed"]["launch_seconds"].items()
@@ -59,7 +70,7 @@ def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float |
     parsed = parse_state(state, problem)
     record: dict[str, Any] = {"time": now, "stage": stage, "state": state, "observed": state["observed"]}
     if fallback is not None:
-        record["spot_fallback"] = fallback
+        record["spot_fallback" if market == Market.ON_DEMAND else "spot_retry"] = fallback
     try:
         out = replan(problem, parsed)
     except InfeasibleError as e:
@@ -70,9 +81,9 @@ def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float |
                "predicted": {"jct_seconds": s["jct_seconds"], "cost_usd": s["cost_usd"]}}
         record["infeasible"] = str(e)
     stages = list(out["stages"])
-    if fallback is not None or any(s.get("market") == Market.ON_DEMAND for s in before["stages"]):
+    if market is not None:
         # Said outright: a stage that names no market launches in the backend's, spot for a spot spec.
-        stages = [{**s, "market": str(Market.ON_DEMAND)} for s in stages]
+        stages = [{**s, "market": str(market)} for s in stages]
     fixed = corrected(problem, parsed.observed)
     after = {k: v for k, v in out.items() if k not in ("first_stage", "stages")}
     after.update(stages=list(before["stages"][:stage - 1]) + stages,
@@ -85,14 +96,16 @@ def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float |
 
 def spot_fallback(ledger: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
     """Where a plan on the spot offer ``name`` had a batch launched on demand because EC2 refused
-    spot capacity: the batches, EC2's refusals and the on-demand price the ledger records (None
-    where it records none); None for an on-demand plan or a run that got its spot capacity."""
+    spot capacity: the batches, EC2's latest refusal and when it was asked (``time``), and the
+    on-demand price the ledger records (None where it records none); None for an on-demand plan
+    or a run that got its spot capacity."""
     instance_type, market = offer(name)
     fell = [e for e in ledger if e.get("spot_refused") and e.get("type") == instance_type]
     if market != Market.SPOT or not fell:
         return None
     prices = [e["price_per_hour"] for e in fell if e.get("price_per_hour") is not None]
     return {"batches": sorted({e["batch"] for e in fell}), "refused": fell[-1]["spot_refused"],
+            "time": max(float(e.get("requested") or 0.0) for e in fell),
             "price_per_hour": prices[-1] if prices else None}
 
 

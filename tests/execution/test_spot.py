@@ -27,6 +27,7 @@ from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.plan import parse_plan
 from rubberband_airflow.planning.problem import parse_problem
 from rubberband_airflow.planning.simulator import simulate
+from rubberband_airflow.predictions import replan_lines, replan_rows
 from rubberband_airflow.report import build_report, summary_lines
 from rubberband_airflow.run_view import read_run, view_data
 from rubberband_airflow.search_space import sample
@@ -191,6 +192,44 @@ def test_no_spot_capacity_sends_the_rest_of_the_run_on_demand_and_the_re_plan_pr
     assert any("on demand from here: EC2 had no spot capacity for stage-1-batch-0" in line
                for line in summary_lines(report))
     _cleanup(moto_cloud, backend)
+
+
+def test_after_a_spot_refusal_the_re_plans_go_on_demand_then_back_to_spot_once_the_refusal_is_old(storage):
+    """A re-plan soon after EC2 refused spot capacity plans on demand; one SPOT_RETRY_SECONDS after
+    the latest refusal plans the run's spot offer again. Both count every live instance of the
+    type, spot or on demand, as the fleet."""
+    plan = plan_json(TYPE + SPOT_SUFFIX, 1, [(1, 2), (1, 1), (1, 1)], num_trials=4, eta=2, min_epochs=1)
+    plan["problem"]["instance_types"][0].update(market="spot", price_per_hour=SPOT_PRICE, interruptions_per_hour=0.05)
+    for s in plan["stages"]:
+        s["market"] = "spot"
+    runner.start_run(storage, RunSpec(SYNTHETIC, synthetic.METRIC, synthetic.MODE),
+                     sample(synthetic.SEARCH_SPACE, 4, seed=1), plan, 1)
+    t0 = storage.read_json("run.json")["started"]
+    entry = {"type": TYPE, "slots": 1, "requested": t0, "running": t0 + 10, "ready": t0 + 40, "terminated": None}
+    # Stage 1's first batch got spot; its second was refused spot in every subnet and went on demand.
+    storage.write_ledger({**entry, "instance": "i-spot", "batch": "stage-1-batch-0", "market": "spot",
+                          "price_per_hour": SPOT_PRICE})
+    storage.write_ledger({**entry, "instance": "i-od", "batch": "stage-1-batch-1", "market": "on-demand",
+                          "requested": t0 + 1, "spot_refused": "subnet-a: InsufficientInstanceCapacity"})
+
+    soon, record = replanning.revise(storage, plan, 2, now=t0 + 100)
+    assert soon["instance_type"] == TYPE and [s["market"] for s in soon["stages"][1:]] == ["on-demand"] * 2
+    assert record["spot_fallback"]["batches"] == ["stage-1-batch-1"] and "spot_retry" not in record
+    assert len(record["state"]["fleet"]) == 2
+    # Before stage 3, still within SPOT_RETRY_SECONDS of the refusal: on demand, both instances its fleet.
+    still, record = replanning.revise(storage, soon, 3, now=t0 + 1 + replanning.SPOT_RETRY_SECONDS - 1)
+    assert still["instance_type"] == TYPE and still["stages"][2]["market"] == "on-demand"
+    assert len(record["state"]["fleet"]) == 2
+    # Later, spot again: the run's spot offer at its price, new instances spot; the stages run keep theirs.
+    back, record = replanning.revise(storage, soon, 3, now=t0 + 1 + replanning.SPOT_RETRY_SECONDS + 1)
+    assert back["instance_type"] == TYPE + SPOT_SUFFIX and back["stages"][:2] == soon["stages"][:2]
+    assert back["stages"][2]["market"] == "spot" and RunPlan.from_json(back).market(3) == Market.SPOT
+    assert RunPlan.from_json(back).problem.instance_type(TYPE + SPOT_SUFFIX).price_per_hour == SPOT_PRICE
+    assert record["spot_retry"]["batches"] == ["stage-1-batch-1"] and "spot_fallback" not in record
+    assert len(record["state"]["fleet"]) == 2
+    [line] = replan_lines({"replans": replan_rows([record], t0)})  # the report's line of this re-plan
+    assert line.endswith(f"; back on spot: EC2 last refused spot capacity "
+                         f"{replanning.SPOT_RETRY_SECONDS + 1:.1f} s before (stage-1-batch-1)")
 
 
 def test_a_spot_instance_interrupted_mid_trial_loses_no_epoch_and_the_run_completes(moto_cloud):
