@@ -234,7 +234,7 @@ def write_doc(result: dict[str, Any]) -> None:
             start = s.get("trial_start_seconds")
             begin = f"{start['mean']:.1f} s, {start['max']:.1f} s" if start else "–"
             parts = s.get("barrier_seconds")
-            split = " + ".join(f"{parts[k]:.1f}" for k in ("waits_ended", "promote_queued", "promote",
+            split = " + ".join(f"{max(0.0, parts[k]):.1f}" for k in ("waits_ended", "promote_queued", "promote",
                                                              "start_queued", "start", "first_trial")) \
                 if parts else "–"
             lines.append(f"| {r['trials'] if first else ''} | {s['stage']} | {s['trials']} | {s['instances']} | "

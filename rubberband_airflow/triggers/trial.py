@@ -136,6 +136,12 @@ class StageWatch:
                 self.listed = began
         return self.done
 
+    def next_listing(self, interval: float) -> float:
+        """Seconds until the results are listed again: a trigger that read a listing made before its
+        own look sleeps until the next one, not a whole interval from its look (up to two intervals
+        from a result to its trigger seeing it)."""
+        return max(interval / 10, self.listed + interval - time.monotonic())
+
     async def look(self, interval: float) -> float:
         """Look at the instances of the unfinished trials at most once per ``interval``; returns
         when the latest look began (a trigger trusts only a look that began after its own wait)."""
@@ -274,7 +280,7 @@ class TrialResultTrigger(BaseTrigger):
                     yield TriggerEvent({"trial": self.trial, "stage": self.stage, "lost": True, "instance": instance,
                                         "result": lost_result(self.stage, reason, instance)})
                     return
-            await asyncio.sleep(self.poll_interval)
+            await asyncio.sleep(watch.next_listing(self.poll_interval))
 
     def _event(self, result: dict[str, Any]) -> TriggerEvent:
         """The event of a result: with ``finish_task``, a done trial ends its task here (its XCom the
