@@ -280,9 +280,10 @@ def write_doc(result: dict[str, Any]) -> None:
               "(twice: Airflow builds the trigger's workload, then renders its arguments) and about 25 ms of its "
               "main loop to end the task: while the triggers of a stage of hundreds of trials are created, the "
               "triggerer takes a core of this machine, and where the stage is shorter than that (here, trials of "
-              "one 2 s epoch) the last waits end late. Much of the task parts is requests to moto's single server "
+              "one 2 s epoch) the last waits end late. Much of promote's run is requests to moto's single server "
               "process (256 results take it about 2 s on the idle machine): promote reads every result of the "
-              "stage, and start reads them again for the re-plan."]
+              "stage and writes them into the stage's outcome, from which start's re-plan reads them in one "
+              "request."]
     write_section("scale", "\n".join(lines))
 
 
