@@ -6,8 +6,10 @@ is answered with S3's ``500 InternalError``.
 ``flaky:///path`` is the local path. While the file named by ``RUBBERBAND_TEST_STORM`` exists,
 every operation of an agent or worker process with that variable raises an OSError, as s3fs
 does for a burst of S3 errors, and appends a line (its pid and ``agent.py`` or ``worker.py``) to
-``<storm file>.hits``. The test itself is spared. A process gets the protocol from the
-``sitecustomize`` that ``storm_env`` writes (fsspec's own plugin registration).
+``<storm file>.hits``. The test itself is spared, unless ``RUBBERBAND_TEST_STORM_HERE`` is set
+in it too (the storm then reaches code under test in the test's process: triggers). A process
+gets the protocol from the ``sitecustomize`` that ``storm_env`` writes (fsspec's own plugin
+registration), or from ``register``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 from tests.served import Served
 
 STORM = "RUBBERBAND_TEST_STORM"
+STORM_HERE = "RUBBERBAND_TEST_STORM_HERE"
 
 
 class FlakyFileSystem(LocalFileSystem):
@@ -41,7 +44,7 @@ class FlakyFileSystem(LocalFileSystem):
     def _weather(self) -> None:
         storm = os.environ.get(STORM)
         role = os.path.basename(sys.argv[0])
-        if storm and os.path.exists(storm) and role in ("agent.py", "worker.py"):
+        if storm and os.path.exists(storm) and (role in ("agent.py", "worker.py") or os.environ.get(STORM_HERE)):
             with open(f"{storm}.hits", "a") as f:
                 f.write(f"{os.getpid()} {role}\n")
             raise OSError(5, "injected storage error (a storm)")

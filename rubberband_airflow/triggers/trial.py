@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
-from rubberband_airflow.execution import recovery, runner
+from rubberband_airflow.execution import backoff, recovery, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.hooks.storage import run_storage
+
+log = logging.getLogger(__name__)
 
 # A trial's instance is lost when its agent's heartbeat (written every few seconds) has not
 # changed for this long, or when no heartbeat has appeared this long after the wait began.
@@ -20,6 +24,10 @@ SILENT_SECONDS = recovery.SILENT_SECONDS
 BOOT_SECONDS = recovery.BOOT_SECONDS
 # How often the heartbeat is looked at (the result is read every poll interval).
 LIVENESS_INTERVAL = 30.0
+# How long the triggers of a stage ride out storage errors (as a trial's process does) before their
+# waits fail: meanwhile each keeps what it last read and reads again at its next poll.
+STORAGE_PATIENCE_SECONDS = 300.0
+_FAILED = object()  # a read that storage errors failed, within the patience
 
 
 def boot_limit(plan: dict[str, Any] | None) -> float:
@@ -104,13 +112,30 @@ class StageWatch:
         self.done: dict[str, int] = {}  # trial: the try of its result (the newest), as last listed
         self.where: dict[str, str | None] = {}  # trial: its instance now (None: recovery impossible)
         self.lost: dict[str, str] = {}  # instance: why it is lost
+        self.failing_since: float | None = None  # monotonic time of the first of the storage errors now
         self._lock = asyncio.Lock()
+
+    async def patiently(self, call: Callable[[], Any], what: str) -> Any:
+        """``call()`` in a thread; ``_FAILED`` where a transient storage error (``backoff.transient``)
+        failed it while storage has failed for less than ``STORAGE_PATIENCE_SECONDS``, else its error."""
+        try:
+            out = await asyncio.to_thread(call)
+        except OSError as e:
+            now = time.monotonic()
+            self.failing_since = now if self.failing_since is None else self.failing_since
+            if not backoff.transient(e) or now - self.failing_since > STORAGE_PATIENCE_SECONDS:
+                raise
+            log.warning("%s failed (%s); trying again at the next poll", what, e)
+            return _FAILED
+        self.failing_since = None
+        return out
 
     async def open(self, trigger: TrialResultTrigger) -> RunStorage:
         """The run's storage, with what the stage's triggers share read from it by the first one."""
         async with self._lock:
-            if self.storage is None:
-                await asyncio.to_thread(self._open, trigger)
+            while self.storage is None:
+                if await self.patiently(lambda: self._open(trigger), "reading the stage's placement") is _FAILED:
+                    await asyncio.sleep(trigger.poll_interval)
         assert self.storage is not None
         return self.storage
 
@@ -131,8 +156,11 @@ class StageWatch:
         async with self._lock:
             if time.monotonic() - self.listed >= interval:
                 began = time.monotonic()
-                assert self.storage is not None
-                self.done = await asyncio.to_thread(self.storage.stage_result_tries, self.stage)
+                storage = self.storage
+                assert storage is not None
+                listed = await self.patiently(lambda: storage.stage_result_tries(self.stage), "listing the results")
+                if listed is not _FAILED:
+                    self.done = listed
                 self.listed = began
         return self.done
 
@@ -148,8 +176,10 @@ class StageWatch:
         async with self._lock:
             if time.monotonic() - self.looked >= interval:
                 began = time.monotonic()
-                self.where, self.lost = await asyncio.to_thread(self._look)
-                self.looked = began
+                seen = await self.patiently(self._look, "looking at the instances")
+                if seen is not _FAILED:  # else a look as old as the last one: no loss is judged on it
+                    self.where, self.lost = seen
+                    self.looked = began
         return self.looked
 
     def _look(self) -> tuple[dict[str, str | None], dict[str, str]]:
@@ -263,8 +293,9 @@ class TrialResultTrigger(BaseTrigger):
             done = await watch.results(self.poll_interval)
             if self.trial in done:
                 # The trial's newest try (a failed trial run again after a clear has a later one) counts.
-                result = await asyncio.to_thread(storage.read_result, self.trial, self.stage, done[self.trial])
-                if result is not None:
+                read = functools.partial(storage.read_result, self.trial, self.stage, done[self.trial])
+                result = await watch.patiently(read, "reading a result")
+                if result is not None and result is not _FAILED:
                     self.log.info("%s has a result for stage %s: %s", self.trial, self.stage, result.get("state"))
                     yield self._event(result)
                     return

@@ -4,15 +4,18 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
 from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run
+from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.sensors.trial import TrialResultSensor
 from rubberband_airflow.triggers import trial as trial_trigger
 from rubberband_airflow.triggers.trial import BOOT_SECONDS, TrialResultTrigger, boot_limit
 from tests.execution.conftest import agent_processes, env, local_backend, storage  # noqa: F401 (fixtures)
+from tests.flaky_fs import STORM, STORM_HERE, register
 
 
 def _run(storage, backend, trainable: str) -> str:
@@ -115,3 +118,40 @@ def test_the_triggers_of_a_stage_share_its_listing_and_each_ends_with_its_own_tr
     assert {e.task_instance_state for e in events} == {"success"}
     assert storage.stage_results(1) == set(trials)
     assert storage.stage_results(2) == set()
+
+
+def test_the_triggers_of_a_stage_ride_out_a_storage_error_burst_and_each_ends_with_its_result(tmp_path, monkeypatch):
+    """Every read of the triggers fails for 3 s (20 of their polls) while the trials' results are
+    written: no wait fails or is lost, and each ends with its own trial's result once storage is back."""
+    register()
+    run = tmp_path / "run"
+    storage = RunStorage(f"file://{run}")  # what the trials write through, spared by the storm
+    trials = [f"trial-{k:04d}" for k in range(8)]
+    start_run(storage, RunSpec("tests.trainables:hangs", "accuracy", "max", seed=1), [{"lr": 0.1}] * 8,
+              {"instance_type": "local-1", "stages": []}, 1)
+    assign_stage(storage, 1, {"i-0": [{"trial": t, "gpus": 1, "start_epoch": 0, "stop_epoch": 1} for t in trials]})
+    storm = tmp_path / "storm"
+    monkeypatch.setenv(STORM, str(storm))
+    monkeypatch.setenv(STORM_HERE, "1")
+
+    async def night() -> list:
+        async def first(trigger: TrialResultTrigger):
+            async for event in trigger.run():
+                return event
+        triggers = [TrialResultTrigger(f"flaky://{run}", t, 1, poll_interval=0.15, boot_seconds=60, finish_task=True)
+                    for t in trials]
+        waits = asyncio.gather(*(first(t) for t in triggers))
+        await asyncio.sleep(1.0)  # the stage's watch is open, its results listed
+        storm.touch()
+        for k, t in enumerate(trials):
+            await asyncio.to_thread(storage.write_result, t, 1, {"state": "done", "stage": 1, "metric": k / 100})
+        await asyncio.sleep(3.0)
+        assert not waits.done()  # nothing read in the storm: still waiting, none failed
+        storm.unlink()
+        return await asyncio.wait_for(waits, 30)
+
+    events = asyncio.run(night())
+    assert Path(f"{storm}.hits").read_text().count("\n") >= 20  # the storm met the triggers' reads
+    assert [e.xcoms["return_value"] for e in events] == [
+        {"trial": t, "stage": 1, "metric": k / 100} for k, t in enumerate(trials)]
+    assert trial_trigger._WATCHES == {}
