@@ -11,7 +11,7 @@ from airflow.sdk.bases.sensor import poke_mode_only
 from airflow.sdk.exceptions import AirflowFailException
 from airflow.triggers.base import StartTriggerArgs
 
-from rubberband_airflow.execution import replanning, runner
+from rubberband_airflow.execution import backoff, replanning, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.hooks.backend import backend_of_run
@@ -19,6 +19,7 @@ from rubberband_airflow.hooks.storage import run_storage
 from rubberband_airflow.triggers.trial import (
     LIVENESS_INTERVAL,
     SILENT_SECONDS,
+    STORAGE_PATIENCE_SECONDS,
     Liveness,
     TrialResultTrigger,
     boot_limit,
@@ -104,20 +105,26 @@ class TrialResultSensor(BaseSensorOperator):
         try:
             config = self._storage().read_config(self.trial)
             context["rubberband_trial_label"] = f"{self.trial} {config_summary(config)}"  # type: ignore[typeddict-unknown-key]
-        except FileNotFoundError:
+        except OSError:  # not there, or storage failing: the label is the trial's id
             context["rubberband_trial_label"] = self.trial  # type: ignore[typeddict-unknown-key]
 
     def execute(self, context: Context) -> Any:
         self._label(context)
         self._remember_run(context)
         storage = self._storage()
-        self._rerun_if_cleared(storage, context)
-        result = storage.read_result(self.trial, int(self.stage))
+        # Through a storage error burst the wait starts late, not failed (a failed wait's trial would
+        # be recorded as failed by promote, though it finished).
+        result = backoff.retry(lambda: self._begin(storage, context), "starting the wait", STORAGE_PATIENCE_SECONDS)
         if result is not None:
             return self._finish(result)
         if not self.deferrable:
             return super().execute(context)
-        self._defer(storage)
+        backoff.retry(lambda: self._defer(storage), "handing the wait to the triggerer", STORAGE_PATIENCE_SECONDS)
+
+    def _begin(self, storage: RunStorage, context: Context) -> dict[str, Any] | None:
+        """Run the trial again if the run was cleared since it failed; its result, if it has one."""
+        self._rerun_if_cleared(storage, context)
+        return storage.read_result(self.trial, int(self.stage))
 
     def _defer(self, storage: RunStorage) -> None:
         dag_id, run_id = self._run_ids or (None, None)
@@ -154,6 +161,16 @@ class TrialResultSensor(BaseSensorOperator):
         return backend_of_run(self.spec_path, storage, *self._run_ids)
 
     def poke(self, context: Context) -> bool | PokeReturnValue:
+        """The trial's result, or whether its instance is lost; a storage error is a poke without news."""
+        try:
+            return self._poke()
+        except OSError as e:
+            if not backoff.transient(e):
+                raise
+            self.log.warning("reading %s's result failed (%s); trying again at the next poke", self.trial, e)
+            return False
+
+    def _poke(self) -> bool | PokeReturnValue:
         storage = self._storage()
         result = storage.read_result(self.trial, int(self.stage))
         if result is not None:

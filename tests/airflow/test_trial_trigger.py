@@ -3,6 +3,7 @@
 import asyncio
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -155,3 +156,32 @@ def test_the_triggers_of_a_stage_ride_out_a_storage_error_burst_and_each_ends_wi
     assert [e.xcoms["return_value"] for e in events] == [
         {"trial": t, "stage": 1, "metric": k / 100} for k, t in enumerate(trials)]
     assert trial_trigger._WATCHES == {}
+
+
+@pytest.mark.parametrize("deferrable", [True, False])
+def test_a_wait_that_starts_or_pokes_in_a_storage_error_burst_goes_on_and_ends_with_its_result(
+        deferrable, tmp_path, monkeypatch):
+    """Every read of the sensor fails for 2 s from its start: it starts late (deferred to its trigger,
+    or poking) rather than failing, and ends with its trial's result, which the trial wrote meanwhile."""
+    register()
+    run = tmp_path / "run"
+    storage = RunStorage(f"file://{run}")  # the trial's side, spared by the storm
+    start_run(storage, RunSpec("tests.trainables:hangs", "accuracy", "max", seed=1), [{"lr": 0.1}],
+              {"instance_type": "local-1", "stages": []}, 1)
+    assign_stage(storage, 1, {"i-0": [{"trial": "trial-0000", "gpus": 1, "start_epoch": 0, "stop_epoch": 1}]})
+    storm = tmp_path / "storm"
+    monkeypatch.setenv(STORM, str(storm))
+    monkeypatch.setenv(STORM_HERE, "1")
+    storm.touch()
+    sensor = TrialResultSensor(task_id="wait", run_uri=f"flaky://{run}", trial="trial-0000", stage=1,
+                               deferrable=deferrable, poll_interval=0.1, timeout=60)
+    if deferrable:  # the result comes while the storm lasts: the wait's start sees it once storage is back
+        storage.write_result("trial-0000", 1, {"state": "done", "stage": 1, "metric": 0.5})
+        threading.Timer(2.0, storm.unlink).start()
+        assert sensor.execute({}) == {"trial": "trial-0000", "stage": 1, "metric": 0.5}
+    else:  # the storm passes before the result comes: the pokes in the storm found nothing, and failed nothing
+        threading.Timer(2.0, storm.unlink).start()
+        threading.Timer(2.5, storage.write_result, ("trial-0000", 1, {"state": "done", "stage": 1, "metric": 0.5})) \
+            .start()
+        assert sensor.execute({}) == {"trial": "trial-0000", "stage": 1, "metric": 0.5}
+    assert Path(f"{storm}.hits").read_text().count("\n") >= 2  # the storm met the sensor's reads
