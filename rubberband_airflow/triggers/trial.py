@@ -11,6 +11,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
+from rubberband_airflow import trainable
 from rubberband_airflow.execution import backoff, recovery, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.execution.storage import RunStorage
@@ -24,9 +25,9 @@ SILENT_SECONDS = recovery.SILENT_SECONDS
 BOOT_SECONDS = recovery.BOOT_SECONDS
 # How often the heartbeat is looked at (the result is read every poll interval).
 LIVENESS_INTERVAL = 30.0
-# How long the triggers of a stage ride out storage errors (as a trial's process does) before their
-# waits fail: meanwhile each keeps what it last read and reads again at its next poll.
-STORAGE_PATIENCE_SECONDS = 300.0
+# How long the triggers of a stage ride out storage errors (as long as a trial's process does) before
+# their waits fail: meanwhile each keeps what it last read and reads again at its next poll.
+STORAGE_PATIENCE_SECONDS = trainable.STORAGE_PATIENCE_SECONDS
 _FAILED = object()  # a read that storage errors failed, within the patience
 
 
