@@ -153,18 +153,14 @@ def measure(stack: Stack, proxy: _Proxy, trials: int) -> dict[str, Any]:
             kind = kind if kind == "list" or not kind.startswith("GET stage-") else "GET stage-<i>.json"
             kinds[kind] = kinds.get(kind, 0) + 1
         barrier = None
-        if previous_last is not None:  # where the overhead went: the stage before's waits, promote; this start
+        if previous_last is not None:  # where the overhead went: the stage before's waits; this start
             before = [_time(t["end_date"]) for t in tis if t["task_id"] == f"stage_{i - 1}.wait"]
-            promote = next(t for t in tis if t["task_id"] == f"stage_{i - 1}.promote")
             waits_ended = max(x for x in before if x)
             barrier = {"waits_ended": waits_ended - previous_last,
-                       "promote_queued": _time(promote["start_date"]) - waits_ended,
-                       "promote": _time(promote["end_date"]) - _time(promote["start_date"]),
-                       "start_queued": _time(start["start_date"]) - _time(promote["end_date"]),
+                       "start_queued": _time(start["start_date"]) - waits_ended,
                        "start": _time(start["end_date"]) - _time(start["start_date"]),
                        "first_trial": first_start - _time(start["end_date"]),
-                       # of promote's and start's runs: the task process's start (Airflow's)
-                       "promote_startup": _startup(stack, run_id, promote),
+                       # of start's run: the task process's start (Airflow's)
                        "start_startup": _startup(stack, run_id, start)}
         stages.append({"stage": i, "trials": s["trials"], "instances": s["instances"],
                        "overhead_seconds": first_start - previous_last if previous_last else None,
@@ -222,9 +218,9 @@ def write_doc(result: dict[str, Any]) -> None:
              "trial's process spawned by its agent to its worker running. *Requests*: the "
              "triggerer's S3 requests per minute per waiting trial. *Scheduler*: the start task's end to the "
              "stage's last wait started, per wait. *Overhead's parts*: the previous stage's last result to its "
-             "last wait ended (on the triggerer), to its promote task started (scheduler, Celery), promote's run, "
-             "to this stage's start task started, start's run (re-plan, scale, place), to the first trial "
-             "spawned (the agents' poll).", "",
+             "last wait ended (on the triggerer), to this stage's start task started (scheduler, Celery), start's "
+             "run (promote the stage before, re-plan, scale, place), to the first trial spawned (the agents' "
+             "poll).", "",
              "| trials | stage | trials in stage | instances | overhead | overhead's parts | "
              "trial start (mean, max) | "
              "requests / trial-minute | scheduler per wait | predicted JCT | actual JCT | predicted cost | "
@@ -238,8 +234,8 @@ def write_doc(result: dict[str, Any]) -> None:
             start = s.get("trial_start_seconds")
             begin = f"{start['mean']:.1f} s, {start['max']:.1f} s" if start else "–"
             parts = s.get("barrier_seconds")
-            split = " + ".join(f"{max(0.0, parts[k]):.1f}" for k in ("waits_ended", "promote_queued", "promote",
-                                                             "start_queued", "start", "first_trial")) \
+            split = " + ".join(f"{max(0.0, parts[k]):.1f}" for k in ("waits_ended", "start_queued", "start",
+                                                             "first_trial")) \
                 if parts else "–"
             lines.append(f"| {r['trials'] if first else ''} | {s['stage']} | {s['trials']} | {s['instances']} | "
                          f"{overhead} | {split} | {begin} | "
@@ -251,8 +247,9 @@ def write_doc(result: dict[str, Any]) -> None:
     overheads = [s["overhead_seconds"] for r in runs for s in r["stages"] if s["overhead_seconds"] is not None]
     lines += ["", f"Actual JCT was {min(ratios):.1f} to {max(ratios):.1f} times the prediction and the "
               f"orchestration overhead between stages {min(overheads):.1f} to {max(overheads):.1f} s (the plan "
-              "assumed the profile's 10 s; between two stages the DAG runs two tasks, the last stage's promote and "
-              "the next one's start). On this machine a trial is a process of its own, forked from its agent's "
+              "assumed the profile's 10 s; between two stages the DAG runs one task, the next stage's start, which "
+              "promotes the stage before; the stage's own promote task runs beside it, off that path). On this "
+              "machine a trial is a process of its own, forked from its agent's "
               "fork server (which imported the worker and s3fs once), that makes a dozen requests to moto's "
               "server, and the trials of an instance start together: the *trial start* column is the time from "
               "the fork to the worker running, which grows with the trials started at once on 2 shared cores. "
@@ -261,8 +258,8 @@ def write_doc(result: dict[str, Any]) -> None:
               "and placement; the steady part is one listing of the stage's results per 2 s and one look at its "
               "instances per 30 s, shared by all its waiting trials (`triggerer_requests_by_kind` in the raw "
               "numbers).", ""]
-    names = {"waits_ended": "the last wait's end on the triggerer", "promote_queued": "promote's queueing",
-             "promote": "promote's run", "start_queued": "start's queueing", "start": "start's run",
+    names = {"waits_ended": "the last wait's end on the triggerer", "start_queued": "start's queueing",
+             "start": "start's run",
              "first_trial": "the agents' poll"}
     for r in runs:
         for s in r["stages"]:
@@ -271,19 +268,19 @@ def write_doc(result: dict[str, Any]) -> None:
                 lines.append(f"- {r['trials']} trials, before stage {s['stage']}: the largest part of the "
                              f"{s['overhead_seconds']:.1f} s is {names[top]}, {parts[top]:.1f} s.")
     startups = [p[k] for r in runs for s in r["stages"] if (p := s.get("barrier_seconds"))
-                for k in ("promote_startup", "start_startup") if p.get(k) is not None]
+                if p.get(k := "start_startup") is not None]
     if startups:
-        lines += ["", f"Each of promote's and start's runs begins with the task process's start, Airflow's: its "
+        lines += ["", f"Each start's run begins with the task process's start, Airflow's: its "
                   f"imports and the DAG's parse took {min(startups):.1f} to {max(startups):.1f} s of each run "
-                  "(`promote_startup`, `start_startup`), before any of the task's own code."]
+                  "(`start_startup`), before any of the task's own code."]
     lines += ["", "A wait started on the triggerer costs the triggerer a load of the DAG's serialized form "
               "(twice: Airflow builds the trigger's workload, then renders its arguments) and about 25 ms of its "
               "main loop to end the task: while the triggers of a stage of hundreds of trials are created, the "
               "triggerer takes a core of this machine, and where the stage is shorter than that (here, trials of "
-              "one 2 s epoch) the last waits end late. Much of promote's run is requests to moto's single server "
-              "process (256 results take it about 2 s on the idle machine): promote reads every result of the "
-              "stage and writes them into the stage's outcome, from which start's re-plan reads them in one "
-              "request."]
+              "one 2 s epoch) the last waits end late. Much of start's run is requests to moto's single server "
+              "process (256 results take it about 2 s on the idle machine): its promotion of the stage before "
+              "reads every result of that stage and writes them into the stage's outcome, from which its "
+              "re-plan reads them in one request."]
     write_section("scale", "\n".join(lines))
 
 

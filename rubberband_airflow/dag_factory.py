@@ -1,5 +1,5 @@
-"""One DAG per tuning spec: plan, then per stage of successive halving start (re-plan, scale,
-place), wait, promote;
+"""One DAG per tuning spec: plan, then per stage of successive halving start (promote the stage
+before, re-plan, scale, place), wait, promote;
 a teardown that always terminates what the run launched; a report that publishes the best config.
 
     # dags/digits_tuning.py
@@ -185,18 +185,24 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     @task
     def start(stage: int, replan: bool) -> list[str]:
         """Start the stage in one task (each task hop between two stages costs the orchestrator a
-        scheduling round and a task process): re-plan the stages from this one on from the run's
+        scheduling round and a task process): promote the stage before (its own promote task, off
+        this path, then reads the outcome), re-plan the stages from this one on from the run's
         state (``replan``), grow or shrink the fleet (newest instances dropped first), and place
         the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
         r = _Run(conn_id)
-        if replan:
+        if stage > 1:
             before = replanning.current_plan(r.storage, stage - 1)
-            r.use(before, stage)
-            assert before is not None
+            r.use(before, stage)  # past the plan's last stage: skipped, the stage before promoted by its own task
+            assert before is not None and r.plan is not None
             try:
-                replanning.replan_before(r.storage, r.backend, before, stage)
-            except ProblemError as e:
-                raise AirflowFailException(f"re-plan before stage {stage}: {e}") from None
+                runner.promote_stage(r.storage, r.backend, r.plan, stage - 1, r.spec.mode)
+            except runner.StageFailed as e:
+                raise AirflowFailException(str(e)) from None
+            if replan:
+                try:
+                    replanning.replan_before(r.storage, r.backend, before, stage)
+                except ProblemError as e:
+                    raise AirflowFailException(f"re-plan before stage {stage}: {e}") from None
         r.use(replanning.current_plan(r.storage, stage), stage)
         assert r.plan is not None
         placement = runner.start_stage(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout, r.clear, BATCH_SIZE,
@@ -216,7 +222,8 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     # start skipped it), without a task process.
     @task(trigger_rule="all_done_min_one_success")
     def promote(stage: int) -> dict[str, Any]:
-        """Promote the best trials that finished; failed trials are never promoted."""
+        """Promote the best trials that finished; failed trials are never promoted (the next
+        stage's start, where there is one, promotes at the same time: one of them does, once)."""
         r = _Run(conn_id, stage)
         assert r.plan is not None
         try:
@@ -277,7 +284,10 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                 # Every task of a stage reads the plan it executes from run storage: the first plan,
                 # or (re-planning on) the stage's re-plan, which its start task writes. A stage past
                 # the plan's last skips its start, and with it the rest.
-                trials = start(stage, spec.replan and stage > 1)
+                # From stage 2 on, after every wait of the stage before, failed or not (and its
+                # pre-warm); skipped with it. (Stage 1 follows start_run, the setup: all_success.)
+                stage_start = start if stage == 1 else start.override(trigger_rule="all_done_min_one_success")
+                trials = stage_start(stage, spec.replan and stage > 1)
                 # Deferred whatever [operators] default_deferrable says: a trial's wait lasts as long as
                 # the trial, and one sensor per trial must not hold a worker slot for it. A done trial
                 # ends its task on the triggerer: a second worker launch per trial is what a stage of
@@ -288,8 +298,10 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                     poll_interval=POLL_SECONDS, **_waits_on_triggerer(stage, conn_id, spec_path)).expand(trial=trials)
                 promoted = promote(stage)
                 [trials, waits] >> promoted
-                # The next stage counts its fleet once this stage's pre-warm is over.
-                after = [promoted]
+                # The next stage starts from this one's waits, not its promote (a task hop fewer
+                # between stages: it promotes this stage itself), and counts its fleet once this
+                # stage's pre-warm is over.
+                after = [waits]
                 if stage < _stage_count(spec):
                     warm = prewarm(stage)
                     trials >> warm
@@ -300,7 +312,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         # start_run is the setup: the teardown runs however the stages end, even if a user marks
         # the run failed, and terminates every instance the run launched.
         done = teardown().as_teardown(setups=started)
-        previous >> done
+        [*previous, *promotes] >> done
         # After every stage's promote too: a clear of the failed tasks re-runs the stage that failed
         # (and those after it), not the teardown, and the report must wait for them.
         [*promotes, done] >> report()

@@ -569,7 +569,20 @@ def promote_stage(storage: RunStorage, backend: ComputeBackend, run_plan: RunPla
                   mode: Mode | str) -> StageOutcome:
     """End a stage: a trial without a result is recorded as failed (never dropped); the best
     ``n_(i+1)`` that finished are promoted; after the last stage the fleet is released at once,
-    as the plan assumes. Raises StageFailed when no trial of the stage finished."""
+    as the plan assumes. Raises StageFailed when no trial of the stage finished.
+
+    Once per stage (``recovery.once`` on its outcome, ``promoted.json``): the next stage's start
+    and the stage's own promote task both end it, and whichever comes second reads what the first wrote."""
+    record = recovery.once(storage, ("stages", str(stage), "promoted.json"),
+                           functools.partial(_promote_stage, storage, backend, run_plan, stage, mode),
+                           f"the promotion of stage {stage}")
+    trials = list(record.get("results") or stage_trials(storage, stage))
+    return StageOutcome(stage, trials, list(record["promoted"]), list(record["failed"]), stage == run_plan.stages)
+
+
+def _promote_stage(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
+                   mode: Mode | str) -> dict[str, Any]:
+    """The claimed promotion: record missing results as failed, promote, write the stage's outcome."""
     trials = stage_trials(storage, stage)
     results = stage_results(storage, stage, trials)
     for t, r in results.items():
@@ -586,10 +599,11 @@ def promote_stage(storage: RunStorage, backend: ComputeBackend, run_plan: RunPla
         promoted: list[str] = []
     else:
         promoted = promote(storage, stage, results, run_plan.sha.trials(stage + 1), mode)
-    outcome = StageOutcome(stage, trials, promoted, failed, last)
     # With every result of the stage, which the next re-plan reads in one request, not one per trial.
-    storage.write_json({**outcome.to_json(), "results": results}, "stages", str(stage), "promoted.json")
-    return outcome
+    record = {**StageOutcome(stage, trials, promoted, failed, last).to_json(),
+              "results": {t: results[t] for t in trials}}
+    storage.write_json(record, "stages", str(stage), "promoted.json")
+    return record
 
 
 # --- a failed trial run again (a clear of the failed tasks) -----------------------------------

@@ -64,8 +64,11 @@ def test_each_stage_after_the_first_executes_its_replan_unless_the_spec_turns_it
     for dag in (replanned, fixed):
         tasks = dag.task_dict
         assert tasks["stage_1.start"].upstream_task_ids == {"start_run"}
-        # The next stage starts once this one's trials are promoted and its pre-warm is over.
-        assert tasks["stage_2.start"].upstream_task_ids == {"stage_1.promote", "stage_1.prewarm"}
+        # The next stage starts once this one's waits and its pre-warm are over, and promotes this
+        # one itself: one task between two stages, not two. A promote is off that path.
+        assert tasks["stage_2.start"].upstream_task_ids == {"stage_1.wait", "stage_1.prewarm"}
+        assert tasks["stage_2.start"].trigger_rule == "all_done_min_one_success"
+        assert not tasks["stage_1.promote"].downstream_task_ids & {t for t in tasks if t.startswith("stage_2.")}
         assert tasks["stage_2.wait"].upstream_task_ids == {"stage_2.start"}
         assert tasks["stage_2.promote"].upstream_task_ids == {"stage_2.start", "stage_2.wait"}
         # A stage's pre-warm starts once its trials are placed.

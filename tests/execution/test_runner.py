@@ -165,6 +165,30 @@ def test_a_retried_promotion_promotes_the_same_trials_and_keeps_the_stage_end(st
     assert storage.read_result("trial-0063", 1)["error"] == "no result was recorded"
 
 
+def test_the_next_stage_s_start_and_the_stage_s_promote_promote_it_once_and_agree(started, worked):
+    """Both end the stage at the same time (the next start promotes it, off its promote task's path)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    storage, backend = started
+    for batch in runner.scale_out(backend, worked, 1, 8):
+        backend.launch(batch.name, batch.count)
+    runner.stage_placement(storage, backend, worked, 1)
+    _finish(storage, 1, skip={"trial-0007"})
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda _: runner.promote_stage(storage, backend, worked, 1, "max"), range(2)))
+    assert outcomes[0] == outcomes[1] and outcomes[0].failed == ["trial-0007"]
+    assert runner.stage_trials(storage, 2) == outcomes[0].promoted and len(outcomes[0].promoted) == 16
+    # The late result of the trial recorded as failed cannot change the stage's outcome afterwards.
+    assert not storage.write_result("trial-0007", 1, {"state": "done", "stage": 1, "metric": 10**6})
+    assert runner.promote_stage(storage, backend, worked, 1, "max") == outcomes[0]
+    # A stage where every trial failed fails both, and leaves no claim behind for a retry to wait on.
+    with ThreadPoolExecutor(2) as pool:
+        errors = list(pool.map(lambda _: pytest.raises(StageFailed, runner.promote_stage, storage, backend, worked,
+                                                       2, "max"), range(2)))
+    assert all("every trial of stage 2 failed" in str(e.value) for e in errors)
+    assert not storage.exists("stages", "2", "promoted.claim") and not storage.exists("stages", "2", "promoted.json")
+
+
 def test_a_clear_runs_the_failed_trials_of_a_torn_down_stage_again_as_a_new_try(started, worked):
     storage, backend = started
     for batch in runner.scale_out(backend, worked, 1, 8):
