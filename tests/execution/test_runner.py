@@ -89,6 +89,13 @@ def _finish(storage: RunStorage, stage: int, metric=lambda t: int(t.split("-")[1
             storage.write_result(t, stage, {"state": "done", "stage": stage, "metric": metric(t)})
 
 
+def _place_stage_1(storage: RunStorage, backend, worked) -> None:
+    """Stage 1 of the worked example launched and placed."""
+    for batch in runner.scale_out(backend, worked, 1, 8):
+        backend.launch(batch.name, batch.count)
+    runner.stage_placement(storage, backend, worked, 1)
+
+
 def test_stages_of_the_worked_example(started, worked):
     storage, backend = started
     sizes, epochs = [], []
@@ -130,9 +137,7 @@ def test_placement_expects_unready_instances_after_launch_latency(started, worke
 def test_promotion_records_missing_results_and_never_promotes_failures(started, worked):
     storage, backend = started
     runner.begin_stage(storage, 1)
-    for batch in runner.scale_out(backend, worked, 1, 8):
-        backend.launch(batch.name, batch.count)
-    runner.stage_placement(storage, backend, worked, 1)
+    _place_stage_1(storage, backend, worked)
     _finish(storage, 1, metric=lambda t: -int(t.split("-")[1]), skip={"trial-0000", "trial-0001", "trial-0002"})
     storage.write_result("trial-0002", 1, {"state": "failed", "stage": 1, "error": "NaN loss"})
     outcome = runner.promote_stage(storage, backend, worked, 1, "min")
@@ -153,9 +158,7 @@ def test_a_stage_where_every_trial_failed_is_an_error(started, worked):
 
 def test_a_retried_promotion_promotes_the_same_trials_and_keeps_the_stage_end(started, worked):
     storage, backend = started
-    for batch in runner.scale_out(backend, worked, 1, 8):
-        backend.launch(batch.name, batch.count)
-    runner.stage_placement(storage, backend, worked, 1)
+    _place_stage_1(storage, backend, worked)
     _finish(storage, 1, skip={"trial-0063"})
     first = runner.promote_stage(storage, backend, worked, 1, "max")
     ended = storage.read_json("stages", "1", "end.json")
@@ -170,9 +173,7 @@ def test_the_next_stage_s_start_and_the_stage_s_promote_promote_it_once_and_agre
     from concurrent.futures import ThreadPoolExecutor
 
     storage, backend = started
-    for batch in runner.scale_out(backend, worked, 1, 8):
-        backend.launch(batch.name, batch.count)
-    runner.stage_placement(storage, backend, worked, 1)
+    _place_stage_1(storage, backend, worked)
     _finish(storage, 1, skip={"trial-0007"})
     with ThreadPoolExecutor(2) as pool:
         outcomes = list(pool.map(lambda _: runner.promote_stage(storage, backend, worked, 1, "max"), range(2)))
