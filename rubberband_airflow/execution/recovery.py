@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -217,27 +218,43 @@ def once(storage: RunStorage, record: tuple[str, ...], make: Callable[[], dict[s
          wait: float = CLAIM_STALE_SECONDS + 60) -> dict[str, Any]:
     """The JSON record at ``record``, made by ``make`` (which writes it) in the one caller that
     claims it first (a create-only ``.claim`` beside it); every other caller waits for it. A claim
-    whose claimant died (older than ``CLAIM_STALE_SECONDS``, with no record) is taken over."""
+    whose claimant died (older than ``CLAIM_STALE_SECONDS``, with no record; at once where it was
+    made on this host by a process that has ended) is taken over."""
     claim = (*record[:-1], record[-1].removesuffix(".json") + ".claim")
     deadline = time.monotonic() + wait
     while True:
         found = storage.read_json(*record)
         if found is not None:
             return found
-        if storage.create_json({"time": time.time(), "pid": os.getpid()}, *claim):
+        if storage.create_json({"time": time.time(), "pid": os.getpid(), "host": socket.gethostname()}, *claim):
             try:
                 return make()
             except BaseException:
                 storage.delete(*claim)  # let a later call try again
                 raise
         held = storage.read_json(*claim)
-        if held is not None and time.time() - float(held.get("time", 0)) > CLAIM_STALE_SECONDS:
-            log.warning("Taking over %s: its claim is stale", what)
+        if held is not None and (time.time() - float(held.get("time", 0)) > CLAIM_STALE_SECONDS
+                                 or _claimant_gone(held)):
+            log.warning("Taking over %s: its claim is stale or its claimant is gone", what)
             storage.delete(*claim)
             continue
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} was claimed by another task that has not finished it within {wait:g} s")
         time.sleep(0.5)
+
+
+def _claimant_gone(claim: Mapping[str, Any]) -> bool:
+    """Whether the claim was made on this host by a process that has ended (a killed task, whose
+    retry then need not wait out the claim's staleness); a claim of another host is never judged."""
+    if claim.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(claim["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (KeyError, TypeError, ValueError, PermissionError):
+        return False
+    return False
 
 
 def _recover(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int, lost: str,

@@ -4,6 +4,8 @@ The backend here only keeps a ledger (no processes): what is tested is the runne
 logic, which the DAG's tasks and `run_sha` share, against docs/planning-model.md section 4.
 """
 
+import os
+import signal
 import time
 
 import pytest
@@ -188,6 +190,33 @@ def test_the_next_stage_s_start_and_the_stage_s_promote_promote_it_once_and_agre
                                                        2, "max"), range(2)))
     assert all("every trial of stage 2 failed" in str(e.value) for e in errors)
     assert not storage.exists("stages", "2", "promoted.claim") and not storage.exists("stages", "2", "promoted.json")
+
+
+def test_a_start_killed_mid_promotion_is_taken_over_by_its_retry_at_once(started, worked):
+    """The task process that claimed the promotion is killed (SIGKILL) before writing it: its retry on
+    the same host sees the claimant gone and promotes, not waiting out the claim's 5 minutes."""
+    import multiprocessing
+
+    from rubberband_airflow.execution import recovery
+
+    storage, backend = started
+    _place_stage_1(storage, backend, worked)
+    _finish(storage, 1)
+    claimed = multiprocessing.get_context("fork").Event()
+
+    def killed_start() -> None:  # claims the promotion, then hangs in it until killed
+        recovery.once(storage, ("stages", "1", "promoted.json"), lambda: (claimed.set(), time.sleep(600)),
+                      "the promotion of stage 1")
+
+    proc = multiprocessing.get_context("fork").Process(target=killed_start)
+    proc.start()
+    assert claimed.wait(30)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    began = time.monotonic()
+    outcome = runner.promote_stage(storage, backend, worked, 1, "max")  # the retry
+    assert time.monotonic() - began < 30
+    assert outcome.failed == [] and runner.stage_trials(storage, 2) == outcome.promoted != []
 
 
 def test_a_clear_runs_the_failed_trials_of_a_torn_down_stage_again_as_a_new_try(started, worked):
