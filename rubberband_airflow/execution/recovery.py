@@ -23,6 +23,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rubberband_airflow.execution import checkpoint
@@ -226,7 +227,7 @@ def once(storage: RunStorage, record: tuple[str, ...], make: Callable[[], dict[s
         found = storage.read_json(*record)
         if found is not None:
             return found
-        if storage.create_json({"time": time.time(), "pid": os.getpid(), "host": socket.gethostname()}, *claim):
+        if storage.create_json({"time": time.time(), "pid": os.getpid(), "host": _pid_space()}, *claim):
             try:
                 return make()
             except BaseException:
@@ -243,10 +244,24 @@ def once(storage: RunStorage, record: tuple[str, ...], make: Callable[[], dict[s
         time.sleep(0.5)
 
 
+def _pid_space() -> str:
+    """Where a process id means one process: the host, its boot and (on Linux) the PID namespace,
+    so that containers sharing a host's name (host networking) are not taken for one another."""
+    marks = [socket.gethostname()]
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            marks.append(read())
+        except OSError:
+            pass
+    return " ".join(marks)
+
+
 def _claimant_gone(claim: Mapping[str, Any]) -> bool:
-    """Whether the claim was made on this host by a process that has ended (a killed task, whose
-    retry then need not wait out the claim's staleness); a claim of another host is never judged."""
-    if claim.get("host") != socket.gethostname():
+    """Whether the claim was made in this PID space (``_pid_space``) by a process that has ended
+    (a killed task, whose retry then need not wait out the claim's staleness); a claim made
+    elsewhere is never judged."""
+    if claim.get("host") != _pid_space():
         return False
     try:
         os.kill(int(claim["pid"]), 0)

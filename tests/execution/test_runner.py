@@ -213,6 +213,14 @@ def test_a_start_killed_mid_promotion_is_taken_over_by_its_retry_at_once(started
     assert claimed.wait(30)
     os.kill(proc.pid, signal.SIGKILL)
     proc.join()
+    # Had the claimant been in another container sharing this host's name (host networking), its
+    # process id would mean nothing here: such a claim is left alone until it is stale.
+    held = storage.read_json("stages", "1", "promoted.claim")
+    storage.write_json({**held, "host": f"{held['host'].split()[0]} another-pid-namespace"}, "stages", "1",
+                       "promoted.claim")
+    with pytest.raises(RuntimeError, match="claimed by another task"):
+        recovery.once(storage, ("stages", "1", "promoted.json"), lambda: {}, "the promotion of stage 1", wait=1.5)
+    storage.write_json(held, "stages", "1", "promoted.claim")
     began = time.monotonic()
     outcome = runner.promote_stage(storage, backend, worked, 1, "max")  # the retry
     assert time.monotonic() - began < 30
