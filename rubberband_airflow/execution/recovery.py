@@ -18,6 +18,7 @@ recovery is impossible (the backend refused a replacement, or the trial lost its
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -220,14 +221,14 @@ def once(storage: RunStorage, record: tuple[str, ...], make: Callable[[], dict[s
     """The JSON record at ``record``, made by ``make`` (which writes it) in the one caller that
     claims it first (a create-only ``.claim`` beside it); every other caller waits for it. A claim
     whose claimant died (older than ``CLAIM_STALE_SECONDS``, with no record; at once where it was
-    made on this host by a process that has ended) is taken over."""
+    made in this PID space by a process that has ended) is taken over."""
     claim = (*record[:-1], record[-1].removesuffix(".json") + ".claim")
     deadline = time.monotonic() + wait
     while True:
         found = storage.read_json(*record)
         if found is not None:
             return found
-        if storage.create_json({"time": time.time(), "pid": os.getpid(), "host": _pid_space()}, *claim):
+        if storage.create_json({"time": time.time(), "pid": os.getpid(), "pid_space": _pid_space()}, *claim):
             try:
                 return make()
             except BaseException:
@@ -244,6 +245,7 @@ def once(storage: RunStorage, record: tuple[str, ...], make: Callable[[], dict[s
         time.sleep(0.5)
 
 
+@functools.cache
 def _pid_space() -> str:
     """Where a process id means one process: the host, its boot and (on Linux) the PID namespace,
     so that containers sharing a host's name (host networking) are not taken for one another."""
@@ -261,7 +263,7 @@ def _claimant_gone(claim: Mapping[str, Any]) -> bool:
     """Whether the claim was made in this PID space (``_pid_space``) by a process that has ended
     (a killed task, whose retry then need not wait out the claim's staleness); a claim made
     elsewhere is never judged."""
-    if claim.get("host") != _pid_space():
+    if claim.get("pid_space") != _pid_space():
         return False
     try:
         os.kill(int(claim["pid"]), 0)

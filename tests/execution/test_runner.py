@@ -216,7 +216,7 @@ def test_a_start_killed_mid_promotion_is_taken_over_by_its_retry_at_once(started
     # Had the claimant been in another container sharing this host's name (host networking), its
     # process id would mean nothing here: such a claim is left alone until it is stale.
     held = storage.read_json("stages", "1", "promoted.claim")
-    storage.write_json({**held, "host": f"{held['host'].split()[0]} another-pid-namespace"}, "stages", "1",
+    storage.write_json({**held, "pid_space": f"{held['pid_space'].split()[0]} another-pid-namespace"}, "stages", "1",
                        "promoted.claim")
     with pytest.raises(RuntimeError, match="claimed by another task"):
         recovery.once(storage, ("stages", "1", "promoted.json"), lambda: {}, "the promotion of stage 1", wait=1.5)
