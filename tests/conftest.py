@@ -52,7 +52,7 @@ _ONE_STACK = {"tests/fullstack/test_stack.py", "tests/fullstack/test_run_tab.py"
 # two workers end together rather than one waiting for a long module the other took up last.
 # (The run tab's module reads the stack's shared digits run in flight: it goes before the stack's.)
 _SLOWEST = ("tests/fullstack/test_run_tab.py", "tests/fullstack/test_stack.py", "tests/airflow/test_dag_runs.py",
-            "tests/airflow/test_ec2_dag.py", "tests/fullstack/test_stack_celery.py", "tests/execution/test_weather.py",
+            "tests/airflow/test_ec2_dag.py", "tests/execution/test_weather.py",
             "tests/airflow/test_attempts.py", "tests/test_mwaa_bundle.py", "tests/execution/test_ec2_backend.py",
             "tests/execution/test_recovery.py", "tests/execution/test_agent.py", "tests/execution/test_spot.py")
 
