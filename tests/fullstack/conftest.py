@@ -79,6 +79,21 @@ class Stack:
         self.home, self.port, self.env, self.password = home, port, env, password
         self.base = f"http://127.0.0.1:{port}"
         self._token: str | None = None
+        self.processes: dict[str, subprocess.Popen] = {}  # component: its process, each a session of its own
+        self.commands: dict[str, tuple[list[str], dict[str, str]]] = {}  # component: its arguments, environment
+
+    def start(self, name: str) -> None:
+        """Start a component (again), its output appended to its log."""
+        args, added = self.commands[name]
+        out = open(self.home / "component-logs" / f"{name}.log", "a")
+        self.processes[name] = subprocess.Popen([str(BIN / "airflow"), *args], env={**self.env, **added}, cwd=ROOT,
+                                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a component's whole process group, as a lost host or the OOM killer would end it."""
+        p = self.processes[name]
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
     @property
     def token(self) -> str:
@@ -233,21 +248,19 @@ def _stack(home: Path, dags: Path, settings: dict[str, str],
            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
            **{k: v.replace("{db}", db) for k, v in settings.items()}}
-    processes: list[subprocess.Popen] = []
+    stack = Stack(home, port, env, password)
     try:
         r = run([str(BIN / "airflow"), "db", "migrate"], env, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         logs = home / "component-logs"
         logs.mkdir()
-        commands = {name: ([name], {}) for name in COMPONENTS} | (extra or {})
-        for name, (args, added) in commands.items():
-            out = open(logs / f"{name}.log", "w")
-            processes.append(subprocess.Popen([str(BIN / "airflow"), *args], env={**env, **added}, cwd=ROOT,
-                                              stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
-        stack = Stack(home, port, env, password)
-        _wait_until_up(f"{stack.base}/api/v2/monitor/health", processes[0], logs / "api-server.log")
+        stack.commands = {name: ([name], {}) for name in COMPONENTS} | (extra or {})
+        for name in stack.commands:
+            stack.start(name)
+        _wait_until_up(f"{stack.base}/api/v2/monitor/health", stack.processes["api-server"], logs / "api-server.log")
         yield stack
     finally:
+        processes = list(stack.processes.values())
         for p in processes:
             try:
                 os.killpg(p.pid, signal.SIGTERM)

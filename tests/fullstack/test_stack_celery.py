@@ -2,6 +2,8 @@
 with two workers, run storage on S3 (moto's server), a synthetic run of hundreds of trials."""
 
 import os
+import re
+import time
 
 import psutil
 import pytest
@@ -55,3 +57,48 @@ def test_a_synthetic_run_of_hundreds_of_trials_completes_on_celery_workers(celer
         stack.env["AIRFLOW__OPERATORS__DEFAULT_QUEUE"]}
     for k in range(1, CELERY_WORKERS + 1):
         assert "execute_workload" in (stack.home / "component-logs" / f"celery-worker-{k}.log").read_text()
+
+
+@pytest.mark.serial
+def test_a_scheduler_and_triggerer_killed_mid_stage_and_restarted_lose_no_trial(celery_stack):
+    """A rollout, or a lost host, at night: the scheduler and the triggerer die (SIGKILL, with every
+    trigger of a stage's waits in flight) and come back a few seconds later. The triggers move to the
+    new triggerer, which finds each trial's result; the run ends with every trial accounted for."""
+    stack = celery_stack
+    stack.wait_for_dag(SCALE_DAG)
+    run_id = stack.trigger(SCALE_DAG, {"num_trials": 64})
+    deadline = time.time() + 300
+    while True:  # until stage 1's waits wait on the triggerer
+        waits = [s for k, s in stack.task_states(SCALE_DAG, run_id).items() if k.startswith("stage_1.wait[")]
+        if sum(s == "deferred" for s in waits) >= 32:
+            break
+        assert time.time() < deadline and "success" not in waits, waits
+        time.sleep(0.5)
+    triggerer_log = stack.home / "component-logs" / "triggerer.log"
+    before = len(triggerer_log.read_text())
+    stack.kill("scheduler")
+    stack.kill("triggerer")
+    held = {int(k[len("stage_1.wait["):-1]) for k, s in stack.task_states(SCALE_DAG, run_id).items()
+            if k.startswith("stage_1.wait[") and s == "deferred"}  # what the dead triggerer left waiting
+    assert held
+    time.sleep(5)
+    stack.start("scheduler")
+    stack.start("triggerer")
+
+    state = stack.wait_for_run(SCALE_DAG, run_id, timeout=900)
+    states = stack.task_states(SCALE_DAG, run_id)
+    assert state == "success", {k: v for k, v in states.items() if v != "success"}
+    waits = {k: v for k, v in states.items() if k.startswith("stage_1.wait[")}
+    assert len(waits) == 64 and set(waits.values()) == {"success"}
+    # The new triggerer ended every wait the dead one left waiting (a done trial's wait ends on the
+    # triggerer: Airflow's success callback of its task instance).
+    ended = {int(m) for m in re.findall(r"Sending callback: .*?task_id='stage_1\.wait'.*?map_index=(\d+),.*?"
+                                        r"TaskInstanceState\.SUCCESS", triggerer_log.read_text()[before:])}
+    assert held <= ended, held - ended
+    storage = RunStorage(f"s3://{BUCKET}/{SCALE_PREFIX}/{SCALE_DAG}/{run_folder(run_id)}")
+    rep = storage.read_json("report.json")
+    assert len(rep["trials"]) == 64 and storage.stage_results(1) == set(rep["trials"])
+    assert [s["failed"] for s in rep["stages"]] == [[], []], rep["stages"]
+    assert all(e["terminated"] is not None for e in storage.ledger())
+    assert rep["best"]["trial"] == synthetic.best_config({t: v["config"] for t, v in rep["trials"].items()})
+    assert _agents(storage.uri) == []
