@@ -365,8 +365,10 @@ def celery_stack_at(home: Path, c: MotoCloud, settings: dict[str, str] | None = 
 def celery_stack(tmp_path_factory, stack_cloud) -> Iterator[Stack]:
     """The Celery stack (``celery_stack_at``) with trial waits started on the triggerer; it stops
     when the module's tests are done."""
+    # A task whose worker died is failed (and retried) after a minute without heartbeats, not five.
     with celery_stack_at(tmp_path_factory.mktemp("celery_home"), stack_cloud,
-                         {"AIRFLOW__RUBBERBAND__WAITS_START_ON_TRIGGERER": "True"}) as stack:
+                         {"AIRFLOW__RUBBERBAND__WAITS_START_ON_TRIGGERER": "True",
+                          "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60"}) as stack:
         yield stack
 
 

@@ -59,11 +59,19 @@ def test_a_synthetic_run_of_hundreds_of_trials_completes_on_celery_workers(celer
         assert "execute_workload" in (stack.home / "component-logs" / f"celery-worker-{k}.log").read_text()
 
 
+def _worker_running(stack, pid: int) -> str:
+    """The Celery worker (component name) whose process tree holds ``pid``."""
+    ancestors = {p.pid for p in psutil.Process(pid).parents()}
+    return next(name for name, p in stack.processes.items() if name.startswith("celery-worker") and p.pid in ancestors)
+
+
 @pytest.mark.serial
-def test_a_scheduler_and_triggerer_killed_mid_stage_and_restarted_lose_no_trial(celery_stack):
-    """A rollout, or a lost host, at night: the scheduler and the triggerer die (SIGKILL, with every
-    trigger of a stage's waits in flight) and come back a few seconds later. The triggers move to the
-    new triggerer, which finds each trial's result; the run ends with every trial accounted for."""
+def test_a_night_of_killed_airflow_components_on_celery_loses_no_trial(celery_stack):
+    """A rollout, or lost hosts, at night. The scheduler and the triggerer die (SIGKILL, with the
+    triggers of a stage's waits in flight) and come back 5 s later: the triggers move to the new
+    triggerer, which finds each trial's result. Then the Celery worker running the next stage's start
+    dies mid-task (and comes back): Airflow fails the silent task and retries it, the retry promotes,
+    places and launches once. The run ends with every trial accounted for and nothing running."""
     stack = celery_stack
     stack.wait_for_dag(SCALE_DAG)
     run_id = stack.trigger(SCALE_DAG, {"num_trials": 64})
@@ -85,8 +93,20 @@ def test_a_scheduler_and_triggerer_killed_mid_stage_and_restarted_lose_no_trial(
     stack.start("scheduler")
     stack.start("triggerer")
 
+    deadline = time.time() + 300
+    while True:  # until stage 2's start runs on a worker
+        start = next((t for t in stack.task_instances(SCALE_DAG, run_id) if t["task_id"] == "stage_2.start"), None)
+        if start is not None and start["state"] == "running" and start.get("pid"):
+            break
+        assert time.time() < deadline and (start is None or start["state"] not in ("success", "failed")), start
+        time.sleep(0.2)
+    worker = _worker_running(stack, start["pid"])
+    stack.kill(worker)
+    stack.start(worker)
+
     state = stack.wait_for_run(SCALE_DAG, run_id, timeout=900)
-    states = stack.task_states(SCALE_DAG, run_id)
+    tis = stack.task_instances(SCALE_DAG, run_id)
+    states = {f"{t['task_id']}[{t['map_index']}]": t["state"] for t in tis}
     assert state == "success", {k: v for k, v in states.items() if v != "success"}
     waits = {k: v for k, v in states.items() if k.startswith("stage_1.wait[")}
     assert len(waits) == 64 and set(waits.values()) == {"success"}
@@ -95,10 +115,17 @@ def test_a_scheduler_and_triggerer_killed_mid_stage_and_restarted_lose_no_trial(
     ended = {int(m) for m in re.findall(r"Sending callback: .*?task_id='stage_1\.wait'.*?map_index=(\d+),.*?"
                                         r"TaskInstanceState\.SUCCESS", triggerer_log.read_text()[before:])}
     assert held <= ended, held - ended
+    # The killed start was retried: its second try ran the stage.
+    assert next(t for t in tis if t["task_id"] == "stage_2.start")["try_number"] == 2
     storage = RunStorage(f"s3://{BUCKET}/{SCALE_PREFIX}/{SCALE_DAG}/{run_folder(run_id)}")
     rep = storage.read_json("report.json")
     assert len(rep["trials"]) == 64 and storage.stage_results(1) == set(rep["trials"])
     assert [s["failed"] for s in rep["stages"]] == [[], []], rep["stages"]
-    assert all(e["terminated"] is not None for e in storage.ledger())
+    # Stage 2 ran its 16 promoted trials once each: one try, one result each.
+    promoted = storage.read_json("stages", "2", "trials.json")["trials"]
+    assert len(promoted) == 16 and storage.stage_results(2) == set(promoted)
+    assert all(storage.current_try(t, 2) == 1 for t in promoted)
+    ledger = storage.ledger()
+    assert all(e["terminated"] is not None for e in ledger)
     assert rep["best"]["trial"] == synthetic.best_config({t: v["config"] for t, v in rep["trials"].items()})
     assert _agents(storage.uri) == []
