@@ -10,15 +10,17 @@ a teardown that always terminates what the run launched; a report that publishes
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from airflow.sdk import DAG, Asset, Param, TaskGroup, conf, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from airflow.triggers.base import StartTriggerArgs
 
-from rubberband_airflow.execution import replanning, runner
+from rubberband_airflow import trainable
+from rubberband_airflow.execution import backoff, replanning, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.hooks.backend import deployment_name, run_backend, teardown_run
 from rubberband_airflow.hooks.storage import run_storage, storage_for
@@ -59,6 +61,17 @@ def best_config_asset(spec_path: str | Path) -> Asset:
     """The Asset a tuning DAG publishes its best configuration to: schedule downstream DAGs on it."""
     spec = load_spec(str(spec_path))
     return Asset(name=f"{spec.name}.best_config", uri=best_config_uri(spec), group="rubberband")
+
+
+T = TypeVar("T")
+
+
+def _weathered(what: str, call: Callable[[], T]) -> T:
+    """``call()``, ridden through a storage error burst as the waits and the trials ride one out:
+    tried again on a transient error (``backoff.transient``), backing off, for
+    ``STORAGE_PATIENCE_SECONDS``, instead of failing the task's one Airflow retry 5 s later. A
+    task's steps are idempotent (an Airflow retry repeats them too): trying again redoes nothing done."""
+    return backoff.retry(call, what, trainable.STORAGE_PATIENCE_SECONDS)
 
 
 RUN_URI = "{{ ti.xcom_pull(task_ids='start_run') }}"
@@ -165,22 +178,26 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     def start_run(plan: dict[str, Any]) -> str:
         """Start this attempt of the DAG run: snapshot the spec and the form's values, sample the
         configurations and write the run's files in the attempt's own folder; returns its URI."""
-        ctx = get_current_context()
-        dag_id, attempt = ctx["dag"].dag_id, _attempt(ctx)
-        today = load_spec(spec_path)
-        storage = storage_for(today, run_uri(today, dag_id, ctx["run_id"], attempt))
-        params = dict(ctx["params"])
-        write_snapshot(storage, RunSnapshot(today, params, attempt, deployment_name()))
-        cfg = settings(today, params)
-        configs = sample(today.search_space, cfg.sha.num_trials, cfg.seed)
-        runner.start_run(storage, runner.RunSpec(today.trainable, today.metric, today.mode, cfg.seed),
-                         configs, plan, plan["gpus_per_instance"])
-        if attempt > 1:
-            kept = carry_over_earlier_attempt(storage, today, params, plan, attempt,
-                                              lambda k: storage_for(today, run_uri(today, dag_id, ctx["run_id"], k)))
-            log.info("%s", kept.get("reason") or f"kept from attempt {kept['from_attempt']}: {kept['results']}")
-        log.info("attempt %d of run %s: files in %s", attempt, ctx["run_id"], storage.uri)
-        return storage.uri
+        def body() -> str:
+            ctx = get_current_context()
+            dag_id, attempt = ctx["dag"].dag_id, _attempt(ctx)
+            today = load_spec(spec_path)
+            storage = storage_for(today, run_uri(today, dag_id, ctx["run_id"], attempt))
+            params = dict(ctx["params"])
+            write_snapshot(storage, RunSnapshot(today, params, attempt, deployment_name()))
+            cfg = settings(today, params)
+            configs = sample(today.search_space, cfg.sha.num_trials, cfg.seed)
+            runner.start_run(storage, runner.RunSpec(today.trainable, today.metric, today.mode, cfg.seed),
+                             configs, plan, plan["gpus_per_instance"])
+            if attempt > 1:
+                kept = carry_over_earlier_attempt(
+                    storage, today, params, plan, attempt,
+                    lambda k: storage_for(today, run_uri(today, dag_id, ctx["run_id"], k)))
+                log.info("%s", kept.get("reason") or f"kept from attempt {kept['from_attempt']}: {kept['results']}")
+            log.info("attempt %d of run %s: files in %s", attempt, ctx["run_id"], storage.uri)
+            return storage.uri
+
+        return _weathered("start_run", body)
 
     @task
     def start(stage: int, replan: bool) -> list[str]:
@@ -189,34 +206,40 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         this path, then reads the outcome), re-plan the stages from this one on from the run's
         state (``replan``), grow or shrink the fleet (newest instances dropped first), and place
         the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
-        r = _Run(conn_id)
-        if stage > 1:
-            before = replanning.current_plan(r.storage, stage - 1)
-            r.use(before, stage)  # past the plan's last stage: skipped, the stage before promoted by its own task
-            assert before is not None and r.plan is not None
-            try:
-                runner.promote_stage(r.storage, r.backend, r.plan, stage - 1, r.spec.mode)
-            except runner.StageFailed as e:
-                raise AirflowFailException(str(e)) from None
-            if replan:
+        def body() -> list[str]:
+            r = _Run(conn_id)
+            if stage > 1:
+                before = replanning.current_plan(r.storage, stage - 1)
+                r.use(before, stage)  # past the plan's last stage: skipped, the stage before promoted by its own task
+                assert before is not None and r.plan is not None
                 try:
-                    replanning.replan_before(r.storage, r.backend, before, stage)
-                except ProblemError as e:
-                    raise AirflowFailException(f"re-plan before stage {stage}: {e}") from None
-        r.use(replanning.current_plan(r.storage, stage), stage)
-        assert r.plan is not None
-        placement = runner.start_stage(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout, r.clear, BATCH_SIZE,
-                                       continued=r.clear - (r.attempt - 1))
-        # A trial whose result was carried over from an earlier attempt is not placed; its wait ends at once.
-        return runner.placed_trials(placement, runner.stage_trials(r.storage, stage))
+                    runner.promote_stage(r.storage, r.backend, r.plan, stage - 1, r.spec.mode)
+                except runner.StageFailed as e:
+                    raise AirflowFailException(str(e)) from None
+                if replan:
+                    try:
+                        replanning.replan_before(r.storage, r.backend, before, stage)
+                    except ProblemError as e:
+                        raise AirflowFailException(f"re-plan before stage {stage}: {e}") from None
+            r.use(replanning.current_plan(r.storage, stage), stage)
+            assert r.plan is not None
+            placement = runner.start_stage(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout, r.clear,
+                                           BATCH_SIZE, continued=r.clear - (r.attempt - 1))
+            # A trial whose result was carried over from an earlier attempt is not placed; its wait ends at once.
+            return runner.placed_trials(placement, runner.stage_trials(r.storage, stage))
+
+        return _weathered(f"the start of stage {stage}", body)
 
     @task
     def prewarm(stage: int) -> list[str]:
         """Pre-warm the next stage: at the plan's lead time, launch the instances it adds, unless the
         stage ended first (a plan without a lead time: nothing, at once)."""
-        r = _Run(conn_id, stage)
-        assert r.plan is not None
-        return runner.prewarm(r.storage, r.backend, r.plan, stage, BATCH_SIZE, continued=r.clear - (r.attempt - 1))
+        def body() -> list[str]:
+            r = _Run(conn_id, stage)
+            assert r.plan is not None
+            return runner.prewarm(r.storage, r.backend, r.plan, stage, BATCH_SIZE, continued=r.clear - (r.attempt - 1))
+
+        return _weathered(f"the pre-warming of stage {stage + 1}", body)
 
     # After every wait, failed or not; skipped with its stage (a stage past the plan's last, whose
     # start skipped it), without a task process.
@@ -224,12 +247,15 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     def promote(stage: int) -> dict[str, Any]:
         """Promote the best trials that finished; failed trials are never promoted (the next
         stage's start, where there is one, promotes at the same time: one of them does, once)."""
-        r = _Run(conn_id, stage)
-        assert r.plan is not None
-        try:
-            return runner.promote_stage(r.storage, r.backend, r.plan, stage, r.spec.mode).to_json()
-        except runner.StageFailed as e:
-            raise AirflowFailException(str(e)) from None
+        def body() -> dict[str, Any]:
+            r = _Run(conn_id, stage)
+            assert r.plan is not None
+            try:
+                return runner.promote_stage(r.storage, r.backend, r.plan, stage, r.spec.mode).to_json()
+            except runner.StageFailed as e:
+                raise AirflowFailException(str(e)) from None
+
+        return _weathered(f"the promotion of stage {stage}", body)
 
     @task
     def teardown() -> list[str]:
@@ -242,25 +268,33 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     def report() -> dict[str, Any]:
         """Write the report, publish the best configuration, and log a summary (in an attempt
         continued after a clear of its failed tasks, first terminate what it launched since)."""
-        if not get_current_context()["ti"].xcom_pull(task_ids="start_run"):
-            # The plan or start_run failed: the run failed, whatever its skipped stages leave behind.
-            raise AirflowFailException("the run did not start (its plan or start_run failed): nothing to report")
-        run = _Run(conn_id)
-        if run.clear > run.attempt - 1:  # a continued attempt: its teardown ran before the clear, not since
-            teardown_run(run.storage.uri, run.spec, run.dag_id, run.run_id)
-        rep = {**build_report(run.storage, run.dag_id), "run_id": run.run_id, "attempt": run.attempt}
-        run.storage.write_json(rep, "report.json")
-        log_summary(rep)
-        if rep["best"] is None:
-            raise AirflowFailException("no trial finished: there is no best configuration")
-        publish = storage_for(run.spec, dag_uri(run.spec, run.dag_id))
-        publish.write_json({"config": rep["best"]["config"], "metric": rep["best"]["metric"],
-                            "metric_name": rep["metric"], "trial": rep["best"]["trial"], "run": run.storage.uri,
-                            "published": datetime.now(UTC).isoformat()}, "best_config.json")
-        get_current_context()["outlet_events"][best].extra = {"run": run.storage.uri, "metric": rep["best"]["metric"]}
-        return {"run": run.storage.uri, "best_trial": rep["best"]["trial"], "best_metric": rep["best"]["metric"],
-                "actual_jct_seconds": rep["actual"]["jct_seconds"], "actual_cost_usd": rep["actual"]["cost_usd"],
-                "report": run.storage.url("report.json")}
+        def body() -> dict[str, Any]:
+            if not get_current_context()["ti"].xcom_pull(task_ids="start_run"):
+                # The plan or start_run failed: the run failed, whatever its skipped stages leave behind.
+                raise AirflowFailException("the run did not start (its plan or start_run failed): nothing to report")
+            run = _Run(conn_id)
+            if run.clear > run.attempt - 1:  # a continued attempt: its teardown ran before the clear, not since
+                teardown_run(run.storage.uri, run.spec, run.dag_id, run.run_id)
+            rep = {**build_report(run.storage, run.dag_id), "run_id": run.run_id, "attempt": run.attempt}
+            run.storage.write_json(rep, "report.json")
+            log_summary(rep)
+            if rep["best"] is None:
+                raise AirflowFailException("no trial finished: there is no best configuration")
+            if not rep["complete"]:
+                raise AirflowFailException(
+                    f"the run ended after stage {rep['stages'][-1]['stage']} of {rep['stages_planned']} (a task of "
+                    f"the run failed: see which): the report has what ran; no best configuration is published")
+            publish = storage_for(run.spec, dag_uri(run.spec, run.dag_id))
+            publish.write_json({"config": rep["best"]["config"], "metric": rep["best"]["metric"],
+                                "metric_name": rep["metric"], "trial": rep["best"]["trial"], "run": run.storage.uri,
+                                "published": datetime.now(UTC).isoformat()}, "best_config.json")
+            get_current_context()["outlet_events"][best].extra = {"run": run.storage.uri,
+                                                                  "metric": rep["best"]["metric"]}
+            return {"run": run.storage.uri, "best_trial": rep["best"]["trial"], "best_metric": rep["best"]["metric"],
+                    "actual_jct_seconds": rep["actual"]["jct_seconds"], "actual_cost_usd": rep["actual"]["cost_usd"],
+                    "report": run.storage.url("report.json")}
+
+        return _weathered("the report", body)
 
     with DAG(
         dag_id=spec.name,

@@ -57,6 +57,7 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
                        "best_metric": _best_metric(done, mode)})
         previous_end = end
     final = stages[-1] if stages else None
+    planned = len(plan.get("stages") or [])
     best = None
     if final:
         last = {t: r[str(final["stage"])] for t, r in results_by_trial.items() if str(final["stage"]) in r}
@@ -85,6 +86,8 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
     return {
         "dag_id": dag_id, "run": storage.uri, "metric": run.get("metric"), "mode": str(mode),
         "best": best,
+        # Whether the plan's last stage ended: a run whose task failed mid-way ends with fewer.
+        "stages_planned": planned, "complete": final is not None and final["stage"] == planned,
         "median_stage1_metric": float(np.median(stage1)) if stage1 else None,
         "instance_type": plan.get("instance_type"),
         "deadline_seconds": plan.get("deadline_seconds"),
@@ -217,6 +220,10 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
                      f"(median of stage 1: {rep['median_stage1_metric']:.4f}) with {cfg}")
     else:
         lines.append("Best: none (no trial finished)")
+    if not rep.get("complete", True):
+        ran = rep["stages"][-1]["stage"] if rep["stages"] else 0
+        lines.append(f"INCOMPLETE: the run ended after stage {ran} of {rep['stages_planned']} (a task of the run "
+                     f"failed): its best is of the stages that ran")
     pred, act = rep["predicted"], rep["actual"]
     pj = (pred["jct_seconds"] or {}).get("mean")
     pc = (pred["cost_usd"] or {}).get("mean")

@@ -77,6 +77,10 @@ class FlakyFileSystem(LocalFileSystem):
         self._weather()
         return super().mv(*args, **kwargs)
 
+    def rm(self, *args: Any, **kwargs: Any) -> Any:
+        self._weather()
+        return super().rm(*args, **kwargs)
+
 
 def register() -> None:
     fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -52,6 +53,9 @@ OVERDUE_GRACE_SECONDS = 60.0
 MAX_RECOVERIES = 3
 # A claim older than this with no record is taken over (its claimant died mid-recovery).
 CLAIM_STALE_SECONDS = 300.0
+# The claims this process is making now (their tokens): a claim of this process that is not one of
+# them was abandoned (its maker failed, and storage failed to delete it).
+_CLAIMING: set[str] = set()
 _STAGE_FILES = ("trials.json", "start.json", "end.json")
 
 
@@ -221,19 +225,25 @@ def once(storage: RunStorage, record: tuple[str, ...], make: Callable[[], dict[s
     """The JSON record at ``record``, made by ``make`` (which writes it) in the one caller that
     claims it first (a create-only ``.claim`` beside it); every other caller waits for it. A claim
     whose claimant died (older than ``CLAIM_STALE_SECONDS``, with no record; at once where it was
-    made in this PID space by a process that has ended) is taken over."""
+    made in this PID space by a process that has ended, or abandoned by this one) is taken over."""
     claim = (*record[:-1], record[-1].removesuffix(".json") + ".claim")
     deadline = time.monotonic() + wait
     while True:
         found = storage.read_json(*record)
         if found is not None:
             return found
-        if storage.create_json({"time": time.time(), "pid": os.getpid(), "pid_space": _pid_space()}, *claim):
-            try:
-                return make()
-            except BaseException:
-                storage.delete(*claim)  # let a later call try again
-                raise
+        token = secrets.token_hex(8)
+        _CLAIMING.add(token)
+        try:
+            if storage.create_json({"time": time.time(), "pid": os.getpid(), "pid_space": _pid_space(),
+                                    "token": token}, *claim):
+                try:
+                    return make()
+                except BaseException:
+                    storage.delete(*claim)  # let a later call try again (a storage error may leave it)
+                    raise
+        finally:
+            _CLAIMING.discard(token)
         held = storage.read_json(*claim)
         if held is not None and (time.time() - float(held.get("time", 0)) > CLAIM_STALE_SECONDS
                                  or _claimant_gone(held)):
@@ -261,10 +271,13 @@ def _pid_space() -> str:
 
 def _claimant_gone(claim: Mapping[str, Any]) -> bool:
     """Whether the claim was made in this PID space (``_pid_space``) by a process that has ended
-    (a killed task, whose retry then need not wait out the claim's staleness); a claim made
-    elsewhere is never judged."""
+    (a killed task, whose retry then need not wait out the claim's staleness), or by this process
+    and left behind (its maker failed in a storage error burst that also failed the claim's
+    deletion; the task, trying again, takes it over); a claim made elsewhere is never judged."""
     if claim.get("pid_space") != _pid_space():
         return False
+    if claim.get("pid") == os.getpid():
+        return claim.get("token") not in _CLAIMING
     try:
         os.kill(int(claim["pid"]), 0)
     except ProcessLookupError:

@@ -227,6 +227,48 @@ def test_a_start_killed_mid_promotion_is_taken_over_by_its_retry_at_once(started
     assert outcome.failed == [] and runner.stage_trials(storage, 2) == outcome.promoted != []
 
 
+def test_a_promotion_failed_in_a_storage_error_burst_is_tried_again_at_once_by_its_own_task(
+        tmp_path, worked, monkeypatch):
+    """Storage fails mid-promotion, and fails the deletion of the promotion's claim too: the same task,
+    trying again once storage is back, takes over the claim it left, not waiting out its 5 minutes;
+    a claim another thread of the process holds is still waited for."""
+    from rubberband_airflow.execution import recovery
+    from tests.flaky_fs import STORM, STORM_HERE, register
+
+    register()
+    storm = tmp_path / "storm"
+    monkeypatch.setenv(STORM, str(storm))
+    monkeypatch.setenv(STORM_HERE, "1")
+    storage = RunStorage(f"flaky://{tmp_path}/run")
+    backend = LedgerBackend(storage)
+    runner.start_run(storage, runner.RunSpec("m:f", "acc"), [{"x": k} for k in range(worked.sha.num_trials)],
+                     worked.to_json(), 4)
+    _place_stage_1(storage, backend, worked)
+    _finish(storage, 1)
+
+    def promote_in_the_storm() -> dict:
+        storm.touch()  # storage fails from here: the promotion's reads, then the claim's deletion
+        return runner._promote_stage(storage, backend, worked, 1, "max")
+
+    with pytest.raises(OSError, match="injected"):
+        recovery.once(storage, ("stages", "1", "promoted.json"), promote_in_the_storm, "the promotion of stage 1")
+    storm.unlink()
+    assert storage.read_json("stages", "1", "promoted.claim")["pid"] == os.getpid()  # left behind
+    began = time.monotonic()
+    outcome = runner.promote_stage(storage, backend, worked, 1, "max")  # the task, trying again
+    assert time.monotonic() - began < 10
+    assert outcome.failed == [] and runner.stage_trials(storage, 2) == outcome.promoted != []
+    # A claim this process is making now (another thread's) is not taken for abandoned.
+    recovery._CLAIMING.add("busy")
+    try:
+        storage.write_json({"time": time.time(), "pid": os.getpid(), "pid_space": recovery._pid_space(),
+                            "token": "busy"}, "stages", "2", "promoted.claim")
+        with pytest.raises(RuntimeError, match="claimed by another task"):
+            recovery.once(storage, ("stages", "2", "promoted.json"), lambda: {}, "the promotion of stage 2", wait=1.5)
+    finally:
+        recovery._CLAIMING.discard("busy")
+
+
 def test_a_clear_runs_the_failed_trials_of_a_torn_down_stage_again_as_a_new_try(started, worked):
     storage, backend = started
     for batch in runner.scale_out(backend, worked, 1, 8):

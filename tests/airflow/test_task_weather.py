@@ -1,0 +1,136 @@
+"""Faults at a stage barrier, where the DAG's own tasks (the stage's promote, the next stage's start)
+read and write run storage. A storage error burst: they ride it out as the waits and trials do, not
+failing their one Airflow retry 5 s later. A start that fails for good: the run ends failed, its
+report says which stages ran, and no best configuration is published. Real `dag.test` runs on
+SQLite, real agents and workers; the storm injected by ``flaky://`` storage (tests/flaky_fs.py) in
+every process of the run."""
+
+import json
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.workloads import synthetic
+from tests.airflow.conftest import ROOT, airflow_env, run
+from tests.airflow.test_dag_runs import _agents_alive
+from tests.flaky_fs import STORM_HERE, storm_env
+
+# Test setup: the DAG run with `dag.test`, as `airflow dags test` runs one (the task named by the
+# second argument, if any, failing every try as a task whose host is gone would); then each task
+# instance's try number and state.
+RUN = """
+import sys
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag()
+assert not bag.import_errors, bag.import_errors
+dag = bag.dags[sys.argv[1]]
+def gone(*args, **kwargs):
+    raise RuntimeError("injected: the task's host is gone")
+for task_id in sys.argv[2:]:
+    dag.get_task(task_id).python_callable = gone
+dr = dag.test()
+print("DAG RUN", getattr(dr.state, "value", dr.state), flush=True)
+for ti in dr.get_task_instances():
+    print("TI", ti.task_id, ti.map_index, ti.try_number, getattr(ti.state, "value", ti.state), flush=True)
+"""
+STORM_SECONDS = 12.0  # longer than a task's first try and its Airflow retry, 5 s apart
+
+
+def _storm_at_the_barrier(store: Path, storm: Path, done: threading.Event) -> None:
+    """Start the storm as soon as stage 1 is promoted (by the stage's promote or the next start,
+    whichever comes first: the rest of both then runs in it), and end it STORM_SECONDS later."""
+    while not done.is_set():
+        if any(store.glob("*/*/stages/1/promoted.json")):
+            storm.touch()
+            time.sleep(STORM_SECONDS)
+            storm.unlink()
+            return
+        time.sleep(0.02)
+
+
+def _dag(migrated_home: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """The weather_tuning DAG (8 sleeping trials, 2 stages) with its run storage at ``flaky://<tmp>/store``,
+    and the environment of a `dag.test` of it whose every process feels the storm file."""
+    dags, store = tmp_path / "dags", tmp_path / "store"
+    dags.mkdir()
+    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / "weather_tuning.py")
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(synthetic.profile(1, 1.0, 0.0, trial_overhead_seconds=0.35,
+                                                    stage_overhead_seconds=2.5, instance_type="local-sleep")))
+    space = {**synthetic.SEARCH_SPACE, "epoch_seconds": {"type": "choice", "values": [1.0]},
+             "serial": {"type": "choice", "values": [0.0]}}
+    spec = {"name": "weather_tuning", "trainable": "rubberband_airflow.workloads.synthetic:train",
+            "metric": synthetic.METRIC, "mode": synthetic.MODE, "search_space": space,
+            "sha": {"num_trials": 8, "eta": 2, "min_epochs": 1, "num_stages": 2}, "deadline_seconds": 600,
+            "backend": {"type": "local", "instance_type": "local-sleep", "slots": 2, "price_per_hour": 1.0,
+                        "max_instances": 2, "oversubscribe": True},
+            "billing": {"minimum_seconds": 1, "increment_seconds": 1}, "storage": f"flaky://{store}",
+            "profile": str(profile), "seed": 1}
+    (dags / "weather_tuning.yaml").write_text(yaml.safe_dump(spec))
+    home = tmp_path / "home"
+    shutil.copytree(migrated_home, home)
+    return store, {**storm_env(tmp_path, airflow_env(home, dags)), STORM_HERE: "1"}
+
+
+def test_a_storage_error_burst_at_a_stage_barrier_fails_no_task_and_loses_no_trial(migrated_home, tmp_path):
+    store, env = _dag(migrated_home, tmp_path)
+    storm = tmp_path / "storm"
+
+    done = threading.Event()
+    watcher = threading.Thread(target=_storm_at_the_barrier, args=(store, storm, done), daemon=True)
+    watcher.start()
+    try:
+        r = run([sys.executable, "-c", RUN, "weather_tuning"], env, timeout=600)
+    finally:
+        done.set()
+        watcher.join()
+    out = r.stdout + r.stderr
+    (tmp_path / "dag-test.log").write_text(out)
+    assert "DAG RUN success" in r.stdout, out[-5000:]
+
+    # The storm reached the run's own tasks, which tried their storage calls again within their try.
+    hits = (tmp_path / "storm.hits").read_text().splitlines()
+    assert any(line.endswith(" -c") for line in hits), hits[:5]  # the dag.test process: the tasks
+    assert "the start of stage 2 failed" in out and "trying again" in out
+    tries = {(t, int(m)): (int(k), s) for line in r.stdout.splitlines() if line.startswith("TI ")
+             for _, t, m, k, s in [line.split()]}
+    assert tries[("stage_2.start", -1)] == (1, "success")  # no Airflow retry was needed
+    assert tries[("stage_1.promote", -1)] == (1, "success")
+    assert all(s == "success" for _, s in tries.values()), tries
+
+    # Every trial is accounted for, stage 2's promoted trials ran once each, nothing is left running.
+    [folder] = list((store / "weather_tuning").glob("manual__*"))
+    storage = RunStorage(f"file://{folder}")
+    rep = storage.read_json("report.json")
+    assert len(rep["trials"]) == 8 and [s["failed"] for s in rep["stages"]] == [[], []]
+    promoted = storage.read_json("stages", "2", "trials.json")["trials"]
+    assert len(promoted) == 4 and storage.stage_results(2) == set(promoted)
+    assert all(storage.current_try(t, 2) == 1 for t in promoted)
+    assert all(e["terminated"] is not None for e in storage.ledger())
+    assert rep["best"]["trial"] == synthetic.best_config({t: v["config"] for t, v in rep["trials"].items()})
+    assert _agents_alive(tmp_path) == []
+
+
+def test_a_start_that_fails_for_good_fails_the_run_and_publishes_no_best_configuration(migrated_home, tmp_path):
+    """Stage 2's start fails both its tries: the run does not end green on stage 1's results alone."""
+    store, env = _dag(migrated_home, tmp_path)
+    r = run([sys.executable, "-c", RUN, "weather_tuning", "stage_2.start"], env, timeout=600)
+    out = r.stdout + r.stderr
+    (tmp_path / "dag-test.log").write_text(out)
+    assert "DAG RUN failed" in r.stdout, out[-5000:]
+    tries = {t: s for line in r.stdout.splitlines() if line.startswith("TI ") for _, t, _, _, s in [line.split()]}
+    assert tries["stage_2.start"] == "failed" and tries["teardown"] == "success" and tries["report"] == "failed"
+    assert "the run ended after stage 1 of 2" in out
+    [folder] = list((store / "weather_tuning").glob("manual__*"))
+    storage = RunStorage(f"file://{folder}")
+    rep = storage.read_json("report.json")  # what ran is reported
+    assert rep["complete"] is False and rep["stages_planned"] == 2 and [s["stage"] for s in rep["stages"]] == [1]
+    assert len(rep["trials"]) == 8 and rep["best"] is not None
+    assert not (store / "weather_tuning" / "best_config.json").exists()  # downstream DAGs see nothing new
+    assert all(e["terminated"] is not None for e in storage.ledger())
+    assert _agents_alive(tmp_path) == []
