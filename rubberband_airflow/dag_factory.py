@@ -10,17 +10,16 @@ a teardown that always terminates what the run launched; a report that publishes
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from airflow.sdk import DAG, Asset, Param, TaskGroup, conf, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from airflow.triggers.base import StartTriggerArgs
 
 from rubberband_airflow import trainable
-from rubberband_airflow.execution import backoff, replanning, runner
+from rubberband_airflow.execution import replanning, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
 from rubberband_airflow.hooks.backend import deployment_name, run_backend, teardown_run
 from rubberband_airflow.hooks.storage import run_storage, storage_for
@@ -61,17 +60,6 @@ def best_config_asset(spec_path: str | Path) -> Asset:
     """The Asset a tuning DAG publishes its best configuration to: schedule downstream DAGs on it."""
     spec = load_spec(str(spec_path))
     return Asset(name=f"{spec.name}.best_config", uri=best_config_uri(spec), group="rubberband")
-
-
-T = TypeVar("T")
-
-
-def _weathered(what: str, call: Callable[[], T]) -> T:
-    """``call()``, ridden through a storage error burst as the waits and the trials ride one out:
-    tried again on a transient error (``backoff.transient``), backing off, for
-    ``STORAGE_PATIENCE_SECONDS``, instead of failing the task's one Airflow retry 5 s later. A
-    task's steps are idempotent (an Airflow retry repeats them too): trying again redoes nothing done."""
-    return backoff.retry(call, what, trainable.STORAGE_PATIENCE_SECONDS)
 
 
 RUN_URI = "{{ ti.xcom_pull(task_ids='start_run') }}"
@@ -174,6 +162,10 @@ def tuning_dag(spec_path: str | Path) -> DAG:
     conn_id = storage_conn_id(spec)
     best = best_config_asset(spec_path)
 
+    # Each task's body is tried again through a storage error burst (``trainable.patiently``: a transient
+    # error, backing off, for up to 5 minutes), as the waits and the trials ride one out. Its steps are
+    # those Airflow's own retry repeats; one is not yet idempotent: batches launched whose ledger entry
+    # failed are not launched again, nor tracked (runner.scale names batches by what is missing).
     @task
     def start_run(plan: dict[str, Any]) -> str:
         """Start this attempt of the DAG run: snapshot the spec and the form's values, sample the
@@ -197,7 +189,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
             log.info("attempt %d of run %s: files in %s", attempt, ctx["run_id"], storage.uri)
             return storage.uri
 
-        return _weathered("start_run", body)
+        return trainable.patiently(body, "start_run")
 
     @task
     def start(stage: int, replan: bool) -> list[str]:
@@ -228,7 +220,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
             # A trial whose result was carried over from an earlier attempt is not placed; its wait ends at once.
             return runner.placed_trials(placement, runner.stage_trials(r.storage, stage))
 
-        return _weathered(f"the start of stage {stage}", body)
+        return trainable.patiently(body, f"the start of stage {stage}")
 
     @task
     def prewarm(stage: int) -> list[str]:
@@ -239,7 +231,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
             assert r.plan is not None
             return runner.prewarm(r.storage, r.backend, r.plan, stage, BATCH_SIZE, continued=r.clear - (r.attempt - 1))
 
-        return _weathered(f"the pre-warming of stage {stage + 1}", body)
+        return trainable.patiently(body, f"the pre-warming of stage {stage + 1}")
 
     # After every wait, failed or not; skipped with its stage (a stage past the plan's last, whose
     # start skipped it), without a task process.
@@ -255,7 +247,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
             except runner.StageFailed as e:
                 raise AirflowFailException(str(e)) from None
 
-        return _weathered(f"the promotion of stage {stage}", body)
+        return trainable.patiently(body, f"the promotion of stage {stage}")
 
     @task
     def teardown() -> list[str]:
@@ -294,7 +286,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                     "actual_jct_seconds": rep["actual"]["jct_seconds"], "actual_cost_usd": rep["actual"]["cost_usd"],
                     "report": run.storage.url("report.json")}
 
-        return _weathered("the report", body)
+        return trainable.patiently(body, "the report")
 
     with DAG(
         dag_id=spec.name,

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.report import summary_lines
 from rubberband_airflow.workloads import synthetic
 from tests.airflow.conftest import ROOT, airflow_env, run
 from tests.airflow.test_dag_runs import _agents_alive
@@ -53,39 +54,39 @@ def _storm_at_the_barrier(store: Path, storm: Path, done: threading.Event) -> No
         time.sleep(0.02)
 
 
-def _dag(migrated_home: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
-    """The weather_tuning DAG (8 sleeping trials, 2 stages) with its run storage at ``flaky://<tmp>/store``,
-    and the environment of a `dag.test` of it whose every process feels the storm file."""
+def _dag(name: str, migrated_home: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A tuning DAG named ``name`` (8 sleeping trials, 2 stages) with its run storage at
+    ``flaky://<tmp>/store``, and the environment of a `dag.test` of it whose every process feels the
+    storm file. (The session's Airflow database is shared: each test's DAG, and so its best
+    configuration's Asset, has a name of its own.)"""
     dags, store = tmp_path / "dags", tmp_path / "store"
     dags.mkdir()
-    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / "weather_tuning.py")
+    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / f"{name}.py")
     profile = tmp_path / "profile.json"
     profile.write_text(json.dumps(synthetic.profile(1, 1.0, 0.0, trial_overhead_seconds=0.35,
                                                     stage_overhead_seconds=2.5, instance_type="local-sleep")))
     space = {**synthetic.SEARCH_SPACE, "epoch_seconds": {"type": "choice", "values": [1.0]},
              "serial": {"type": "choice", "values": [0.0]}}
-    spec = {"name": "weather_tuning", "trainable": "rubberband_airflow.workloads.synthetic:train",
+    spec = {"name": name, "trainable": "rubberband_airflow.workloads.synthetic:train",
             "metric": synthetic.METRIC, "mode": synthetic.MODE, "search_space": space,
             "sha": {"num_trials": 8, "eta": 2, "min_epochs": 1, "num_stages": 2}, "deadline_seconds": 600,
             "backend": {"type": "local", "instance_type": "local-sleep", "slots": 2, "price_per_hour": 1.0,
                         "max_instances": 2, "oversubscribe": True},
             "billing": {"minimum_seconds": 1, "increment_seconds": 1}, "storage": f"flaky://{store}",
             "profile": str(profile), "seed": 1}
-    (dags / "weather_tuning.yaml").write_text(yaml.safe_dump(spec))
-    home = tmp_path / "home"
-    shutil.copytree(migrated_home, home)
-    return store, {**storm_env(tmp_path, airflow_env(home, dags)), STORM_HERE: "1"}
+    (dags / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    return store, {**storm_env(tmp_path, airflow_env(migrated_home, dags)), STORM_HERE: "1"}
 
 
 def test_a_storage_error_burst_at_a_stage_barrier_fails_no_task_and_loses_no_trial(migrated_home, tmp_path):
-    store, env = _dag(migrated_home, tmp_path)
+    store, env = _dag("weather_storm", migrated_home, tmp_path)
     storm = tmp_path / "storm"
 
     done = threading.Event()
     watcher = threading.Thread(target=_storm_at_the_barrier, args=(store, storm, done), daemon=True)
     watcher.start()
     try:
-        r = run([sys.executable, "-c", RUN, "weather_tuning"], env, timeout=600)
+        r = run([sys.executable, "-c", RUN, "weather_storm"], env, timeout=600)
     finally:
         done.set()
         watcher.join()
@@ -104,10 +105,10 @@ def test_a_storage_error_burst_at_a_stage_barrier_fails_no_task_and_loses_no_tri
     assert all(s == "success" for _, s in tries.values()), tries
 
     # Every trial is accounted for, stage 2's promoted trials ran once each, nothing is left running.
-    [folder] = list((store / "weather_tuning").glob("manual__*"))
+    [folder] = list((store / "weather_storm").glob("manual__*"))
     storage = RunStorage(f"file://{folder}")
     rep = storage.read_json("report.json")
-    assert len(rep["trials"]) == 8 and [s["failed"] for s in rep["stages"]] == [[], []]
+    assert rep["complete"] and len(rep["trials"]) == 8 and [s["failed"] for s in rep["stages"]] == [[], []]
     promoted = storage.read_json("stages", "2", "trials.json")["trials"]
     assert len(promoted) == 4 and storage.stage_results(2) == set(promoted)
     assert all(storage.current_try(t, 2) == 1 for t in promoted)
@@ -118,19 +119,19 @@ def test_a_storage_error_burst_at_a_stage_barrier_fails_no_task_and_loses_no_tri
 
 def test_a_start_that_fails_for_good_fails_the_run_and_publishes_no_best_configuration(migrated_home, tmp_path):
     """Stage 2's start fails both its tries: the run does not end green on stage 1's results alone."""
-    store, env = _dag(migrated_home, tmp_path)
-    r = run([sys.executable, "-c", RUN, "weather_tuning", "stage_2.start"], env, timeout=600)
+    store, env = _dag("weather_failed_start", migrated_home, tmp_path)
+    r = run([sys.executable, "-c", RUN, "weather_failed_start", "stage_2.start"], env, timeout=600)
     out = r.stdout + r.stderr
     (tmp_path / "dag-test.log").write_text(out)
     assert "DAG RUN failed" in r.stdout, out[-5000:]
     tries = {t: s for line in r.stdout.splitlines() if line.startswith("TI ") for _, t, _, _, s in [line.split()]}
     assert tries["stage_2.start"] == "failed" and tries["teardown"] == "success" and tries["report"] == "failed"
-    assert "the run ended after stage 1 of 2" in out
-    [folder] = list((store / "weather_tuning").glob("manual__*"))
+    [folder] = list((store / "weather_failed_start").glob("manual__*"))
     storage = RunStorage(f"file://{folder}")
     rep = storage.read_json("report.json")  # what ran is reported
     assert rep["complete"] is False and rep["stages_planned"] == 2 and [s["stage"] for s in rep["stages"]] == [1]
+    assert any(line.startswith("INCOMPLETE: the run ended after stage 1 of 2") for line in summary_lines(rep))
     assert len(rep["trials"]) == 8 and rep["best"] is not None
-    assert not (store / "weather_tuning" / "best_config.json").exists()  # downstream DAGs see nothing new
+    assert not (store / "weather_failed_start" / "best_config.json").exists()  # downstream DAGs see nothing new
     assert all(e["terminated"] is not None for e in storage.ledger())
     assert _agents_alive(tmp_path) == []
