@@ -53,7 +53,9 @@ def _reports(spec: Any) -> list[dict[str, Any]]:
     except Exception as e:  # noqa: BLE001 - one unreachable bucket must not take the page down
         log.warning("cannot list runs of %s in %s: %s", spec.name, spec.storage, e)
         return []
-    return [{"run": run, "ended": report_end(rep), **{k: rep.get(k) for k in ("best", "predicted", "actual", "metric")}}
+    return [{"run": run, "ended": report_end(rep), **{k: rep.get(k) for k in ("best", "predicted", "actual", "metric")},
+             "complete": rep.get("complete", True), "stages_planned": rep.get("stages_planned"),
+             "stages_ended": (rep.get("stages") or [{}])[-1].get("stage", 0)}
             for run, rep in found]
 
 
@@ -103,7 +105,9 @@ def create_app() -> FastAPI:
                 pc = ((r["predicted"] or {}).get("cost_usd") or {}).get("mean")
                 aj, ac = (r["actual"] or {}).get("jct_seconds"), (r["actual"] or {}).get("cost_usd")
                 href = f"runs/{quote(spec.name, safe='')}/{quote(r['run'], safe='')}"
-                link = f"<td><a href='{href}'>{html.escape(r['run'])}</a></td>"
+                ended = "" if r["complete"] else (f" <strong>incomplete</strong>: ended after stage {r['stages_ended']}"
+                                                  f" of {r['stages_planned']}")
+                link = f"<td><a href='{href}'>{html.escape(r['run'])}</a>{ended}</td>"
                 rows.append(f"<tr><td>{html.escape(spec.name)}</td>{link}<td>{html.escape(str(best.get('trial', '-')))}"
                             "</td>" + "".join(f"<td class='num'>{html.escape(x)}</td>" for x in (
                                 f"{best['metric']:.4f}" if best.get("metric") is not None else "-",

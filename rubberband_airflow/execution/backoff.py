@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from botocore.exceptions import HTTPClientError
 
 log = logging.getLogger(__name__)
 
@@ -16,21 +19,36 @@ T = TypeVar("T")
 MAX_BACKOFF_SECONDS = 30.0
 
 
+# What storage raises: s3fs translates S3's error responses into OSErrors, and lets botocore's
+# own errors for a connection that failed or timed out through.
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, HTTPClientError)
+
+# The errors of a store or network in bad weather: I/O (s3fs: an error code it does not know),
+# remote I/O (S3's InternalError), busy (SlowDown, 503), and the network's own.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EREMOTEIO, errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT,
+                              errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
+                              errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH})
+
+
 def transient(e: BaseException) -> bool:
-    """Whether an error may pass when tried again: an OSError (s3fs's and urllib's errors are one),
-    but not one that says what is or is not there, or may not be touched."""
-    return isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, FileExistsError, PermissionError))
+    """Whether an error may pass when tried again: a timeout, a failed connection, or an OSError
+    whose errno is in ``TRANSIENT_ERRNOS``; not one that says what is or is not there, may not be
+    touched, or is asked wrongly (a wrong region, a bad argument: trying again cannot help)."""
+    if isinstance(e, (TimeoutError, ConnectionError, HTTPClientError)):
+        return True
+    return isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS
 
 
 def retry(call: Callable[[], T], what: str, patience: float, first_delay: float = 0.5) -> T:
     """``call()``, tried again after a transient error, the pause doubling up to
-    ``MAX_BACKOFF_SECONDS``, for ``patience`` seconds; then its error is raised."""
-    deadline = time.monotonic() + patience
+    ``MAX_BACKOFF_SECONDS``, for ``patience`` seconds from the first error; then its error is raised."""
+    deadline: float | None = None
     delay = first_delay
     while True:
         try:
             return call()
-        except OSError as e:
+        except STORAGE_ERRORS as e:
+            deadline = time.monotonic() + patience if deadline is None else deadline
             if not transient(e) or time.monotonic() + delay > deadline:
                 raise
             log.warning("%s failed (%s); trying again in %.1f s", what, e, delay)

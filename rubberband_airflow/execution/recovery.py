@@ -37,14 +37,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# An instance whose heartbeat has not changed for this long is lost; so is one that sent none
-# this long after it was first waited for.
-SILENT_SECONDS = 300.0
+# An agent beats every few seconds, rides out a storage error burst of up to 5 minutes
+# (trainable.STORAGE_PATIENCE_SECONDS), backing off for at most half a minute: a heartbeat such
+# a burst held back is up to about 330 s old when storage is back, and is not taken for a loss.
+# An instance whose heartbeat has not changed for SILENT_SECONDS is lost.
+SILENT_SECONDS = 400.0
+# An instance that sent no heartbeat this long after it was first waited for is lost.
 BOOT_SECONDS = 1200.0
-# An agent beats every few seconds, and backs off for at most half a minute when storage fails:
-# a heartbeat this old (or a trial this far past its limit and not ended) means the agent is hung,
+# A heartbeat this old (or a trial this far past its limit and not ended) means the agent is hung,
 # and the next stage's scaling retires its instance.
-HUNG_SECONDS = 300.0
+HUNG_SECONDS = 400.0
 # A trial this far past its limit in its agent's heartbeat, and not ended, means the agent is hung
 # and the trials it holds are placed again: a healthy agent ends a trial at its limit (allowing
 # its worker 10 s to die), beats every 5 s, and backs off for at most 30 s when storage fails.

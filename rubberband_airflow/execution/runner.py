@@ -285,7 +285,9 @@ def reconcile(backend: ComputeBackend, hung_after: float = HUNG_SECONDS) -> list
     """The run's live instances, once those that are gone (the cloud says so), whose agent quit
     (its heartbeat says it stopped, e.g. idle) or whose agent is hung (see ``hung_reason``) are
     terminated and so recorded: they get no more trials, and a stage that needs instances
-    launches replacements. Why a hung one was retired is in ``instances/<id>/retired.json``."""
+    launches replacements. Why a hung one was retired is in ``instances/<id>/retired.json``.
+    Instances a lost launch reply or ledger write left out of the ledger are adopted first."""
+    backend.adopt()
     live = backend.live()
     if not live:
         return []

@@ -164,7 +164,7 @@ class TrialResultSensor(BaseSensorOperator):
         """The trial's result, or whether its instance is lost; a storage error is a poke without news."""
         try:
             return self._poke()
-        except OSError as e:
+        except backoff.STORAGE_ERRORS as e:
             if not backoff.transient(e):
                 raise
             self.log.warning("reading %s's result failed (%s); trying again at the next poke", self.trial, e)

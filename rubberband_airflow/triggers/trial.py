@@ -121,7 +121,7 @@ class StageWatch:
         failed it while storage has failed for less than ``STORAGE_PATIENCE_SECONDS``, else its error."""
         try:
             out = await asyncio.to_thread(call)
-        except OSError as e:
+        except backoff.STORAGE_ERRORS as e:
             now = time.monotonic()
             self.failing_since = now if self.failing_since is None else self.failing_since
             if not backoff.transient(e) or now - self.failing_since > STORAGE_PATIENCE_SECONDS:

@@ -70,7 +70,9 @@ def test_the_run_tab_serves_the_run_view_behind_the_login(run_dir, airflow_db, t
     other = Path(folder).parent / HOSTILE_ID
     shutil.copytree(run_dir, other)
     report = json.loads((other / "report.json").read_text())
-    (other / "report.json").write_text(json.dumps({**report, "best": {**report["best"], "trial": HOSTILE}}))
+    # It stopped after stage 1 of 2 (a task failed for good): the overview says so.
+    (other / "report.json").write_text(json.dumps({**report, "best": {**report["best"], "trial": HOSTILE},
+                                                   "complete": False, "stages": report["stages"][:1]}))
     create_auth_manager()
     token = get_auth_manager().generate_jwt(SimpleAuthManagerUser(username="admin", role="admin"))
     client = TestClient(create_app())
@@ -94,7 +96,9 @@ def test_the_run_tab_serves_the_run_view_behind_the_login(run_dir, airflow_db, t
     overview = client.get("/").text
     folder_name = folder.rsplit("/", 1)[-1]
     assert f"<a href='runs/digits_tuning/{quote(folder_name, safe='')}'>" in overview
-    assert f"<a href='runs/digits_tuning/{quote(HOSTILE_ID, safe='')}'>{html.escape(HOSTILE_ID)}</a>" in overview
+    assert (f"<a href='runs/digits_tuning/{quote(HOSTILE_ID, safe='')}'>{html.escape(HOSTILE_ID)}</a> "
+            f"<strong>incomplete</strong>: ended after stage 1 of {report['stages_planned']}</td>") in overview
+    assert overview.count("incomplete") == 1  # the complete run is not marked
     assert f"<td>{html.escape(HOSTILE)}</td>" in overview and "<img" not in overview and "<svg" not in overview
     assert client.get(f"/runs/digits_tuning/{quote(folder_name, safe='')}").status_code == 200
 

@@ -4,11 +4,12 @@ import base64
 import time
 
 import pytest
+from botocore.exceptions import ReadTimeoutError
 
 from rubberband_airflow.execution import prices
 from rubberband_airflow.execution.backends import ec2
 from rubberband_airflow.execution.backends.ec2 import CapacityError, EC2Backend, LaunchError
-from rubberband_airflow.execution.runner import RunSpec, run_sha, start_run
+from rubberband_airflow.execution.runner import RunPlan, RunSpec, run_sha, scale, start_run
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.workloads import digits
 from tests.execution.conftest import agent_processes, plan_json
@@ -164,6 +165,38 @@ def test_retryable_launch_errors_move_on_to_the_next_subnet(moto_cloud, monkeypa
     nowhere = _backend(moto_cloud, storage, subnets=missing)
     with pytest.raises(CapacityError, match=rf"no capacity for 1 {TYPE} .* subnets {missing[0]}, {missing[1]}"):
         nowhere.launch("stage-2", 1)
+    moto_cloud.hypervisor.sync()
+    assert agent_processes(storage) == []
+
+
+def test_a_stage_whose_launch_reply_was_lost_is_retried_without_losing_or_doubling_instances(moto_cloud):
+    """EC2 launched the stage's second batch but its reply never came (a read timeout): the start
+    failed with that batch unrecorded. Its retry finds the batch, records it, and launches nothing."""
+    storage = moto_cloud.storage("tune_digits/run-lost-reply")
+    client = moto_cloud.client("ec2")
+    backend = _backend(moto_cloud, storage, client=client)
+    run_plan = RunPlan.from_json(plan_json(TYPE, 1, [(1, 4)], num_trials=4, eta=2, min_epochs=1))
+    calls = []
+
+    def lose_the_second_reply(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 2:
+            raise ReadTimeoutError(endpoint_url=moto_cloud.endpoint)
+
+    client.meta.events.register("after-call.ec2.RunInstances", lose_the_second_reply)
+    with pytest.raises(ReadTimeoutError):
+        scale(backend, run_plan, 1, batch_size=2)
+    assert len(moto_cloud.instances(run_id=backend.run_id)) == 4 and len(storage.ledger()) == 2
+
+    again = scale(backend, run_plan, 1, batch_size=2)
+    running = sorted(i["InstanceId"] for i in moto_cloud.instances(run_id=backend.run_id))
+    assert again["launched"] == [] and len(calls) == 2  # nothing launched twice
+    assert sorted(again["live"]) == running and len(running) == 4
+    entries = {e["instance"]: e for e in storage.ledger()}
+    assert sorted(entries) == running
+    assert sorted(e["batch"] for e in entries.values()) == ["stage-1-batch-0"] * 2 + ["stage-1-batch-1"] * 2
+    backend.terminate_all()
+    assert moto_cloud.instances(run_id=backend.run_id) == []
     moto_cloud.hypervisor.sync()
     assert agent_processes(storage) == []
 

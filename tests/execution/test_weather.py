@@ -381,3 +381,34 @@ def test_a_night_with_a_storage_error_burst_and_a_hung_instance_loses_no_trial_o
     assert cloud.instances(dag_id="tune_weather", run_id=backend.run_id) == []
     cloud.hypervisor.sync()
     assert agent_processes(storage) == []
+
+
+def test_storage_calls_are_tried_again_through_s3s_bad_weather_and_not_when_asked_wrongly(moto_cloud, request):
+    """A burst of S3 500s is waited out; a request S3 refuses as wrong fails at once, not after
+    the 5 minutes of patience (a misconfigured run should not take 5 minutes a task to fail)."""
+    import s3fs
+
+    from rubberband_airflow.execution import backoff
+
+    s3 = S3Storm(moto_cloud.endpoint)
+    request.addfinalizer(s3.close)
+    fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3.url, skip_instance_cache=True,
+                           config_kwargs={"retries": {"max_attempts": 1}})
+    path = f"{BUCKET}/tune_weather/asked/x.json"
+    s3.raging.set()
+    threading.Timer(2.0, s3.raging.clear).start()
+    begun = time.monotonic()
+    backoff.retry(lambda: fs.pipe_file(path, b"{}"), "writing", patience=60)
+    assert 2.0 <= time.monotonic() - begun < 30 and s3.hits > 0
+    assert fs.cat_file(path) == b"{}"
+
+    begun = time.monotonic()
+    with pytest.raises(OSError, match="storage class") as wrong:
+        backoff.retry(lambda: fs.pipe_file(path, b"{}", StorageClass="NO_SUCH_CLASS"), "writing", patience=60)
+    assert time.monotonic() - begun < 5 and not backoff.transient(wrong.value)
+
+    s3.raging.set()
+    begun = time.monotonic()
+    with pytest.raises(OSError) as burst:
+        backoff.retry(lambda: fs.cat_file(path), "reading", patience=3)
+    assert backoff.transient(burst.value) and 1.5 <= time.monotonic() - begun < 10  # gave up within its patience

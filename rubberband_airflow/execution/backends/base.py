@@ -57,6 +57,11 @@ class ComputeBackend(ABC):
     def terminate(self, instances: list[str]) -> None:
         """Terminate these instances (already terminated ones are fine) and record when."""
 
+    def adopt(self) -> list[str]:
+        """Instances of the run the cloud has and the ledger lacks (a launch whose ledger write or
+        reply was lost) get their entries; returns them. A backend that cannot lose one finds none."""
+        return []
+
     def live(self) -> list[str]:
         """Instances of the run not yet terminated, oldest request first."""
         return [e["instance"] for e in self.storage.ledger() if e.get("terminated") is None]

@@ -174,10 +174,7 @@ class EC2Backend(ComputeBackend):
         market = Market(market or self.market)
         found = self._instances(("pending", "running"), {**self.attempt_tags(), "rubberband:batch": batch})
         if found:  # a retry: EC2 already has this batch (moto ignores ClientToken, so look by tags)
-            for i in found:
-                if self._entry(i["InstanceId"]) is None:  # launched, but the ledger was not written
-                    bought = Market.SPOT if i.get("InstanceLifecycle") == "spot" else Market.ON_DEMAND
-                    self._write_new_entry(i["InstanceId"], batch, i["LaunchTime"].timestamp(), bought)
+            self._adopt([i for i in found if self._entry(i["InstanceId"]) is None])
             return [i["InstanceId"] for i in found]
         requested = time.time()
         refused: list[str] = []
@@ -195,6 +192,27 @@ class EC2Backend(ComputeBackend):
         for instance in ids:
             self._write_new_entry(instance, batch, requested, market, refused)
         return ids
+
+    def adopt(self) -> list[str]:
+        """This attempt's pending and running instances that EC2 lists and the ledger lacks get
+        their entries (batch and market from their tags and lifecycle, requested at launch)."""
+        known = {e["instance"] for e in self.storage.ledger()}
+        lost = [i for i in self._instances(("pending", "running"), self.attempt_tags()) if i["InstanceId"] not in known]
+        if lost:
+            log.warning("adopting instances EC2 runs for this run that its ledger lacks: %s",
+                        ", ".join(i["InstanceId"] for i in lost))
+        self._adopt(lost)
+        return [i["InstanceId"] for i in lost]
+
+    def _adopt(self, instances: list[dict[str, Any]]) -> None:
+        """Ledger entries for instances EC2 describes (launched, but the ledger was not written);
+        an entry the launcher wrote meanwhile wins."""
+        for i in instances:
+            tags = {t["Key"]: t["Value"] for t in i.get("Tags", [])}
+            bought = Market.SPOT if i.get("InstanceLifecycle") == "spot" else Market.ON_DEMAND
+            entry = self._new_entry(i["InstanceId"], tags.get("rubberband:batch", "?"),
+                                    i["LaunchTime"].timestamp(), bought)
+            self.storage.create_json(entry, "ledger", f"{i['InstanceId']}.json")
 
     def describe(self, instances: list[str]) -> dict[str, str]:
         """pending, running or terminated. Shutting-down, stopping and stopped count as terminated
@@ -312,6 +330,10 @@ class EC2Backend(ComputeBackend):
 
     def _write_new_entry(self, instance: str, batch: str, requested: float, market: Market,
                          spot_refused: list[str] | None = None) -> None:
+        self.storage.write_ledger(self._new_entry(instance, batch, requested, market, spot_refused))
+
+    def _new_entry(self, instance: str, batch: str, requested: float, market: Market,
+                   spot_refused: list[str] | None = None) -> dict[str, Any]:
         """A launched instance's ledger entry with its hourly price where the backend knows it (a
         spot one without a spot price is billed on demand); one launched on demand after spot was
         refused records the refusals."""
@@ -323,7 +345,7 @@ class EC2Backend(ComputeBackend):
             entry["price_per_hour"] = price
         if spot_refused:
             entry["spot_refused"] = "; ".join(spot_refused)
-        self.storage.write_ledger(entry)
+        return entry
 
 
 def describe_instances(client: Any, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
