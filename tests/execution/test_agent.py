@@ -154,6 +154,53 @@ def test_a_trial_writing_much_to_stderr_is_not_blocked(storage, local_backend):
     backend.terminate_all()
 
 
+def test_an_agent_spawned_without_its_ledger_entry_is_adopted_not_launched_again_and_ends_with_the_run(
+        tmp_path, env):
+    """The second instance's ledger write fails after its agent started (a storm): the stage's retry
+    adopts that agent instead of starting another, and teardown ends it."""
+    import errno
+
+    from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
+    from rubberband_airflow.execution.runner import RunPlan, scale
+    from rubberband_airflow.execution.storage import RunStorage
+    from tests.execution.conftest import plan_json
+
+    class LedgerWriteFailsOnce(RunStorage):
+        failed = False
+
+        def write_ledger(self, entry):
+            if entry["instance"].endswith("batch-1-0") and not self.failed:
+                self.failed = True
+                raise OSError(errno.EIO, "injected storage error")
+            super().write_ledger(entry)
+
+    storage = LedgerWriteFailsOnce(f"file://{tmp_path}/run")
+    _start(storage)
+    backend = LocalBackend(storage, LocalInstanceType("local-1", 1), trial_timeout=120, env=env)
+    run_plan = RunPlan.from_json(plan_json("local-1", 1, [(1, 2)], num_trials=2, eta=2, min_epochs=1))
+    try:
+        with pytest.raises(OSError, match="injected"):
+            scale(backend, run_plan, 1, batch_size=1)
+        assert len(storage.ledger()) == 1 and len(agent_processes(storage)) == 2
+
+        again = scale(backend, run_plan, 1, batch_size=1)
+        assert sorted(again["live"]) == ["local-stage-1-batch-0-0", "local-stage-1-batch-1-0"]
+        assert again["launched"] == []  # none started again
+        assert len(agent_processes(storage)) == 2
+        [adopted] = [e for e in storage.ledger() if e["instance"] == "local-stage-1-batch-1-0"]
+        assert adopted["batch"] == "stage-1-batch-1" and adopted["terminated"] is None
+
+        # An agent the ledger lost at teardown's time is ended by teardown all the same.
+        storage.delete("ledger", "local-stage-1-batch-0-0.json")
+        assert sorted(backend.terminate_all()) == sorted(again["live"])
+    finally:
+        backend.terminate_all()
+    deadline = time.monotonic() + 30
+    while agent_processes(storage) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert agent_processes(storage) == []
+
+
 def test_reconcile_forgets_an_instance_that_died_and_keeps_the_rest(storage, local_backend):
     """A dead instance must get no more trials, and a stage that needs it launches a replacement."""
     import os

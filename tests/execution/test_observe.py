@@ -1,6 +1,8 @@
 """The run state a re-plan starts from, built from the files of a real run (local backend, sleeping
 synthetic trials run by real agents), and the re-plan written once per stage."""
 
+import errno
+
 import fsspec
 import pytest
 
@@ -72,7 +74,11 @@ def test_state_at_each_barrier_is_what_the_run_measured(storage, local_backend):
     # The re-plan before stage 3 is written once: a second call (a retried task) returns the first.
     before = replanning.current_plan(storage, 3)
     assert before == plan
-    after = replanning.replan_stage(storage, before, 3)
+    # A try that fails writing the re-plan's record (a storm) leaves no plan without its record.
+    stormy = _RecordWriteFailsOnce(storage.uri)
+    with pytest.raises(OSError, match="injected"):
+        replanning.replan_stage(stormy, before, 3)
+    after = replanning.replan_stage(stormy, before, 3)
     assert replanning.current_plan(storage, 3) == after and replanning.current_plan(storage, 2) == plan
     assert after["stages"][:2] == plan["stages"][:2] and after["replanned_before_stage"] == 3
     record = storage.read_json("stages", "3", "replan.json")
@@ -83,6 +89,18 @@ def test_state_at_each_barrier_is_what_the_run_measured(storage, local_backend):
     assert RunPlan.from_json(after).problem.workload.epoch_seconds[1] == pytest.approx(1.5 * EPOCH, rel=0.25)
     assert replanning.replan_stage(storage, plan, 3) == after
     backend.terminate_all()
+
+
+class _RecordWriteFailsOnce(RunStorage):
+    """Run storage whose first write of a re-plan's record fails, as in a storage error burst."""
+
+    failed = False
+
+    def write_json(self, value, *parts):
+        if parts[-1] == "replan.json" and not self.failed:
+            self.failed = True
+            raise OSError(errno.EIO, "injected storage error")
+        super().write_json(value, *parts)
 
 
 def test_a_spot_plans_state_counts_its_spot_fleet_and_bills_each_instance_at_its_recorded_price(storage):

@@ -17,10 +17,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
+
 from rubberband_airflow.execution.backends.base import ComputeBackend, Market
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.errors import ProblemError
 
+AGENT_MODULE = "rubberband_airflow.execution.agent"
 # Processes this Python process started, so their exit can be reaped (no zombies).
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
@@ -84,7 +87,7 @@ class LocalBackend(ComputeBackend):
         for k in range(count):
             instance = f"local-{batch}-{k}"
             requested = time.time()
-            cmd = [sys.executable, "-m", "rubberband_airflow.execution.agent", "--run", self.storage.uri,
+            cmd = [sys.executable, "-m", AGENT_MODULE, "--run", self.storage.uri,
                    "--instance", instance, "--slots", str(t.slots), "--trial-timeout", str(self.trial_timeout),
                    "--pending-seconds", str(t.pending_seconds), "--boot-seconds", str(t.boot_seconds),
                    "--poll-seconds", str(poll_seconds(self.storage)), "--idle-timeout", str(self.idle_timeout)]
@@ -97,6 +100,31 @@ class LocalBackend(ComputeBackend):
                                        "ready": None, "terminated": None})
             ids.append(instance)
         return ids
+
+    def adopt(self) -> list[str]:
+        """This run's agent processes on this machine whose instance the ledger lacks (spawned,
+        but the ledger write failed) get their entries."""
+        known = {e["instance"] for e in self.storage.ledger()}
+        lost = {}
+        for p in psutil.process_iter(["cmdline", "create_time"]):
+            cmd = p.info["cmdline"] or []
+            if AGENT_MODULE in cmd and _option(cmd, "--run") == self.storage.uri:
+                instance = _option(cmd, "--instance")
+                if instance and instance not in known and p.pid == _session_leader(p):
+                    lost[instance] = p
+        for instance, p in sorted(lost.items(), key=lambda x: x[1].info["create_time"]):
+            t = self.instance_type
+            requested = p.info["create_time"]
+            self.storage.create_json({"instance": instance, "batch": instance.removeprefix("local-").rsplit("-", 1)[0],
+                                      "type": t.name, "slots": t.slots, "pid": p.pid, "requested": requested,
+                                      "running": requested if t.pending_seconds == 0 else None, "ready": None,
+                                      "terminated": None}, "ledger", f"{instance}.json")
+        return list(lost)
+
+    def terminate_all(self) -> list[str]:
+        """Terminate every agent the run has, those the ledger lacks included (adopted first)."""
+        self.adopt()
+        return super().terminate_all()
 
     def _entry(self, instance: str) -> dict[str, Any]:
         entry = self.storage.read_json("ledger", f"{instance}.json")
@@ -128,6 +156,19 @@ class LocalBackend(ComputeBackend):
                 stopped.append({**e, "terminated": time.time()})
         for e in stopped:
             self.storage.write_ledger(e)
+
+
+def _option(cmd: list[str], name: str) -> str | None:
+    """The value given to option ``name`` on a command line, or None."""
+    return cmd[cmd.index(name) + 1] if name in cmd[:-1] else None
+
+
+def _session_leader(p: psutil.Process) -> int | None:
+    """The process that leads ``p``'s session (an agent leads its own), or None if it is gone."""
+    try:
+        return os.getsid(p.pid)
+    except OSError:
+        return None
 
 
 def _alive(pid: int) -> bool:
