@@ -164,8 +164,8 @@ def tuning_dag(spec_path: str | Path) -> DAG:
 
     # Each task's body is tried again through a storage error burst (``trainable.patiently``: a transient
     # error, backing off, for up to 5 minutes), as the waits and the trials ride one out. Its steps are
-    # those Airflow's own retry repeats; one is not yet idempotent: batches launched whose ledger entry
-    # failed are not launched again, nor tracked (runner.scale names batches by what is missing).
+    # those Airflow's own retry repeats, each idempotent: a stage's batches are decided once and found
+    # again by name, and an instance launched whose ledger entry failed is adopted (runner.scale).
     @task
     def start_run(plan: dict[str, Any]) -> str:
         """Start this attempt of the DAG run: snapshot the spec and the form's values, sample the

@@ -402,7 +402,9 @@ def imds_instance_id(timeout: float = 5.0, patience: float = IMDS_PATIENCE_SECON
             raise OSError("the metadata service has no instance-id")
         return found.strip()
 
-    return retry(ask, "the metadata service", patience)  # URLError and HTTPError are OSErrors
+    # Just after boot the service may refuse, fail or not know yet: any error (URLError and
+    # HTTPError are OSErrors) is tried again.
+    return retry(ask, "the metadata service", patience, may_pass=lambda e: isinstance(e, OSError))
 
 
 def main(argv: list[str] | None = None) -> int:

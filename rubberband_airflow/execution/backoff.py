@@ -8,7 +8,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from botocore.exceptions import HTTPClientError
+import aiohttp
+from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
 
 log = logging.getLogger(__name__)
 
@@ -20,28 +21,32 @@ MAX_BACKOFF_SECONDS = 30.0
 
 
 # What storage raises: s3fs translates S3's error responses into OSErrors, and lets botocore's
-# own errors for a connection that failed or timed out through.
-STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, HTTPClientError)
+# and aiohttp's own errors for a connection that failed, broke or timed out through.
+STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, HTTPClientError, BotoConnectionError,
+                                                   aiohttp.ClientError)
 
 # The errors of a store or network in bad weather: I/O (s3fs: an error code it does not know),
 # remote I/O (S3's InternalError), busy (SlowDown, 503), and the network's own.
-TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EREMOTEIO, errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT,
-                              errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
-                              errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH})
+TRANSIENT_ERRNOS = frozenset({errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO), errno.EBUSY, errno.EAGAIN,
+                              errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
+                              errno.EPIPE, errno.ENETDOWN, errno.ENETUNREACH, errno.EHOSTUNREACH})
 
 
 def transient(e: BaseException) -> bool:
-    """Whether an error may pass when tried again: a timeout, a failed connection, or an OSError
-    whose errno is in ``TRANSIENT_ERRNOS``; not one that says what is or is not there, may not be
-    touched, or is asked wrongly (a wrong region, a bad argument: trying again cannot help)."""
-    if isinstance(e, (TimeoutError, ConnectionError, HTTPClientError)):
+    """Whether a storage error may pass when tried again: a timeout, a failed or broken connection,
+    or an OSError whose errno is in ``TRANSIENT_ERRNOS``; not one that says what is or is not
+    there, may not be touched, or is asked wrongly (a wrong region, a bad argument: trying again
+    cannot help)."""
+    if isinstance(e, (TimeoutError, ConnectionError, HTTPClientError, BotoConnectionError, aiohttp.ClientError)):
         return True
     return isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS
 
 
-def retry(call: Callable[[], T], what: str, patience: float, first_delay: float = 0.5) -> T:
-    """``call()``, tried again after a transient error, the pause doubling up to
-    ``MAX_BACKOFF_SECONDS``, for ``patience`` seconds from the first error; then its error is raised."""
+def retry(call: Callable[[], T], what: str, patience: float, first_delay: float = 0.5,
+          may_pass: Callable[[BaseException], bool] = transient) -> T:
+    """``call()``, tried again after an error that ``may_pass`` (default: a transient storage
+    error), the pause doubling up to ``MAX_BACKOFF_SECONDS``, for ``patience`` seconds from the
+    first error; then its error is raised."""
     deadline: float | None = None
     delay = first_delay
     while True:
@@ -49,7 +54,7 @@ def retry(call: Callable[[], T], what: str, patience: float, first_delay: float 
             return call()
         except STORAGE_ERRORS as e:
             deadline = time.monotonic() + patience if deadline is None else deadline
-            if not transient(e) or time.monotonic() + delay > deadline:
+            if not may_pass(e) or time.monotonic() + delay > deadline:
                 raise
             log.warning("%s failed (%s); trying again in %.1f s", what, e, delay)
             time.sleep(delay)

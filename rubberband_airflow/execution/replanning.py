@@ -152,14 +152,17 @@ def replan_before(storage: RunStorage, backend: ComputeBackend, before: dict[str
 
 
 def replan_stage(storage: RunStorage, before: dict[str, Any], stage: int) -> dict[str, Any]:
-    """Re-plan before ``stage`` once: write the record, then the revised plan (create-only); a
-    second call (a retry) returns the plan written first. The record comes first, so that a try
-    that failed between the two leaves no plan without its record."""
+    """Re-plan before ``stage`` once: write the revised plan (create-only), then its record; a
+    second call (a retry) returns the plan written first, and writes its record where the try
+    that wrote the plan failed before the record (what was observed, with the plan in force)."""
     written = storage.read_json("stages", str(stage), "plan.json")
     if written is not None:
+        if not storage.exists("stages", str(stage), "replan.json"):
+            _, record = revise(storage, before, stage)
+            storage.create_json({**record, "after": written}, "stages", str(stage), "replan.json")
         return dict(written)
     after, record = revise(storage, before, stage)
-    storage.write_json(record, "stages", str(stage), "replan.json")
-    if not storage.create_json(after, "stages", str(stage), "plan.json"):
+    if not storage.create_json(after, "stages", str(stage), "plan.json"):  # another try's plan stands, with its record
         return dict(storage.read_json("stages", str(stage), "plan.json"))
+    storage.write_json(record, "stages", str(stage), "replan.json")
     return after

@@ -30,10 +30,10 @@ from rubberband_airflow.planning.validation import describe
 
 __all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run",
            "stage_trials", "unfinished", "wanted_instances", "carry_over", "begin_stage", "reconcile", "hung_reason",
-           "scale_targets", "launch_batches", "scale_out", "scale_in", "scale", "start_stage", "prewarm_due",
-           "prewarm", "place", "stage_placement", "assign_stage", "stage_results", "wait_stage", "recover_trials",
-           "promote", "promote_stage", "rerun_due", "rerun_failed", "try_began", "stop_instances", "run_sha",
-           "summarize", "trial_id"]
+           "scale_targets", "launch_batches", "scale_out", "scale_in", "stage_batches", "scale", "start_stage",
+           "prewarm_due", "prewarm", "place", "stage_placement", "assign_stage", "stage_results", "wait_stage",
+           "recover_trials", "promote", "promote_stage", "rerun_due", "rerun_failed", "try_began", "stop_instances",
+           "run_sha", "summarize", "trial_id"]
 
 log = logging.getLogger(__name__)
 
@@ -354,15 +354,27 @@ def scale_in(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size:
     return [surplus[k:k + batch_size] for k in range(0, len(surplus), batch_size)]
 
 
+def stage_batches(storage: RunStorage, stage: int, batches: list[LaunchBatch], continued: int = 0) -> list[LaunchBatch]:
+    """The batches a stage launches, decided once: the first try records ``batches``
+    (``stages/<i>/launches.json``, create-only) before it launches any; a retry gets the recorded
+    ones back, to launch the same (each found by its name, not launched again), however many
+    of them its failed try launched or recorded in the ledger."""
+    name = f"launches-clear-{continued}.json" if continued else "launches.json"
+    if storage.create_json([b.to_json() for b in batches], "stages", str(stage), name):
+        return batches
+    return [LaunchBatch.from_json(b) for b in storage.read_json("stages", str(stage), name)]
+
+
 def scale(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int = 8,
           continued: int = 0, todo: list[str] | None = None) -> dict[str, list[str]]:
     """Grow or shrink the fleet for a stage in one go: terminate the newest first, or launch the
-    missing in batches (a retry finds a batch by its name and launches nothing again)."""
+    missing in batches, decided once (``stage_batches``): a retry launches nothing again."""
     missing, terminated = scale_targets(reconcile(backend), wanted_instances(backend.storage, run_plan, stage, todo))
     if terminated:
         backend.terminate(terminated)
     launched: list[str] = []
-    for batch in launch_batches(stage, missing, batch_size, continued, run_plan.market(stage)):
+    decided = launch_batches(stage, missing, batch_size, continued, run_plan.market(stage))
+    for batch in stage_batches(backend.storage, stage, decided, continued):
         launched += backend.launch(batch.name, batch.count, batch.market)
     return {"launched": launched, "terminated": terminated, "live": backend.live()}
 

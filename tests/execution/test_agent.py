@@ -156,8 +156,9 @@ def test_a_trial_writing_much_to_stderr_is_not_blocked(storage, local_backend):
 
 def test_an_agent_spawned_without_its_ledger_entry_is_adopted_not_launched_again_and_ends_with_the_run(
         tmp_path, env):
-    """The second instance's ledger write fails after its agent started (a storm): the stage's retry
-    adopts that agent instead of starting another, and teardown ends it."""
+    """A batch of three: the second agent's ledger write fails after it started (a storm), so the
+    third never starts. The stage's retry adopts the second, starts only the third, and teardown
+    ends every agent, one the ledger lost too."""
     import errno
 
     from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
@@ -165,30 +166,33 @@ def test_an_agent_spawned_without_its_ledger_entry_is_adopted_not_launched_again
     from rubberband_airflow.execution.storage import RunStorage
     from tests.execution.conftest import plan_json
 
+    second = "local-stage-1-batch-0-1"
+
     class LedgerWriteFailsOnce(RunStorage):
         failed = False
 
-        def write_ledger(self, entry):
-            if entry["instance"].endswith("batch-1-0") and not self.failed:
+        def create_json(self, value, *parts):
+            if parts == ("ledger", f"{second}.json") and not self.failed:
                 self.failed = True
                 raise OSError(errno.EIO, "injected storage error")
-            super().write_ledger(entry)
+            return super().create_json(value, *parts)
 
     storage = LedgerWriteFailsOnce(f"file://{tmp_path}/run")
     _start(storage)
     backend = LocalBackend(storage, LocalInstanceType("local-1", 1), trial_timeout=120, env=env)
-    run_plan = RunPlan.from_json(plan_json("local-1", 1, [(1, 2)], num_trials=2, eta=2, min_epochs=1))
+    run_plan = RunPlan.from_json(plan_json("local-1", 1, [(1, 3)], num_trials=3, eta=3, min_epochs=1))
     try:
         with pytest.raises(OSError, match="injected"):
-            scale(backend, run_plan, 1, batch_size=1)
+            scale(backend, run_plan, 1)
         assert len(storage.ledger()) == 1 and len(agent_processes(storage)) == 2
+        first = {p.pid for p in agent_processes(storage)}
 
-        again = scale(backend, run_plan, 1, batch_size=1)
-        assert sorted(again["live"]) == ["local-stage-1-batch-0-0", "local-stage-1-batch-1-0"]
-        assert again["launched"] == []  # none started again
-        assert len(agent_processes(storage)) == 2
-        [adopted] = [e for e in storage.ledger() if e["instance"] == "local-stage-1-batch-1-0"]
-        assert adopted["batch"] == "stage-1-batch-1" and adopted["terminated"] is None
+        again = scale(backend, run_plan, 1)
+        assert sorted(again["live"]) == [f"local-stage-1-batch-0-{k}" for k in range(3)]
+        alive = agent_processes(storage)
+        assert len(alive) == 3 and first <= {p.pid for p in alive}  # only the third started now
+        [adopted] = [e for e in storage.ledger() if e["instance"] == second]
+        assert adopted["batch"] == "stage-1-batch-0" and adopted["terminated"] is None
 
         # An agent the ledger lost at teardown's time is ended by teardown all the same.
         storage.delete("ledger", "local-stage-1-batch-0-0.json")

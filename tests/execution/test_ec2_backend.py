@@ -170,12 +170,13 @@ def test_retryable_launch_errors_move_on_to_the_next_subnet(moto_cloud, monkeypa
 
 
 def test_a_stage_whose_launch_reply_was_lost_is_retried_without_losing_or_doubling_instances(moto_cloud):
-    """EC2 launched the stage's second batch but its reply never came (a read timeout): the start
-    failed with that batch unrecorded. Its retry finds the batch, records it, and launches nothing."""
+    """A stage of three batches: EC2 launched the second but its reply never came (a read timeout),
+    so the start failed with that batch unrecorded and the third never asked for. The retry
+    records the second, launches the third, and launches nothing twice."""
     storage = moto_cloud.storage("tune_digits/run-lost-reply")
     client = moto_cloud.client("ec2")
     backend = _backend(moto_cloud, storage, client=client)
-    run_plan = RunPlan.from_json(plan_json(TYPE, 1, [(1, 4)], num_trials=4, eta=2, min_epochs=1))
+    run_plan = RunPlan.from_json(plan_json(TYPE, 1, [(1, 3)], num_trials=3, eta=3, min_epochs=1))
     calls = []
 
     def lose_the_second_reply(**kwargs):
@@ -185,16 +186,16 @@ def test_a_stage_whose_launch_reply_was_lost_is_retried_without_losing_or_doubli
 
     client.meta.events.register("after-call.ec2.RunInstances", lose_the_second_reply)
     with pytest.raises(ReadTimeoutError):
-        scale(backend, run_plan, 1, batch_size=2)
-    assert len(moto_cloud.instances(run_id=backend.run_id)) == 4 and len(storage.ledger()) == 2
+        scale(backend, run_plan, 1, batch_size=1)
+    assert len(moto_cloud.instances(run_id=backend.run_id)) == 2 and len(storage.ledger()) == 1
 
-    again = scale(backend, run_plan, 1, batch_size=2)
+    again = scale(backend, run_plan, 1, batch_size=1)
     running = sorted(i["InstanceId"] for i in moto_cloud.instances(run_id=backend.run_id))
-    assert again["launched"] == [] and len(calls) == 2  # nothing launched twice
-    assert sorted(again["live"]) == running and len(running) == 4
+    assert len(calls) == 3  # only the third batch was asked for again
+    assert sorted(again["live"]) == running and len(running) == 3
     entries = {e["instance"]: e for e in storage.ledger()}
     assert sorted(entries) == running
-    assert sorted(e["batch"] for e in entries.values()) == ["stage-1-batch-0"] * 2 + ["stage-1-batch-1"] * 2
+    assert sorted(e["batch"] for e in entries.values()) == [f"stage-1-batch-{k}" for k in range(3)]
     backend.terminate_all()
     assert moto_cloud.instances(run_id=backend.run_id) == []
     moto_cloud.hypervisor.sync()

@@ -331,6 +331,9 @@ def test_a_stage_allocations_market_in_the_plan_json_reaches_the_launch(tmp_path
     class NoFleet:  # scale_out asks the backend for its live fleet, and its storage for the stage's trials
         storage = RunStorage(f"file://{tmp_path}/run")
 
+        def adopt(self):
+            return []
+
         def live(self):
             return []
 

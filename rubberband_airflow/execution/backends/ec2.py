@@ -330,7 +330,9 @@ class EC2Backend(ComputeBackend):
 
     def _write_new_entry(self, instance: str, batch: str, requested: float, market: Market,
                          spot_refused: list[str] | None = None) -> None:
-        self.storage.write_ledger(self._new_entry(instance, batch, requested, market, spot_refused))
+        """Create-only: an entry already there (adopted meanwhile, and perhaps terminated since) stands."""
+        self.storage.create_json(self._new_entry(instance, batch, requested, market, spot_refused),
+                                 "ledger", f"{instance}.json")
 
     def _new_entry(self, instance: str, batch: str, requested: float, market: Market,
                    spot_refused: list[str] | None = None) -> dict[str, Any]:

@@ -79,13 +79,15 @@ class LocalBackend(ComputeBackend):
         if market == Market.SPOT:
             raise ValueError(f"batch {batch!r} asks for spot instances: the local backend has no spot market "
                              "(plan it on demand, or run it on the ec2 backend)")
-        existing = [e["instance"] for e in self.storage.ledger() if e.get("batch") == batch]
-        if existing:
-            return existing
+        self.adopt()  # an agent of this batch started by a try whose ledger write failed is not started twice
+        existing = {e["instance"] for e in self.storage.ledger() if e.get("batch") == batch}
         t = self.instance_type
         ids = []
         for k in range(count):
             instance = f"local-{batch}-{k}"
+            ids.append(instance)
+            if instance in existing:
+                continue
             requested = time.time()
             cmd = [sys.executable, "-m", AGENT_MODULE, "--run", self.storage.uri,
                    "--instance", instance, "--slots", str(t.slots), "--trial-timeout", str(self.trial_timeout),
@@ -94,37 +96,50 @@ class LocalBackend(ComputeBackend):
             process = subprocess.Popen(cmd, start_new_session=True, env=self.env, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
             _CHILDREN[process.pid] = process
-            self.storage.write_ledger({"instance": instance, "batch": batch, "type": t.name, "slots": t.slots,
-                                       "pid": process.pid, "requested": requested,
-                                       "running": requested if t.pending_seconds == 0 else None,
-                                       "ready": None, "terminated": None})
-            ids.append(instance)
+            self._record(instance, process.pid, requested)
         return ids
+
+    def _record(self, instance: str, pid: int, requested: float) -> None:
+        """A new agent's ledger entry (create-only: an entry already there, adopted and perhaps
+        terminated since, stands)."""
+        t = self.instance_type
+        self.storage.create_json({"instance": instance, "batch": instance.removeprefix("local-").rsplit("-", 1)[0],
+                                  "type": t.name, "slots": t.slots, "pid": pid, "requested": requested,
+                                  "running": requested if t.pending_seconds == 0 else None, "ready": None,
+                                  "terminated": None}, "ledger", f"{instance}.json")
+
+    def _agents(self) -> dict[str, psutil.Process]:
+        """This run's agent processes on this machine, by instance (whatever the ledger says)."""
+        found = {}
+        for p in psutil.process_iter(["cmdline", "create_time"]):
+            cmd = p.info["cmdline"] or []
+            if AGENT_MODULE in cmd and _option(cmd, "--run") == self.storage.uri and p.pid == _session_leader(p):
+                instance = _option(cmd, "--instance")
+                if instance:
+                    found[instance] = p
+        return found
 
     def adopt(self) -> list[str]:
         """This run's agent processes on this machine whose instance the ledger lacks (spawned,
         but the ledger write failed) get their entries."""
         known = {e["instance"] for e in self.storage.ledger()}
-        lost = {}
-        for p in psutil.process_iter(["cmdline", "create_time"]):
-            cmd = p.info["cmdline"] or []
-            if AGENT_MODULE in cmd and _option(cmd, "--run") == self.storage.uri:
-                instance = _option(cmd, "--instance")
-                if instance and instance not in known and p.pid == _session_leader(p):
-                    lost[instance] = p
+        lost = {i: p for i, p in self._agents().items() if i not in known}
         for instance, p in sorted(lost.items(), key=lambda x: x[1].info["create_time"]):
-            t = self.instance_type
-            requested = p.info["create_time"]
-            self.storage.create_json({"instance": instance, "batch": instance.removeprefix("local-").rsplit("-", 1)[0],
-                                      "type": t.name, "slots": t.slots, "pid": p.pid, "requested": requested,
-                                      "running": requested if t.pending_seconds == 0 else None, "ready": None,
-                                      "terminated": None}, "ledger", f"{instance}.json")
+            self._record(instance, p.pid, p.info["create_time"])
         return list(lost)
 
     def terminate_all(self) -> list[str]:
-        """Terminate every agent the run has, those the ledger lacks included (adopted first)."""
-        self.adopt()
-        return super().terminate_all()
+        """Terminate every agent the run has: those the ledger lists, then any other of this run's
+        agent processes (also when the ledger cannot be read or written)."""
+        ids: list[str] = []
+        try:
+            ids = super().terminate_all()
+        finally:
+            for instance, p in self._agents().items():
+                _stop_group(p.pid)
+                if instance not in ids:
+                    ids.append(instance)
+        return ids
 
     def _entry(self, instance: str) -> dict[str, Any]:
         entry = self.storage.read_json("ledger", f"{instance}.json")
