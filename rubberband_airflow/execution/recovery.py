@@ -119,21 +119,26 @@ def held_tasks(storage: RunStorage, stage: int, instance: str,
     return [task for task, result in zip(mine, results) if result is None]
 
 
-def hung_reason(beat: Mapping[str, Any] | None, now: float, hung_after: float = HUNG_SECONDS) -> str | None:
-    """Why an agent's heartbeat shows it hung, or None: the heartbeat has not changed for
-    ``hung_after`` seconds, or it is fresh but shows a trial running ``hung_after`` seconds past
-    its limit (see ``overdue_reason``)."""
+def hung_reason(beat: Mapping[str, Any] | None, now: float, hung_after: float = HUNG_SECONDS,
+                written: float | None = None) -> str | None:
+    """Why an agent's heartbeat shows it hung, or None: the heartbeat was ``written`` (by the
+    store's clock; else the time in it, by the agent's) ``hung_after`` seconds before ``now``, or
+    it shows a trial running ``hung_after`` seconds past its limit when it was written (see
+    ``overdue_reason``: by the agent's own clock)."""
     if not beat or beat.get("state") == "stopping":
         return None
-    age = now - float(beat.get("time", now))
+    stamp = float(beat.get("time", now))
+    age = now - (stamp if written is None else written)
     if age > hung_after:
         return f"its agent's heartbeat has not changed for {age:.0f} s (limit {hung_after:g} s)"
-    return overdue_reason(beat, now, hung_after)
+    return overdue_reason(beat, stamp, hung_after)
 
 
 def overdue_reason(beat: Mapping[str, Any] | None, now: float, grace: float) -> str | None:
     """Why an agent's heartbeat shows it hung by its trials, or None: it lists a trial running more
-    than ``grace`` seconds past its limit (the agent should have ended it at the limit)."""
+    than ``grace`` seconds past its limit at ``now`` (the agent should have ended it at the limit).
+    ``now`` is on the agent's clock, which the trial's start is on: an instance's clock may be
+    off the orchestrator's by more than the grace."""
     if not beat or beat.get("state") == "stopping":
         return None
     for task in beat.get("tasks", []):
@@ -167,7 +172,8 @@ def lost_reason(backend: ComputeBackend, instance: str) -> str | None:
 class LossWatch:
     """Tells which instances holding a stage's unfinished trials are lost: what the backend says,
     a hung agent (a trial ``OVERDUE_GRACE_SECONDS`` past its limit in its heartbeat), and heartbeat
-    silence by the watcher's own clock (instance clocks may differ)."""
+    silence, each timed by the watcher's own clock and the agent's, never one against the other
+    (instance clocks may differ from the orchestrator's)."""
 
     def __init__(self, storage: RunStorage, backend: ComputeBackend | None, stage: int,
                  silent_seconds: float = SILENT_SECONDS, boot_seconds: float = BOOT_SECONDS) -> None:
@@ -190,7 +196,9 @@ class LossWatch:
             changed = now
         self._beats[instance] = (stamp, changed)
         quiet = now - changed
-        hung = overdue_reason(beat, time.time(), self.overdue_grace)
+        # The agent's clock now, at the latest: its heartbeat's time plus how long it has not
+        # changed by this watcher's clock (it was written at most one look before it was seen).
+        hung = overdue_reason(beat, float(stamp) + quiet, self.overdue_grace) if stamp is not None else None
         if hung is not None:
             return f"instance {instance} is hung: {hung}"
         if beat is None and quiet > self.boot_seconds:

@@ -293,11 +293,13 @@ def reconcile(backend: ComputeBackend, hung_after: float = HUNG_SECONDS) -> list
         return []
     states = backend.describe(live)
     beats = backend.storage.read_json_many([("instances", i, "heartbeat.json") for i in live])
+    written = backend.storage.modified("instances")  # by the store's clock: an instance's may be off
     gone = [i for i, beat in zip(live, beats)
             if states.get(i) == "terminated" or (beat or {}).get("state") == "stopping"]
     now = time.time()
     for instance, beat in zip(live, beats):
-        reason = None if instance in gone else hung_reason(beat, now, hung_after)
+        stamp = written.get(f"{instance}/heartbeat.json")
+        reason = None if instance in gone else hung_reason(beat, now, hung_after, stamp)
         if reason is not None:
             log.warning("retiring %s: %s", instance, reason)
             backend.storage.write_json({"instance": instance, "reason": reason, "time": now},

@@ -39,6 +39,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import fsspec
@@ -216,10 +217,31 @@ class RunStorage:
         except FileNotFoundError:
             return []
         finally:
-            cache = getattr(self.fs, "dircache", None)
-            for key in [k for k in list(cache or {}) if k == path or k.startswith(path + "/")]:
-                cache.pop(key, None)  # type: ignore[union-attr]
-            self.fs.invalidate_cache(path)
+            self._forget(path)
+
+    def modified(self, *parts: str) -> dict[str, float]:
+        """When each file under a folder was last written (Unix time, by the store's clock), by its
+        path below the folder, from one listing (as ``_find``)."""
+        path = self.path(*parts)
+        try:
+            found = self.fs.find(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        finally:
+            self._forget(path)
+        out = {}
+        for name, info in found.items():
+            when = info.get("mtime", info.get("LastModified"))
+            if when is not None:
+                out[name[len(path):].lstrip("/")] = when.timestamp() if isinstance(when, datetime) else float(when)
+        return out
+
+    def _forget(self, path: str) -> None:
+        """Drop what fsspec's caches hold of a folder and everything under it."""
+        cache = getattr(self.fs, "dircache", None)
+        for key in [k for k in list(cache or {}) if k == path or k.startswith(path + "/")]:
+            cache.pop(key, None)  # type: ignore[union-attr]
+        self.fs.invalidate_cache(path)
 
     # --- the run's records ---
     def write_config(self, trial: str, config: dict[str, Any]) -> None:

@@ -242,13 +242,37 @@ def test_a_hung_agent_is_retired_and_its_instance_terminated(storage, local_back
 
 def test_a_fresh_heartbeat_with_a_trial_far_past_its_limit_is_a_hung_agent():
     now = 10_000.0
-    beat = {"time": now - 1, "state": "ready", "tasks": [{"stage": 2, "trial": "trial-0003", "started": now - 1000,
-                                                          "limit_seconds": 600}]}
+    beat = {"time": now, "state": "ready", "tasks": [{"stage": 2, "trial": "trial-0003", "started": now - 1000,
+                                                      "limit_seconds": 600}]}
     assert "has not ended trial-0003 of stage 2, 400 s past its limit of 600 s" in runner.hung_reason(beat, now, 300)
     assert runner.hung_reason(beat, now, 500) is None
     assert runner.hung_reason({**beat, "time": now - 400}, now, 300).startswith("its agent's heartbeat")
     assert runner.hung_reason({**beat, "state": "stopping"}, now, 1) is None  # quit, not hung
     assert runner.hung_reason(None, now, 1) is None
+
+
+def test_an_instance_whose_clock_is_behind_is_not_taken_for_hung_and_a_hung_one_still_is(storage):
+    """The instance's clock is 10 minutes behind the orchestrator's: its trial, 0.5 s into a 1 s
+    limit by that clock, is not judged overdue at once (as comparing the two clocks would), but
+    is once its heartbeat has stood still past the limit and the grace by the watcher's clock."""
+    from rubberband_airflow.execution.recovery import LossWatch
+
+    agent_now = time.time() - 600
+    storage.write_json({"instance": "i-behind", "time": agent_now, "state": "ready",
+                        "tasks": [{"stage": 1, "trial": "trial-0000", "started": agent_now - 0.5,
+                                   "limit_seconds": 1.0}]}, "instances", "i-behind", "heartbeat.json")
+    watch = LossWatch(storage, None, 1)
+    watch.overdue_grace = 1.0
+    assert watch.reason("i-behind") is None
+    time.sleep(1.0)
+    assert watch.reason("i-behind") is None  # 1.5 s in by its clock: within the limit and the grace
+    time.sleep(1.6)
+    assert "is hung: its agent has not ended trial-0000 of stage 1" in watch.reason("i-behind")
+    # Scaling judges staleness by when storage says the heartbeat was written: fresh, not 10 minutes old.
+    beat, written = storage.heartbeat("i-behind"), storage.modified("instances")["i-behind/heartbeat.json"]
+    assert abs(written - time.time()) < 10
+    assert runner.hung_reason(beat, time.time(), 300, written) is None
+    assert "has not changed for 3" in runner.hung_reason(beat, time.time() + 330, 300, written)
 
 
 def test_the_metadata_service_is_asked_again_after_errors(monkeypatch):
