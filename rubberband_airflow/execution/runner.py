@@ -32,8 +32,8 @@ __all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", 
            "stage_trials", "unfinished", "wanted_instances", "carry_over", "begin_stage", "reconcile", "hung_reason",
            "scale_targets", "launch_batches", "scale_out", "scale_in", "stage_batches", "scale", "start_stage",
            "prewarm_due", "prewarm", "place", "stage_placement", "assign_stage", "stage_results", "wait_stage",
-           "recover_trials", "promote", "promote_stage", "rerun_due", "rerun_failed", "try_began", "stop_instances",
-           "run_sha", "summarize", "trial_id"]
+           "recover_trials", "promote", "promote_stage", "cleared_since_failure", "rerun_due", "rerun_failed",
+           "try_began", "stop_instances", "run_sha", "summarize", "trial_id"]
 
 log = logging.getLogger(__name__)
 
@@ -634,12 +634,17 @@ def try_began(storage: RunStorage, trial: str, stage: int) -> int:
     return next(int(r["clear"]) for r in storage.retries(stage) if int(r["try"]) == k)
 
 
-def rerun_due(storage: RunStorage, trial: str, stage: int, clear: int) -> bool:
-    """Whether a trial's failure is to be run again: its newest try of the stage failed, the run
-    was cleared since that try began, and the stage is not promoted yet (once it is, a trial
-    run again could not take part: the run's later stages went on without it)."""
+def cleared_since_failure(storage: RunStorage, trial: str, stage: int, clear: int) -> bool:
+    """Whether the trial's newest try of the stage failed and the run was cleared since that try began."""
     result = storage.read_result(trial, stage)
-    return (result is not None and not is_done(result) and clear > try_began(storage, trial, stage)
+    return result is not None and not is_done(result) and clear > try_began(storage, trial, stage)
+
+
+def rerun_due(storage: RunStorage, trial: str, stage: int, clear: int) -> bool:
+    """Whether a trial's failure is to be run again: ``cleared_since_failure``, and the stage is
+    not promoted yet (once it is, a trial run again could not take part: the run's later stages
+    went on without it)."""
+    return (cleared_since_failure(storage, trial, stage, clear)
             and not storage.exists("stages", str(stage), "promoted.json"))
 
 

@@ -97,6 +97,7 @@ class TrialResultSensor(BaseSensorOperator):
         self._liveness: Liveness | None = None
         self._liveness_checked = float("-inf")
         self._run_ids: tuple[str, str] | None = None  # (dag_id, run_id), from the task's context
+        self._too_late = ""  # why a clear does not run the failed trial again, where it does not
 
     def _storage(self) -> RunStorage:
         return run_storage(self.run_uri, self.storage_conn_id)
@@ -140,7 +141,12 @@ class TrialResultSensor(BaseSensorOperator):
         again while its stage is not promoted: a new try, placed once for all the stage's failed
         trials (``runner.rerun_failed``), which this wait then waits for."""
         clear = getattr(context.get("dag_run"), "clear_number", None)
-        if clear is None or not runner.rerun_due(storage, self.trial, int(self.stage), int(clear)):
+        if clear is None or not runner.cleared_since_failure(storage, self.trial, int(self.stage), int(clear)):
+            return
+        if storage.exists("stages", str(self.stage), "promoted.json"):
+            self._too_late = (f"; the run was cleared, but stage {self.stage} was promoted without it, so a try "
+                              "now could not take part in the later stages: clear the whole run (from start_run) "
+                              "for a new attempt, which keeps what finished and runs this trial again")
             return
         backend = self._backend(storage)
         if backend is None:
@@ -231,6 +237,7 @@ class TrialResultSensor(BaseSensorOperator):
 
     def _finish(self, result: dict[str, Any]) -> dict[str, Any]:
         if result.get("state") != "done":
-            raise AirflowFailException(f"{self.trial} failed in stage {self.stage}: {result.get('error')}")
+            raise AirflowFailException(f"{self.trial} failed in stage {self.stage}: {result.get('error')}"
+                                       + self._too_late)
         self.log.info("%s finished stage %s: %s = %s", self.trial, self.stage, "metric", result.get("metric"))
         return {"trial": self.trial, "stage": int(self.stage), "metric": result.get("metric")}

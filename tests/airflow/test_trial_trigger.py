@@ -185,3 +185,26 @@ def test_a_wait_that_starts_or_pokes_in_a_storage_error_burst_goes_on_and_ends_w
             .start()
         assert sensor.execute({}) == {"trial": "trial-0000", "stage": 1, "metric": 0.5}
     assert Path(f"{storm}.hits").read_text().count("\n") >= 2  # the storm met the sensor's reads
+
+
+def test_a_failed_wait_cleared_after_its_stage_was_promoted_says_how_to_run_the_trial_again(storage):
+    """The run went on without the failed trial; clearing its wait alone cannot bring it back into
+    the run, and the wait says so, and what to clear instead."""
+    from types import SimpleNamespace
+
+    start_run(storage, RunSpec("tests.trainables:sleepy", "accuracy", "max", seed=1), [{"lr": 0.1}],
+              {"instance_type": "local-1", "stages": []}, 1)
+    assign_stage(storage, 1, {"i-0": [{"trial": "trial-0000", "gpus": 1, "start_epoch": 0, "stop_epoch": 1}]})
+    storage.write_result("trial-0000", 1, {"state": "failed", "stage": 1, "error": "ValueError: boom"})
+    with pytest.raises(AirflowFailException) as first:
+        _sensor(storage).execute({"dag_run": SimpleNamespace(clear_number=0)})
+    assert str(first.value) == "trial-0000 failed in stage 1: ValueError: boom"
+
+    storage.write_json({"stage": 1, "trials": ["trial-0000"], "promoted": [], "failed": ["trial-0000"]},
+                       "stages", "1", "promoted.json")  # the stage's promote ran: the run went on without it
+    with pytest.raises(AirflowFailException) as cleared:
+        _sensor(storage).execute({"dag_run": SimpleNamespace(clear_number=1)})
+    assert str(cleared.value).startswith("trial-0000 failed in stage 1: ValueError: boom; the run was cleared, "
+                                         "but stage 1 was promoted without it")
+    assert "clear the whole run (from start_run)" in str(cleared.value)
+    assert storage.retries(1) == []  # and no try was started for nothing
