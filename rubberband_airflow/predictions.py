@@ -76,6 +76,8 @@ def stage_predictions(plan: dict[str, Any], records: list[dict[str, Any]],
         predicted = {i + 1: e for i, e in enumerate(_first_ends(plan))}
         source = {i: "first plan" for i in predicted}
         for r in sorted(records, key=lambda r: r.get("stage") or 0):
+            if r.get("state") is None:  # recorded by a retry that could not observe the run: no prediction
+                continue
             j = int(r["stage"])
             for k, e in enumerate(_replan_ends(plan, r)):
                 predicted[j + k], source[j + k] = e, f"re-plan before stage {j}"

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import aiohttp
-from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotoConnectionError, HTTPClientError, SSLError as BotoSSLError
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,14 @@ TRANSIENT_ERRNOS = frozenset({errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO),
 
 
 def transient(e: BaseException) -> bool:
-    """Whether a storage error may pass when tried again: a timeout, a failed or broken connection,
-    or an OSError whose errno is in ``TRANSIENT_ERRNOS``; not one that says what is or is not
-    there, may not be touched, or is asked wrongly (a wrong region, a bad argument: trying again
-    cannot help)."""
-    if isinstance(e, (TimeoutError, ConnectionError, HTTPClientError, BotoConnectionError, aiohttp.ClientError)):
+    """Whether a storage error may pass when tried again: a timeout, a failed or broken connection
+    (not a TLS error), or an OSError whose errno is in ``TRANSIENT_ERRNOS``; not one that says what
+    is or is not there, may not be touched, or is asked wrongly (a wrong region, a bad argument or
+    URL: trying again cannot help)."""
+    if isinstance(e, BotoSSLError):  # a certificate or TLS setting: not weather
+        return False
+    if isinstance(e, (TimeoutError, ConnectionError, HTTPClientError, BotoConnectionError,
+                      aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)):
         return True
     return isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS
 

@@ -127,7 +127,8 @@ def hung_reason(beat: Mapping[str, Any] | None, now: float, hung_after: float = 
     ``overdue_reason``: by the agent's own clock)."""
     if not beat or beat.get("state") == "stopping":
         return None
-    stamp = float(beat.get("time", now))
+    stamp = _number(beat.get("time"))
+    stamp = now if stamp is None else stamp
     age = now - (stamp if written is None else written)
     if age > hung_after:
         return f"its agent's heartbeat has not changed for {age:.0f} s (limit {hung_after:g} s)"
@@ -147,6 +148,14 @@ def overdue_reason(beat: Mapping[str, Any] | None, now: float, grace: float) -> 
             return (f"its agent has not ended {task['trial']} of stage {task['stage']}, {over:.0f} s past "
                     f"its limit of {float(task['limit_seconds']):g} s")
     return None
+
+
+def _number(value: Any) -> float | None:
+    """A heartbeat's number, or None where it holds none (a heartbeat of another version)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def lost_reason(backend: ComputeBackend, instance: str) -> str | None:
@@ -180,7 +189,7 @@ class LossWatch:
         self.storage, self.backend, self.stage = storage, backend, stage
         self.silent_seconds, self.boot_seconds = silent_seconds, boot_seconds
         self.overdue_grace = OVERDUE_GRACE_SECONDS
-        self._beats: dict[str, tuple[Any, float]] = {}  # instance: (heartbeat time, when it last changed)
+        self._beats: dict[str, tuple[float | None, float]] = {}  # instance: (heartbeat time, when it changed)
 
     def reason(self, instance: str) -> str | None:
         """Why this instance is lost, or None while it looks alive."""
@@ -189,16 +198,20 @@ class LossWatch:
             if why is not None:
                 return why
         beat = self.storage.heartbeat(instance)
-        stamp = beat.get("time") if beat else None
+        stamp = _number(beat.get("time")) if beat else None
         now = time.monotonic()
-        seen, changed = self._beats.get(instance, (object(), now))
-        if stamp != seen:
-            changed = now
+        seen, changed = self._beats.get(instance, (None, None))
+        if changed is None or stamp != seen:
+            # First seen now, or changed: as of when storage says it was written, on first sight (a
+            # watcher that starts after an agent froze does not take its last heartbeat for news).
+            written = self.storage.written("instances", instance, "heartbeat.json") \
+                if changed is None and stamp is not None else None
+            changed = now - max(0.0, time.time() - written) if written is not None else now
         self._beats[instance] = (stamp, changed)
         quiet = now - changed
         # The agent's clock now, at the latest: its heartbeat's time plus how long it has not
         # changed by this watcher's clock (it was written at most one look before it was seen).
-        hung = overdue_reason(beat, float(stamp) + quiet, self.overdue_grace) if stamp is not None else None
+        hung = overdue_reason(beat, stamp + quiet, self.overdue_grace) if stamp is not None else None
         if hung is not None:
             return f"instance {instance} is hung: {hung}"
         if beat is None and quiet > self.boot_seconds:

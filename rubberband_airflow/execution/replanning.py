@@ -158,7 +158,11 @@ def replan_stage(storage: RunStorage, before: dict[str, Any], stage: int) -> dic
     written = storage.read_json("stages", str(stage), "plan.json")
     if written is not None:
         if not storage.exists("stages", str(stage), "replan.json"):
-            _, record = revise(storage, before, stage)
+            try:
+                _, record = revise(storage, before, stage)
+            except ProblemError as e:  # the state no longer plans: the record says what it can
+                record = {"time": time.time(), "stage": stage, "before": before,
+                          "note": f"recorded by a retry, which could not observe the run again: {e}"}
             storage.create_json({**record, "after": written}, "stages", str(stage), "replan.json")
         return dict(written)
     after, record = revise(storage, before, stage)

@@ -30,7 +30,7 @@ from rubberband_airflow.planning.validation import describe
 
 __all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run",
            "stage_trials", "unfinished", "wanted_instances", "carry_over", "begin_stage", "reconcile", "hung_reason",
-           "scale_targets", "launch_batches", "scale_out", "scale_in", "stage_batches", "scale", "start_stage",
+           "scale_targets", "launch_batches", "scale_out", "scale_in", "recorded_launches", "scale", "start_stage",
            "prewarm_due", "prewarm", "place", "stage_placement", "assign_stage", "stage_results", "wait_stage",
            "recover_trials", "promote", "promote_stage", "cleared_since_failure", "rerun_due", "rerun_failed",
            "try_began", "stop_instances", "run_sha", "summarize", "trial_id"]
@@ -317,13 +317,13 @@ def scale_targets(live: Sequence[str], want: int) -> tuple[int, list[str]]:
 
 
 def launch_batches(stage: int, count: int, batch_size: int, continued: int = 0,
-                   market: Market | None = None) -> list[LaunchBatch]:
-    """``count`` new instances of a stage in batches of at most ``batch_size``, in ``market``.
-    ``continued`` counts the clears after which this attempt went on (a clear of failed tasks
-    only): their batches get new names, so that a batch the earlier teardown terminated is not
-    found and adopted again."""
+                   market: Market | None = None, first: int = 0) -> list[LaunchBatch]:
+    """``count`` new instances of a stage in batches of at most ``batch_size``, in ``market``,
+    numbered from ``first``. ``continued`` counts the clears after which this attempt went on (a
+    clear of failed tasks only): their batches get new names, so that a batch the earlier
+    teardown terminated is not found and adopted again."""
     suffix = f"-clear-{continued}" if continued else ""
-    return [LaunchBatch(f"stage-{stage}-batch-{k}{suffix}", min(batch_size, count - start), market)
+    return [LaunchBatch(f"stage-{stage}-batch-{first + k}{suffix}", min(batch_size, count - start), market)
             for k, start in enumerate(range(0, count, batch_size))]
 
 
@@ -356,28 +356,43 @@ def scale_in(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size:
     return [surplus[k:k + batch_size] for k in range(0, len(surplus), batch_size)]
 
 
-def stage_batches(storage: RunStorage, stage: int, batches: list[LaunchBatch], continued: int = 0) -> list[LaunchBatch]:
-    """The batches a stage launches, decided once: the first try records ``batches``
-    (``stages/<i>/launches.json``, create-only) before it launches any; a retry gets the recorded
-    ones back, to launch the same (each found by its name, not launched again), however many
-    of them its failed try launched or recorded in the ledger."""
-    name = f"launches-clear-{continued}.json" if continued else "launches.json"
-    if storage.create_json([b.to_json() for b in batches], "stages", str(stage), name):
-        return batches
-    return [LaunchBatch.from_json(b) for b in storage.read_json("stages", str(stage), name)]
+def _launches(stage: int, continued: int, n: int) -> tuple[str, ...]:
+    return "stages", str(stage), f"launches-{n}{f'-clear-{continued}' if continued else ''}.json"
+
+
+def recorded_launches(storage: RunStorage, stage: int, continued: int = 0) -> list[list[LaunchBatch]]:
+    """The launch decisions a stage's tries recorded, in order (``stages/<i>/launches-<n>.json``)."""
+    out: list[list[LaunchBatch]] = []
+    while (found := storage.read_json(*_launches(stage, continued, len(out) + 1))) is not None:
+        out.append([LaunchBatch.from_json(b) for b in found])
+    return out
 
 
 def scale(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int = 8,
           continued: int = 0, todo: list[str] | None = None) -> dict[str, list[str]]:
     """Grow or shrink the fleet for a stage in one go: terminate the newest first, or launch the
-    missing in batches, decided once (``stage_batches``): a retry launches nothing again."""
-    missing, terminated = scale_targets(reconcile(backend), wanted_instances(backend.storage, run_plan, stage, todo))
+    missing in batches. Each launch is decided once and recorded before any of its batches is
+    launched: a retry (of a try that failed mid-launch) launches the recorded batches again, each
+    found by its name and launched only where missing, and then launches what the stage still
+    lacks (an instance lost between the tries) under new names, recorded likewise."""
+    storage = backend.storage
+    want = wanted_instances(storage, run_plan, stage, todo)
+    missing, terminated = scale_targets(reconcile(backend), want)
     if terminated:
         backend.terminate(terminated)
     launched: list[str] = []
-    decided = launch_batches(stage, missing, batch_size, continued, run_plan.market(stage))
-    for batch in stage_batches(backend.storage, stage, decided, continued):
+    decisions = recorded_launches(storage, stage, continued) if want else []
+    for batch in (b for decision in decisions for b in decision):
         launched += backend.launch(batch.name, batch.count, batch.market)
+    if decisions:
+        missing, _ = scale_targets(backend.live(), want)
+    if missing:
+        batches = launch_batches(stage, missing, batch_size, continued, run_plan.market(stage),
+                                 first=sum(len(d) for d in decisions))
+        if not storage.create_json([b.to_json() for b in batches], *_launches(stage, continued, len(decisions) + 1)):
+            batches = recorded_launches(storage, stage, continued)[len(decisions)]  # a concurrent try's stands
+        for batch in batches:
+            launched += backend.launch(batch.name, batch.count, batch.market)
     return {"launched": launched, "terminated": terminated, "live": backend.live()}
 
 

@@ -231,10 +231,20 @@ class RunStorage:
             self._forget(path)
         out = {}
         for name, info in found.items():
-            when = info.get("mtime", info.get("LastModified"))
+            when = written_time(info)
             if when is not None:
-                out[name[len(path):].lstrip("/")] = when.timestamp() if isinstance(when, datetime) else float(when)
+                out[name[len(path):].lstrip("/")] = when
         return out
+
+    def written(self, *parts: str) -> float | None:
+        """When a file was last written (Unix time, by the store's clock), or None if it is not there."""
+        path = self.path(*parts)
+        try:
+            return written_time(self.fs.info(path))
+        except FileNotFoundError:
+            return None
+        finally:
+            self.fs.invalidate_cache(path)
 
     def _forget(self, path: str) -> None:
         """Drop what fsspec's caches hold of a folder and everything under it."""
@@ -376,6 +386,23 @@ class RunStorage:
 
     def write_ledger(self, entry: dict[str, Any]) -> None:
         self.write_json(entry, "ledger", f"{entry['instance']}.json")
+
+
+def written_time(info: dict[str, Any]) -> float | None:
+    """When a file whose fsspec ``info`` this is was last written (Unix time), where the store says:
+    local ``mtime``, S3 ``LastModified``, Azure ``last_modified``, GCS ``updated``."""
+    for key in ("mtime", "LastModified", "last_modified", "updated"):
+        when = info.get(key)
+        if isinstance(when, datetime):
+            return when.timestamp()
+        if isinstance(when, str):
+            try:
+                return datetime.fromisoformat(when).timestamp()
+            except ValueError:
+                continue
+        if isinstance(when, (int, float)):
+            return float(when)
+    return None
 
 
 def result_name(stage: int, try_number: int = 1) -> str:

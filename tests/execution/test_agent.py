@@ -1,14 +1,27 @@
 """The agent and its workers: resume exactness, data parallel trials, failing trainables."""
 
+import errno
+import os
+import signal
 import time
 
 import pytest
 
 from rubberband_airflow.execution import worker
-from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run, wait_stage
+from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
+from rubberband_airflow.execution.runner import (
+    RunPlan,
+    RunSpec,
+    assign_stage,
+    recorded_launches,
+    scale,
+    start_run,
+    wait_stage,
+)
+from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.workloads import digits
-from tests.execution.conftest import ROOT, agent_processes
+from tests.execution.conftest import ROOT, agent_processes, plan_json
 
 CONFIG = {"lr": 0.05, "momentum": 0.9, "width": 64, "dropout": 0.2, "batch_size": 32, "weight_decay": 1e-4}
 
@@ -154,44 +167,50 @@ def test_a_trial_writing_much_to_stderr_is_not_blocked(storage, local_backend):
     backend.terminate_all()
 
 
-def test_an_agent_spawned_without_its_ledger_entry_is_adopted_not_launched_again_and_ends_with_the_run(
-        tmp_path, env):
-    """A batch of three: the second agent's ledger write fails after it started (a storm), so the
-    third never starts. The stage's retry adopts the second, starts only the third, and teardown
-    ends every agent, one the ledger lost too."""
-    import errno
+class _SecondLedgerWriteFails(RunStorage):
+    """Run storage whose first write of the second agent's ledger entry fails (a storm), after the
+    agent started: the stage's start fails there, its third agent never started."""
 
-    from rubberband_airflow.execution.backends.local import LocalBackend, LocalInstanceType
-    from rubberband_airflow.execution.runner import RunPlan, scale
-    from rubberband_airflow.execution.storage import RunStorage
-    from tests.execution.conftest import plan_json
+    failed = False
 
-    second = "local-stage-1-batch-0-1"
+    def create_json(self, value, *parts):
+        if parts == ("ledger", "local-stage-1-batch-0-1.json") and not self.failed:
+            self.failed = True
+            raise OSError(errno.EIO, "injected storage error")
+        return super().create_json(value, *parts)
 
-    class LedgerWriteFailsOnce(RunStorage):
-        failed = False
 
-        def create_json(self, value, *parts):
-            if parts == ("ledger", f"{second}.json") and not self.failed:
-                self.failed = True
-                raise OSError(errno.EIO, "injected storage error")
-            return super().create_json(value, *parts)
-
-    storage = LedgerWriteFailsOnce(f"file://{tmp_path}/run")
+def _failed_first_try(tmp_path, env):
+    """A stage of three local instances whose start's first try failed mid-launch: storage, backend, plan."""
+    storage = _SecondLedgerWriteFails(f"file://{tmp_path}/run")
     _start(storage)
     backend = LocalBackend(storage, LocalInstanceType("local-1", 1), trial_timeout=120, env=env)
     run_plan = RunPlan.from_json(plan_json("local-1", 1, [(1, 3)], num_trials=3, eta=3, min_epochs=1))
-    try:
-        with pytest.raises(OSError, match="injected"):
-            scale(backend, run_plan, 1)
-        assert len(storage.ledger()) == 1 and len(agent_processes(storage)) == 2
-        first = {p.pid for p in agent_processes(storage)}
+    with pytest.raises(OSError, match="injected"):
+        scale(backend, run_plan, 1)
+    assert len(storage.ledger()) == 1 and len(agent_processes(storage)) == 2
+    return storage, backend, run_plan
 
+
+def _none_left(storage):
+    deadline = time.monotonic() + 30
+    while agent_processes(storage) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert agent_processes(storage) == []
+
+
+def test_an_agent_spawned_without_its_ledger_entry_is_adopted_not_launched_again_and_ends_with_the_run(
+        tmp_path, env):
+    """The retry adopts the second agent, starts only the third, and teardown ends every agent,
+    one the ledger lost too."""
+    storage, backend, run_plan = _failed_first_try(tmp_path, env)
+    try:
+        first = {p.pid for p in agent_processes(storage)}
         again = scale(backend, run_plan, 1)
         assert sorted(again["live"]) == [f"local-stage-1-batch-0-{k}" for k in range(3)]
         alive = agent_processes(storage)
         assert len(alive) == 3 and first <= {p.pid for p in alive}  # only the third started now
-        [adopted] = [e for e in storage.ledger() if e["instance"] == second]
+        [adopted] = [e for e in storage.ledger() if e["instance"] == "local-stage-1-batch-0-1"]
         assert adopted["batch"] == "stage-1-batch-0" and adopted["terminated"] is None
 
         # An agent the ledger lost at teardown's time is ended by teardown all the same.
@@ -199,10 +218,28 @@ def test_an_agent_spawned_without_its_ledger_entry_is_adopted_not_launched_again
         assert sorted(backend.terminate_all()) == sorted(again["live"])
     finally:
         backend.terminate_all()
-    deadline = time.monotonic() + 30
-    while agent_processes(storage) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert agent_processes(storage) == []
+    _none_left(storage)
+
+
+def test_an_instance_lost_between_a_starts_tries_is_replaced_by_the_retry(tmp_path, env):
+    """Between the failed try and its retry the first agent dies: the retry launches the recorded
+    batch's missing agent and, under a new batch, one in place of the dead one."""
+    storage, backend, run_plan = _failed_first_try(tmp_path, env)
+    try:
+        dead = next(p for p in agent_processes(storage) if "local-stage-1-batch-0-0" in " ".join(p.cmdline()))
+        os.killpg(dead.pid, signal.SIGKILL)
+        dead.wait(10)
+        again = scale(backend, run_plan, 1)
+        assert sorted(again["live"]) == ["local-stage-1-batch-0-1", "local-stage-1-batch-0-2",
+                                         "local-stage-1-batch-1-0"]
+        assert len(agent_processes(storage)) == 3
+        assert [[b.name for b in d] for d in recorded_launches(storage, 1)] == [["stage-1-batch-0"],
+                                                                                ["stage-1-batch-1"]]
+        assert scale(backend, run_plan, 1)["live"] == again["live"]  # a third try changes nothing
+        assert len(agent_processes(storage)) == 3
+    finally:
+        backend.terminate_all()
+    _none_left(storage)
 
 
 def test_reconcile_forgets_an_instance_that_died_and_keeps_the_rest(storage, local_backend):

@@ -268,6 +268,9 @@ def test_an_instance_whose_clock_is_behind_is_not_taken_for_hung_and_a_hung_one_
     assert watch.reason("i-behind") is None  # 1.5 s in by its clock: within the limit and the grace
     time.sleep(1.6)
     assert "is hung: its agent has not ended trial-0000 of stage 1" in watch.reason("i-behind")
+    restarted = LossWatch(storage, None, 1)  # a watcher that starts after the agent froze (a new triggerer)
+    restarted.overdue_grace = 1.0
+    assert "is hung" in restarted.reason("i-behind")  # the heartbeat's age is the store's to tell: at once
     # Scaling judges staleness by when storage says the heartbeat was written: fresh, not 10 minutes old.
     beat, written = storage.heartbeat("i-behind"), storage.modified("instances")["i-behind/heartbeat.json"]
     assert abs(written - time.time()) < 10

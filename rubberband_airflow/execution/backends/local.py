@@ -9,6 +9,7 @@ latency can be injected so the planning model's latencies are exercised.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -19,9 +20,12 @@ from typing import Any
 
 import psutil
 
+from rubberband_airflow.execution import backoff
 from rubberband_airflow.execution.backends.base import ComputeBackend, Market
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.errors import ProblemError
+
+log = logging.getLogger(__name__)
 
 AGENT_MODULE = "rubberband_airflow.execution.agent"
 # Processes this Python process started, so their exit can be reaped (no zombies).
@@ -99,14 +103,14 @@ class LocalBackend(ComputeBackend):
             self._record(instance, process.pid, requested)
         return ids
 
-    def _record(self, instance: str, pid: int, requested: float) -> None:
+    def _record(self, instance: str, pid: int, requested: float, terminated: float | None = None) -> None:
         """A new agent's ledger entry (create-only: an entry already there, adopted and perhaps
         terminated since, stands)."""
         t = self.instance_type
         self.storage.create_json({"instance": instance, "batch": instance.removeprefix("local-").rsplit("-", 1)[0],
                                   "type": t.name, "slots": t.slots, "pid": pid, "requested": requested,
                                   "running": requested if t.pending_seconds == 0 else None, "ready": None,
-                                  "terminated": None}, "ledger", f"{instance}.json")
+                                  "terminated": terminated}, "ledger", f"{instance}.json")
 
     def _agents(self) -> dict[str, psutil.Process]:
         """This run's agent processes on this machine, by instance (whatever the ledger says)."""
@@ -139,6 +143,10 @@ class LocalBackend(ComputeBackend):
                 _stop_group(p.pid)
                 if instance not in ids:
                     ids.append(instance)
+                    try:  # its time in the bill, where storage lets it be recorded
+                        self._record(instance, p.pid, p.info["create_time"], terminated=time.time())
+                    except backoff.STORAGE_ERRORS as e:
+                        log.warning("could not record the end of %s in the ledger: %s", instance, e)
         return ids
 
     def _entry(self, instance: str) -> dict[str, Any]:
