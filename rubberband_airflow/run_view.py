@@ -54,6 +54,7 @@ class RunFiles:
     now: float
     recoveries: list[dict[str, Any]]  # the records of lost instances, oldest first
     replans: list[dict[str, Any]]  # stage, time, before and after (each a plan as plan.json holds it)
+    stopped_after: int | None = None  # the last stage of a run its report says stopped before its last stage
 
     @property
     def started(self) -> float:
@@ -61,10 +62,11 @@ class RunFiles:
 
     @property
     def finished(self) -> bool:
-        """Every planned stage ended, or one ended with no trial done (the run stopped there)."""
+        """Every planned stage ended, or one ended with no trial done, or the run stopped before
+        its last stage (a task failed for good): the run ended there."""
         planned = len(self.plan.get("stages") or [])
         ended = [s for s in self.stages if s["end"] is not None]
-        if planned and len(ended) == planned:
+        if (planned and len(ended) == planned) or self.stopped_after is not None:
             return True
         return any(not any(is_done(r) for r in self.stage_results(s["stage"]).values()) for s in ended)
 
@@ -99,7 +101,20 @@ def read_run(storage: RunStorage, now: float | None = None) -> RunFiles:
     replans = [{**r, "stage": stage} for stage, r in zip(stage_names, storage.read_json_many(
         [("stages", str(stage), "replan.json") for stage in stage_names])) if isinstance(r, dict)]
     return RunFiles(storage.read_json("plan.json") or {}, storage.read_json("run.json") or {}, storage.ledger(),
-                    stages, trials, time.time() if now is None else now, recoveries, replans)
+                    stages, trials, time.time() if now is None else now, recoveries, replans,
+                    _stopped_after(storage, stages))
+
+
+def _stopped_after(storage: RunStorage, stages: list[dict[str, Any]]) -> int | None:
+    """The last stage of a run whose report says it stopped before its last stage, unless a stage
+    started after that report (a clear of the failed tasks took the run on)."""
+    report = storage.read_json("report.json")
+    if not isinstance(report, dict) or report.get("complete", True):
+        return None
+    written = storage.written("report.json")
+    if written is not None and any(s["start"] > written for s in stages):
+        return None
+    return max((int(s["stage"]) for s in report.get("stages") or []), default=0)
 
 
 # --- the numbers behind each chart ---------------------------------------------------------------
@@ -267,7 +282,8 @@ def view_data(files: RunFiles) -> dict[str, Any]:
     curve = [{"deadline": d, "cost": c, "plan": shape} for d, c, shape in
              (_cost_curve(json.dumps(plan["problem"], sort_keys=True)) if problem else ())]
     return {
-        "metric": metric, "mode": str(mode), "finished": files.finished, "horizon": round(horizon, 3),
+        "metric": metric, "mode": str(mode), "finished": files.finished, "stopped_after": files.stopped_after,
+        "stages_planned": len(plan.get("stages") or []), "horizon": round(horizon, 3),
         "deadline": deadline, "instance_type": plan.get("instance_type"),
         "plan_stages": plan.get("stages") or [],
         "predicted": plan.get("predicted") or {},
@@ -680,7 +696,8 @@ def render_html(data: dict[str, Any], title: str, description: str = "", refresh
                        for r in failed)
     events = "".join(f"<li>{e['t']:.1f} s: {html.escape(e['label'])}: {html.escape(e['detail'])}</li>"
                      for e in data["events"])
-    state = "finished" if data["finished"] else "in flight"
+    state = ("finished" if data["finished"] else "in flight") if data.get("stopped_after") is None else \
+        f"incomplete: the run stopped after stage {data['stopped_after']} of {data['stages_planned']}"
     refresh = f"<meta name='rb-refresh' content='{int(refresh_seconds)}'>" if refresh_seconds and \
         not data["finished"] else ""
     return page_html(title, (

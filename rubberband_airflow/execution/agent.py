@@ -190,7 +190,7 @@ class Agent:
                 continue
             else:
                 tail = " | ".join(r.tail.strip().splitlines()[-3:])
-                reason = f"worker exited with status {code}" + (f": {tail}" if tail else "")
+                reason = _exit_reason(code) + (f": {tail}" if tail else "")
             self.storage.write_result(r.task["trial"], r.task["stage"], {
                 "state": "failed", "error": reason, "instance": self.instance, "stage": r.task["stage"],
                 "started": r.started, "finished": time.time()}, _key(r.task)[2])
@@ -323,6 +323,19 @@ def _tail(f: Any, size: int = 8192) -> str:
 def _kill_tree(process: TrialProcess) -> None:
     """Kill a worker and every process it started (its rank processes)."""
     _signal_tree(process, signal.SIGKILL)
+
+
+def _exit_reason(code: int) -> str:
+    """Why a trial's worker ended without a result, from its exit status (negative: a signal)."""
+    if code >= 0:
+        return f"worker exited with status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    oom = " (the kernel's out-of-memory killer sends it: the trial may need more memory)" if -code == signal.SIGKILL \
+        else ""
+    return f"the worker was killed by {name}{oom}"
 
 
 def _signal_tree(process: TrialProcess, sig: int) -> None:

@@ -16,6 +16,7 @@ import yaml
 
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.report import summary_lines
+from rubberband_airflow.run_view import run_view_html
 from rubberband_airflow.workloads import synthetic
 from tests.airflow.conftest import ROOT, airflow_env, run
 from tests.airflow.test_dag_runs import _agents_alive
@@ -133,5 +134,7 @@ def test_a_start_that_fails_for_good_fails_the_run_and_publishes_no_best_configu
     assert any(line.startswith("INCOMPLETE: the run ended after stage 1 of 2") for line in summary_lines(rep))
     assert len(rep["trials"]) == 8 and rep["best"] is not None
     assert not (store / "weather_failed_start" / "best_config.json").exists()  # downstream DAGs see nothing new
+    page = run_view_html(storage, "weather_failed_start", refresh_seconds=10)  # the run's tab: ended, not in flight
+    assert "(incomplete: the run stopped after stage 1 of 2)" in page and "name='rb-refresh'" not in page
     assert all(e["terminated"] is not None for e in storage.ledger())
     assert _agents_alive(tmp_path) == []

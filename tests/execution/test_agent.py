@@ -76,6 +76,7 @@ def test_two_gpu_trial_runs_two_synchronised_processes(storage, local_backend):
     ("tests.trainables:hangs", "timed out after 6 s"),
     ("tests.trainables:no_metric", "did not report the metric 'accuracy'"),
     ("tests.trainables:missing", "has no missing"),
+    ("tests.trainables:killed", "the worker was killed by SIGKILL (the kernel's out-of-memory killer sends it"),
 ])
 def test_bad_trainable_fails_the_trial_and_the_agent_survives(storage, local_backend, trainable, reason):
     # Only the hang waits for the limit: the others fail by themselves, however slowly a loaded machine starts them.
