@@ -74,3 +74,16 @@ def test_a_storage_error_writing_stop_files_does_not_keep_local_instances_runnin
     assert backend.live() == [] and all(e["terminated"] is not None for e in storage.ledger())
     assert agent_processes(storage) == []
     assert "could not write the stop file" in caplog.text
+
+
+def test_local_teardown_ends_every_agent_when_the_run_folder_is_gone(local_backend, storage, tmp_path):
+    """The run's files deleted, ledger and all: teardown finds the run's agents by their processes."""
+    import shutil
+
+    backend = local_backend()
+    ids = backend.launch("stage-1-batch-0", 2)
+    assert len(agent_processes(storage)) == 2
+    shutil.rmtree(storage.root)
+    assert backend.live() == []
+    assert sorted(stop_instances(storage, backend)) == sorted(ids)
+    assert agent_processes(storage) == []
