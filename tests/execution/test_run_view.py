@@ -193,6 +193,21 @@ def test_a_run_in_flight_refreshes_and_shows_its_live_instance(run_dir, tmp_path
     assert "cost predicted / so far" in page and "cost predicted / actual" not in page
 
 
+def test_the_pages_jct_is_the_reports_even_next_to_a_rounding_boundary(run_dir, tmp_path):
+    """A JCT of 12.0496 s reads 12.0 s on the page as in the report (rounded to 3 digits first, it read 12.1 s)."""
+    shutil.copytree(run_dir, tmp_path / "run")
+    storage = RunStorage(f"file://{tmp_path / 'run'}")
+    run = storage.read_json("run.json")
+    end = run["started"] + build_report(storage, "view_dag")["actual"]["jct_seconds"]
+    storage.write_json({**run, "started": end - 12.0496}, "run.json")
+    report = build_report(storage, "view_dag")
+    assert f"{report['actual']['jct_seconds']:.1f}" == "12.0"
+    figures = dict((v, k) for k, v in re.findall(r"<div class='fig'><b>([^<]*)</b><span>([^<]*)</span>",
+                                                 run_view_html(storage, "view_dag")))
+    predicted = report["predicted"]["jct_seconds"]["mean"]
+    assert html.unescape(figures["JCT predicted / actual"]) == f"{predicted:.1f} s / 12.0 s"
+
+
 def test_report_html_through_the_cli(run_dir, tmp_path, capsys):
     out = tmp_path / "view.html"
     assert main(["report", "--html", str(out), f"file://{run_dir.parent}"]) == 0  # the DAG's folder: newest run
