@@ -210,6 +210,17 @@ class TrialResultSensor(BaseSensorOperator):
                 self._defer(storage)
                 return None
             return self._record_lost(storage, event["result"])
+        if event["result"].get("state") != "done":
+            # A wait started on the triggerer (``start_from_trigger``) ran no ``execute``: after a clear,
+            # its trigger found the failure the clear is to run again, which starts here.
+            storage = self._storage()
+            result = backoff.retry(lambda: self._begin(storage, context), "starting the wait",
+                                   STORAGE_PATIENCE_SECONDS)
+            if result is None:
+                backoff.retry(lambda: self._defer(storage), "handing the wait to the triggerer",
+                              STORAGE_PATIENCE_SECONDS)
+                return None
+            return self._finish(result)
         return self._finish(event["result"])
 
     def _recover(self, storage: RunStorage, instance: str | None, reason: str) -> bool:

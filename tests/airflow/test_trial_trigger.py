@@ -208,3 +208,89 @@ def test_a_failed_wait_cleared_after_its_stage_was_promoted_says_how_to_run_the_
                                          "but stage 1 was promoted without it")
     assert "clear the whole run (from start_run)" in str(cleared.value)
     assert storage.retries(1) == []  # and no try was started for nothing
+
+
+CLEAR_SPEC = """
+name: clear_test
+trainable: tests.trainables:fails_first_try
+metric: accuracy
+mode: max
+search_space: {lr: {type: uniform, low: 0.1, high: 0.2}}
+sha: {num_trials: 1, eta: 2, min_epochs: 1, num_stages: 1}
+deadline_seconds: 300
+backend: {type: local, instance_type: local-1, slots: 1, price_per_hour: 1.0, max_instances: 2}
+storage: file://%s
+profile: %s/profile.json
+trial_timeout_seconds: 120
+"""
+
+
+def test_a_failed_wait_started_on_the_triggerer_runs_its_trial_again_after_a_clear(
+        storage, local_backend, env, tmp_path, monkeypatch):
+    """With ``waits_start_on_triggerer`` no worker runs a wait's ``execute``: the scheduler starts its
+    trigger, which finds its trial by its map index. A trial fails; the user clears its failed task;
+    the trigger starts again, finds the failure, and resumes the wait on a worker, which runs the trial
+    again (a new try, resumed from its checkpoint) and waits for it; the new try ends the task on the
+    triggerer with its metric. The first try's failure stays, and only the clear runs it again."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import TaskDeferred
+    from airflow.triggers.base import TaskSuccessEvent, TriggerEvent
+
+    from tests.execution.conftest import plan_json
+
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    for name, value in {"PYTHONPATH": env["PYTHONPATH"], "RUBBERBAND_TEST_MARKERS": str(markers),
+                        "RUBBERBAND_TEST_FAIL_STAGES": "1"}.items():  # the agents of both backends get them
+        monkeypatch.setenv(name, value)
+        env[name] = value
+    spec = tmp_path / "clear_test.yaml"
+    spec.write_text(CLEAR_SPEC % (tmp_path, tmp_path))
+    start_run(storage, RunSpec("tests.trainables:fails_first_try", "accuracy", "max", seed=1), [{"lr": 0.1}],
+              plan_json("local-1", 1, [(1, 1)], num_trials=1, eta=2, min_epochs=1), 1)
+    [instance] = local_backend().launch("stage-1-batch-0", 1)
+    assign_stage(storage, 1, {instance: [{"trial": "trial-0000", "gpus": 1, "start_epoch": 0, "stop_epoch": 1}]})
+
+    def started_on_the_triggerer() -> TrialResultTrigger:
+        """The trigger as the scheduler starts it (dag_factory's start_trigger_args), on map index 0."""
+        trigger = TrialResultTrigger(storage.uri, None, 1, poll_interval=0.2, liveness_interval=0.5,
+                                     spec_path=str(spec), boot_seconds=None, finish_task=True)
+        trigger.task_instance = SimpleNamespace(dag_id="clear_test", run_id="manual__1", task_id="stage_1.wait",
+                                                map_index=0)
+        return trigger
+
+    sensor = TrialResultSensor(task_id="wait", run_uri=storage.uri, trial="trial-0000", stage=1,
+                               spec_path=str(spec), deferrable=True, finish_on_triggerer=True,
+                               start_from_trigger=True)
+    context = {"dag": SimpleNamespace(dag_id="clear_test"), "run_id": "manual__1"}
+    failed, _ = _first_event(started_on_the_triggerer(), timeout=60)
+    assert failed["result"]["error"].startswith("RuntimeError: injected failure 0")
+    with pytest.raises(AirflowFailException, match="trial-0000 failed in stage 1: RuntimeError: injected failure 0"):
+        sensor.execute_complete({**context, "dag_run": SimpleNamespace(clear_number=0)}, failed)
+    assert storage.retries(1) == []  # a failure is not run again by itself
+
+    # The clear: Airflow's clear number of the run is 1; the trigger starts again and finds the failure.
+    again, _ = _first_event(started_on_the_triggerer(), timeout=30)
+    assert again == failed
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute_complete({**context, "dag_run": SimpleNamespace(clear_number=1)}, again)
+    [retry] = storage.retries(1)
+    assert retry["try"] == 2 and retry["clear"] == 1 and retry["trials"] == ["trial-0000"]
+    assert retry["launched"] is None  # placed on the run's live instance
+    trigger = deferred.value.trigger
+    trigger.poll_interval, trigger.liveness_interval = 0.2, 0.5
+
+    async def first() -> TriggerEvent:
+        async for event in trigger.run():
+            return event
+    done = asyncio.run(asyncio.wait_for(first(), 60))
+    assert isinstance(done, TaskSuccessEvent)  # the task ends on the triggerer, with the sensor's XCom
+    assert done.xcoms["return_value"] == {"trial": "trial-0000", "stage": 1,
+                                          "metric": storage.read_result("trial-0000", 1)["metric"]}
+    assert storage.read_result("trial-0000", 1, 2)["state"] == "done"
+    assert "injected failure 0" in storage.read_result("trial-0000", 1, 1)["error"]
+    # A wait of the same clear that resumes late with the old failure runs nothing again: it ends with the new try.
+    metric = storage.read_result("trial-0000", 1)["metric"]
+    late = sensor.execute_complete({**context, "dag_run": SimpleNamespace(clear_number=1)}, failed)
+    assert late == {"trial": "trial-0000", "stage": 1, "metric": metric} and len(storage.retries(1)) == 1
