@@ -16,25 +16,17 @@ from rubberband_airflow.execution import checkpoint, recovery
 from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run
 from rubberband_airflow.sensors.trial import TrialResultSensor
 from rubberband_airflow.triggers.trial import TrialResultTrigger
-from tests.execution.conftest import agent_processes, env, local_backend, plan_json, storage  # noqa: F401
+from tests.execution.conftest import (  # noqa: F401 (fixtures)
+    agent_processes,
+    env,
+    local_backend,
+    one_trial_spec,
+    plan_json,
+    storage,
+)
 
 # Times trials against their limits and deadlines: run alone (`make test` runs these after the rest).
 pytestmark = pytest.mark.serial
-
-SPEC = """
-name: recovery_test
-trainable: tests.trainables:steady
-metric: accuracy
-mode: max
-search_space: {lr: {type: uniform, low: 0.1, high: 0.2}}
-sha: {num_trials: 1, eta: 2, min_epochs: 4, num_stages: 1}
-deadline_seconds: 300
-backend: {type: local, instance_type: local-1, slots: 1, price_per_hour: 1.0, max_instances: 2}
-storage: file://%s
-profile: %s/profile.json
-trial_timeout_seconds: 120
-"""
-
 
 def _first_event(trigger: TrialResultTrigger, timeout: float) -> tuple[dict, float]:
     async def first():
@@ -55,8 +47,7 @@ def _deferred_sensor_of_a_checkpointed_trial(storage, local_backend, env, tmp_pa
     the trial checkpointed at epoch 1 or later: the sensor, the deferral, the instance, the context."""
     for name in ("PYTHONPATH", "RUBBERBAND_TEST_EPOCH_SECONDS"):  # what the backend the sensor makes passes on
         monkeypatch.setenv(name, env["PYTHONPATH"] if name == "PYTHONPATH" else "1.0")
-    spec = tmp_path / "recovery_test.yaml"
-    spec.write_text(SPEC % (tmp_path, tmp_path))
+    spec = one_trial_spec(tmp_path, "recovery_test", "tests.trainables:steady", 4)
     env["RUBBERBAND_TEST_EPOCH_SECONDS"] = "1.0"
     start_run(storage, RunSpec("tests.trainables:steady", "accuracy", "max", seed=1), [{"lr": 0.1}],
               plan_json("local-1", 1, [(1, 1)], num_trials=1, eta=2, min_epochs=4), 1)

@@ -210,21 +210,6 @@ def test_a_failed_wait_cleared_after_its_stage_was_promoted_says_how_to_run_the_
     assert storage.retries(1) == []  # and no try was started for nothing
 
 
-CLEAR_SPEC = """
-name: clear_test
-trainable: tests.trainables:fails_first_try
-metric: accuracy
-mode: max
-search_space: {lr: {type: uniform, low: 0.1, high: 0.2}}
-sha: {num_trials: 1, eta: 2, min_epochs: 1, num_stages: 1}
-deadline_seconds: 300
-backend: {type: local, instance_type: local-1, slots: 1, price_per_hour: 1.0, max_instances: 2}
-storage: file://%s
-profile: %s/profile.json
-trial_timeout_seconds: 120
-"""
-
-
 def test_a_failed_wait_started_on_the_triggerer_runs_its_trial_again_after_a_clear(
         storage, local_backend, env, tmp_path, monkeypatch):
     """With ``waits_start_on_triggerer`` no worker runs a wait's ``execute``: the scheduler starts its
@@ -237,7 +222,7 @@ def test_a_failed_wait_started_on_the_triggerer_runs_its_trial_again_after_a_cle
     from airflow.sdk.exceptions import TaskDeferred
     from airflow.triggers.base import TaskSuccessEvent, TriggerEvent
 
-    from tests.execution.conftest import plan_json
+    from tests.execution.conftest import one_trial_spec, plan_json
 
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -245,8 +230,7 @@ def test_a_failed_wait_started_on_the_triggerer_runs_its_trial_again_after_a_cle
                         "RUBBERBAND_TEST_FAIL_STAGES": "1"}.items():  # the agents of both backends get them
         monkeypatch.setenv(name, value)
         env[name] = value
-    spec = tmp_path / "clear_test.yaml"
-    spec.write_text(CLEAR_SPEC % (tmp_path, tmp_path))
+    spec = one_trial_spec(tmp_path, "clear_test", "tests.trainables:fails_first_try", 1)
     start_run(storage, RunSpec("tests.trainables:fails_first_try", "accuracy", "max", seed=1), [{"lr": 0.1}],
               plan_json("local-1", 1, [(1, 1)], num_trials=1, eta=2, min_epochs=1), 1)
     [instance] = local_backend().launch("stage-1-batch-0", 1)

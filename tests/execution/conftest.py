@@ -73,3 +73,22 @@ def run_stage(storage: RunStorage, backend, run_plan: RunPlan, stage: int, mode:
     runner.wait_stage(storage, backend, stage, [t["trial"] for ts in placement.values() for t in ts], timeout,
                       run_plan=run_plan)
     runner.promote_stage(storage, backend, run_plan, stage, mode)
+
+
+def one_trial_spec(folder: Path, name: str, trainable: str, min_epochs: int) -> Path:
+    """A tuning spec of one trial in one stage on the local backend, its storage and profile in ``folder``."""
+    spec = folder / f"{name}.yaml"
+    spec.write_text(f"""
+name: {name}
+trainable: {trainable}
+metric: accuracy
+mode: max
+search_space: {{lr: {{type: uniform, low: 0.1, high: 0.2}}}}
+sha: {{num_trials: 1, eta: 2, min_epochs: {min_epochs}, num_stages: 1}}
+deadline_seconds: 300
+backend: {{type: local, instance_type: local-1, slots: 1, price_per_hour: 1.0, max_instances: 2}}
+storage: file://{folder}
+profile: {folder}/profile.json
+trial_timeout_seconds: 120
+""")
+    return spec
