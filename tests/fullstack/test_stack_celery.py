@@ -129,3 +129,60 @@ def test_a_night_of_killed_airflow_components_on_celery_loses_no_trial(celery_st
     assert all(e["terminated"] is not None for e in ledger)
     assert rep["best"]["trial"] == synthetic.best_config({t: v["config"] for t, v in rep["trials"].items()})
     assert _agents(storage.uri) == []
+
+
+def _trial_workers(agent_pid: int) -> list[psutil.Process]:
+    """An agent's trial processes: the forks of its fork server."""
+    try:
+        return [c for c in psutil.Process(agent_pid).children(recursive=True)
+                if "forkserver" in " ".join(c.parent().cmdline())]
+    except psutil.Error:  # a process ended while we looked
+        return []
+
+
+@pytest.mark.serial
+def test_a_trial_killed_at_night_runs_again_when_the_morning_clears_its_failed_tasks(celery_stack):
+    """The last stage's trial is killed at night (SIGKILL, as the out-of-memory killer does) and the
+    run fails with no best configuration. In the morning the user clears the run's failed tasks ("Clear"
+    with "only failed", over REST): the trial's wait, which starts on the triggerer, runs it again from
+    its checkpoint, and the run succeeds with it as its best; both tries are recorded, nothing runs on."""
+    stack = celery_stack
+    stack.wait_for_dag(SCALE_DAG)
+    run_id = stack.trigger(SCALE_DAG, {"num_trials": 4})
+    storage = RunStorage(f"s3://{BUCKET}/{SCALE_PREFIX}/{SCALE_DAG}/{run_folder(run_id)}")
+    deadline = time.time() + 300
+    while True:  # until the finalist (stage 2 keeps one of four) trains in its worker process
+        workers: list[psutil.Process] = []
+        promoted = storage.read_json("stages", "2", "trials.json")
+        if promoted:
+            [finalist] = promoted["trials"]
+            beats = [storage.heartbeat(i) for i in storage.subfolders("instances")]
+            beat = next((b for b in beats if b and [2, finalist] in b["running"]), None)
+            workers = _trial_workers(beat["pid"]) if beat else []
+        if workers:
+            break
+        assert time.time() < deadline and storage.read_result(promoted["trials"][0] if promoted else "", 2) is None
+        time.sleep(0.2)
+    [worker] = workers
+    worker.kill()
+
+    assert stack.wait_for_run(SCALE_DAG, run_id, timeout=300) == "failed"
+    assert "SIGKILL" in storage.read_result(finalist, 2)["error"]
+    assert storage.read_json("report.json")["best"] is None
+    assert _agents(storage.uri) == []  # the failed run's teardown ended its instances
+
+    stack.api("POST", f"/dags/{SCALE_DAG}/clearTaskInstances",
+              {"dry_run": False, "only_failed": True, "dag_run_id": run_id})
+    state = stack.wait_for_run(SCALE_DAG, run_id, timeout=300)
+    tis = {f"{t['task_id']}[{t['map_index']}]": t for t in stack.task_instances(SCALE_DAG, run_id)}
+    assert state == "success", {k: t["state"] for k, t in tis.items() if t["state"] != "success"}
+    assert tis["stage_2.wait[0]"]["try_number"] == 2
+    rep = storage.read_json("report.json")
+    assert rep["best"]["trial"] == finalist and rep["complete"]
+    [retry] = rep["retries"]
+    assert retry["stage"] == 2 and retry["try"] == 2 and retry["trials"] == [finalist] and retry["launched"]
+    assert "SIGKILL" in storage.read_result(finalist, 2, 1)["error"]
+    assert storage.read_result(finalist, 2, 2)["state"] == "done"
+    assert [m["epoch"] for m in storage.metrics(finalist)] == [1, 2, 3, 4]  # every epoch of its two stages
+    assert all(e["terminated"] is not None for e in storage.ledger())
+    assert _agents(storage.uri) == []
