@@ -197,7 +197,8 @@ class TrialResultSensor(BaseSensorOperator):
 
     def execute_complete(self, context: Context, event: dict[str, Any] | str) -> dict[str, Any] | None:
         """Resumes from the trigger: the trial's result; or its instance was lost, and the trial is
-        placed again (the wait goes on) or, where it cannot be, failed."""
+        placed again (the wait goes on) or, where it cannot be, failed; or it failed and the run was
+        cleared since, and it runs again (the wait goes on) as a wait's ``execute`` would have had it."""
         self._label(context)
         self._remember_run(context)
         if not isinstance(event, dict):  # a task-end event that resumed the task after all (`airflow dags test`)
