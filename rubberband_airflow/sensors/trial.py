@@ -112,15 +112,24 @@ class TrialResultSensor(BaseSensorOperator):
     def execute(self, context: Context) -> Any:
         self._label(context)
         self._remember_run(context)
+        if not self.deferrable:
+            result = self._start_patiently(self._storage(), context)
+            return self._finish(result) if result is not None else super().execute(context)
+        return self._start(context)
+
+    def _start(self, context: Context) -> dict[str, Any] | None:
+        """Start the deferred wait: the trial's result, or defer to the trigger."""
         storage = self._storage()
-        # Through a storage error burst the wait starts late, not failed (a failed wait's trial would
-        # be recorded as failed by promote, though it finished).
-        result = backoff.retry(lambda: self._begin(storage, context), "starting the wait", STORAGE_PATIENCE_SECONDS)
+        result = self._start_patiently(storage, context)
         if result is not None:
             return self._finish(result)
-        if not self.deferrable:
-            return super().execute(context)
         backoff.retry(lambda: self._defer(storage), "handing the wait to the triggerer", STORAGE_PATIENCE_SECONDS)
+        return None
+
+    def _start_patiently(self, storage: RunStorage, context: Context) -> dict[str, Any] | None:
+        """``_begin`` through a storage error burst: the wait starts late, not failed (a failed wait's
+        trial would be recorded as failed by promote, though it finished)."""
+        return backoff.retry(lambda: self._begin(storage, context), "starting the wait", STORAGE_PATIENCE_SECONDS)
 
     def _begin(self, storage: RunStorage, context: Context) -> dict[str, Any] | None:
         """Run the trial again if the run was cleared since it failed; its result, if it has one."""
@@ -214,14 +223,7 @@ class TrialResultSensor(BaseSensorOperator):
         if event["result"].get("state") != "done":
             # A wait started on the triggerer (``start_from_trigger``) ran no ``execute``: after a clear,
             # its trigger found the failure the clear is to run again, which starts here.
-            storage = self._storage()
-            result = backoff.retry(lambda: self._begin(storage, context), "starting the wait",
-                                   STORAGE_PATIENCE_SECONDS)
-            if result is None:
-                backoff.retry(lambda: self._defer(storage), "handing the wait to the triggerer",
-                              STORAGE_PATIENCE_SECONDS)
-                return None
-            return self._finish(result)
+            return self._start(context)
         return self._finish(event["result"])
 
     def _recover(self, storage: RunStorage, instance: str | None, reason: str) -> bool:
