@@ -116,7 +116,7 @@ def _quota_field(problem: Problem, itype: InstanceType, bounds: UsableInstances)
 def frontier(problem: Problem, itype: InstanceType, deadline: float = np.inf,
              same_count: bool = False, fastest_only: bool = False, every_end_state: bool = False,
              counts: Counts | None = None, budget: MemoryBudget = MemoryBudget(),
-             work_limit: float = np.inf) -> list[FrontierPoint]:
+             work_limit: float = np.inf, margin: float = 0.0) -> list[FrontierPoint]:
     """The noise-free cost/JCT frontier of plans on one instance type, fastest first.
 
     Only plans whose noise-free JCT is within ``deadline`` are kept; ``same_count`` keeps the
@@ -126,8 +126,10 @@ def frontier(problem: Problem, itype: InstanceType, deadline: float = np.inf,
     tie without minimum billing and rounding can differ with them.
 
     ``counts`` are the instance counts tried (default: every count within the bounds, which is
-    exact). Raises SearchTooLarge when more than ``work_limit`` candidates would be evaluated,
-    and ProblemError when the budget cannot hold the search.
+    exact). A ``margin`` above 0 also keeps the points that another beats by less than that share
+    of their cost (for noisy problems, where noise can reorder them). Raises SearchTooLarge when
+    more than ``work_limit`` candidates would be evaluated, and ProblemError when the budget
+    cannot hold the search.
     """
     bounds = usable_instances(problem, itype)
     field = _quota_field(problem, itype, bounds)
@@ -186,12 +188,12 @@ def frontier(problem: Problem, itype: InstanceType, deadline: float = np.inf,
             else:
                 c, k, group = opt_c[opt], opt_k[opt], target[opt]
             batch = (group, new_time[idx], new_cost[idx], new_slack[idx], parent, c, k)
-            kept.append(_prune(batch, fastest_only))
+            kept.append(_prune(batch, fastest_only, margin))
             held += len(kept[-1][0])
             if held > chunk and len(kept) > 1:
-                kept = [_prune(_concat(kept), fastest_only)]
+                kept = [_prune(_concat(kept), fastest_only, margin)]
                 held = len(kept[0][0])
-        group, time, cost, slack, parent, c, k = _prune(_concat(kept), fastest_only)
+        group, time, cost, slack, parent, c, k = _prune(_concat(kept), fastest_only, margin)
         history.append((parent, c, k))
         budget.check(sum(len(h[0]) for h in history) * 24 + len(time) * 40, field,
                      f"the partial plans kept by stage {i + 1}")
@@ -203,7 +205,8 @@ def frontier(problem: Problem, itype: InstanceType, deadline: float = np.inf,
     elif fastest_only:
         final = _fastest_by_group(np.zeros(len(time), dtype=np.int64), time, cost, np.ones(len(time), dtype=bool))
     else:
-        final = _pareto_by_group(np.zeros(len(time), dtype=np.int64), time, cost, slack, np.ones(len(time), dtype=bool))
+        final = _pareto_by_group(np.zeros(len(time), dtype=np.int64), time, cost, slack,
+                                 np.ones(len(time), dtype=bool), margin)
     points = []
     scale = itype.price_per_hour / 3600.0
     for j in np.nonzero(final)[0][np.argsort(time[final], kind="stable")]:
@@ -275,29 +278,29 @@ def _concat(parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
     return tuple(np.concatenate(cols) for cols in zip(*parts))
 
 
-def _prune(batch: tuple[np.ndarray, ...], fastest_only: bool) -> tuple[np.ndarray, ...]:
+def _prune(batch: tuple[np.ndarray, ...], fastest_only: bool, margin: float) -> tuple[np.ndarray, ...]:
     """The candidates (group, time, cost, slack, ...) that survive the pruning within their group."""
     group, time, cost, slack = batch[:4]
     everything = np.ones(len(time), dtype=bool)
     keep = (_fastest_by_group(group, time, cost, everything) if fastest_only
-            else _pareto_by_group(group, time, cost, slack, everything))
+            else _pareto_by_group(group, time, cost, slack, everything, margin))
     return tuple(x[keep] for x in batch)
 
 
 def _pareto_by_group(group: np.ndarray, time: np.ndarray, low: np.ndarray, slack: np.ndarray,
-                     mask: np.ndarray) -> np.ndarray:
+                     mask: np.ndarray, margin: float = 0.0) -> np.ndarray:
     """Mask of the points, among ``mask``, that no other point of the same group surely beats.
 
     Costs are known between ``low`` and ``low + slack`` (minimum billing and rounding), so a
     point is dropped only when an earlier-or-equal point of its group costs at most its ``low``
-    even at worst, or is an exact duplicate of one kept.
+    (less ``margin`` of it) even at worst, or is an exact duplicate of one kept.
     """
     out = np.zeros(len(time), dtype=bool)
     idx = np.nonzero(mask)[0]
     if len(idx) == 0:
         return out
     high = low + slack
-    order = idx[np.lexsort((low[idx], high[idx], time[idx], group[idx]))]
+    order = idx[_sort_order(group[idx], time[idx], high[idx])]
     g, t, lo, hi = group[order], time[order], low[order], high[order]
     starts = np.r_[True, g[1:] != g[:-1]]
     seg = np.cumsum(starts) - 1
@@ -309,9 +312,19 @@ def _pareto_by_group(group: np.ndarray, time: np.ndarray, low: np.ndarray, slack
     before[starts] = np.inf
     duplicate = ~starts & np.r_[False, (t[1:] == t[:-1]) & (lo[1:] == lo[:-1]) & (hi[1:] == hi[:-1])]
     with np.errstate(invalid="ignore"):
-        beaten = np.isfinite(before) & (before <= lo + _EPS * np.maximum(1.0, np.abs(lo)))
+        beaten = np.isfinite(before) & (before <= lo * (1 - margin) + _EPS * np.maximum(1.0, np.abs(lo)))
     out[order] = ~beaten & ~duplicate
     return out
+
+
+def _sort_order(group: np.ndarray, time: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Indices that sort by group, then time, then high: np.lexsort's order, in half its time
+    where groups fit 16 bits (numpy's stable sort of those is a radix sort)."""
+    if len(group) == 0 or group.min() < 0 or group.max() >= 2 ** 15:
+        return np.lexsort((high, time, group))
+    order = np.argsort(high)
+    order = order[np.argsort(time[order], kind="stable")]
+    return order[np.argsort(group[order].astype(np.int16), kind="stable")]
 
 
 def _fastest_by_group(group: np.ndarray, time: np.ndarray, cost: np.ndarray, mask: np.ndarray) -> np.ndarray:

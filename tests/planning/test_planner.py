@@ -85,7 +85,7 @@ def test_noisy_plan_within_one_percent_of_exhaustive_optimum(problem):
 # keeps apart. Stage 1 on one instance of 1-GPU trials then stage 2 on two of 4-GPU trials costs
 # 146 instance-seconds noise-free and 124 s; the reverse shape, 144 and 89 s, dominates it and prunes
 # it from the frontier. With stragglers (sigma 0.3) the pruned plan is 7% cheaper at the quantile.
-# The frontier's dominance is noise-free; a fix keeps near-dominated points for noisy problems.
+# For noisy problems the frontier keeps points beaten by less than planner.NOISY_MARGIN (2%).
 GAP = Problem(sha=SHA(num_trials=9, eta=2, min_epochs=1, num_stages=2, done=0),
               workload=Workload(epoch_seconds={1: 34.0, 4: 11.0, 8: 1.0}, trial_overhead_seconds=0.0,
                                 stage_overhead_seconds=0.0, straggler_sigma=0.3, checkpoint_gb=0.0),
@@ -97,9 +97,31 @@ GAP = Problem(sha=SHA(num_trials=9, eta=2, min_epochs=1, num_stages=2, done=0),
               planner=PlannerSettings(jct_quantile=0.9, samples=16, seed=0), start=None)
 
 
-@pytest.mark.xfail(reason="known gap: the noise-free frontier prunes a plan that noise makes the cheapest", strict=True)
 def test_noisy_plan_the_noise_free_frontier_prunes():
     _check_against_exhaustive(GAP)
+
+
+# Found by hypothesis (HYPOTHESIS_PROFILE=explore): with pending noise a stage's first trials start
+# on whichever of its instances is ready first, the least of several lognormal draws, so its JCT at
+# the quantile can be far below the noise-free one. Plan (2, 1) is 45 s noise-free, over the pruning
+# deadline (39.25 s relaxed by one lognormal factor: 44.9 s), and 36.8 s at the median: on time and
+# 1.1% cheaper than the plan chosen. A fix relaxes the pruning deadline by the least of several draws
+# without losing the deadline's pruning at large quotas.
+EARLIEST_READY = Problem(
+    sha=SHA(num_trials=4, eta=2, min_epochs=1, num_stages=2, done=0),
+    workload=Workload(epoch_seconds={1: 0.5}, trial_overhead_seconds=1.0, stage_overhead_seconds=0.0,
+                      straggler_sigma=0.0, checkpoint_gb=0.0),
+    instance_types=(InstanceType(name="type-0", gpus=1, price_per_hour=1.0, pending_seconds=38.0, boot_seconds=1.0,
+                                 pending_sigma=0.5, max_instances=3, market="on-demand",
+                                 interruptions_per_hour=0.0),),
+    deadline_seconds=39.251953125, billing=Billing(minimum_seconds=0.0, increment_seconds=1.0, data_price_per_gb=0.0),
+    planner=PlannerSettings(jct_quantile=0.5, samples=16, seed=1), start=None)
+
+
+@pytest.mark.xfail(reason="known gap: the pruning deadline ignores that a stage starts on its earliest-ready instance",
+                   strict=True)
+def test_noisy_plan_the_pruning_deadline_drops():
+    _check_against_exhaustive(EARLIEST_READY)
 
 
 def test_example_problem_plan_and_baselines(resnet_problem):
