@@ -32,8 +32,8 @@ __all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", 
            "stage_trials", "unfinished", "wanted_instances", "carry_over", "begin_stage", "reconcile", "hung_reason",
            "scale_targets", "launch_batches", "scale_out", "scale_in", "recorded_launches", "scale", "start_stage",
            "prewarm_due", "prewarm", "place", "stage_placement", "assign_stage", "stage_results", "wait_stage",
-           "recover_trials", "promote", "promote_stage", "cleared_since_failure", "rerun_due", "rerun_failed",
-           "try_began", "stop_instances", "run_sha", "summarize", "trial_id"]
+           "recover_trials", "promote", "promote_stage", "report_failure", "cleared_since_failure", "rerun_due",
+           "rerun_failed", "stop_instances", "run_sha", "summarize", "trial_id"]
 
 log = logging.getLogger(__name__)
 
@@ -480,8 +480,8 @@ def stage_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunP
     with its time limit, and write the assignments the agents read. An instance whose agent has
     not reported yet is expected ready after the plan's pending and boot latency. The placement
     is written once: a retried (or concurrent) place returns the one written first, so a trial
-    is never placed on two instances. ``clear`` is Airflow's clear number of the run then (a
-    failure is run again only after a later clear: ``rerun_due``); ``todo``: the stage's
+    is never placed on two instances. ``clear`` is Airflow's clear number of the run then, kept
+    with it; ``todo``: the stage's
     ``unfinished`` trials, where already read."""
     placement = _written_placement(storage, stage)
     if placement is None:
@@ -640,26 +640,30 @@ def _promote_stage(storage: RunStorage, backend: ComputeBackend, run_plan: RunPl
 # --- a failed trial run again (a clear of the failed tasks) -----------------------------------
 
 
-def try_began(storage: RunStorage, trial: str, stage: int) -> int:
-    """Airflow's clear number of the run when the trial's newest try of the stage was placed: its
-    stage placement's for the first try, else its retry record's."""
-    k = storage.current_try(trial, stage)
-    if k == 1:
-        return int((storage.read_json("stages", str(stage), "placement.json") or {}).get("clear") or 0)
-    return next(int(r["clear"]) for r in storage.retries(stage) if int(r["try"]) == k)
+def report_failure(storage: RunStorage, trial: str, stage: int, task_try: int) -> None:
+    """Record that the trial's wait, in its task's try ``task_try``, failed with the failure of the
+    trial's newest try of the stage (``stages/<i>/reported/<trial>.json``)."""
+    storage.write_json({"trial_try": storage.current_try(trial, stage), "task_try": task_try, "time": time.time()},
+                       "stages", str(stage), "reported", f"{trial}.json")
 
 
-def cleared_since_failure(storage: RunStorage, trial: str, stage: int, clear: int) -> bool:
-    """Whether the trial's newest try of the stage failed and the run was cleared since that try began."""
+def cleared_since_failure(storage: RunStorage, trial: str, stage: int, task_try: int) -> bool:
+    """Whether the trial's newest try of the stage failed and its wait, now in its task's try
+    ``task_try``, reported that failure in an earlier try: the wait was cleared since. (Airflow's
+    clear number of the run grows with a clear of any of its tasks, so it cannot tell.)"""
     result = storage.read_result(trial, stage)
-    return result is not None and not is_done(result) and clear > try_began(storage, trial, stage)
+    if result is None or is_done(result):
+        return False
+    reported = storage.read_json("stages", str(stage), "reported", f"{trial}.json")
+    return (reported is not None and int(reported["trial_try"]) == storage.current_try(trial, stage)
+            and int(reported["task_try"]) < task_try)
 
 
-def rerun_due(storage: RunStorage, trial: str, stage: int, clear: int) -> bool:
+def rerun_due(storage: RunStorage, trial: str, stage: int, task_try: int) -> bool:
     """Whether a trial's failure is to be run again: ``cleared_since_failure``, and the stage is
     not promoted yet (once it is, a trial run again could not take part: the run's later stages
     went on without it)."""
-    return (cleared_since_failure(storage, trial, stage, clear)
+    return (cleared_since_failure(storage, trial, stage, task_try)
             and not storage.exists("stages", str(stage), "promoted.json"))
 
 

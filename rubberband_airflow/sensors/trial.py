@@ -97,6 +97,7 @@ class TrialResultSensor(BaseSensorOperator):
         self._liveness: Liveness | None = None
         self._liveness_checked = float("-inf")
         self._run_ids: tuple[str, str] | None = None  # (dag_id, run_id), from the task's context
+        self._task_try: int | None = None  # the task's try number, from its context
         self._too_late = ""  # why a clear does not run the failed trial again, where it does not
 
     def _storage(self) -> RunStorage:
@@ -145,12 +146,13 @@ class TrialResultSensor(BaseSensorOperator):
                    method_name="execute_complete")
 
     def _rerun_if_cleared(self, storage: RunStorage, context: Context) -> None:
-        """A failed trial whose wait runs again after a clear of the run (a clear of the failed
-        tasks: Airflow's clear number of the run grew since the trial's try was placed) is run
-        again while its stage is not promoted: a new try, placed once for all the stage's failed
-        trials (``runner.rerun_failed``), which this wait then waits for."""
+        """A failed trial whose wait runs again after a clear of the wait (it reported the failure in
+        an earlier try of its task) is run again while its stage is not promoted: a new try, placed
+        once per clear of the run for all the stage's failed trials (``runner.rerun_failed``), which
+        this wait then waits for."""
         clear = getattr(context.get("dag_run"), "clear_number", None)
-        if clear is None or not runner.cleared_since_failure(storage, self.trial, int(self.stage), int(clear)):
+        if (clear is None or self._task_try is None
+                or not runner.cleared_since_failure(storage, self.trial, int(self.stage), self._task_try)):
             return
         if storage.exists("stages", str(self.stage), "promoted.json"):
             self._too_late = (f"; the run was cleared, but stage {self.stage} was promoted without it, so a try "
@@ -166,9 +168,10 @@ class TrialResultSensor(BaseSensorOperator):
                          self.trial, self.stage, clear, record["try"], ", ".join(record["trials"]))
 
     def _remember_run(self, context: Context) -> None:
-        """The DAG and run ids, which make the run's backend (a task's context has them)."""
+        """The DAG and run ids, which make the run's backend, and the task's try (a task's context has them)."""
         if "dag" in context and "run_id" in context:
             self._run_ids = (context["dag"].dag_id, context["run_id"])
+        self._task_try = getattr(context.get("ti"), "try_number", None)
 
     def _backend(self, storage: RunStorage) -> ComputeBackend | None:
         if self.spec_path is None or self._run_ids is None:
@@ -240,6 +243,17 @@ class TrialResultSensor(BaseSensorOperator):
                          f"placed again on {moved}" if moved else "not placed again")
         return moved is not None or storage.read_result(self.trial, int(self.stage)) is not None
 
+    def _report_failure(self) -> None:
+        """Note that this try of the task reported the trial's failure: a clear of the task runs it again."""
+        if self._task_try is None:
+            return
+        try:
+            backoff.retry(lambda: runner.report_failure(self._storage(), self.trial, int(self.stage), self._task_try),
+                          "noting the failure", STORAGE_PATIENCE_SECONDS)
+        except backoff.STORAGE_ERRORS as e:
+            self.log.warning("could not note %s's failure (%s): a clear of this task will not run it again", self.trial,
+                             e)
+
     def _record_lost(self, storage: RunStorage, result: dict[str, Any]) -> dict[str, Any]:
         """Records why the trial failed, unless its agent wrote a result after all, and finishes."""
         recorded = storage.read_result(self.trial, int(self.stage))
@@ -251,6 +265,7 @@ class TrialResultSensor(BaseSensorOperator):
 
     def _finish(self, result: dict[str, Any]) -> dict[str, Any]:
         if result.get("state") != "done":
+            self._report_failure()
             raise AirflowFailException(f"{self.trial} failed in stage {self.stage}: {result.get('error')}"
                                        + self._too_late)
         self.log.info("%s finished stage %s: %s = %s", self.trial, self.stage, "metric", result.get("metric"))

@@ -197,13 +197,13 @@ def test_a_failed_wait_cleared_after_its_stage_was_promoted_says_how_to_run_the_
     assign_stage(storage, 1, {"i-0": [{"trial": "trial-0000", "gpus": 1, "start_epoch": 0, "stop_epoch": 1}]})
     storage.write_result("trial-0000", 1, {"state": "failed", "stage": 1, "error": "ValueError: boom"})
     with pytest.raises(AirflowFailException) as first:
-        _sensor(storage).execute({"dag_run": SimpleNamespace(clear_number=0)})
+        _sensor(storage).execute({"dag_run": SimpleNamespace(clear_number=0), "ti": SimpleNamespace(try_number=1)})
     assert str(first.value) == "trial-0000 failed in stage 1: ValueError: boom"
 
     storage.write_json({"stage": 1, "trials": ["trial-0000"], "promoted": [], "failed": ["trial-0000"]},
                        "stages", "1", "promoted.json")  # the stage's promote ran: the run went on without it
     with pytest.raises(AirflowFailException) as cleared:
-        _sensor(storage).execute({"dag_run": SimpleNamespace(clear_number=1)})
+        _sensor(storage).execute({"dag_run": SimpleNamespace(clear_number=1), "ti": SimpleNamespace(try_number=2)})
     assert str(cleared.value).startswith("trial-0000 failed in stage 1: ValueError: boom; the run was cleared, "
                                          "but stage 1 was promoted without it")
     assert "clear the whole run (from start_run)" in str(cleared.value)
@@ -251,14 +251,16 @@ def test_a_failed_wait_started_on_the_triggerer_runs_its_trial_again_after_a_cle
     failed, _ = _first_event(started_on_the_triggerer(), timeout=60)
     assert failed["result"]["error"].startswith("RuntimeError: injected failure 0")
     with pytest.raises(AirflowFailException, match="trial-0000 failed in stage 1: RuntimeError: injected failure 0"):
-        sensor.execute_complete({**context, "dag_run": SimpleNamespace(clear_number=0)}, failed)
+        sensor.execute_complete({**context, "dag_run": SimpleNamespace(clear_number=0),
+                                 "ti": SimpleNamespace(try_number=1)}, failed)
     assert storage.retries(1) == []  # a failure is not run again by itself
 
     # The clear: Airflow's clear number of the run is 1; the trigger starts again and finds the failure.
     again, _ = _first_event(started_on_the_triggerer(), timeout=30)
     assert again == failed
     with pytest.raises(TaskDeferred) as deferred:
-        sensor.execute_complete({**context, "dag_run": SimpleNamespace(clear_number=1)}, again)
+        sensor.execute_complete({**context, "dag_run": SimpleNamespace(clear_number=1),
+                                 "ti": SimpleNamespace(try_number=2)}, again)
     [retry] = storage.retries(1)
     assert retry["try"] == 2 and retry["clear"] == 1 and retry["trials"] == ["trial-0000"]
     assert retry["launched"] is None  # placed on the run's live instance
@@ -276,5 +278,43 @@ def test_a_failed_wait_started_on_the_triggerer_runs_its_trial_again_after_a_cle
     assert "injected failure 0" in storage.read_result("trial-0000", 1, 1)["error"]
     # A wait of the same clear that resumes late with the old failure runs nothing again: it ends with the new try.
     metric = storage.read_result("trial-0000", 1)["metric"]
-    late = sensor.execute_complete({**context, "dag_run": SimpleNamespace(clear_number=1)}, failed)
+    late = sensor.execute_complete({**context, "dag_run": SimpleNamespace(clear_number=1),
+                                    "ti": SimpleNamespace(try_number=2)}, failed)
     assert late == {"trial": "trial-0000", "stage": 1, "metric": metric} and len(storage.retries(1)) == 1
+
+
+def test_a_trial_failing_after_a_clear_of_other_tasks_runs_again_only_when_its_own_wait_is_cleared(
+        storage, local_backend, tmp_path):
+    """Airflow's clear number of a run grows with a clear of any of its tasks: a clear of other tasks
+    while a stage runs (a failed prewarm, a wait failed in a storage burst) is no clear of this wait.
+    A trial that then fails for the first time fails its wait, and nothing runs it again, until its
+    own wait is cleared (a new try of its task)."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from tests.execution.conftest import one_trial_spec, plan_json
+
+    spec = one_trial_spec(tmp_path, "clear_test", "tests.trainables:sleepy", 1)
+    start_run(storage, RunSpec("tests.trainables:sleepy", "accuracy", "max", seed=1), [{"x": 0.5}],
+              plan_json("local-1", 1, [(1, 1)], num_trials=1, eta=2, min_epochs=1), 1)
+    [instance] = local_backend().launch("stage-1-batch-0", 1)
+    assign_stage(storage, 1, {instance: []})  # placed at clear 0 (the trial's try 1 fails below)
+    storage.write_result("trial-0000", 1, {"state": "failed", "stage": 1, "error": "ValueError: boom"})
+    failed = {"trial": "trial-0000", "stage": 1, "result": storage.read_result("trial-0000", 1)}
+    sensor = TrialResultSensor(task_id="wait", run_uri=storage.uri, trial="trial-0000", stage=1,
+                               spec_path=str(spec), deferrable=True)
+    context = {"dag": SimpleNamespace(dag_id="clear_test"), "run_id": "manual__1"}
+
+    # Another task was cleared meanwhile (clear 1); this wait, in its first try, reports the failure.
+    with pytest.raises(AirflowFailException, match="trial-0000 failed in stage 1: ValueError: boom"):
+        sensor.execute_complete({**context, "dag_run": SimpleNamespace(clear_number=1),
+                                 "ti": SimpleNamespace(try_number=1)}, failed)
+    assert storage.retries(1) == [] and list(storage.assignments(instance)) == []  # nothing runs it again
+
+    # Its own wait cleared (clear 2, the task's try 2): the trial runs again, on the live instance.
+    with pytest.raises(TaskDeferred):
+        sensor.execute({**context, "dag_run": SimpleNamespace(clear_number=2), "ti": SimpleNamespace(try_number=2)})
+    [retry] = storage.retries(1)
+    assert retry["try"] == 2 and retry["clear"] == 2 and retry["trials"] == ["trial-0000"]
+    assert [t["trial"] for t in storage.assignments(instance)] == ["trial-0000"]

@@ -279,9 +279,12 @@ def test_a_clear_runs_the_failed_trials_of_a_torn_down_stage_again_as_a_new_try(
     for t in failed:
         storage.write_result(t, 1, {"state": "failed", "stage": 1, "error": "CUDA error"})
     runner.stop_instances(storage, backend)  # the teardown of the run, which then failed
-    assert not runner.rerun_due(storage, "trial-0005", 1, clear=0)  # not cleared since: the failure stands
-    assert not runner.rerun_due(storage, "trial-0000", 1, clear=1)  # finished: kept
-    assert runner.rerun_due(storage, "trial-0005", 1, clear=1)
+    assert not runner.rerun_due(storage, "trial-0005", 1, task_try=2)  # its wait has not reported it yet
+    for t in failed:  # their waits fail, in the first try of their tasks
+        runner.report_failure(storage, t, 1, task_try=1)
+    assert not runner.rerun_due(storage, "trial-0005", 1, task_try=1)  # the same try: not cleared since
+    assert not runner.rerun_due(storage, "trial-0000", 1, task_try=2)  # finished: kept
+    assert runner.rerun_due(storage, "trial-0005", 1, task_try=2)  # its wait cleared: a new try of its task
 
     record = runner.rerun_failed(storage, backend, worked, 1, clear=1)
     assert runner.rerun_failed(storage, backend, worked, 1, clear=1) == record  # the stage's other waits
@@ -294,7 +297,7 @@ def test_a_clear_runs_the_failed_trials_of_a_torn_down_stage_again_as_a_new_try(
     # The newest try counts: it has no result yet; the first try's failure is kept beside it.
     assert storage.read_result("trial-0005", 1) is None
     assert storage.read_result("trial-0005", 1, 1)["error"] == "CUDA error"
-    assert not runner.rerun_due(storage, "trial-0005", 1, clear=1)  # its try began at this clear
+    assert not runner.rerun_due(storage, "trial-0005", 1, task_try=2)  # its new try has no result yet
     # The triggers' shared listing of the stage's results waits for the new try too.
     assert not failed & storage.stage_results(1) and "trial-0000" in storage.stage_results(1)
     # Results are written once per try: a late writer of the first try changes nothing.
@@ -307,8 +310,12 @@ def test_a_clear_runs_the_failed_trials_of_a_torn_down_stage_again_as_a_new_try(
                                                                                                   "trial-0005"))
     outcome = runner.promote_stage(storage, backend, worked, 1, "max")
     assert outcome.promoted[0] == "trial-0005" and outcome.failed == ["trial-0009"]
-    # Once the stage is promoted, a later clear does not run its failures again: the run went on.
-    assert not runner.rerun_due(storage, "trial-0009", 1, clear=2)
+    # A try that fails again is not run again by the clear that ran it, nor, once the stage is
+    # promoted, by a later clear: the run went on.
+    assert not runner.rerun_due(storage, "trial-0009", 1, task_try=2)
+    runner.report_failure(storage, "trial-0009", 1, task_try=2)
+    assert runner.cleared_since_failure(storage, "trial-0009", 1, task_try=3)
+    assert not runner.rerun_due(storage, "trial-0009", 1, task_try=3)
 
 
 def test_a_new_attempt_keeps_what_the_earlier_one_finished_and_places_only_the_rest(tmp_path, started, worked):
