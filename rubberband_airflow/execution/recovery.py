@@ -13,7 +13,7 @@ claims it (a create-only ``<instance>.claim``); every other caller (several sens
 the same loss at once) waits for the record and reads it. Agents read the record's placement
 beside their stage assignment; the report reads it for what the loss cost. A trial whose
 recovery is impossible (the backend refused a replacement, or the trial lost its instance
-``MAX_RECOVERIES`` times in the stage) is recorded as failed with that reason.
+``MAX_RECOVERIES`` times in its try of the stage) is recorded as failed with that reason.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ HUNG_SECONDS = 400.0
 # and the trials it holds are placed again: a healthy agent ends a trial at its limit (allowing
 # its worker 10 s to die), beats every 5 s, and backs off for at most 30 s when storage fails.
 OVERDUE_GRACE_SECONDS = 60.0
-# A trial whose instance is lost this many times in one stage is failed.
+# A trial whose instance is lost this many times in one try of a stage is failed.
 MAX_RECOVERIES = 3
 # A claim older than this with no record is taken over (its claimant died mid-recovery).
 CLAIM_STALE_SECONDS = 300.0
@@ -318,7 +318,7 @@ def _recover(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, st
     recs = records(storage, stage)
     where = trial_instances(storage, stage, recs)
     held = held_tasks(storage, stage, lost, where)
-    losses = {t["trial"]: sum(1 for r in recs if t["trial"] in (r.get("moved") or {})) for t in held}
+    losses = {t["trial"]: _losses(recs, t) for t in held}
     infos = {t["trial"]: _checkpoint(storage, t["trial"]) for t in held}
     moved: dict[str, str | None] = {}
     errors: dict[str, str] = {}
@@ -366,6 +366,14 @@ def _recover(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, st
     log.warning("Recovery of %s in stage %s: %s", lost, stage,
                 ", ".join(f"{t} -> {i}" for t, i in moved.items()) or "it held no unfinished trial")
     return record
+
+
+def _losses(recs: list[dict[str, Any]], task: dict[str, Any]) -> int:
+    """How many times the task's try of its trial was placed again after a loss (a try after a
+    clear starts from none)."""
+    k = int(task.get("try") or 1)
+    return sum(1 for r in recs for tasks in (r.get("placement") or {}).values() for x in tasks
+               if x["trial"] == task["trial"] and int(x.get("try") or 1) == k)
 
 
 def _task(task: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from rubberband_airflow.execution import runner
+from rubberband_airflow.execution import recovery, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend, Market
 from rubberband_airflow.execution.runner import RunPlan, StageFailed
 from rubberband_airflow.execution.storage import RunStorage
@@ -197,8 +197,6 @@ def test_a_start_killed_mid_promotion_is_taken_over_by_its_retry_at_once(started
     the same host sees the claimant gone and promotes, not waiting out the claim's 5 minutes."""
     import multiprocessing
 
-    from rubberband_airflow.execution import recovery
-
     storage, backend = started
     _place_stage_1(storage, backend, worked)
     _finish(storage, 1)
@@ -316,6 +314,25 @@ def test_a_clear_runs_the_failed_trials_of_a_torn_down_stage_again_as_a_new_try(
     runner.report_failure(storage, "trial-0009", 1, task_try=2)
     assert runner.cleared_since_failure(storage, "trial-0009", 1, task_try=3)
     assert not runner.rerun_due(storage, "trial-0009", 1, task_try=3)
+
+
+def test_a_trial_run_again_after_a_clear_is_recovered_afresh_when_its_instance_is_lost(started, worked):
+    """A trial fails when its instance is lost MAX_RECOVERIES times in a stage; the count is its
+    try's: run again by a clear, it is placed again when its new instance is lost."""
+    storage, backend = started
+    _place_stage_1(storage, backend, worked)
+    trial = "trial-0005"
+    for _ in range(recovery.MAX_RECOVERIES):
+        lost = recovery.trial_instances(storage, 1)[trial][0]
+        record = runner.recover_trials(storage, backend, worked, 1, lost, "the instance is gone")
+    assert record["moved"][trial] is None
+    assert f"lost {recovery.MAX_RECOVERIES} times" in storage.read_result(trial, 1)["error"]
+    runner.report_failure(storage, trial, 1, task_try=1)  # its wait fails; the user clears it
+    assert trial in runner.rerun_failed(storage, backend, worked, 1, clear=1)["trials"]
+    lost = recovery.trial_instances(storage, 1)[trial][0]
+    record = runner.recover_trials(storage, backend, worked, 1, lost, "the instance is gone")
+    assert record["moved"][trial] is not None and storage.read_result(trial, 1) is None
+    assert recovery.trial_instances(storage, 1)[trial][1]["try"] == 2
 
 
 def test_a_new_attempt_keeps_what_the_earlier_one_finished_and_places_only_the_rest(tmp_path, started, worked):
