@@ -404,16 +404,22 @@ def _from_epoch(info: checkpoint.CheckpointInfo | None, task: dict[str, Any]) ->
 def _idle_slots(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int, lost: str,
                 where: dict[str, tuple[str | None, dict[str, Any]]]) -> list[str]:
     """One entry per idle slot (``gpus_per_trial`` GPUs) of the live fleet, oldest instance first:
-    a slot nothing is running on or queued for in the stage."""
+    a slot nothing is running on or queued for in the stage, on an instance that is neither being
+    recovered itself (a loss seen at once by several waits is recovered concurrently) nor hung."""
     live = [i for i in backend.live() if i != lost]
     if not live:
         return []
     states = backend.describe(live)
     beats = storage.read_json_many([("instances", i, "heartbeat.json") for i in live])
+    written = storage.modified("instances")  # by the store's clock: an instance's may be off
+    recovering = {n.rsplit(".", 1)[0] for n in storage.listdir("stages", str(stage), "recovery")}
+    now = time.time()
     gpus = run_plan.allocation(stage).gpus_per_trial
     out = []
     for instance, beat in zip(live, beats):
-        if states.get(instance) == "terminated" or (beat or {}).get("state") == "stopping":
+        if (states.get(instance) == "terminated" or (beat or {}).get("state") == "stopping"
+                or instance in recovering
+                or hung_reason(beat, now, written=written.get(f"{instance}/heartbeat.json")) is not None):
             continue
         busy = sum(int(t["gpus"]) for t in held_tasks(storage, stage, instance, where))
         out += [instance] * ((run_plan.instance_type.gpus - busy) // gpus)

@@ -335,6 +335,26 @@ def test_a_trial_run_again_after_a_clear_is_recovered_afresh_when_its_instance_i
     assert recovery.trial_instances(storage, 1)[trial][1]["try"] == 2
 
 
+def test_a_lost_instances_trial_is_not_placed_on_an_instance_being_recovered_or_hung(tmp_path, started, worked):
+    """Two instances lost at once (a partition) are recovered concurrently, each by its own claim:
+    the first recovery must not move its trials onto the other, which its own recovery, already
+    under way, is terminating (the trial would then be failed as lost there); nor onto a hung one."""
+    storage, backend = started
+    x, w, v, u = backend.launch("stage-1-batch-0", 4)
+    task = {"trial": "trial-0003", "gpus": worked.allocation(1).gpus_per_trial, "start_epoch": 0, "stop_epoch": 1}
+    runner.assign_stage(storage, 1, {x: [task], w: [], v: [], u: []})
+    now = time.time()
+    for i in (x, w, v, u):
+        storage.write_json({"state": "running", "time": now, "tasks": []}, "instances", i, "heartbeat.json")
+    beat = tmp_path / "run" / "instances" / v / "heartbeat.json"  # v's agent hung: its heartbeat stands still
+    os.utime(beat, (now - recovery.HUNG_SECONDS - 60, now - recovery.HUNG_SECONDS - 60))
+    storage.write_json({"time": now, "pid": 1, "pid_space": "elsewhere", "token": "t"},
+                       "stages", "1", "recovery", f"{w}.claim")  # w's recovery has begun
+    record = runner.recover_trials(storage, backend, worked, 1, x, "the instance is gone")
+    assert record["moved"]["trial-0003"] == u  # the healthy idle instance, not w nor v
+    assert recovery.trial_instance(storage, "trial-0003", 1) == u
+
+
 def test_a_new_attempt_keeps_what_the_earlier_one_finished_and_places_only_the_rest(tmp_path, started, worked):
     earlier, backend = started
     for batch in runner.scale_out(backend, worked, 1, 8):
