@@ -21,7 +21,7 @@ from airflow.triggers.base import StartTriggerArgs
 from rubberband_airflow import trainable
 from rubberband_airflow.execution import replanning, runner
 from rubberband_airflow.execution.backends.base import ComputeBackend
-from rubberband_airflow.hooks.backend import deployment_name, run_backend, teardown_run
+from rubberband_airflow.hooks.backend import deployment_name, retire_earlier_attempts, run_backend, teardown_run
 from rubberband_airflow.hooks.storage import run_storage, storage_for
 from rubberband_airflow.operators.planning import RubberBandPlanOperator
 from rubberband_airflow.planning.errors import ProblemError
@@ -182,6 +182,10 @@ def tuning_dag(spec_path: str | Path) -> DAG:
             runner.start_run(storage, runner.RunSpec(today.trainable, today.metric, today.mode, cfg.seed),
                              configs, plan, plan["gpus_per_instance"])
             if attempt > 1:
+                # A run cleared while it ran: its earlier attempt's instances still run (and bill).
+                stopped = retire_earlier_attempts(today, dag_id, ctx["run_id"], attempt)
+                if stopped:
+                    log.warning("attempt %d replaces the earlier ones: terminated %s", attempt, ", ".join(stopped))
                 kept = carry_over_earlier_attempt(
                     storage, today, params, plan, attempt,
                     lambda k: storage_for(today, run_uri(today, dag_id, ctx["run_id"], k)))

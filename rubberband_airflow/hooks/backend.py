@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from rubberband_airflow.execution import runner
-from rubberband_airflow.execution.backends.base import ComputeBackend
+from rubberband_airflow.execution.backends.base import SUPERSEDED, ComputeBackend
 from rubberband_airflow.execution.backends.ec2 import DEFAULT_DEPLOYMENT, DEPLOYMENT_TAG, terminate_tagged
 from rubberband_airflow.execution.runner import RunPlan
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.hooks.storage import run_storage
 from rubberband_airflow.spec import EC2BackendSpec, TuningSpec, load_spec
-from rubberband_airflow.tuning import RunSnapshot, backend_for, read_snapshot, storage_conn_id
+from rubberband_airflow.tuning import SNAPSHOT, RunSnapshot, backend_for, read_snapshot, run_uri, storage_conn_id
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,30 @@ def backend_of_run(spec_path: str, storage: RunStorage, dag_id: str, run_id: str
     idle = RunPlan.from_json(plan).agent_idle_seconds(spec.trial_timeout) if plan.get("problem") else None
     return run_backend(spec, storage, dag_id, run_id, str(plan["instance_type"]), idle,
                        snapshot.attempt if snapshot else 1, snapshot.deployment if snapshot else None)
+
+
+def retire_earlier_attempts(today: TuningSpec, dag_id: str, run_id: str, attempt: int) -> list[str]:
+    """
+    Stop the run's earlier attempts for good; returns the ids terminated.
+
+    A run cleared while it ran has its tasks stopped by Airflow, not its instances, and its
+    teardown is reset before it ran: each earlier attempt is marked superseded (its backends
+    launch nothing more: ``backends.base.SUPERSEDED``), then torn down (``teardown_run``).
+
+    :param today: the spec file as it reads today
+    :param dag_id: the tuning DAG's id
+    :param run_id: the DAG run's id
+    :param attempt: the attempt that replaces them
+    """
+    ids: list[str] = []
+    for earlier in range(1, attempt):
+        uri = run_uri(today, dag_id, run_id, earlier)
+        storage = run_storage(uri, storage_conn_id(today))
+        if not storage.exists(SNAPSHOT):
+            continue  # no such attempt (a clear of failed tasks continues one): nothing was launched for it
+        storage.write_json({"by_attempt": attempt, "time": time.time()}, SUPERSEDED)
+        ids += [i for i in teardown_run(uri, today, dag_id, run_id) if i not in ids]
+    return ids
 
 
 def teardown_run(uri: str, today: TuningSpec, dag_id: str, run_id: str) -> list[str]:

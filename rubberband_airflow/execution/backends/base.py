@@ -38,6 +38,22 @@ def offer_name(entry: Mapping[str, Any]) -> str:
     return str(entry["type"]) + (SPOT_SUFFIX if entry.get("market") == Market.SPOT else "")
 
 
+SUPERSEDED = "superseded.json"  # in an attempt's storage: a later attempt of the run replaces it
+
+
+class Superseded(RuntimeError):
+    """The run was cleared while this attempt ran: a later attempt replaces it, and nothing more is
+    launched for this one."""
+
+
+def refuse_if_superseded(storage: RunStorage) -> None:
+    """Raise ``Superseded`` when a later attempt of the run replaces this one (``SUPERSEDED``)."""
+    record = storage.read_json(SUPERSEDED)
+    if record is not None:
+        raise Superseded(f"the run was cleared: attempt {record.get('by_attempt')} replaces this attempt, and "
+                         "nothing more is launched for it")
+
+
 class ComputeBackend(ABC):
     """Launches, describes and terminates the instances of one run, keeping its ledger."""
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from rubberband_airflow.execution.backends.base import ComputeBackend, Market
+from rubberband_airflow.execution.backends.base import ComputeBackend, Market, refuse_if_superseded
 from rubberband_airflow.execution.storage import RunStorage
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,7 @@ class EC2Backend(ComputeBackend):
         spot capacity for is launched on demand; its ledger entries record the refusals
         (``spot_refused``)."""
         _check_tag_value("batch", batch)
+        refuse_if_superseded(self.storage)
         market = Market(market or self.market)
         found = self._instances(("pending", "running"), {**self.attempt_tags(), "rubberband:batch": batch})
         if found:  # a retry: EC2 already has this batch (moto ignores ClientToken, so look by tags)

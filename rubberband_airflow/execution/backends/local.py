@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 
 from rubberband_airflow.execution import backoff
-from rubberband_airflow.execution.backends.base import ComputeBackend, Market
+from rubberband_airflow.execution.backends.base import ComputeBackend, Market, refuse_if_superseded
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.errors import ProblemError
 
@@ -83,6 +83,7 @@ class LocalBackend(ComputeBackend):
         if market == Market.SPOT:
             raise ValueError(f"batch {batch!r} asks for spot instances: the local backend has no spot market "
                              "(plan it on demand, or run it on the ec2 backend)")
+        refuse_if_superseded(self.storage)
         self.adopt()  # an agent of this batch started by a try whose ledger write failed is not started twice
         existing = {e["instance"] for e in self.storage.ledger() if e.get("batch") == batch}
         t = self.instance_type
