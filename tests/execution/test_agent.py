@@ -104,6 +104,26 @@ def test_launching_the_same_batch_twice_leaves_one_batch(storage, local_backend)
     assert backend.live() == [] and agent_processes(storage) == []
 
 
+def test_terminating_an_agent_that_ended_long_ago_signals_no_process_that_took_its_pid(storage, local_backend):
+    """An agent that died (lost) left its pid in the ledger; the system may give that pid to another
+    process, even a process group leader of its own. The teardown must not signal that one."""
+    import subprocess
+
+    backend = local_backend(slots=1)
+    [instance] = backend.launch("stage-1", 1)
+    entry = storage.read_json("ledger", f"{instance}.json")
+    os.killpg(entry["pid"], signal.SIGKILL)  # the agent dies with its group
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)  # leads a process group of its own
+    try:
+        storage.write_json({**entry, "pid": stranger.pid}, "ledger", f"{instance}.json")  # as if its pid came again
+        backend.terminate([instance])
+        assert stranger.poll() is None  # not signalled
+        assert backend.describe([instance]) == {instance: "terminated"} and backend.live() == []
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
 def test_terminating_an_instance_ends_its_running_trial(storage, local_backend):
     backend = local_backend(slots=1)
     _start(storage, "tests.trainables:hangs")

@@ -113,6 +113,19 @@ class LocalBackend(ComputeBackend):
                                   "running": requested if t.pending_seconds == 0 else None, "ready": None,
                                   "terminated": terminated}, "ledger", f"{instance}.json")
 
+    def _owns_group(self, pid: int, instance: str) -> bool:
+        """Whether the process group ``pid`` is still the instance's agent's: led by that agent, or
+        by no process (its workers outlived it). A pid the system gave to another process after the
+        agent ended is not (its process group is not this run's)."""
+        try:
+            cmd = psutil.Process(pid).cmdline()
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.AccessDenied:
+            return False
+        return (AGENT_MODULE in cmd and _option(cmd, "--run") == self.storage.uri
+                and _option(cmd, "--instance") == instance)
+
     def _agents(self) -> dict[str, psutil.Process]:
         """This run's agent processes on this machine, by instance (whatever the ledger says)."""
         found = {}
@@ -176,7 +189,11 @@ class LocalBackend(ComputeBackend):
         for instance in instances:
             e = self._entry(instance)
             if e.get("terminated") is None:
-                _stop_group(e["pid"])
+                if self._owns_group(int(e["pid"]), instance):
+                    _stop_group(e["pid"])
+                else:
+                    log.warning("%s's agent (pid %s) is gone and its pid now leads another process: not "
+                                "signalled", instance, e["pid"])
                 stopped.append({**e, "terminated": time.time()})
         for e in stopped:
             self.storage.write_ledger(e)
