@@ -147,4 +147,7 @@ def teardown_run(uri: str, today: TuningSpec, dag_id: str, run_id: str) -> list[
         if isinstance(spec.backend, EC2BackendSpec):
             tags = {DEPLOYMENT_TAG: deployment, "rubberband:dag_id": dag_id, "rubberband:run_id": run_id}
             ids += [i for i in terminate_tagged(ec2_client(spec), tags) if i not in ids]
+        else:  # the run's agent processes on this machine, found by their command line, whatever storage says
+            local = backend_for(spec, storage, dag_id, run_id, spec.backend.instance_type)
+            ids += [i for i in local.terminate_all() if i not in ids]
     return ids

@@ -178,25 +178,33 @@ def test_a_cleared_run_keeps_what_finished_runs_what_failed_and_a_spec_edited_mi
     assert _report(two) == rep
 
 
+def _local_run_with_an_agent(tmp_path: Path, dag_id: str):
+    """A started local run (attempt 1) with one agent running: its spec, storage and backend."""
+    from rubberband_airflow.execution import runner
+    from rubberband_airflow.hooks.backend import run_backend
+    from rubberband_airflow.spec import load_spec
+    from rubberband_airflow.tuning import RunSnapshot, run_uri, write_snapshot
+    from tests.execution.conftest import one_trial_spec, plan_json
+
+    spec = load_spec(str(one_trial_spec(tmp_path, dag_id, "tests.trainables:sleepy", 1)))
+    storage = RunStorage(run_uri(spec, dag_id, "manual__1", 1))
+    write_snapshot(storage, RunSnapshot(spec, {}, 1, "default"))
+    runner.start_run(storage, runner.RunSpec("tests.trainables:sleepy", "accuracy", "max", seed=1), [{"x": 0.5}],
+                     plan_json("local-1", 1, [(1, 1)], num_trials=1, eta=2, min_epochs=1), 1)
+    return spec, storage, run_backend(spec, storage, dag_id, "manual__1", "local-1", deployment="default")
+
+
 def test_a_run_cleared_while_it_runs_has_its_earlier_attempts_fleet_stopped(tmp_path):
     """Clearing a running run stops its tasks, not its instances, and resets its teardown before it
     ran: the new attempt's start_run terminates what the earlier attempt still runs, and that attempt
     launches nothing more (a wait of it that is still running cannot recover onto a new instance)."""
     import pytest
 
-    from rubberband_airflow.execution import runner
     from rubberband_airflow.execution.backends.base import Superseded
-    from rubberband_airflow.hooks.backend import retire_earlier_attempts, run_backend
-    from rubberband_airflow.spec import load_spec
-    from rubberband_airflow.tuning import RunSnapshot, run_uri, write_snapshot
-    from tests.execution.conftest import agent_processes, one_trial_spec, plan_json
+    from rubberband_airflow.hooks.backend import retire_earlier_attempts
+    from tests.execution.conftest import agent_processes
 
-    spec = load_spec(str(one_trial_spec(tmp_path, "cleared_running", "tests.trainables:sleepy", 1)))
-    storage = RunStorage(run_uri(spec, "cleared_running", "manual__1", 1))
-    write_snapshot(storage, RunSnapshot(spec, {}, 1, "default"))
-    runner.start_run(storage, runner.RunSpec("tests.trainables:sleepy", "accuracy", "max", seed=1), [{"x": 0.5}],
-                     plan_json("local-1", 1, [(1, 1)], num_trials=1, eta=2, min_epochs=1), 1)
-    backend = run_backend(spec, storage, "cleared_running", "manual__1", "local-1", deployment="default")
+    spec, storage, backend = _local_run_with_an_agent(tmp_path, "cleared_running")
     try:
         [instance] = backend.launch("stage-1-batch-0", 1)
         assert agent_processes(storage)  # attempt 1's agent runs
@@ -207,5 +215,24 @@ def test_a_run_cleared_while_it_runs_has_its_earlier_attempts_fleet_stopped(tmp_
         with pytest.raises(Superseded, match="attempt 3 replaces this attempt"):
             backend.launch("stage-1-recover-" + instance, 1)  # a recovery of a wait of attempt 1 still running
         assert backend.live() == [] and agent_processes(storage) == []
+    finally:
+        backend.terminate_all()
+
+
+def test_a_local_runs_teardown_ends_its_agents_when_its_folder_is_gone(tmp_path):
+    """The run's files deleted (or its storage failing): the teardown still finds the run's agents
+    by their processes, as EC2's teardown finds instances by their tags."""
+    import shutil
+
+    from rubberband_airflow.hooks.backend import teardown_run
+    from tests.execution.conftest import agent_processes
+
+    spec, storage, backend = _local_run_with_an_agent(tmp_path, "folder_gone")
+    try:
+        [instance] = backend.launch("stage-1-batch-0", 1)
+        assert agent_processes(storage)
+        shutil.rmtree(storage.root.removeprefix("file://"))
+        assert teardown_run(storage.uri, spec, "folder_gone", "manual__1") == [instance]
+        assert agent_processes(storage) == []
     finally:
         backend.terminate_all()
