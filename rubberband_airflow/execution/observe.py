@@ -1,15 +1,17 @@
 """A run's state at a stage barrier, from its files: what a re-plan starts from (the state JSON of
 docs/planning-model.md section 7). Times are seconds from the run's start (``run.json``'s ``started``).
 
-- ``elapsed_seconds``: the end of the last stage run (its last trial's finish, as the report measures it).
+- ``elapsed_seconds``: the end of the last stage run (its last trial's finish, done or failed, as the
+  report measures it).
 - ``spent_usd``: the instances already terminated (the ledger, billed by the problem's rule) and
   the checkpoints already restored (stages 2 to j-1).
 - ``fleet``: the live instances of the plan's type, oldest request first; one still pending or
   booting is expected running and ready after the problem's latencies.
 - ``observed``: per GPU count, the mean epoch time in the latest stage that ran trials on that many
   GPUs (the gaps between the ends of a trial's epochs in a stage, which its result records as
-  ``epoch_ends``; a trial with one epoch in the stage counts from its worker's start); the trial
-  overhead (the time a trial held its slot, from its process's start or the end of the trial
+  ``epoch_ends``; a trial with one epoch in the stage counts from its worker's start; a trial resumed
+  from a checkpoint counts only its own worker's epochs); the trial overhead (the time a finished
+  trial held its slot, from its process's start or the end of the trial, finished or failed,
   before it on the same slot, to its result, less its epochs); the stage overhead (from a stage
   barrier to the first trial's start, less the launch latency of its instance when that instance
   was requested after the barrier; stage 1's barrier is the run's start); the launch latency per
@@ -34,14 +36,19 @@ def _mean(values: list[float]) -> float | None:
 
 
 class StageResults:
-    """The finished results of a run's stages, by trial, each stage's read once (a re-plan looks
-    at a stage's results several times; hundreds of trials are hundreds of reads each time)."""
+    """The results of a run's stages, by trial, each stage's read once (a re-plan looks at a
+    stage's results several times; hundreds of trials are hundreds of reads each time)."""
 
     def __init__(self, storage: RunStorage) -> None:
         self.storage = storage
         self._by_stage: dict[int, dict[str, dict[str, Any]]] = {}
 
     def __call__(self, stage: int) -> dict[str, dict[str, Any]]:
+        """The stage's finished (done) results."""
+        return {t: r for t, r in self.every(stage).items() if is_done(r)}
+
+    def every(self, stage: int) -> dict[str, dict[str, Any]]:
+        """Every result of the stage, done or failed."""
         if stage not in self._by_stage:
             # A promoted stage's outcome holds its results (the newest try's); else each trial's is read.
             outcome = self.storage.read_json("stages", str(stage), "promoted.json") or {}
@@ -50,12 +57,13 @@ class StageResults:
             else:
                 chosen = self.storage.read_json("stages", str(stage), "trials.json") or {}
                 found = self.storage.read_results(stage, list(chosen.get("trials") or []))
-            self._by_stage[stage] = {t: r for t, r in found.items() if is_done(r)}
+            self._by_stage[stage] = {t: r for t, r in found.items() if r is not None}
         return self._by_stage[stage]
 
     def end(self, stage: int) -> float | None:
-        """When a stage ended: its last trial's finish (else its end record; None if it has not ended)."""
-        ends = [r["finished"] for r in self(stage).values() if r.get("finished")]
+        """When a stage ended: its last trial's finish, done or failed (else its end record; None if
+        it has not ended)."""
+        ends = [r["finished"] for r in self.every(stage).values() if r.get("finished")]
         if ends:
             return float(max(ends))
         end = self.storage.read_json("stages", str(stage), "end.json")
@@ -74,12 +82,17 @@ def _epoch_ends(metrics: list[dict[str, Any]], stage: int) -> list[float]:
 
 
 def _epoch_times(ends: list[float], result: Mapping[str, Any]) -> tuple[list[float], int]:
-    """The seconds of the epochs a trial ran in the stage, from when they ended, and how many it ran
-    there (a trial with one epoch in the stage counts it from its worker's start)."""
+    """The seconds of the epochs a trial's worker ran in the stage, from when they ended, and how
+    many it ran (a trial with one epoch in the stage counts it from its worker's start). A trial
+    resumed from a checkpoint (after a lost instance, or a clear) counts only its own worker's
+    epochs, and its first from the one before (not across the loss, nor its restore)."""
+    started = result.get("started")
+    if started is not None:
+        ends = [e for e in ends if e >= float(started)]  # the epochs before it ended on the worker before
     if len(ends) >= 2:
         return [b - a for a, b in zip(ends, ends[1:])], len(ends)
-    if ends and result.get("started") is not None:
-        return [ends[0] - float(result["started"])], 1
+    if ends and started is not None and result.get("resumed_from_epoch") is None:
+        return [ends[0] - float(started)], 1
     return [], len(ends)
 
 
@@ -100,13 +113,14 @@ def _slot_seconds(results: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def _stage_epochs(storage: RunStorage, results: Mapping[str, Mapping[str, Any]], stage: int) -> \
-        tuple[dict[int, float], dict[str, tuple[int, float, int]]]:
+def _stage_epochs(storage: RunStorage, results: Mapping[str, Mapping[str, Any]], stage: int,
+                  every: Mapping[str, Mapping[str, Any]]) -> tuple[dict[int, float], dict[str, tuple[int, float, int]]]:
     """Mean epoch seconds per GPU count in a stage, and per finished trial (gpus, slot seconds, epochs
-    run). A result records when its epochs ended (``epoch_ends``); the epoch records of a trial
-    whose result does not (a run written before results did) are read, all such trials together."""
+    run), from its finished ``results`` (its slots' use from ``every`` result: a failed trial held
+    its slot too). A result records when its epochs ended (``epoch_ends``); the epoch records of a
+    trial whose result does not (a run written before results did) are read, all such trials together."""
     gpus = _trial_gpus(storage, stage)
-    held = _slot_seconds(results)
+    held = _slot_seconds(every)
     counted = [t for t in results if t in gpus and t in held]
     older = storage.metrics_many([t for t in counted if "epoch_ends" not in results[t]])
     per_g: dict[int, list[float]] = defaultdict(list)
@@ -147,13 +161,13 @@ def observed(storage: RunStorage, next_stage: int, results: StageResults | None 
     stage_overheads: list[float] = []
     barrier = run.get("started")
     for stage in range(1, next_stage):
-        per_g, trials = _stage_epochs(storage, results(stage), stage)
+        per_g, trials = _stage_epochs(storage, results(stage), stage, results.every(stage))
         epochs.update(per_g)  # the latest stage that ran on g GPUs wins
         for g, seconds, n in trials.values():
             if n and g in per_g:
                 overheads.append(max(0.0, seconds - n * per_g[g]))
         if barrier is not None:
-            h = _stage_overhead(results(stage), float(barrier), ledger)
+            h = _stage_overhead(results.every(stage), float(barrier), ledger)
             if h is not None:
                 stage_overheads.append(h)
         barrier = results.end(stage)

@@ -125,6 +125,40 @@ def test_a_spot_plans_state_counts_its_spot_fleet_and_bills_each_instance_at_its
     parse_state({**state, "observed": {}}, problem)
 
 
+def test_a_stages_failed_and_resumed_trials_neither_shorten_it_nor_slow_its_epochs(storage):
+    """What a re-plan measures of a stage with a trial that timed out, a trial after it on the same
+    slot, and a trial resumed on another instance after its first was lost: the stage ends with its
+    last trial, failed or not; a trial's slot time starts where the failed one before it ended; a
+    resumed trial's epochs are its own worker's, not the gap across the loss."""
+    plan = plan_json("local-1", 1, [(1, 2), (1, 1)], num_trials=5, eta=2, min_epochs=2)
+    problem = RunPlan.from_json(plan).problem
+    runner.start_run(storage, RunSpec(SYNTHETIC, synthetic.METRIC, synthetic.MODE),
+                     sample(synthetic.SEARCH_SPACE, 5, seed=1), plan, 1)
+    t0 = storage.read_json("run.json")["started"]
+    a, b, c, d, e = runner.stage_trials(storage, 1)
+    storage.write_json({"stage": 1, "placement": {
+        "i-a": [{"trial": t, "gpus": 1, "start_epoch": 0, "stop_epoch": 2} for t in (a, b, c)],
+        "i-b": [{"trial": t, "gpus": 1, "start_epoch": 0, "stop_epoch": 2} for t in (d, e)]}},
+        "stages", "1", "placement.json")
+
+    def ran(trial, instance, start, end, ends=None, **more):
+        done = {"state": "done", "metric": 0.5, "epoch": 2, "epoch_ends": [t0 + x for x in ends]} if ends else \
+            {"state": "failed", "error": "timed out"}
+        storage.write_result(trial, 1, {"instance": instance, "slots": [0], "stage": 1, "spawned": t0 + start,
+                                        "started": t0 + start, "finished": t0 + end, **done, **more})
+
+    ran(a, "i-a", 0, 100, [50, 100])
+    ran(b, "i-a", 100, 700)  # timed out
+    ran(c, "i-a", 700, 800, [750, 800])
+    ran(d, "i-b", 500, 640, [50, 590], resumed_from_epoch=1)  # its epoch 1 ended on an instance lost since
+    ran(e, "i-b", 640, 1000)  # timed out: the stage's last trial to end
+    state = observe.run_state(storage, problem, "local-1", 2, now=t0 + 1001)
+    assert state["elapsed_seconds"] == pytest.approx(1000)
+    assert state["observed"]["epoch_seconds"] == {"1": pytest.approx(50)}
+    # a and c held their slot for their two epochs; d for its one epoch and its resume (90 s).
+    assert state["observed"]["trial_overhead_seconds"] == pytest.approx(30)
+
+
 @pytest.mark.parametrize("where", ["file", "s3"])
 def test_the_metrics_of_many_trials_are_each_trials_own(where, storage, request):
     """What a re-plan reads of hundreds of trials at once is what it would read trial by trial: on
