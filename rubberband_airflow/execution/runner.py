@@ -14,7 +14,7 @@ import heapq
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -668,12 +668,13 @@ def rerun_due(storage: RunStorage, trial: str, stage: int, task_try: int) -> boo
 
 
 def rerun_failed(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
-                 clear: int) -> dict[str, Any]:
-    """Run the failed trials of a stage again, once for the clear numbered ``clear`` however many
-    tasks ask: a new try of each (its result ``stage-<i>.try-<k>.json``, written once as the
-    first's), placed on the live fleet, or on a batch of its own (``stage-<i>-retry-<k>``) when
-    the run has none (its teardown ran); each resumes from its last checkpoint. Returns the
-    try's record (``stages/<i>/retries/<k>.json``)."""
+                 clear: int, only: Collection[str] | None = None) -> dict[str, Any]:
+    """Run the failed trials of a stage again (those of ``only``, the trials whose waits the clear
+    reset, where known), once for the clear numbered ``clear`` however many tasks ask: a new try
+    of each (its result ``stage-<i>.try-<k>.json``, written once as the first's), placed on the
+    live fleet, or on a batch of its own (``stage-<i>-retry-<k>``) when the run has none (its
+    teardown ran); each resumes from its last checkpoint. Returns the try's record
+    (``stages/<i>/retries/<k>.json``)."""
     while True:
         records = storage.retries(stage)
         mine = [r for r in records if int(r["clear"]) == clear]
@@ -681,18 +682,19 @@ def rerun_failed(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan
             return mine[0]
         k = max((int(r["try"]) for r in records), default=1) + 1
         record = recovery.once(storage, ("stages", str(stage), "retries", f"{k}.json"),
-                               functools.partial(_rerun, storage, backend, run_plan, stage, clear, k),
+                               functools.partial(_rerun, storage, backend, run_plan, stage, clear, k, only),
                                f"try {k} of stage {stage}")
         if int(record["clear"]) == clear:
             return record
 
 
 def _rerun(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int, clear: int,
-           k: int) -> dict[str, Any]:
-    """The claimed retry: place the stage's failed trials (launching instances if none is live), write the record."""
+           k: int, only: Collection[str] | None) -> dict[str, Any]:
+    """The claimed retry: place the stage's failed trials (of ``only``, where given; launching
+    instances if none is live), write the record."""
     trials = stage_trials(storage, stage)
     results = stage_results(storage, stage, trials)
-    failed = [t for t in trials if results[t] is not None and not is_done(results[t])]
+    failed = [t for t in trials if results[t] is not None and not is_done(results[t]) and (only is None or t in only)]
     where = recovery.trial_instances(storage, stage)
     live = reconcile(backend)
     launched = None

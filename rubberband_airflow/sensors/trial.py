@@ -163,9 +163,31 @@ class TrialResultSensor(BaseSensorOperator):
         if backend is None:
             return
         plan = runner.RunPlan.from_json(replanning.current_plan(storage, int(self.stage)))
-        record = runner.rerun_failed(storage, backend, plan, int(self.stage), int(clear))
+        record = runner.rerun_failed(storage, backend, plan, int(self.stage), int(clear), self._cleared_trials(context))
         self.log.warning("%s failed in stage %s; the run was cleared (clear %s): try %s of its stage runs %s",
                          self.trial, self.stage, clear, record["try"], ", ".join(record["trials"]))
+
+    def _cleared_trials(self, context: Context) -> set[str] | None:
+        """The trials of this wait's stage whose waits a clear reset (their tasks are not failed now,
+        by map index over the stage's start's trials): the failed trials the clear is to run again.
+        None where Airflow cannot say (every failed trial of the stage then)."""
+        ti = context.get("ti")
+        if ti is None or self._run_ids is None or "." not in str(getattr(ti, "task_id", "")):
+            return None
+        dag_id, run_id = self._run_ids
+        try:
+            trials = ti.xcom_pull(task_ids=ti.task_id.rsplit(".", 1)[0] + ".start")
+            states = (ti.get_task_states(dag_id=dag_id, task_ids=[ti.task_id], run_ids=[run_id]) or {}).get(run_id)
+        except Exception as e:  # noqa: BLE001 - without the answer, every failed trial runs again
+            self.log.warning("could not tell which waits of stage %s were cleared (%s): every failed trial of "
+                             "it runs again", self.stage, e)
+            return None
+        if not isinstance(trials, list) or not states:
+            return None
+        cleared = {t for k, t in enumerate(trials)
+                   if states.get(f"{ti.task_id}_{k}") not in ("failed", "upstream_failed")} | {self.trial}
+        self.log.info("the clear reset the waits of %s in stage %s", ", ".join(sorted(cleared)), self.stage)
+        return cleared
 
     def _remember_run(self, context: Context) -> None:
         """The DAG and run ids, which make the run's backend, and the task's try (a task's context has them)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
+from rubberband_airflow.execution import runner
 from rubberband_airflow.execution.runner import RunSpec, assign_stage, start_run
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.sensors.trial import TrialResultSensor
@@ -317,4 +318,44 @@ def test_a_trial_failing_after_a_clear_of_other_tasks_runs_again_only_when_its_o
         sensor.execute({**context, "dag_run": SimpleNamespace(clear_number=2), "ti": SimpleNamespace(try_number=2)})
     [retry] = storage.retries(1)
     assert retry["try"] == 2 and retry["clear"] == 2 and retry["trials"] == ["trial-0000"]
+    assert [t["trial"] for t in storage.assignments(instance)] == ["trial-0000"]
+
+
+def test_a_clear_of_some_failed_waits_runs_only_their_trials_again(storage, local_backend, tmp_path):
+    """Two trials of a stage failed; the user clears one of their waits (Airflow resets that task, the
+    other stays failed): only its trial runs again, none whose wait would never read the new try."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from tests.execution.conftest import one_trial_spec, plan_json
+
+    spec = one_trial_spec(tmp_path, "clear_test", "tests.trainables:sleepy", 1)
+    start_run(storage, RunSpec("tests.trainables:sleepy", "accuracy", "max", seed=1), [{"x": 0.5}, {"x": 0.6}],
+              plan_json("local-1", 1, [(1, 1)], num_trials=2, eta=2, min_epochs=1), 1)
+    [instance] = local_backend().launch("stage-1-batch-0", 1)
+    trials = ["trial-0000", "trial-0001"]
+    assign_stage(storage, 1, {instance: []})
+    for t in trials:  # both failed, and their waits reported it in the first try of their tasks
+        storage.write_result(t, 1, {"state": "failed", "stage": 1, "error": "ValueError: boom"})
+        runner.report_failure(storage, t, 1, task_try=1)
+
+    class Clear1Ti:  # the first wait's task after the clear, as Airflow's task context has it
+        task_id, try_number = "stage_1.wait", 2
+
+        @staticmethod
+        def xcom_pull(task_ids):
+            return trials if task_ids == "stage_1.start" else None
+
+        @staticmethod
+        def get_task_states(dag_id, task_ids, run_ids):
+            return {"manual__1": {"stage_1.wait_0": None, "stage_1.wait_1": "failed"}}
+
+    sensor = TrialResultSensor(task_id="wait", run_uri=storage.uri, trial="trial-0000", stage=1,
+                               spec_path=str(spec), deferrable=True)
+    with pytest.raises(TaskDeferred):
+        sensor.execute({"dag": SimpleNamespace(dag_id="clear_test"), "run_id": "manual__1", "ti": Clear1Ti(),
+                        "dag_run": SimpleNamespace(clear_number=1)})
+    [retry] = storage.retries(1)
+    assert retry["trials"] == ["trial-0000"]
     assert [t["trial"] for t in storage.assignments(instance)] == ["trial-0000"]

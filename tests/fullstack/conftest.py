@@ -141,10 +141,10 @@ class Stack:
             time.sleep(3)
         raise TimeoutError(f"{dag_id} {run_id} did not finish within {timeout:g} s")
 
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1) -> str:
         quoted = urllib.request.quote(run_id, safe="")
         out = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/logs/{try_number}"
-                              "?full_content=true")
+                              f"?full_content=true&map_index={map_index}")
         lines = []
         for line in out["content"]:  # structured records: an event, and an exception's type and value if any
             if isinstance(line, dict):

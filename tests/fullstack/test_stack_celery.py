@@ -177,6 +177,9 @@ def test_a_trial_killed_at_night_runs_again_when_the_morning_clears_its_failed_t
     tis = {f"{t['task_id']}[{t['map_index']}]": t for t in stack.task_instances(SCALE_DAG, run_id)}
     assert state == "success", {k: t["state"] for k, t in tis.items() if t["state"] != "success"}
     assert tis["stage_2.wait[0]"]["try_number"] == 2
+    # The wait asked Airflow which waits of its stage the clear reset: its own.
+    assert f"the clear reset the waits of {finalist} in stage 2" in stack.task_log(SCALE_DAG, run_id, "stage_2.wait",
+                                                                                   2, map_index=0)
     rep = storage.read_json("report.json")
     assert rep["best"]["trial"] == finalist and rep["complete"]
     [retry] = rep["retries"]
