@@ -148,8 +148,8 @@ class TrialResultSensor(BaseSensorOperator):
     def _rerun_if_cleared(self, storage: RunStorage, context: Context) -> None:
         """A failed trial whose wait runs again after a clear of the wait (it reported the failure in
         an earlier try of its task) is run again while its stage is not promoted: a new try, placed
-        once per clear of the run for all the stage's failed trials (``runner.rerun_failed``), which
-        this wait then waits for."""
+        once per clear of the run for the stage's failed trials whose waits it reset
+        (``runner.rerun_failed``), which this wait then waits for."""
         clear = getattr(context.get("dag_run"), "clear_number", None)
         if (clear is None or self._task_try is None
                 or not runner.cleared_since_failure(storage, self.trial, int(self.stage), self._task_try)):
