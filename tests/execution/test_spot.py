@@ -16,6 +16,7 @@ import fsspec
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
+from botocore.exceptions import ReadTimeoutError
 
 from rubberband_airflow.execution import prices, recovery, replanning, runner
 from rubberband_airflow.execution.backends.base import SPOT_SUFFIX, Market
@@ -107,12 +108,16 @@ def _no_spot_capacity(request, **_):
             b'</Code><Message>We currently do not have sufficient g5.xlarge capacity in the Availability Zone you '
             b'requested.</Message></Error></Errors><RequestID>e0e3bb1b-0000-4000-8000-000000000000</RequestID>'
             b'</Response>')
+    return _ec2_answer(request, 500, body)
 
+
+def _ec2_answer(request, status: int, body: bytes) -> AWSResponse:
+    """An EC2 response to ``request``, as the service sends it, that never reaches moto."""
     class Raw:
         def stream(self, **_):
             yield body
 
-    return AWSResponse(request.url, 500, {"Content-Type": "text/xml;charset=UTF-8"}, Raw())
+    return AWSResponse(request.url, status, {"Content-Type": "text/xml;charset=UTF-8"}, Raw())
 
 
 def test_no_spot_capacity_in_any_subnet_launches_the_batch_on_demand_and_the_report_says_so(moto_cloud):
@@ -346,3 +351,66 @@ def test_a_stage_allocations_market_in_the_plan_json_reaches_the_launch(tmp_path
     plan["stages"][0]["market"] = "reserved"
     with pytest.raises(ProblemError, match=r"plan.stages\[0\].market: must be 'spot' or 'on-demand', got string"):
         RunPlan.from_json(plan)
+
+
+def _refuse_spot_in(subnet: str):
+    """A ``before-send`` handler: no spot capacity in ``subnet`` (elsewhere, the request goes on)."""
+    def handler(request, **kwargs):
+        return _no_spot_capacity(request, **kwargs) if _params(request).get("SubnetId") == [subnet] else None
+    return handler
+
+
+def _lagging_describe(times: int):
+    """A ``before-send`` handler: EC2's describe, eventually consistent, lists no instance ``times`` times."""
+    left = [times]
+
+    def handler(request, **_):
+        if left[0] == 0:
+            return None
+        left[0] -= 1
+        body = (b'<?xml version="1.0" encoding="UTF-8"?>\n<DescribeInstancesResponse xmlns="http://ec2.amazonaws.com/'
+                b'doc/2016-11-15/"><requestId>e0e3bb1b-0000-4000-8000-000000000001</requestId><reservationSet/>'
+                b'</DescribeInstancesResponse>')
+        return _ec2_answer(request, 200, body)
+    return handler
+
+
+def test_a_retried_launch_sends_the_request_whose_reply_was_lost_again_before_any_other(moto_cloud):
+    """Spot was refused in the first subnet and launched in the second, but the reply never came,
+    and EC2 does not list the batch yet when the task retries, by which time the first subnet has
+    capacity again. The retry must not launch the batch there: it sends the lost request again, to
+    the same subnet and market with the same ClientToken, which EC2 answers with the instances it
+    launched (moto ignores ClientToken and launches them anew; the test checks the request)."""
+    storage = moto_cloud.storage("tune_digits/spot-lost-reply")
+    client = boto3.client("ec2", endpoint_url=moto_cloud.endpoint, region_name=REGION,
+                          config=Config(retries={"total_max_attempts": 1}))
+    requests = _run_instances_requests(client)
+    a, b = moto_cloud.subnets
+    refuse = _refuse_spot_in(a)
+    client.meta.events.register("before-send.ec2.RunInstances", refuse)
+    backend = _backend(moto_cloud, storage, client=client, market=Market.SPOT, spot_price=SPOT_PRICE)
+
+    def lose_the_reply(parsed, **_):
+        if parsed.get("Instances"):  # launched: the reply is lost on its way back
+            raise ReadTimeoutError(endpoint_url=moto_cloud.endpoint)
+
+    client.meta.events.register("after-call.ec2.RunInstances", lose_the_reply)
+    with pytest.raises(ReadTimeoutError):
+        backend.launch("stage-1-batch-0", 2)
+    lost = requests[-1]
+    assert [r["SubnetId"] for r in requests] == [[a], [b]] and lost["InstanceMarketOptions.MarketType"] == ["spot"]
+    assert storage.ledger() == []
+
+    client.meta.events.unregister("after-call.ec2.RunInstances", lose_the_reply)
+    client.meta.events.unregister("before-send.ec2.RunInstances", refuse)  # capacity is back in subnet a
+    client.meta.events.register("before-send.ec2.DescribeInstances", _lagging_describe(1))
+    ids = backend.launch("stage-1-batch-0", 2)
+
+    [again] = requests[2:]  # one request: the lost one, again
+    assert again["SubnetId"] == [b] and again["ClientToken"] == lost["ClientToken"]
+    assert again["InstanceMarketOptions.MarketType"] == ["spot"]
+    entries = {e["instance"]: e for e in storage.ledger()}
+    assert sorted(entries) == sorted(ids) and all(e["market"] == "spot" and "spot_refused" not in e
+                                                  for e in entries.values())
+    assert storage.read_json("launches", "stage-1-batch-0.json") is None  # recorded: nothing left to resend
+    _cleanup(moto_cloud, backend)

@@ -178,20 +178,26 @@ class EC2Backend(ComputeBackend):
             self._adopt([i for i in found if self._entry(i["InstanceId"]) is None])
             return [i["InstanceId"] for i in found]
         requested = time.time()
-        refused: list[str] = []
+        # A request an earlier try of this launch sent without recording its instances (its reply
+        # lost, or the task killed) is sent first again, with the same ClientToken: EC2 answers it
+        # with the instances it launched then, which its describe may not list yet.
+        in_flight = self.storage.read_json("launches", f"{batch}.json")
+        refused: list[str] = list(in_flight["refused"]) if in_flight else []
+        first = in_flight["subnet"] if in_flight else None
         launched = None
-        if market == Market.SPOT:
+        if market == Market.SPOT and not (in_flight and in_flight["market"] == Market.ON_DEMAND):
             try:
-                launched = self._run_instances(batch, count, Market.SPOT)
+                launched = self._run_instances(batch, count, Market.SPOT, first)
             except CapacityError as e:
                 refused = e.refused
                 log.warning("no spot capacity for batch %s (%s): launching it on demand", batch, "; ".join(refused))
         if launched is None:
             market = Market.ON_DEMAND
-            launched = self._run_instances(batch, count, market)
+            launched = self._run_instances(batch, count, market, first, refused)
         ids = [i["InstanceId"] for i in launched]
         for instance in ids:
             self._write_new_entry(instance, batch, requested, market, refused)
+        self.storage.delete("launches", f"{batch}.json")
         return ids
 
     def adopt(self) -> list[str]:
@@ -269,12 +275,17 @@ class EC2Backend(ComputeBackend):
         return ids
 
     # --- helpers ---
-    def _run_instances(self, batch: str, count: int, market: Market) -> list[dict[str, Any]]:
-        """One ``run_instances`` per subnet in order until one launches the batch in ``market``."""
+    def _run_instances(self, batch: str, count: int, market: Market, first: str | None = None,
+                       spot_refused: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """One ``run_instances`` per subnet in order (``first`` first) until one launches the batch
+        in ``market``. Each request is recorded before it is sent (``launches/<batch>.json``, with
+        the spot refusals before it), so that a retry can send it again."""
         retryable = SPOT_CAPACITY_ERRORS if market == Market.SPOT else RETRYABLE_LAUNCH_ERRORS
         what = f"{count} {self.instance_type}" + (" spot" if market == Market.SPOT else "")
         refused = []
-        for subnet in self.subnets:
+        for subnet in sorted(self.subnets, key=lambda s: s != first):
+            self.storage.write_json({"subnet": subnet, "market": str(market), "refused": list(spot_refused)},
+                                    "launches", f"{batch}.json")
             try:
                 return self.client.run_instances(**self.request(batch, count, subnet, market))["Instances"]
             except ClientError as e:
