@@ -51,7 +51,8 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         stages.append({"stage": stage, "trials": len(trials), "done": len(done),
                        "failed": sorted(set(results) - set(done)),
                        "gpus_per_trial": alloc.get("gpus_per_trial"), "instances": alloc.get("instances"),
-                       "epochs": alloc.get("epochs"), "start": start, "end": end,
+                       "epochs": alloc.get("epochs"), "market": alloc.get("market"),
+                       "release": alloc.get("release"), "start": start, "end": end,
                        "overhead_seconds": first - previous_end if previous_end else None,
                        "seconds": end - start,
                        "best_metric": _best_metric(done, mode)})
@@ -241,6 +242,11 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
         lines.append(f"{s['stage']:>5} {s['trials']:>6} {s['trials'] - len(s['failed']):>4} {s['instances'] or '-':>4} "
                      f"{s['gpus_per_trial'] or '-':>2} {s['seconds']:>8.1f} {s['overhead_seconds'] or 0:>8.1f} "
                      f"{s['best_metric'] if s['best_metric'] is not None else float('nan'):>8.4f}")
+    markets = [s.get("market") for s in rep["stages"]]
+    if len(set(markets) - {None}) > 1:  # the plan bought in both markets
+        lines.append("Markets: " + ", ".join(
+            f"stage {s['stage']} {s.get('market') or '-'}" + (f" ({s['release']} released)" if s.get("release") else "")
+            for s in rep["stages"]))
     lines += overhead_lines(rep)
     lines += replan_lines(rep)
     for f in rep.get("spot_fallbacks") or []:

@@ -187,29 +187,33 @@ def observed(storage: RunStorage, next_stage: int, results: StageResults | None 
 def run_state(storage: RunStorage, problem: Problem, instance_type: str, next_stage: int,
               now: float | None = None, also: tuple[str, ...] = ()) -> dict[str, Any]:
     """The state JSON of the run before ``next_stage`` (stages before it done), for ``problem``:
-    the live fleet of ``instance_type``, an offer's name (``offer_name``; live instances of other
-    offers are not the plan's), or of ``also`` (offers whose live instances count as it)."""
+    the live fleet of ``instance_type``, an offer's name (``offer_name``), of ``also`` (offers
+    whose live instances count as it) and of the problem's other offers (each as itself)."""
     now = time.time() if now is None else now
     started = float((storage.read_json("run.json") or {})["started"])
     results = StageResults(storage)
     end = results.end(next_stage - 1)
     elapsed = (end if end is not None else now) - started
     ledger = storage.ledger()
-    itype = problem.instance_type(instance_type)
+    problem.instance_type(instance_type)  # the plan's, which the problem must have
     prices = {t.name: t.price_per_hour for t in problem.instance_types}
     done = [e for e in ledger if e.get("terminated") is not None]
     restores = sum(problem.sha.trials(i) for i in range(2, next_stage))
     spent = billed_cost(done, prices, problem.billing) \
         + problem.billing.data_price_per_gb * problem.workload.checkpoint_gb * restores
     fleet = []
+    names = {t.name for t in problem.instance_types} - set(also)
     for e in ledger:
-        if e.get("terminated") is not None or offer_name(e) not in (instance_type, *also):
+        bought = offer_name(e)
+        if e.get("terminated") is not None or bought not in (instance_type, *also, *names):
             continue
+        label = bought if bought in names else instance_type
+        itype = problem.instance_type(label)
         requested = float(e.get("requested") or now)
         running = float(e["running"]) if e.get("running") is not None \
             else max(now, requested + itype.pending_seconds)
         ready = float(e["ready"]) if e.get("ready") is not None else max(now, running + itype.boot_seconds)
-        fleet.append({"instance_type": instance_type, "running_at_seconds": max(0.0, running - started),
+        fleet.append({"instance_type": label, "running_at_seconds": max(0.0, running - started),
                       "ready_at_seconds": max(0.0, running - started, ready - started)})
     return {"next_stage": next_stage, "elapsed_seconds": max(0.0, elapsed), "spent_usd": spent, "fleet": fleet,
             "observed": observed(storage, next_stage, results)}

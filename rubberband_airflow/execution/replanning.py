@@ -43,30 +43,35 @@ def current_plan(storage: RunStorage, stage: int) -> dict[str, Any] | None:
 def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float | None = None) -> \
         tuple[dict[str, Any], dict[str, Any]]:
     """The run's plan re-planned before ``stage`` from its state, and the record of the re-plan.
-    The re-plan keeps the run's instance type and market, except that a spot plan whose launches
-    EC2 refused spot capacity (``spot_fallback``) goes on demand until ``SPOT_RETRY_SECONDS`` after
-    the latest refusal, then back to spot; either way the type's live instances, spot or not, are
-    its fleet. When no plan meets the deadline, the fastest is taken."""
+    The re-plan keeps the run's instance type and, where the first plan's problem offers it in
+    both markets, chooses each stage's market again, the live instances of both its fleet. A spot
+    plan whose launches EC2 refused spot capacity (``spot_fallback``) goes on demand until
+    ``SPOT_RETRY_SECONDS`` after the latest refusal, then back to spot; either way the type's live
+    instances, spot or not, are its fleet, counted as the re-plan's market. Each re-planned stage
+    names its market. When no plan meets the deadline, the fastest is taken."""
     now = time.time() if now is None else now
     first = storage.read_json("plan.json") or before
     problem = parse_problem(first["problem"])
     name = before["instance_type"]
     itype = _instance_type(problem, before, name)
     also: tuple[str, ...] = ()
-    market = Market.ON_DEMAND if any(s.get("market") == Market.ON_DEMAND for s in before["stages"]) else None
+    market: Market | None = None
+    types = (itype,) + tuple(t for t in [problem.twin(itype)] if t is not None)
     # The refusals of the run's own spot offer (a plan re-planned after a fallback is on demand).
     spot = first["instance_type"]
     fallback = spot_fallback(storage.ledger(), spot)
     if fallback is not None and now - fallback["time"] < SPOT_RETRY_SECONDS:
         name, also, market = offer(spot)[0], (spot,), Market.ON_DEMAND
-        itype = _on_demand(problem, _instance_type(problem, first, spot), name, fallback["price_per_hour"])
+        types = (_on_demand(problem, _instance_type(problem, first, spot), name, fallback["price_per_hour"]),)
+        itype = types[0]
     elif fallback is not None:
         name, also, market = spot, (offer(spot)[0],), Market.SPOT
         itype = _instance_type(problem, first, spot)
-    problem = replace(problem, instance_types=(itype,))
+        types = (itype,)
+    problem = replace(problem, instance_types=types)
     state = observe.run_state(storage, problem, name, stage, now, also=also)
     state["observed"]["launch_seconds"] = {k: v for k, v in state["observed"]["launch_seconds"].items()
-                                           if k == name}
+                                           if k in {t.name for t in types}}
     parsed = parse_state(state, problem)
     record: dict[str, Any] = {"time": now, "stage": stage, "state": state, "observed": state["observed"]}
     if fallback is not None:
@@ -80,10 +85,9 @@ def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float |
                "jct_quantile": problem.planner.jct_quantile,
                "predicted": {"jct_seconds": s["jct_seconds"], "cost_usd": s["cost_usd"]}}
         record["infeasible"] = str(e)
-    stages = list(out["stages"])
-    if market is not None:
-        # Said outright: a stage that names no market launches in the backend's, spot for a spot spec.
-        stages = [{**s, "market": str(market)} for s in stages]
+    # Said outright: a stage that names no market launches in the backend's, spot for a spot spec.
+    own = market or problem.instance_type(out["instance_type"]).market
+    stages = [{**s, "market": str(market or s.get("market") or own)} for s in out["stages"]]
     fixed = corrected(problem, parsed.observed)
     after = {k: v for k, v in out.items() if k not in ("first_stage", "stages")}
     after.update(stages=list(before["stages"][:stage - 1]) + stages,

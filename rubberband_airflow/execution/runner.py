@@ -30,7 +30,8 @@ from rubberband_airflow.planning.validation import describe
 
 __all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run",
            "stage_trials", "unfinished", "wanted_instances", "carry_over", "begin_stage", "reconcile", "hung_reason",
-           "scale_targets", "launch_batches", "scale_out", "scale_in", "recorded_launches", "scale", "start_stage",
+           "scale_targets", "stage_targets", "launch_batches", "scale_out", "scale_in", "recorded_launches", "scale",
+           "start_stage",
            "prewarm_due", "prewarm", "place", "stage_placement", "assign_stage", "stage_results", "wait_stage",
            "recover_trials", "promote", "promote_stage", "report_failure", "cleared_since_failure", "rerun_due",
            "rerun_failed", "stop_instances", "run_sha", "summarize", "trial_id"]
@@ -342,17 +343,33 @@ def wanted_instances(storage: RunStorage, run_plan: RunPlan, stage: int, todo: l
     return planned if (unfinished(storage, stage) if todo is None else todo) else 0
 
 
+def stage_targets(backend: ComputeBackend, run_plan: RunPlan, stage: int, live: Sequence[str],
+                  want: int) -> tuple[int, list[str]]:
+    """``scale_targets`` for a stage: where the plan has it release a market (section 4, step 2),
+    the live instances bought in that market are terminated first and the stage counts without them."""
+    release = run_plan.allocation(stage).release
+    released = []
+    if release is not None and want:
+        markets = {e["instance"]: e.get("market") for e in backend.storage.ledger()}
+        released = [i for i in live if markets.get(i) == release]
+    missing, surplus = scale_targets([i for i in live if i not in released], want)
+    return missing, released[::-1] + surplus
+
+
 def scale_out(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int,
               continued: int = 0) -> list[LaunchBatch]:
     """The batches of instances a stage adds to the live fleet (none when it adds none), in the
     market the plan gives the stage."""
-    missing, _ = scale_targets(reconcile(backend), wanted_instances(backend.storage, run_plan, stage))
+    want = wanted_instances(backend.storage, run_plan, stage)
+    missing, _ = stage_targets(backend, run_plan, stage, reconcile(backend), want)
     return launch_batches(stage, missing, batch_size, continued, run_plan.market(stage))
 
 
 def scale_in(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int) -> list[list[str]]:
-    """The batches of instances a stage drops, the most recently requested first."""
-    _, surplus = scale_targets(reconcile(backend), wanted_instances(backend.storage, run_plan, stage))
+    """The batches of instances a stage drops: those of a market it releases, then the most
+    recently requested first."""
+    want = wanted_instances(backend.storage, run_plan, stage)
+    _, surplus = stage_targets(backend, run_plan, stage, reconcile(backend), want)
     return [surplus[k:k + batch_size] for k in range(0, len(surplus), batch_size)]
 
 
@@ -370,14 +387,15 @@ def recorded_launches(storage: RunStorage, stage: int, continued: int = 0) -> li
 
 def scale(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: int = 8,
           continued: int = 0, todo: list[str] | None = None) -> dict[str, list[str]]:
-    """Grow or shrink the fleet for a stage in one go: terminate the newest first, or launch the
-    missing in batches. Each launch is decided once and recorded before any of its batches is
-    launched: a retry (of a try that failed mid-launch) launches the recorded batches again, each
-    found by its name and launched only where missing, and then launches what the stage still
-    lacks (an instance lost between the tries) under new names, recorded likewise."""
+    """Grow or shrink the fleet for a stage in one go: terminate the newest first (those of a market
+    the stage releases before them), or launch the missing in batches. Each launch is decided once
+    and recorded before any of its batches is launched: a retry (of a try that failed mid-launch)
+    launches the recorded batches again, each found by its name and launched only where missing,
+    and then launches what the stage still lacks (an instance lost between the tries) under new
+    names, recorded likewise."""
     storage = backend.storage
     want = wanted_instances(storage, run_plan, stage, todo)
-    missing, terminated = scale_targets(reconcile(backend), want)
+    missing, terminated = stage_targets(backend, run_plan, stage, reconcile(backend), want)
     if terminated:
         backend.terminate(terminated)
     launched: list[str] = []

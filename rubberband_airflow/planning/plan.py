@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rubberband_airflow.planning.errors import ProblemError
-from rubberband_airflow.planning.problem import Problem
+from rubberband_airflow.planning.problem import MARKETS, Problem
 from rubberband_airflow.planning.validation import kind, number
 
 
@@ -16,6 +16,8 @@ class StageAllocation:
     gpus_per_trial: int
     instances: int
     launch_after: float | None = None  # pre-warming: added instances requested this long after the last T
+    market: str | None = None  # the market its added instances are bought in; None: the plan's type's
+    release: str | None = None  # a market whose live instances it terminates at its start (the other one)
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,10 @@ class Plan:
         return cls(instance_type, tuple(StageAllocation(int(g), int(c)) for g, c in stages))
 
     def to_dict(self, problem: Problem | None = None) -> dict[str, Any]:
-        """Plain JSON; with the problem, each stage also says its trials and epochs (and its market,
-        on a spot instance type)."""
-        spot = problem is not None and problem.instance_type(self.instance_type).market == "spot"
+        """Plain JSON; with the problem, each stage also says its trials and epochs, and its market
+        where the plan buys spot capacity in any stage (without it: where the stage names one)."""
+        own = problem.instance_type(self.instance_type).market if problem is not None else None
+        every = own is not None and any((s.market or own) == "spot" for s in self.stages)
         stages = []
         for i, s in enumerate(self.stages, start=1):
             entry: dict[str, Any] = {"gpus_per_trial": s.gpus_per_trial, "instances": s.instances}
@@ -40,10 +43,17 @@ class Plan:
             if problem is not None:
                 entry["trials"] = problem.sha.trials(i)
                 entry["epochs"] = problem.sha.epochs(i)
-            if spot:
-                entry["market"] = "spot"
+            if every or s.market is not None:
+                entry["market"] = s.market or own
+            if s.release is not None:
+                entry["release"] = s.release
             stages.append(entry)
         return {"instance_type": self.instance_type, "stages": stages}
+
+    def markets(self, problem: Problem) -> tuple[str, ...]:
+        """Each stage's market: its own, or the plan's type's."""
+        own = problem.instance_type(self.instance_type).market
+        return tuple(s.market or own for s in self.stages)
 
 
 def parse_plan(data: Any, problem: Problem) -> Plan:
@@ -91,5 +101,25 @@ def parse_plan(data: Any, problem: Problem) -> Plan:
             if i == 0:
                 raise ProblemError(f"{where}.launch_after_seconds", "the first stage has no earlier stage "
                                    "to launch its instances during")
-        stages.append(StageAllocation(g, c, launch_after))
+        market = None
+        if "market" in raw:
+            value = raw["market"]
+            if value not in MARKETS:
+                raise ProblemError(f"{where}.market", f"must be 'spot' or 'on-demand', got {kind(value)}")
+            # A market the problem does not offer the type in is the executor's alone (its instances
+            # are modelled as the plan's type's: an on-demand fallback, a plan that says spot).
+            twin = problem.twin(itype)
+            market = twin.market if twin is not None and value == twin.market else None
+        release = None
+        if "release" in raw:
+            release = raw["release"]
+            if release not in MARKETS:
+                raise ProblemError(f"{where}.release", f"must be 'spot' or 'on-demand', got {kind(release)}")
+            if release == (market or itype.market):
+                raise ProblemError(f"{where}.release", f"the stage buys its instances {release}: it can only "
+                                   f"release the other market's")
+            if launch_after is not None:
+                raise ProblemError(f"{where}.release", "a stage that releases a market's instances is not "
+                                   "pre-warmed: leave out launch_after_seconds")
+        stages.append(StageAllocation(g, c, launch_after, market, release))
     return Plan(name, tuple(stages))

@@ -154,8 +154,9 @@ def _cheapest(plans: Iterable[Plan | None], ev: Evaluator) -> Plan | None:
 
 def _neighbours(problem: Problem, plan: Plan, family: str = "elastic") -> list[Plan]:
     """Plans one move away: a stage's count up or down or set to a neighbouring stage's, or its
-    GPUs per trial changed. In the ``static_cluster`` and ``static_allocation`` families a move
-    changes every stage, so that the plan stays in its family."""
+    GPUs per trial changed, or (``elastic``, not ``one_market``) a market move (``_market_moves``).
+    In the ``static_cluster`` and ``static_allocation`` families a move changes every stage, so
+    that the plan stays in its family."""
     itype = problem.instance_type(plan.instance_type)
     options = problem.gpu_options(itype)
     stages = [(s.gpus_per_trial, s.instances) for s in plan.stages]
@@ -166,11 +167,13 @@ def _neighbours(problem: Problem, plan: Plan, family: str = "elastic") -> list[P
             out.add(Plan(plan.instance_type, tuple(replace(s, gpus_per_trial=g, instances=c)
                                                    for (g, c), s in zip(changed, plan.stages))))
 
-    if family == "elastic":
+    if family in ("elastic", "one_market"):
         for i, (g, c) in enumerate(stages):
             counts = {c - 1, c + 1} | {stages[j][1] for j in (i - 1, i + 1) if 0 <= j < len(stages)}
             for move in [(g, k) for k in counts] + [(other, c) for other in options]:
                 add(stages[:i] + [move] + stages[i + 1:])
+        if family == "elastic":
+            out.update(_market_moves(problem, plan))
     else:
         c = stages[0][1]
         for k in (c - 1, c + 1):
@@ -182,7 +185,52 @@ def _neighbours(problem: Problem, plan: Plan, family: str = "elastic") -> list[P
         else:
             for other in options:
                 add([(other, c)] * len(stages))
-    return sorted(out, key=lambda p: [(s.gpus_per_trial, s.instances) for s in p.stages])
+    return sorted(out, key=_order)
+
+
+def _order(plan: Plan) -> list[tuple]:
+    return [(s.gpus_per_trial, s.instances, s.market or "") for s in plan.stages] + [(plan.instance_type,)]
+
+
+def _market_moves(problem: Problem, plan: Plan) -> set[Plan]:
+    """Where the plan's type has a twin in the other market: the plan with one stage, its first
+    stages or its last stages buying in the other market than now, their fleets mixed or each
+    stage that changes market releasing the other's instances; and a stage's release undone or
+    done."""
+    itype = problem.instance_type(plan.instance_type)
+    other = problem.twin(itype)
+    if other is None:
+        return set()
+    now = plan.markets(problem)
+    flip = {itype.market: other.market, other.market: itype.market}
+    n = len(now)
+    spans = {(i, i + 1) for i in range(n)} | {(0, k) for k in range(1, n + 1)} | {(i, n) for i in range(n)}
+    out = set()
+    for i, j in spans:
+        markets = now[:i] + tuple(flip[m] for m in now[i:j]) + now[j:]
+        stages = [replace(s, market=None if m == itype.market else m, release=None, launch_after=None)
+                  for s, m in zip(plan.stages, markets)]
+        out.add(canonical(problem, Plan(plan.instance_type, tuple(stages))))
+        released = [replace(s, release=markets[k - 1] if k and markets[k - 1] != markets[k] else None)
+                    for k, s in enumerate(stages)]
+        out.add(canonical(problem, Plan(plan.instance_type, tuple(released))))
+    for k in range(1, n):
+        if now[k] != now[k - 1]:
+            release = None if plan.stages[k].release else now[k - 1]
+            stages = list(plan.stages)
+            stages[k] = replace(stages[k], release=release, launch_after=None)
+            out.add(Plan(plan.instance_type, tuple(stages)))
+    out.discard(plan)
+    return out
+
+
+def canonical(problem: Problem, plan: Plan) -> Plan:
+    """One name for one plan: a plan whose every stage buys in its type's twin's market is a plan
+    on the twin."""
+    other = problem.twin(problem.instance_type(plan.instance_type))
+    if other is None or any(s.market != other.market for s in plan.stages):
+        return plan
+    return Plan(other.name, tuple(replace(s, market=None) for s in plan.stages))
 
 
 def _descend(plan: Plan, ev: Evaluator, score: Callable[[Plan], tuple | None], family: str = "elastic",
@@ -196,7 +244,7 @@ def _descend(plan: Plan, ev: Evaluator, score: Callable[[Plan], tuple | None], f
             break
         single = _neighbours(ev.problem, plan, family)
         rings = [single, sorted({q for p in single for q in _neighbours(ev.problem, p, family)} - {plan},
-                                key=lambda p: [(s.gpus_per_trial, s.instances) for s in p.stages])]
+                                key=_order)]
         moved = False
         for candidates in rings:
             fresh = sum(p not in ev.cache for p in candidates)
@@ -234,7 +282,7 @@ def _prewarm(plan: Plan, ev: Evaluator) -> Plan:
         return plan
     h = problem.workload.stage_overhead_seconds
     for i in range(1, len(plan.stages)):
-        if plan.stages[i].instances <= plan.stages[i - 1].instances:
+        if plan.stages[i].instances <= plan.stages[i - 1].instances or plan.stages[i].release is not None:
             continue
         outcome = simulate_outcome(problem, plan, ev.draws, ev.prefixes)
         before = outcome.stage_end[:, i - 2] if i >= 2 else np.full(ev.draws.samples, _elapsed(problem))
@@ -252,9 +300,9 @@ def _elapsed(problem: Problem) -> float:
     return problem.start.elapsed_seconds if problem.start is not None else 0.0
 
 
-def _speed_up(plan: Plan, ev: Evaluator) -> Plan:
+def _speed_up(plan: Plan, ev: Evaluator, family: str = "elastic") -> Plan:
     """Shorten the JCT at the quantile until the plan is on time, or as far as moves go."""
-    return _descend(plan, ev, lambda p: (ev(p).jct_quantile, ev(p).cost_mean), done=ev.on_time)
+    return _descend(plan, ev, lambda p: (ev(p).jct_quantile, ev(p).cost_mean), family, done=ev.on_time)
 
 
 def _fastest(candidates: Iterable[Plan], ev: Evaluator) -> Plan:
@@ -297,10 +345,15 @@ def _pick(points: list[FrontierPoint], ev: Evaluator) -> Plan | None:
 
 
 def _cheapest_of_type(problem: Problem, itype: InstanceType, deadline: float, ev: Evaluator
-                      ) -> tuple[Plan | None, bool]:
-    """The frontier's cheapest on-time plan of one type, and whether the programme was exact.
+                      ) -> tuple[Plan | None, bool, Plan | None]:
+    """The frontier's cheapest on-time plan of one type, whether the programme was exact, and a
+    rival to polish too.
 
-    Where it is not, the coarse grid's choice is refined with every count near its own.
+    Where it is not exact, the coarse grid's choice is refined with every count near its own. On
+    an interruptible spot type with an on-demand twin, the cheapest on-time plan that buys its
+    first stages spot and, from some stage on, releases them for on-demand instances competes:
+    the cheaper of the two is the choice, the other the rival (a local search from one seldom
+    reaches the other's shape).
     """
     options: dict[str, Any] = {"deadline": deadline, "every_end_state": problem.deterministic,
                                "margin": _margin(problem)}
@@ -311,7 +364,26 @@ def _cheapest_of_type(problem: Problem, itype: InstanceType, deadline: float, ev
         counts: Counts = refined_counts(coarse_counts(problem, itype, bounds), bounds, chosen)
         refined = frontier(problem, itype, counts=counts, budget=ev.budget, **options)
         chosen = _cheapest([chosen, _pick(refined, ev)], ev)
-    return chosen, exact
+    twin = problem.twin(itype)
+    if itype.market != "spot" or itype.interruptions_per_hour == 0 or twin is None:
+        return chosen, exact, None
+    if chosen is None:  # on spot alone, noise can make the frontier's fastest plans on time
+        fastest = _fastest_plan(problem, itype, ev.budget)
+        chosen = _cheapest([_speed_up(fastest, ev, "one_market")] if fastest is not None else [], ev)
+    mixed = None
+    for k in range(1, problem.num_stages):
+        switched = [replace(p, plan=switched_plan(p.plan, k, twin.market)) for p in points]
+        mixed = _cheapest([mixed, _cheapest_on_time(switched, ev)], ev)
+    best = _cheapest([chosen, mixed], ev)
+    return best, exact, (mixed if best == chosen else chosen)
+
+
+def switched_plan(plan: Plan, k: int, market: str) -> Plan:
+    """The plan with its stages from ``k`` (0-based) on in ``market``, the first of them releasing
+    the instances of the plan's own market."""
+    own = [s if i < k else replace(s, market=market, launch_after=None) for i, s in enumerate(plan.stages)]
+    return Plan(plan.instance_type, tuple(own[:k]) + (replace(own[k], release="spot" if market != "spot"
+                                                              else "on-demand"),) + tuple(own[k + 1:]))
 
 
 def plan_exact(problem: Problem, ev: Evaluator, baselines: Iterable[Plan] = ()) -> tuple[Plan, str]:
@@ -324,14 +396,16 @@ def plan_exact(problem: Problem, ev: Evaluator, baselines: Iterable[Plan] = ()) 
     types = _usable_types(problem)
     deadline = pruning_deadline(problem)
     found = [_cheapest_of_type(problem, t, deadline, ev) for t in types]
-    method = "exact" if all(exact for _, exact in found) else "coarse-to-fine"
-    chosen = _cheapest([p for p, _ in found] + list(baselines), ev)
+    method = "exact" if all(exact for _, exact, _ in found) else "coarse-to-fine"
+    chosen = _cheapest([p for p, _, _ in found] + list(baselines), ev)
     if chosen is None:  # noise can make plans the noise-free model finds slower the faster ones
         fastest = [_speed_up(p, ev) for t in types if (p := _fastest_plan(problem, t, ev.budget))]
         chosen = _cheapest(fastest, ev)
         if chosen is None:
             raise _infeasible(problem, ev, fastest)
-    plan = _polish(chosen, ev)
+    rivals = [rival for p, _, rival in found if rival is not None and p == chosen]
+    plan = _cheapest([_polish(p, ev) for p in [chosen, *rivals]], ev)
+    assert plan is not None
     warmed = _prewarm(plan, ev)
     return (plan if warmed == plan else _polish(warmed, ev)), method
 

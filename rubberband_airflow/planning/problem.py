@@ -59,6 +59,9 @@ class Workload:
 
 
 MARKETS = ("on-demand", "spot")
+# A spot offer of an instance type named X is named X + SPOT_SUFFIX; the two are one family, and a
+# plan on either may launch a stage's instances in the other market (section 3).
+SPOT_SUFFIX = ":spot"
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,12 @@ class Billing:
     minimum_seconds: float = 60.0
     increment_seconds: float = 1.0
     data_price_per_gb: float = 0.0
+
+
+# Samples by default where an instance type is interruptible: interruptions are rare, and the
+# cheapest of many plans judged on 256 samples meets the quantile on those but 1 to 4 points less
+# often on others (docs/benchmarks.md, "Spot against on-demand").
+SPOT_SAMPLES = 1024
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,26 @@ class Problem:
         raise ProblemError("instance_type", f"unknown instance type {name!r}; the problem has "
                            f"{', '.join(t.name for t in self.instance_types)}")
 
+    def twin(self, itype: InstanceType) -> InstanceType | None:
+        """The same instance type in the other market (X and X:spot, with the same GPUs), if offered."""
+        name = itype.name[:-len(SPOT_SUFFIX)] if itype.name.endswith(SPOT_SUFFIX) else itype.name + SPOT_SUFFIX
+        other = next((t for t in self.instance_types if t.name == name), None)
+        return other if other is not None and other.gpus == itype.gpus and other.market != itype.market else None
+
+    def offer(self, itype: InstanceType, market: str | None) -> InstanceType:
+        """The offer a stage of a plan on ``itype`` launches in: itself, or its twin in ``market``."""
+        if market is None or market == itype.market:
+            return itype
+        other = self.twin(itype)
+        if other is None:
+            raise ProblemError("market", f"the problem offers no {market} {itype.name.removesuffix(SPOT_SUFFIX)}")
+        return other
+
+    def family(self, itype: InstanceType) -> tuple[str, ...]:
+        """The names of the instance type and its twin: a plan on it keeps the live instances of both."""
+        other = self.twin(itype)
+        return (itype.name,) if other is None else (itype.name, other.name)
+
     def gpu_options(self, itype: InstanceType) -> list[int]:
         """GPUs per trial allowed on this instance type: profiled g that fit on one instance."""
         return sorted(g for g in self.workload.epoch_seconds if g <= itype.gpus)
@@ -136,16 +165,19 @@ class Problem:
 
     def carried(self, itype: InstanceType) -> tuple[LiveInstance, ...]:
         """The live instances of this type a plan on it starts with, oldest first."""
-        return () if self.start is None else tuple(x for x in self.start.live if x.instance_type == itype.name)
+        names = self.family(itype)
+        return () if self.start is None else tuple(x for x in self.start.live if x.instance_type in names)
 
     def fixed_cost(self, itype: InstanceType) -> float:
         """Cost every plan on this type pays whatever it does: what a run in flight spent, and its
-        live instances of other types, billed until they are released at the first stage's start."""
+        live instances of other types (not of its family), billed until they are released at the
+        first stage's start."""
         if self.start is None:
             return 0.0
         release = self.start.elapsed_seconds + self.workload.stage_overhead_seconds
+        names = self.family(itype)
         others = [(self.instance_type(x.instance_type).price_per_hour, x.running_at_seconds)
-                  for x in self.start.live if x.instance_type != itype.name]
+                  for x in self.start.live if x.instance_type not in names]
         billed = [price / 3600.0 * float(billed_seconds(running, release, self.billing.minimum_seconds,
                                                         self.billing.increment_seconds))
                   for price, running in others]
@@ -243,7 +275,8 @@ def parse_problem(data: Any) -> Problem:
     deadline = top.number("deadline_seconds", positive=True)
 
     billing = parse_billing(top.raw("billing", {}))
-    planner = parse_planner(top.raw("planner", {}))
+    spot = any(t.interruptions_per_hour > 0 for t in types)
+    planner = parse_planner(top.raw("planner", {}), samples=SPOT_SAMPLES if spot else PlannerSettings.samples)
     top.done()
     return Problem(sha, workload, tuple(types), deadline, billing, planner)
 
@@ -260,12 +293,13 @@ def parse_billing(data: Any, where: str = "billing") -> Billing:
     return billing
 
 
-def parse_planner(data: Any, where: str = "planner") -> PlannerSettings:
-    """The planner settings (each field may be left out for its default); errors name the field."""
+def parse_planner(data: Any, where: str = "planner", samples: int = PlannerSettings.samples) -> PlannerSettings:
+    """The planner settings (each field may be left out for its default, ``samples`` that of the
+    samples); errors name the field."""
     r = Reader(data, where)
     planner = PlannerSettings(
         jct_quantile=r.number("jct_quantile", 0.95, positive=True, at_most=1.0),
-        samples=r.integer("samples", 256, minimum=1, maximum=100_000),
+        samples=r.integer("samples", samples, minimum=1, maximum=100_000),
         seed=r.integer("seed", 0, minimum=0),
     )
     r.done()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -140,7 +140,7 @@ def summarize(outcome: Outcome, jct_quantile: float, samples: int | None = None)
     }
 
 
-def schedule_stage(free: np.ndarray, durations: np.ndarray) -> np.ndarray:
+def schedule_stage(free: np.ndarray, durations: np.ndarray, kind: np.ndarray | None = None) -> np.ndarray:
     """Greedy list scheduling of trials in index order onto slots, for every sample at once.
 
     ``free`` (samples, slots) is when each slot is first free; ``durations`` (samples, trials).
@@ -152,9 +152,20 @@ def schedule_stage(free: np.ndarray, durations: np.ndarray) -> np.ndarray:
     trial of the batch has finished before the slot the next one takes is free (else one-by-one
     placement would give the next trial that refilled slot); the batch then refills its slots.
     Only the n earliest slots can ever be used by n trials.
+
+    With ``kind`` (slots,), slots are of several kinds and a trial's duration is that of the
+    kind of slot it takes: ``kind`` indexes ``durations`` (kinds, samples, trials). Of equally
+    free slots the one listed first is then taken first (slots are listed by instance, the one
+    requested first first).
     """
-    n = durations.shape[1]
-    free = np.sort(free, axis=1)[:, :n]
+    n = durations.shape[-1]
+    if kind is None:
+        free = np.sort(free, axis=1)[:, :n]
+    else:
+        rank = np.broadcast_to(np.arange(free.shape[1]), free.shape)
+        order = np.lexsort((rank, free), axis=-1)[:, :n]
+        kinds = np.broadcast_to(kind, free.shape)
+        free, kind, rank = (np.take_along_axis(a, order, axis=1) for a in (free, kinds, rank))
     samples = free.shape[0]
     placed = np.zeros(samples, dtype=np.int64)
     end = np.full(samples, -np.inf)
@@ -166,11 +177,20 @@ def schedule_stage(free: np.ndarray, durations: np.ndarray) -> np.ndarray:
         if most == 0:
             return end
         free = free[:, :most]
-        finish = free + durations[rows, np.minimum(placed[:, None] + offsets[:most], n - 1)]
+        trial = np.minimum(placed[:, None] + offsets[:most], n - 1)
+        if kind is None:
+            finish = free + durations[rows, trial]
+        else:
+            kind, rank = kind[:, :most], rank[:, :most]
+            finish = free + durations[kind, rows, trial]
         take = offsets[:most] < np.minimum(_batch_sizes(free, finish), left)[:, None]
         end = np.maximum(end, np.where(take, finish, -np.inf).max(axis=1))
         free = np.where(take, finish, free)
-        free.sort(axis=1)
+        if kind is None:
+            free.sort(axis=1)
+        else:
+            order = np.lexsort((rank, free), axis=-1)
+            free, kind, rank = (np.take_along_axis(a, order, axis=1) for a in (free, kind, rank))
         placed += take.sum(axis=1)
 
 
@@ -199,17 +219,20 @@ class Fleet:
     live: tuple[int, ...]  # the live instances, in request order
     live_ready: np.ndarray  # (samples, len(live)): when each live instance is ready
     start: np.ndarray  # (samples,): T of the last simulated stage (pre-warming counts from it)
+    offers: tuple[str, ...] = ()  # per instance ever requested: its instance type (its market's offer)
 
     @classmethod
     def initial(cls, problem: Problem, itype: InstanceType, samples: int) -> Fleet:
         """Before the problem's first stage: no fleet at 0, or a run in flight's live instances of
-        this type (section 7; the others are released, their cost in ``Problem.fixed_cost``)."""
+        this type and its twin (section 7; the others are released, their cost in
+        ``Problem.fixed_cost``)."""
         carried = problem.carried(itype)
         elapsed = problem.start.elapsed_seconds if problem.start is not None else 0.0
         ready = np.array([[x.ready_at_seconds for x in carried]], dtype=float)
         return cls(np.full(samples, elapsed), (), tuple(np.full(samples, x.running_at_seconds) for x in carried),
                    (None,) * len(carried), tuple(range(len(carried))),
-                   np.repeat(ready.reshape(1, len(carried)), samples, axis=0), np.full(samples, elapsed))
+                   np.repeat(ready.reshape(1, len(carried)), samples, axis=0), np.full(samples, elapsed),
+                   tuple(x.instance_type for x in carried))
 
     @property
     def nbytes(self) -> int:
@@ -251,30 +274,49 @@ class Prefixes:
 
 def run_stage(problem: Problem, itype: InstanceType, fleet: Fleet, i: int, stage: StageAllocation,
               draws: Draws) -> Fleet:
-    """The fleet after stage ``i`` (0-based) of the plan: scale in or out, then schedule its trials."""
+    """The fleet after stage ``i`` (0-based) of a plan on ``itype``: scale in or out (instances of
+    either market kept, the added ones bought in the stage's), then schedule its trials."""
     w = problem.workload
+    bought = problem.offer(itype, stage.market)
     start = fleet.end + w.stage_overhead_seconds
-    keep = min(len(fleet.live), stage.instances)
     terminated = list(fleet.terminated)
+    if stage.release is not None:  # the other market's live instances go first
+        kept = [j for j, k in enumerate(fleet.live) if problem.instance_type(fleet.offers[k]).market != stage.release]
+        for k in fleet.live:
+            if problem.instance_type(fleet.offers[k]).market == stage.release:
+                terminated[k] = start
+        fleet = replace(fleet, live=tuple(fleet.live[j] for j in kept), live_ready=fleet.live_ready[:, kept])
+    keep = min(len(fleet.live), stage.instances)
     for k in fleet.live[keep:]:  # LIFO scale-in: the most recently requested go first
         terminated[k] = start
     new = stage.instances - keep
     request = start
     if stage.launch_after is not None and i > 0:  # pre-warming: during the previous stage, if it lasts
         request = np.minimum(start, fleet.start + stage.launch_after)
-    running = request[:, None] + itype.pending_seconds * draws.pending_factor(itype.pending_sigma)[:, i, :new]
-    live_ready = np.concatenate([fleet.live_ready[:, :keep], running + itype.boot_seconds], axis=1)
-    free = np.repeat(np.maximum(start[:, None], live_ready), itype.gpus // stage.gpus_per_trial, axis=1)
+    running = request[:, None] + bought.pending_seconds * draws.pending_factor(bought.pending_sigma)[:, i, :new]
+    live_ready = np.concatenate([fleet.live_ready[:, :keep], running + bought.boot_seconds], axis=1)
+    slots = itype.gpus // stage.gpus_per_trial
+    free = np.repeat(np.maximum(start[:, None], live_ready), slots, axis=1)
+    offers = fleet.offers + (bought.name,) * new
     n = problem.sha.trials(i + 1)
     epoch = w.epoch_seconds[stage.gpus_per_trial]
-    durations = draws.durations(i, n, w.trial_overhead_seconds, problem.sha.new_epochs(i + 1) * epoch,
-                                w.straggler_sigma, itype.interruptions_per_hour,
-                                itype.interruption_seconds(epoch, w.trial_overhead_seconds))
-    end = schedule_stage(free, durations)
+
+    def durations(t: InstanceType) -> np.ndarray:  # the stage's trials' durations on instances of t
+        return draws.durations(i, n, w.trial_overhead_seconds, problem.sha.new_epochs(i + 1) * epoch,
+                               w.straggler_sigma, t.interruptions_per_hour,
+                               t.interruption_seconds(epoch, w.trial_overhead_seconds))
+
+    live = [offers[k] for k in fleet.live[:keep]] + [bought.name] * new
+    kinds = sorted(set(live))
+    if len(kinds) == 1:
+        end = schedule_stage(free, durations(problem.instance_type(kinds[0])))
+    else:  # a fleet of both markets: a trial's interruptions are those of the instance it runs on
+        kind = np.repeat([kinds.index(name) for name in live], slots)
+        end = schedule_stage(free, np.stack([durations(problem.instance_type(name)) for name in kinds]), kind)
     return Fleet(end=end, stage_end=fleet.stage_end + (end,), running=fleet.running + tuple(running.T),
                  terminated=tuple(terminated) + (None,) * new,
                  live=fleet.live[:keep] + tuple(range(len(fleet.running), len(fleet.running) + new)),
-                 live_ready=live_ready, start=start)
+                 live_ready=live_ready, start=start, offers=offers)
 
 
 def bill(problem: Problem, itype: InstanceType, fleet: Fleet) -> Outcome:
@@ -284,7 +326,8 @@ def bill(problem: Problem, itype: InstanceType, fleet: Fleet) -> Outcome:
     terminated_at = np.stack([t if t is not None else end for t in fleet.terminated], axis=1)
     billed = billed_seconds(running_at, terminated_at, problem.billing.minimum_seconds,
                             problem.billing.increment_seconds)
-    cost = itype.price_per_hour / 3600.0 * billed.sum(axis=1) + problem.data_cost() + problem.fixed_cost(itype)
+    prices = np.array([problem.instance_type(o).price_per_hour for o in fleet.offers]) / 3600.0
+    cost = billed @ prices + problem.data_cost() + problem.fixed_cost(itype)
     return Outcome(jct=end, cost=cost, stage_end=np.stack(fleet.stage_end, axis=1), running=running_at,
                    terminated=terminated_at)
 

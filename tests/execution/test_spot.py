@@ -414,3 +414,71 @@ def test_a_retried_launch_sends_the_request_whose_reply_was_lost_again_before_an
                                                   for e in entries.values())
     assert storage.read_json("launches", "stage-1-batch-0.json") is None  # recorded: nothing left to resend
     _cleanup(moto_cloud, backend)
+
+
+def test_a_plan_that_releases_its_spot_fleet_runs_its_last_stage_on_demand(moto_cloud):
+    """Stage 1 on two spot instances; stage 2 buys one on-demand instance and releases the spot
+    ones, as the planner plans a long last stage under frequent interruptions."""
+    storage = moto_cloud.storage("tune_digits/spot-release")
+    on_demand = prices.lookup(TYPE).price_per_hour
+    backend = _backend(moto_cloud, storage, market=Market.SPOT, spot_price=SPOT_PRICE, price=on_demand)
+    plan = plan_json(TYPE + SPOT_SUFFIX, 1, [(1, 2), (1, 1)], num_trials=4, eta=2, min_epochs=2)
+    spot_type = plan["problem"]["instance_types"][0]
+    spot_type.update(market="spot", price_per_hour=SPOT_PRICE, interruptions_per_hour=1.0)
+    plan["problem"]["instance_types"].append({**spot_type, "name": TYPE, "market": "on-demand",
+                                              "price_per_hour": on_demand, "interruptions_per_hour": 0})
+    plan["stages"][0]["market"] = "spot"
+    plan["stages"][1].update(market="on-demand", release="spot")
+    run_plan = RunPlan.from_json(plan)
+    assert run_plan.allocation(2).release == "spot" and run_plan.market(2) == Market.ON_DEMAND
+    configs = [{**c, "epoch_seconds": 0.3, "serial": 0.0} for c in sample(synthetic.SEARCH_SPACE, 4, seed=5)]
+    runner.start_run(storage, RunSpec(SYNTHETIC, synthetic.METRIC, synthetic.MODE), configs, plan, 1)
+
+    run_stage(storage, backend, run_plan, 1, synthetic.MODE, 240)
+    spot = sorted(backend.live())
+    run_stage(storage, backend, run_plan, 2, synthetic.MODE, 240)
+
+    entries = {e["instance"]: e for e in storage.ledger()}
+    [demand] = [i for i in entries if i not in spot]
+    assert [entries[i]["market"] for i in spot] == ["spot", "spot"] and entries[demand]["market"] == "on-demand"
+    stage_2 = storage.read_json("stages", "2", "start.json")["time"]
+    assert all(entries[i]["terminated"] is not None and entries[i]["terminated"] >= stage_2 for i in spot)
+    assert entries[demand]["requested"] >= stage_2
+    assert list(storage.read_json("stages", "2", "placement.json")["placement"]) == [demand]
+    [described] = _described(moto_cloud, [demand])
+    assert "InstanceLifecycle" not in described  # bought on demand
+    report = build_report(storage, "tune_digits")
+    assert report["complete"] and report["best"] is not None and [s["failed"] for s in report["stages"]] == [[], []]
+    assert "Markets: stage 1 spot, stage 2 on-demand (spot released)" in summary_lines(report)
+    _cleanup(moto_cloud, backend)
+
+
+def test_a_re_plan_counts_the_spot_fleet_as_spot_and_may_move_the_rest_of_the_run_on_demand(storage):
+    """A run on spot, offered on demand too, whose spot instances are interrupted all the time
+    (1800 times an hour) against a tight deadline (30 s): the re-plan before stage 2 sees its two live
+    spot instances as spot, and moves the rest of the run on demand, releasing them, at a stage
+    of its choosing."""
+    plan = plan_json(TYPE + SPOT_SUFFIX, 1, [(1, 2), (1, 1), (1, 1)], num_trials=4, eta=2, min_epochs=1)
+    spot_type = plan["problem"]["instance_types"][0]
+    spot_type.update(market="spot", price_per_hour=SPOT_PRICE, interruptions_per_hour=1800.0)
+    plan["problem"]["instance_types"].append({**spot_type, "name": TYPE, "market": "on-demand",
+                                              "price_per_hour": 1.0, "interruptions_per_hour": 0})
+    plan["problem"]["deadline_seconds"] = 30
+    for s in plan["stages"]:
+        s["market"] = "spot"
+    runner.start_run(storage, RunSpec(SYNTHETIC, synthetic.METRIC, synthetic.MODE),
+                     sample(synthetic.SEARCH_SPACE, 4, seed=1), plan, 1)
+    t0 = storage.read_json("run.json")["started"]
+    for k in range(2):
+        storage.write_ledger({"instance": f"i-spot-{k}", "batch": "stage-1-batch-0", "type": TYPE, "slots": 1,
+                              "market": "spot", "price_per_hour": SPOT_PRICE, "requested": t0, "running": t0 + 1,
+                              "ready": t0 + 2, "terminated": None})
+
+    after, record = replanning.revise(storage, plan, 2, now=t0 + 10)
+    assert [f["instance_type"] for f in record["state"]["fleet"]] == [TYPE + SPOT_SUFFIX] * 2
+    markets = [s["market"] for s in after["stages"]]
+    assert markets[0] == "spot" and markets[-1] == "on-demand", after["stages"]
+    switch = markets.index("on-demand")
+    assert after["stages"][switch]["release"] == "spot" and after["predicted"]["jct_seconds"]["quantile"] <= 30
+    revised = RunPlan.from_json(after)
+    assert revised.market(switch + 1) == Market.ON_DEMAND and revised.allocation(switch + 1).release == "spot"

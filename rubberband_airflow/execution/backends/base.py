@@ -11,7 +11,7 @@ import numpy as np
 
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.billing import billed_seconds
-from rubberband_airflow.planning.problem import Billing
+from rubberband_airflow.planning.problem import SPOT_SUFFIX, Billing  # noqa: F401 (SPOT_SUFFIX: re-exported)
 
 
 class Market(StrEnum):
@@ -21,7 +21,6 @@ class Market(StrEnum):
     SPOT = "spot"
 
 
-SPOT_SUFFIX = ":spot"  # a spot offer's name in the planning problem: "<instance type>:spot"
 
 
 def offer(name: str) -> tuple[str, Market | None]:
