@@ -188,7 +188,8 @@ def run_state(storage: RunStorage, problem: Problem, instance_type: str, next_st
               now: float | None = None, also: tuple[str, ...] = ()) -> dict[str, Any]:
     """The state JSON of the run before ``next_stage`` (stages before it done), for ``problem``:
     the live fleet of ``instance_type``, an offer's name (``offer_name``), of ``also`` (offers
-    whose live instances count as it) and of the problem's other offers (each as itself)."""
+    whose live instances count as it) and of the problem's other offers (each as itself). The
+    elapsed time is the last stage's end, or ``now`` less the stage overhead if that is later."""
     now = time.time() if now is None else now
     started = float((storage.read_json("run.json") or {})["started"])
     results = StageResults(storage)
@@ -215,5 +216,10 @@ def run_state(storage: RunStorage, problem: Problem, instance_type: str, next_st
         ready = float(e["ready"]) if e.get("ready") is not None else max(now, running + itype.boot_seconds)
         fleet.append({"instance_type": label, "running_at_seconds": max(0.0, running - started),
                       "ready_at_seconds": max(0.0, running - started, ready - started)})
+    measured = observed(storage, next_stage, results)
+    # Re-planned long after its barrier (a start that failed at night, cleared in the morning), the
+    # stage starts now, not the stage overhead after the barrier: the barrier moves up to now - h.
+    h = measured.get("stage_overhead_seconds", problem.workload.stage_overhead_seconds)
+    elapsed = max(elapsed, now - started - h)
     return {"next_stage": next_stage, "elapsed_seconds": max(0.0, elapsed), "spent_usd": spent, "fleet": fleet,
-            "observed": observed(storage, next_stage, results)}
+            "observed": measured}

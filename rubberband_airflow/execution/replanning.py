@@ -57,8 +57,12 @@ def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float |
     also: tuple[str, ...] = ()
     market: Market | None = None
     types = (itype,) + tuple(t for t in [problem.twin(itype)] if t is not None)
-    # The refusals of the run's own spot offer (a plan re-planned after a fallback is on demand).
+    # The refusals of the run's own spot offer (a plan re-planned after a fallback is on demand; a
+    # plan on the on-demand offer may buy some stages spot).
     spot = first["instance_type"]
+    twin = problem.twin(_instance_type(problem, first, spot))
+    if offer(spot)[1] != Market.SPOT and twin is not None and twin.market == Market.SPOT:
+        spot = twin.name
     fallback = spot_fallback(storage.ledger(), spot)
     if fallback is not None and now - fallback["time"] < SPOT_RETRY_SECONDS:
         name, also, market = offer(spot)[0], (spot,), Market.ON_DEMAND

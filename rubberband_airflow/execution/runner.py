@@ -346,12 +346,16 @@ def wanted_instances(storage: RunStorage, run_plan: RunPlan, stage: int, todo: l
 def stage_targets(backend: ComputeBackend, run_plan: RunPlan, stage: int, live: Sequence[str],
                   want: int) -> tuple[int, list[str]]:
     """``scale_targets`` for a stage: where the plan has it release a market (section 4, step 2),
-    the live instances bought in that market are terminated first and the stage counts without them."""
+    the live instances bought in that market are terminated first and the stage counts without them;
+    never the stage's own (launched for it, pre-warmed or recovered: a retried start, whose spot
+    batch fell back to on demand, must not release what it launched)."""
     release = run_plan.allocation(stage).release
     released = []
     if release is not None and want:
-        markets = {e["instance"]: e.get("market") for e in backend.storage.ledger()}
-        released = [i for i in live if markets.get(i) == release]
+        entries = {e["instance"]: e for e in backend.storage.ledger()}
+        own = f"stage-{stage}-"
+        released = [i for i in live if i in entries and entries[i].get("market") == release
+                    and not str(entries[i].get("batch", "")).startswith(own)]
     missing, surplus = scale_targets([i for i in live if i not in released], want)
     return missing, released[::-1] + surplus
 

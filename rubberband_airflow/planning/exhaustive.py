@@ -6,28 +6,29 @@ import itertools
 from collections.abc import Iterator
 
 from rubberband_airflow.planning.plan import Plan, StageAllocation
-from rubberband_airflow.planning.planner import Evaluator
+from rubberband_airflow.planning.planner import Evaluator, carried_markets
 from rubberband_airflow.planning.problem import Problem
 
 
 def all_plans(problem: Problem) -> Iterator[Plan]:
     """Every plan of the problem: each stage any allowed (GPUs per trial, instances), any type; on
-    a type with a twin in the other market, also each stage's market, and where it differs from
-    the stage before's, with or without releasing that market's instances (each plan once: on
-    the on-demand entry of such a family)."""
+    a type with a twin in the other market, also each stage's market, and with or without
+    releasing the other market's instances wherever some may be live (bought before, or carried)
+    (each plan once: on the on-demand entry of such a family)."""
     for t in problem.instance_types:
         twin = problem.twin(t)
         if twin is not None and t.market == "spot":
             continue
         choices = [(g, c) for g in problem.gpu_options(t) for c in range(1, t.max_instances + 1)]
         markets = [t.market] if twin is None else [t.market, twin.market]
+        carried = carried_markets(problem, t)
         for stages in itertools.product(choices, repeat=problem.num_stages):
             for bought in itertools.product(markets, repeat=problem.num_stages):
-                changes = [i for i in range(1, len(bought)) if bought[i] != bought[i - 1]]
-                for released in itertools.product([False, True], repeat=len(changes)):
-                    release = {i: bought[i - 1] for i, r in zip(changes, released) if r}
-                    yield Plan(t.name, tuple(StageAllocation(g, c, None, None if m == t.market else m, release.get(i))
-                                             for i, ((g, c), m) in enumerate(zip(stages, bought))))
+                options = [[None] + [m for m in markets if m != bought[i] and m in carried | set(bought[:i])]
+                           for i in range(len(bought))]
+                for release in itertools.product(*options):
+                    yield Plan(t.name, tuple(StageAllocation(g, c, None, None if m == t.market else m, r)
+                                             for (g, c), m, r in zip(stages, bought, release)))
 
 
 def exhaustive_optimum(problem: Problem, ev: Evaluator | None = None) -> Plan | None:

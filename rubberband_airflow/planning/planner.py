@@ -196,13 +196,14 @@ def _market_moves(problem: Problem, plan: Plan) -> set[Plan]:
     """Where the plan's type has a twin in the other market: the plan with one stage, its first
     stages or its last stages buying in the other market than now, their fleets mixed or each
     stage that changes market releasing the other's instances; and a stage's release undone or
-    done."""
+    done (where the other market's instances may be live then: bought before, or carried)."""
     itype = problem.instance_type(plan.instance_type)
     other = problem.twin(itype)
     if other is None:
         return set()
     now = plan.markets(problem)
     flip = {itype.market: other.market, other.market: itype.market}
+    carried = carried_markets(problem, itype)
     n = len(now)
     spans = {(i, i + 1) for i in range(n)} | {(0, k) for k in range(1, n + 1)} | {(i, n) for i in range(n)}
     out = set()
@@ -211,17 +212,23 @@ def _market_moves(problem: Problem, plan: Plan) -> set[Plan]:
         stages = [replace(s, market=None if m == itype.market else m, release=None, launch_after=None)
                   for s, m in zip(plan.stages, markets)]
         out.add(canonical(problem, Plan(plan.instance_type, tuple(stages))))
-        released = [replace(s, release=markets[k - 1] if k and markets[k - 1] != markets[k] else None)
-                    for k, s in enumerate(stages)]
+        before = [carried | set(markets[:k]) for k in range(n)]  # markets that may be live before stage k
+        released = [replace(s, release=flip[m] if flip[m] in before[k] and (k == 0 or markets[k - 1] != m) else None)
+                    for k, (s, m) in enumerate(zip(stages, markets))]
         out.add(canonical(problem, Plan(plan.instance_type, tuple(released))))
-    for k in range(1, n):
-        if now[k] != now[k - 1]:
-            release = None if plan.stages[k].release else now[k - 1]
+    for k in range(n):
+        if flip[now[k]] in carried | set(now[:k]):
             stages = list(plan.stages)
-            stages[k] = replace(stages[k], release=release, launch_after=None)
-            out.add(Plan(plan.instance_type, tuple(stages)))
+            stages[k] = replace(stages[k], release=None if plan.stages[k].release else flip[now[k]],
+                                launch_after=None)
+            out.add(canonical(problem, Plan(plan.instance_type, tuple(stages))))
     out.discard(plan)
     return out
+
+
+def carried_markets(problem: Problem, itype: InstanceType) -> set[str]:
+    """The markets of the live instances a plan on the type starts with (a re-plan's)."""
+    return {problem.instance_type(x.instance_type).market for x in problem.carried(itype)}
 
 
 def canonical(problem: Problem, plan: Plan) -> Plan:
@@ -277,12 +284,13 @@ def _prewarm(plan: Plan, ev: Evaluator) -> Plan:
     the on-time plan cheapest, if any does."""
     problem = ev.problem
     itype = problem.instance_type(plan.instance_type)
-    latency = itype.pending_seconds + itype.boot_seconds
-    if latency == 0:
-        return plan
     h = problem.workload.stage_overhead_seconds
     for i in range(1, len(plan.stages)):
         if plan.stages[i].instances <= plan.stages[i - 1].instances or plan.stages[i].release is not None:
+            continue
+        bought = problem.offer(itype, plan.stages[i].market)
+        latency = bought.pending_seconds + bought.boot_seconds
+        if latency == 0:
             continue
         outcome = simulate_outcome(problem, plan, ev.draws, ev.prefixes)
         before = outcome.stage_end[:, i - 2] if i >= 2 else np.full(ev.draws.samples, _elapsed(problem))
@@ -371,7 +379,8 @@ def _cheapest_of_type(problem: Problem, itype: InstanceType, deadline: float, ev
         fastest = _fastest_plan(problem, itype, ev.budget)
         chosen = _cheapest([_speed_up(fastest, ev, "one_market")] if fastest is not None else [], ev)
     mixed = None
-    for k in range(1, problem.num_stages):
+    # From stage k on, on demand; stage 0 too in a re-plan whose live fleet has spot instances.
+    for k in range(0 if itype.market in carried_markets(problem, itype) else 1, problem.num_stages):
         switched = [replace(p, plan=switched_plan(p.plan, k, twin.market)) for p in points]
         mixed = _cheapest([mixed, _cheapest_on_time(switched, ev)], ev)
     best = _cheapest([chosen, mixed], ev)

@@ -30,10 +30,17 @@ def test_state_at_each_barrier_is_what_the_run_measured(storage, local_backend):
     runner.start_run(storage, RunSpec(SYNTHETIC, synthetic.METRIC, synthetic.MODE), configs, plan, 1)
     started = storage.read_json("run.json")["started"]
     run_stage(storage, backend, run_plan, 1, synthetic.MODE)
-    state = observe.run_state(storage, run_plan.problem, "local-1", 2)
     end1 = max(storage.read_result(t, 1)["finished"] for t in runner.stage_trials(storage, 1))
+    state = observe.run_state(storage, run_plan.problem, "local-1", 2, now=end1)
     assert state["next_stage"] == 2 and state["elapsed_seconds"] == pytest.approx(end1 - started)
     obs = state["observed"]
+    # A re-plan an hour after the barrier (its start failed at night, cleared in the morning)
+    # starts the stage then: the barrier moves up to an hour less the stage overhead measured.
+    late = observe.run_state(storage, run_plan.problem, "local-1", 2, now=end1 + 3600)
+    assert late["elapsed_seconds"] == pytest.approx(end1 + 3600 - started - obs["stage_overhead_seconds"])
+    after, record = replanning.revise(storage, plan, 2, now=end1 + 3600)
+    assert after["predicted"]["jct_seconds"]["quantile"] > 3600 >= plan["problem"]["deadline_seconds"]
+    assert "infeasible" in record  # the deadline passed while the run waited: the fastest plan
     # Stage 1's epochs slept EPOCH each; a trial took its epochs plus its process's start and writes.
     assert obs["epoch_seconds"]["1"] == pytest.approx(EPOCH, rel=0.25)
     assert 0 <= obs["trial_overhead_seconds"] < 5
@@ -152,7 +159,7 @@ def test_a_stages_failed_and_resumed_trials_neither_shorten_it_nor_slow_its_epoc
     ran(c, "i-a", 700, 800, [750, 800])
     ran(d, "i-b", 500, 640, [50, 590], resumed_from_epoch=1)  # its epoch 1 ended on an instance lost since
     ran(e, "i-b", 640, 1000)  # timed out: the stage's last trial to end
-    state = observe.run_state(storage, problem, "local-1", 2, now=t0 + 1001)
+    state = observe.run_state(storage, problem, "local-1", 2, now=t0 + 1000)
     assert state["elapsed_seconds"] == pytest.approx(1000)
     assert state["observed"]["epoch_seconds"] == {"1": pytest.approx(50)}
     # a and c held their slot for their two epochs; d for its one epoch and its resume (90 s).

@@ -482,3 +482,47 @@ def test_a_re_plan_counts_the_spot_fleet_as_spot_and_may_move_the_rest_of_the_ru
     assert after["stages"][switch]["release"] == "spot" and after["predicted"]["jct_seconds"]["quantile"] <= 30
     revised = RunPlan.from_json(after)
     assert revised.market(switch + 1) == Market.ON_DEMAND and revised.allocation(switch + 1).release == "spot"
+
+
+def test_a_retried_start_releases_only_what_earlier_stages_bought(storage):
+    """Stage 2 releases on-demand instances and buys spot; its first try launched a batch that
+    EC2 refused spot and bought on demand. Its retry keeps that batch (the stage's own) and
+    releases only stage 1's on-demand instance."""
+    plan = plan_json(TYPE, 1, [(1, 1), (1, 2)], num_trials=2, eta=2, min_epochs=1)
+    own = plan["problem"]["instance_types"][0]
+    plan["problem"]["instance_types"].append({**own, "name": TYPE + SPOT_SUFFIX, "market": "spot",
+                                              "price_per_hour": SPOT_PRICE, "interruptions_per_hour": 1.0})
+    plan["stages"][0]["market"] = "on-demand"
+    plan["stages"][1].update(market="spot", release="on-demand")
+    run_plan = RunPlan.from_json(plan)
+    entry = {"type": TYPE, "slots": 1, "market": "on-demand", "terminated": None}
+    storage.write_ledger({**entry, "instance": "i-stage-1", "batch": "stage-1-batch-0"})
+    storage.write_ledger({**entry, "instance": "i-stage-2", "batch": "stage-2-batch-0",
+                          "spot_refused": "subnet-a: InsufficientInstanceCapacity"})
+
+    class Fleet:  # stage_targets reads the backend's ledger only
+        pass
+
+    backend = Fleet()
+    backend.storage = storage
+    assert runner.stage_targets(backend, run_plan, 2, ["i-stage-1", "i-stage-2"], 2) == (1, ["i-stage-1"])
+
+
+def test_a_plan_on_demand_that_buys_a_stage_spot_goes_on_demand_after_a_refusal(storage):
+    """The planner may return a plan on the on-demand offer whose first stage buys spot: EC2's
+    refusal of that spot batch sends the re-plans on demand all the same."""
+    plan = plan_json(TYPE, 1, [(1, 2), (1, 1)], num_trials=4, eta=2, min_epochs=1)
+    own = plan["problem"]["instance_types"][0]
+    plan["problem"]["instance_types"].append({**own, "name": TYPE + SPOT_SUFFIX, "market": "spot",
+                                              "price_per_hour": SPOT_PRICE, "interruptions_per_hour": 0.05})
+    plan["stages"][0]["market"] = "spot"
+    plan["stages"][1]["market"] = "spot"
+    runner.start_run(storage, RunSpec(SYNTHETIC, synthetic.METRIC, synthetic.MODE),
+                     sample(synthetic.SEARCH_SPACE, 4, seed=1), plan, 1)
+    t0 = storage.read_json("run.json")["started"]
+    storage.write_ledger({"instance": "i-od", "batch": "stage-1-batch-0", "type": TYPE, "slots": 1,
+                          "market": "on-demand", "requested": t0, "running": t0 + 1, "ready": t0 + 2,
+                          "terminated": None, "spot_refused": "subnet-a: InsufficientInstanceCapacity"})
+    after, record = replanning.revise(storage, plan, 2, now=t0 + 100)
+    assert record["spot_fallback"]["batches"] == ["stage-1-batch-0"]
+    assert after["stages"][1]["market"] == "on-demand"

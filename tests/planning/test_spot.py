@@ -16,10 +16,12 @@ from rubberband_airflow.planning.errors import InfeasibleError, ProblemError
 from rubberband_airflow.planning.plan import Plan, StageAllocation, parse_plan
 from rubberband_airflow.planning.planner import plan_problem
 from rubberband_airflow.planning.problem import parse_problem
+from rubberband_airflow.planning.replan import parse_state, remaining_problem, replan
 from rubberband_airflow.planning.simulator import (
     Draws,
     poisson_counts,
     schedule_stage,
+    simulate,
     simulate_outcome,
 )
 from tests.planning.test_planner import _check_against_exhaustive, small_problems
@@ -239,3 +241,23 @@ def _spot_twin_problems(draw):
 def test_a_plan_offered_both_markets_is_within_one_percent_of_the_exhaustive_optimum(problem):
     """The exhaustive reference tries every stage's market and release too (each plan once)."""
     _check_against_exhaustive(problem)
+
+
+def test_a_re_plan_before_the_switching_stage_releases_the_live_spot_fleet():
+    """The g5 example at 2 interruptions an hour, deadline 7600 s, re-planned before its last
+    stage with three spot instances live: keeping one spot instance for the last stage misses the
+    deadline, releasing them for an on-demand one meets it; the re-plan releases them."""
+    base = json.loads((EXAMPLES / "problem-noisy-g5.json").read_text())
+    spot = [{**t, "name": t["name"] + ":spot", "market": "spot", "interruptions_per_hour": 2.0,
+             "price_per_hour": round(t["price_per_hour"] * 0.35, 4)} for t in base["instance_types"]]
+    problem = parse_problem({**base, "deadline_seconds": 7600, "instance_types": base["instance_types"] + spot})
+    state = parse_state({"next_stage": 5, "elapsed_seconds": 3650.0, "spent_usd": 15.0, "fleet": [
+        {"instance_type": "g5.12xlarge:spot", "running_at_seconds": 1000.0 + k, "ready_at_seconds": 1130.0 + k}
+        for k in range(3)]}, problem)
+    rest = remaining_problem(problem, state)
+    kept = simulate(rest, Plan("g5.12xlarge", (StageAllocation(4, 1),)))
+    assert kept["jct_seconds"]["quantile"] > 7600
+    out = replan(problem, state)
+    [stage] = out["stages"]
+    assert stage["market"] == "on-demand" and stage["release"] == "spot"
+    assert out["predicted"]["jct_seconds"]["quantile"] <= 7600
