@@ -44,17 +44,16 @@ def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float |
         tuple[dict[str, Any], dict[str, Any]]:
     """The run's plan re-planned before ``stage`` from its state, and the record of the re-plan.
     The re-plan keeps the run's instance type and, where the first plan's problem offers it in
-    both markets, chooses each stage's market again, the live instances of both its fleet. A spot
-    plan whose launches EC2 refused spot capacity (``spot_fallback``) goes on demand until
-    ``SPOT_RETRY_SECONDS`` after the latest refusal, then back to spot; either way the type's live
-    instances, spot or not, are its fleet, counted as the re-plan's market. Each re-planned stage
-    names its market. When no plan meets the deadline, the fastest is taken."""
+    both markets, chooses each stage's market again, the live instances of both its fleet, each
+    as the offer it was bought in. A spot plan whose launches EC2 refused spot capacity
+    (``spot_fallback``) buys on demand only (its live spot instances kept or released) until
+    ``SPOT_RETRY_SECONDS`` after the latest refusal, then both markets again. Each re-planned
+    stage names its market. When no plan meets the deadline, the fastest is taken."""
     now = time.time() if now is None else now
     first = storage.read_json("plan.json") or before
     problem = parse_problem(first["problem"])
     name = before["instance_type"]
     itype = _instance_type(problem, before, name)
-    also: tuple[str, ...] = ()
     market: Market | None = None
     types = (itype,) + tuple(t for t in [problem.twin(itype)] if t is not None)
     # The refusals of the run's own spot offer (a plan re-planned after a fallback is on demand; a
@@ -64,16 +63,20 @@ def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float |
     if offer(spot)[1] != Market.SPOT and twin is not None and twin.market == Market.SPOT:
         spot = twin.name
     fallback = spot_fallback(storage.ledger(), spot)
-    if fallback is not None and now - fallback["time"] < SPOT_RETRY_SECONDS:
-        name, also, market = offer(spot)[0], (spot,), Market.ON_DEMAND
-        types = (_on_demand(problem, _instance_type(problem, first, spot), name, fallback["price_per_hour"]),)
-        itype = types[0]
-    elif fallback is not None:
-        name, also, market = spot, (offer(spot)[0],), Market.SPOT
-        itype = _instance_type(problem, first, spot)
-        types = (itype,)
+    buy = None
+    if fallback is not None:
+        # The spot offer and the on-demand one, each live instance as the offer it was bought in.
+        spot_type = _instance_type(problem, first, spot)
+        on_demand = _on_demand(problem, spot_type, offer(spot)[0], fallback["price_per_hour"])
+        if now - fallback["time"] < SPOT_RETRY_SECONDS:  # on demand; spot instances kept or released
+            name, itype, market, buy = on_demand.name, on_demand, Market.ON_DEMAND, [str(Market.ON_DEMAND)]
+        else:
+            name, itype = spot, spot_type
+        types = (itype, spot_type if itype is on_demand else on_demand)
     problem = replace(problem, instance_types=types)
-    state = observe.run_state(storage, problem, name, stage, now, also=also)
+    state = observe.run_state(storage, problem, name, stage, now)
+    if buy is not None:
+        state["buy_markets"] = buy
     state["observed"]["launch_seconds"] = {k: v for k, v in state["observed"]["launch_seconds"].items()
                                            if k in {t.name for t in types}}
     parsed = parse_state(state, problem)

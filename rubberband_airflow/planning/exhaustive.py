@@ -13,18 +13,20 @@ from rubberband_airflow.planning.problem import Problem
 def all_plans(problem: Problem) -> Iterator[Plan]:
     """Every plan of the problem: each stage any allowed (GPUs per trial, instances), any type; on
     a type with a twin in the other market, also each stage's market, and with or without
-    releasing the other market's instances wherever some may be live (bought before, or carried)
-    (each plan once: on the on-demand entry of such a family)."""
+    releasing the other market's instances wherever some may be live (bought before, or carried);
+    buying only in the markets the problem buys in (each plan once: on the on-demand entry of such
+    a family, where it buys on demand)."""
     for t in problem.instance_types:
         twin = problem.twin(t)
-        if twin is not None and t.market == "spot":
+        if not problem.buys(t.market) or (twin is not None and t.market == "spot" and problem.buys(twin.market)):
             continue
         choices = [(g, c) for g in problem.gpu_options(t) for c in range(1, t.max_instances + 1)]
-        markets = [t.market] if twin is None else [t.market, twin.market]
+        family = [t.market] + ([twin.market] if twin else [])
+        markets = [m for m in family if problem.buys(m)]
         carried = carried_markets(problem, t)
         for stages in itertools.product(choices, repeat=problem.num_stages):
             for bought in itertools.product(markets, repeat=problem.num_stages):
-                options = [[None] + [m for m in markets if m != bought[i] and m in carried | set(bought[:i])]
+                options = [[None] + [m for m in family if m != bought[i] and m in carried | set(bought[:i])]
                            for i in range(len(bought))]
                 for release in itertools.product(*options):
                     yield Plan(t.name, tuple(StageAllocation(g, c, None, None if m == t.market else m, r)

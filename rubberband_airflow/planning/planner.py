@@ -209,6 +209,8 @@ def _market_moves(problem: Problem, plan: Plan) -> set[Plan]:
     out = set()
     for i, j in spans:
         markets = now[:i] + tuple(flip[m] for m in now[i:j]) + now[j:]
+        if not all(problem.buys(m) for m in markets[i:j]):
+            continue
         stages = [replace(s, market=None if m == itype.market else m, release=None, launch_after=None)
                   for s, m in zip(plan.stages, markets)]
         out.add(canonical(problem, Plan(plan.instance_type, tuple(stages))))
@@ -339,7 +341,7 @@ def _fastest_plan(problem: Problem, itype: InstanceType, budget: MemoryBudget) -
 
 
 def _usable_types(problem: Problem) -> list[InstanceType]:
-    return [t for t in problem.instance_types if problem.gpu_options(t)]
+    return [t for t in problem.instance_types if problem.gpu_options(t) and problem.buys(t.market)]
 
 
 def _infeasible(problem: Problem, ev: Evaluator, candidates: list[Plan]) -> InfeasibleError:

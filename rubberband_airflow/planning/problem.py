@@ -149,6 +149,11 @@ class Problem:
             raise ProblemError("market", f"the problem offers no {market} {itype.name.removesuffix(SPOT_SUFFIX)}")
         return other
 
+    def buys(self, market: str) -> bool:
+        """Whether new instances may be bought in the market (a run in flight may say not: EC2
+        refused its spot capacity)."""
+        return self.start is None or self.start.buy is None or market in self.start.buy
+
     def family(self, itype: InstanceType) -> tuple[str, ...]:
         """The names of the instance type and its twin: a plan on it keeps the live instances of both."""
         other = self.twin(itype)

@@ -10,7 +10,7 @@ from typing import Any
 from rubberband_airflow.planning.budget import MemoryBudget
 from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.planner import plan_problem
-from rubberband_airflow.planning.problem import Problem
+from rubberband_airflow.planning.problem import MARKETS, Problem
 from rubberband_airflow.planning.start import LiveInstance, Start
 from rubberband_airflow.planning.validation import Reader, gpu_count, kind, number
 
@@ -107,8 +107,15 @@ def parse_state(data: Any, problem: Problem) -> RunState:
         f.done()
         live.append(LiveInstance(name, running, ready))
     observed = _parse_observed(r.raw("observed", {}), problem)
+    buy = None
+    if "buy_markets" in r.data:
+        raw_buy = r.raw("buy_markets")
+        if not isinstance(raw_buy, list) or not raw_buy or any(m not in MARKETS for m in raw_buy):
+            raise ProblemError(r.name("buy_markets"), f"must be a non-empty list of 'spot' and 'on-demand', "
+                               f"got {kind(raw_buy)}")
+        buy = tuple(raw_buy)
     r.done()
-    return RunState(next_stage, Start(elapsed, spent, tuple(live)), observed)
+    return RunState(next_stage, Start(elapsed, spent, tuple(live), buy), observed)
 
 
 def _parse_observed(data: Any, problem: Problem) -> Observed:

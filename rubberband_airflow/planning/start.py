@@ -21,3 +21,4 @@ class Start:
     elapsed_seconds: float  # E_done, the end of the last stage run
     spent_usd: float  # cost of what is over: terminated instances, data moved so far
     live: tuple[LiveInstance, ...]  # in request order, oldest first
+    buy: tuple[str, ...] | None = None  # the markets new instances may be bought in; None: any

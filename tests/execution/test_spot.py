@@ -453,11 +453,9 @@ def test_a_plan_that_releases_its_spot_fleet_runs_its_last_stage_on_demand(moto_
     _cleanup(moto_cloud, backend)
 
 
-def test_a_re_plan_counts_the_spot_fleet_as_spot_and_may_move_the_rest_of_the_run_on_demand(storage):
-    """A run on spot, offered on demand too, whose spot instances are interrupted all the time
-    (1800 times an hour) against a tight deadline (30 s): the re-plan before stage 2 sees its two live
-    spot instances as spot, and moves the rest of the run on demand, releasing them, at a stage
-    of its choosing."""
+def _interrupted_spot_run(storage: RunStorage) -> tuple[dict, float]:
+    """A run started on a spot plan of three stages, offered on demand too, whose spot instances
+    are interrupted 1800 times an hour against a 30 s deadline; and when it started."""
     plan = plan_json(TYPE + SPOT_SUFFIX, 1, [(1, 2), (1, 1), (1, 1)], num_trials=4, eta=2, min_epochs=1)
     spot_type = plan["problem"]["instance_types"][0]
     spot_type.update(market="spot", price_per_hour=SPOT_PRICE, interruptions_per_hour=1800.0)
@@ -469,6 +467,25 @@ def test_a_re_plan_counts_the_spot_fleet_as_spot_and_may_move_the_rest_of_the_ru
     runner.start_run(storage, RunSpec(SYNTHETIC, synthetic.METRIC, synthetic.MODE),
                      sample(synthetic.SEARCH_SPACE, 4, seed=1), plan, 1)
     t0 = storage.read_json("run.json")["started"]
+    return plan, t0
+
+
+def _ledger_backend(storage: RunStorage):
+    """What ``stage_targets`` reads of a backend: its storage's ledger."""
+    class Fleet:
+        pass
+
+    backend = Fleet()
+    backend.storage = storage
+    return backend
+
+
+def test_a_re_plan_counts_the_spot_fleet_as_spot_and_may_move_the_rest_of_the_run_on_demand(storage):
+    """A run on spot, offered on demand too, whose spot instances are interrupted all the time
+    (1800 times an hour) against a tight deadline (30 s): the re-plan before stage 2 sees its two live
+    spot instances as spot, and moves the rest of the run on demand, releasing them, at a stage
+    of its choosing."""
+    plan, t0 = _interrupted_spot_run(storage)
     for k in range(2):
         storage.write_ledger({"instance": f"i-spot-{k}", "batch": "stage-1-batch-0", "type": TYPE, "slots": 1,
                               "market": "spot", "price_per_hour": SPOT_PRICE, "requested": t0, "running": t0 + 1,
@@ -499,12 +516,7 @@ def test_a_retried_start_releases_only_what_earlier_stages_bought(storage):
     storage.write_ledger({**entry, "instance": "i-stage-1", "batch": "stage-1-batch-0"})
     storage.write_ledger({**entry, "instance": "i-stage-2", "batch": "stage-2-batch-0",
                           "spot_refused": "subnet-a: InsufficientInstanceCapacity"})
-
-    class Fleet:  # stage_targets reads the backend's ledger only
-        pass
-
-    backend = Fleet()
-    backend.storage = storage
+    backend = _ledger_backend(storage)
     assert runner.stage_targets(backend, run_plan, 2, ["i-stage-1", "i-stage-2"], 2) == (1, ["i-stage-1"])
 
 
@@ -526,3 +538,27 @@ def test_a_plan_on_demand_that_buys_a_stage_spot_goes_on_demand_after_a_refusal(
     after, record = replanning.revise(storage, plan, 2, now=t0 + 100)
     assert record["spot_fallback"]["batches"] == ["stage-1-batch-0"]
     assert after["stages"][1]["market"] == "on-demand"
+
+
+def test_after_a_spot_refusal_the_re_plan_buys_on_demand_and_may_release_the_spot_instances(storage):
+    """Stage 1 got one spot instance and, EC2 refusing spot for its second batch, one on-demand
+    one. The spot instance is interrupted all the time against a tight deadline: the re-plan
+    before stage 2 sees it as spot, buys nothing spot, and releases it, where keeping the oldest
+    instance (LIFO) would have kept it."""
+    plan, t0 = _interrupted_spot_run(storage)
+    entry = {"type": TYPE, "slots": 1, "running": t0 + 2, "ready": t0 + 3, "terminated": None}
+    storage.write_ledger({**entry, "instance": "i-spot", "batch": "stage-1-batch-0", "market": "spot",
+                          "price_per_hour": SPOT_PRICE, "requested": t0})
+    storage.write_ledger({**entry, "instance": "i-od", "batch": "stage-1-batch-1", "market": "on-demand",
+                          "price_per_hour": 1.0, "requested": t0 + 1,
+                          "spot_refused": "subnet-a: InsufficientInstanceCapacity"})
+
+    after, record = replanning.revise(storage, plan, 2, now=t0 + 10)
+    assert "spot_fallback" in record and record["state"]["buy_markets"] == ["on-demand"]
+    assert [f["instance_type"] for f in record["state"]["fleet"]] == [TYPE + SPOT_SUFFIX, TYPE]
+    assert [s["market"] for s in after["stages"][1:]] == ["on-demand", "on-demand"]
+    run_plan = RunPlan.from_json(after)
+    backend = _ledger_backend(storage)
+    missing, terminated = runner.stage_targets(backend, run_plan, 2, ["i-spot", "i-od"],
+                                               run_plan.allocation(2).instances)
+    assert "i-spot" in terminated and "i-od" not in terminated
