@@ -308,9 +308,18 @@ def _predicted(plan: Any, figure: str) -> float | None:
 
 
 def _shape(plan: Any) -> str:
-    """A plan's instances per stage: ``2 → 1 → 1``."""
-    stages = (plan.get("stages") if isinstance(plan, dict) else None) or []
-    return " → ".join(str(s.get("instances", "?")) if isinstance(s, dict) else "?" for s in stages) or "?"
+    """A plan's instances per stage: ``2 → 1 → 1``; with each stage's market where it buys in both
+    (``2 spot → 1 on-demand, spot released``)."""
+    stages = [s if isinstance(s, dict) else {} for s in (plan.get("stages") if isinstance(plan, dict) else None) or []]
+    mixed = len({s.get("market") for s in stages} - {None}) > 1
+
+    def one(s: dict[str, Any]) -> str:
+        text = str(s.get("instances", "?"))
+        if mixed and s.get("market"):
+            text += f" {s['market']}" + (f", {s['release']} released" if s.get("release") else "")
+        return text
+
+    return " → ".join(one(s) for s in stages) or "?"
 
 
 def _events(files: RunFiles) -> list[dict[str, Any]]:

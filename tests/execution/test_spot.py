@@ -30,7 +30,7 @@ from rubberband_airflow.planning.problem import parse_problem
 from rubberband_airflow.planning.simulator import simulate
 from rubberband_airflow.predictions import replan_lines, replan_rows
 from rubberband_airflow.report import build_report, summary_lines
-from rubberband_airflow.run_view import read_run, view_data
+from rubberband_airflow.run_view import read_run, run_view_html, view_data
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.spec import SpecError, load_spec, parse_spec
 from rubberband_airflow.tuning import backend_for
@@ -450,6 +450,8 @@ def test_a_plan_that_releases_its_spot_fleet_runs_its_last_stage_on_demand(moto_
     report = build_report(storage, "tune_digits")
     assert report["complete"] and report["best"] is not None and [s["failed"] for s in report["stages"]] == [[], []]
     assert "Markets: stage 1 spot, stage 2 on-demand (spot released)" in summary_lines(report)
+    page = run_view_html(storage, "tune_digits")  # the run's page in the Airflow UI
+    assert "2 spot → 1 on-demand, spot released" in page
     _cleanup(moto_cloud, backend)
 
 
