@@ -17,21 +17,25 @@ from tests.airflow.conftest import BIN, ROOT, airflow_env, run
 from tests.execution.moto_cloud import BUCKET, REGION, airflow_side, moto_cloud  # noqa: F401 (the fixture)
 
 
-def test_a_tuning_dag_runs_on_ec2_and_bills_what_the_ledger_says(airflow_home, moto_cloud, tmp_path):
-    # The sleeping synthetic workload (real training on EC2 instances: the full-stack tests' digits_ec2).
+def _synthetic_dag(moto_cloud, tmp_path, name: str, instance_types: list[dict] | None = None,
+                   **changes) -> tuple[dict, RunStorage]:
+    """Run a tuning DAG of the sleeping synthetic workload (8 trials, eta 2) on moto's EC2 with
+    ``airflow dags test``; its spec (``changes`` over the defaults; by default two g5.xlarge on
+    demand) and its run's storage."""
     spec = yaml.safe_load((ROOT / "dags" / "digits_tuning.yaml").read_text())
-    spec.update(name="synthetic_ec2", storage=f"s3://{BUCKET}/rubberband", profile=f"s3://{BUCKET}/profiles/g5.xlarge.json",
+    spec.update(name=name, storage=f"s3://{BUCKET}/rubberband", profile=f"s3://{BUCKET}/profiles/g5.xlarge.json",
                 trainable="rubberband_airflow.workloads.synthetic:train", metric=synthetic.METRIC, mode=synthetic.MODE,
                 search_space={**synthetic.SEARCH_SPACE, "epoch_seconds": {"type": "choice", "values": [0.5]}},
                 sha={"num_trials": 8, "eta": 2, "min_epochs": 1},
                 backend={"type": "ec2", "aws_conn_id": "aws_default", "region": REGION, "ami": moto_cloud.image_id,
                          "subnets": moto_cloud.subnets, "security_groups": [moto_cloud.security_group],
                          "instance_profile": moto_cloud.instance_profile,
-                         "instance_types": [{"name": "g5.xlarge", "max_instances": 2}]})
+                         "instance_types": instance_types or [{"name": "g5.xlarge", "max_instances": 2}]})
+    spec.update(changes)
     dags = tmp_path / "dags"
     dags.mkdir()
-    (dags / "synthetic_ec2.yaml").write_text(yaml.safe_dump(spec))
-    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / "synthetic_ec2.py")
+    (dags / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    shutil.copy(ROOT / "dags" / "digits_tuning.py", dags / f"{name}.py")
     with fsspec.open(spec["profile"], "w") as f:  # the workload's profile, kept in the bucket
         f.write(json.dumps(synthetic.profile(1, 0.5, trial_overhead_seconds=0.5, stage_overhead_seconds=2.0,
                                              instance_type="g5.xlarge", pending_seconds=1.0, boot_seconds=1.0)))
@@ -39,12 +43,16 @@ def test_a_tuning_dag_runs_on_ec2_and_bills_what_the_ledger_says(airflow_home, m
     home = tmp_path / "home"
     env = airflow_side(airflow_env(home, dags))  # no ambient AWS keys: everything through the connection
     assert run([str(BIN / "airflow"), "db", "migrate"], env, timeout=300).returncode == 0
-    r = run([str(BIN / "airflow"), "dags", "test", "synthetic_ec2"], env, timeout=900)
+    r = run([str(BIN / "airflow"), "dags", "test", name], env, timeout=900)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
-
-    root = RunStorage(f"s3://{BUCKET}/rubberband/synthetic_ec2")
+    root = RunStorage(f"s3://{BUCKET}/rubberband/{name}")
     [run_name] = [n for n in root.listdir() if n.startswith("manual__")]
-    storage = RunStorage(root.url(run_name))
+    return spec, RunStorage(root.url(run_name))
+
+
+def test_a_tuning_dag_runs_on_ec2_and_bills_what_the_ledger_says(airflow_home, moto_cloud, tmp_path):
+    # The sleeping synthetic workload (real training on EC2 instances: the full-stack tests' digits_ec2).
+    spec, storage = _synthetic_dag(moto_cloud, tmp_path, "synthetic_ec2")
     rep = storage.read_json("report.json")
     assert rep["best"]["trial"] == synthetic.best_config({t: v["config"] for t, v in rep["trials"].items()})
     assert [s["trials"] for s in rep["stages"]] == [8, 4, 2, 1]
@@ -61,6 +69,38 @@ def test_a_tuning_dag_runs_on_ec2_and_bills_what_the_ledger_says(airflow_home, m
     assert abs(rep["actual"]["cost_usd"] - bill) < 1e-9 and bill > 0
     published = json.loads(RunStorage(f"s3://{BUCKET}/rubberband/synthetic_ec2").read_bytes("best_config.json"))
     assert published["config"] == rep["best"]["config"]
+
+
+def test_a_plan_buying_spot_then_on_demand_runs_so_on_ec2(airflow_home, moto_cloud, tmp_path):
+    """Offered g5.xlarge spot at $0.30 an hour, interrupted once a minute, with a deadline met at
+    the 99th percentile only by buying spot for stage 1 and on demand from stage 2 on: the DAG's
+    plan says so, stage 2 releases the spot instances, and the report bills each at its price."""
+    spot = {"name": "g5.xlarge", "max_instances": 2, "spot_price_per_hour": 0.3, "interruptions_per_hour": 60}
+    spec, storage = _synthetic_dag(moto_cloud, tmp_path, "mixed_ec2", [spot], deadline_seconds=25,
+                                   planner={"jct_quantile": 0.99})
+    plan = storage.read_json("plan.json")
+    markets = [s["market"] for s in plan["stages"]]
+    assert markets[0] == "spot" and markets[-1] == "on-demand", plan["stages"]
+    switch = markets.index("on-demand")
+    assert plan["stages"][switch]["release"] == "spot"
+    rep = storage.read_json("report.json")
+    assert rep["complete"] and all(r["state"] == "done" for t in rep["trials"].values() for r in t["results"].values())
+    ledger = storage.ledger()
+    bought = {e["market"] for e in ledger}
+    assert bought == {"spot", "on-demand"}
+    switch_start = storage.read_json("stages", str(switch + 1), "start.json")["time"]
+    for e in ledger:  # spot instances bought before the switching stage, on-demand ones by it
+        if e["market"] == "spot":
+            assert e["requested"] < switch_start and e["price_per_hour"] == 0.3
+        else:
+            assert e["requested"] >= switch_start
+    released = [e for e in ledger if e["market"] == "spot"]
+    first_on_demand = min(e["requested"] for e in ledger if e["market"] == "on-demand")
+    assert all(e["terminated"] <= first_on_demand + 5 for e in released)  # released, then bought
+    assert moto_cloud.instances(dag_id="mixed_ec2") == []
+    bill = billed_cost(ledger, {"g5.xlarge": lookup("g5.xlarge").price_per_hour, "g5.xlarge:spot": 0.3},
+                       parse_billing(spec["billing"]))
+    assert abs(rep["actual"]["cost_usd"] - bill) < 1e-9
 
 
 # Test setup, not what is tested: put a DAG run in the state a user's "mark success" leaves it in.
