@@ -57,10 +57,12 @@ def _replan_ends(first: dict[str, Any], record: dict[str, Any]) -> list[float]:
     """The mean predicted ends of the re-planned stages (from the re-plan's stage on)."""
     after, stage = record["after"], int(record["stage"])
     problem = parse_problem(first["problem"])
-    name = after["instance_type"]  # an on-demand fallback's is only in the re-plan's problem
-    itype = (problem if name in {t.name for t in problem.instance_types} else parse_problem(after["problem"])) \
-        .instance_type(name)
-    problem = replace(problem, instance_types=(itype,))
+    revised = parse_problem(after["problem"])  # an on-demand fallback's offer is only in the re-plan's problem
+    known = {t.name for t in problem.instance_types}
+    offers = [revised.instance_type(after["instance_type"])]
+    offers += [t for t in [revised.twin(offers[0])] if t is not None]  # the re-plan's family, as it planned
+    problem = replace(problem, instance_types=tuple(problem.instance_type(t.name) if t.name in known else t
+                                                    for t in offers))
     rest = remaining_problem(problem, parse_state(record["state"], problem))
     plan = parse_plan({"instance_type": after["instance_type"], "stages": after["stages"][stage - 1:]}, rest)
     return simulate_outcome(rest, plan, Draws.for_problem(rest)).stage_end.mean(axis=0).tolist()

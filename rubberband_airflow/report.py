@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from rubberband_airflow.execution import recovery
+from rubberband_airflow.execution import recovery, replanning
 from rubberband_airflow.execution.backends.base import billed_cost, entry_price
 from rubberband_airflow.execution.results import Mode, best_trial, is_done
 from rubberband_airflow.execution.storage import RunStorage
@@ -47,7 +47,8 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         first = min((float(t) for t in spawned if t is not None), default=start)
         ends = [r["finished"] for r in results.values() if r.get("finished")]
         end = max(ends) if ends else storage.read_json("stages", str(stage), "end.json")["time"]
-        alloc = plan["stages"][stage - 1] if stage <= len(plan.get("stages", [])) else {}
+        executed = replanning.current_plan(storage, stage) or plan  # the stage's re-plan, if any
+        alloc = executed["stages"][stage - 1] if stage <= len(executed.get("stages", [])) else {}
         stages.append({"stage": stage, "trials": len(trials), "done": len(done),
                        "failed": sorted(set(results) - set(done)),
                        "gpus_per_trial": alloc.get("gpus_per_trial"), "instances": alloc.get("instances"),

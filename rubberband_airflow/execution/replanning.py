@@ -47,7 +47,8 @@ def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float |
     both markets, chooses each stage's market again, the live instances of both its fleet, each
     as the offer it was bought in. A spot plan whose launches EC2 refused spot capacity
     (``spot_fallback``) buys on demand only (its live spot instances kept or released) until
-    ``SPOT_RETRY_SECONDS`` after the latest refusal, then both markets again. Each re-planned
+    ``SPOT_RETRY_SECONDS`` after the latest refusal, then spot again (and on demand where the spec
+    offers it). Each re-planned
     stage names its market. When no plan meets the deadline, the fastest is taken."""
     now = time.time() if now is None else now
     first = storage.read_json("plan.json") or before
@@ -70,8 +71,10 @@ def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float |
         on_demand = _on_demand(problem, spot_type, offer(spot)[0], fallback["price_per_hour"])
         if now - fallback["time"] < SPOT_RETRY_SECONDS:  # on demand; spot instances kept or released
             name, itype, market, buy = on_demand.name, on_demand, Market.ON_DEMAND, [str(Market.ON_DEMAND)]
-        else:
+        else:  # spot again; on demand too only where the spec offers it
             name, itype = spot, spot_type
+            if on_demand.name not in {t.name for t in problem.instance_types}:
+                buy = [str(Market.SPOT)]
         types = (itype, spot_type if itype is on_demand else on_demand)
     problem = replace(problem, instance_types=types)
     state = observe.run_state(storage, problem, name, stage, now)

@@ -383,7 +383,7 @@ def _cheapest_of_type(problem: Problem, itype: InstanceType, deadline: float, ev
     mixed = None
     # From stage k on, on demand; stage 0 too in a re-plan whose live fleet has spot instances.
     for k in range(0 if itype.market in carried_markets(problem, itype) else 1, problem.num_stages):
-        switched = [replace(p, plan=switched_plan(p.plan, k, twin.market)) for p in points]
+        switched = [replace(p, plan=canonical(problem, switched_plan(p.plan, k, twin.market))) for p in points]
         mixed = _cheapest([mixed, _cheapest_on_time(switched, ev)], ev)
     best = _cheapest([chosen, mixed], ev)
     return best, exact, (mixed if best == chosen else chosen)

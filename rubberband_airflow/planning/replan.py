@@ -114,6 +114,9 @@ def parse_state(data: Any, problem: Problem) -> RunState:
             raise ProblemError(r.name("buy_markets"), f"must be a non-empty list of 'spot' and 'on-demand', "
                                f"got {kind(raw_buy)}")
         buy = tuple(raw_buy)
+        if not any(t.market in buy for t in problem.instance_types):
+            raise ProblemError(r.name("buy_markets"), f"the problem offers no instance type in "
+                               f"{' or '.join(buy)}: nothing could be bought")
     r.done()
     return RunState(next_stage, Start(elapsed, spent, tuple(live), buy), observed)
 

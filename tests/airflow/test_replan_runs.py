@@ -125,6 +125,7 @@ def test_a_slower_workload_misses_its_deadline_without_replanning_and_meets_it_w
     assert record["after"] == replanned.read_json("stages", "3", "plan.json")
     ran = [replanned.read_json("stages", str(i), "plan.json")["stages"][i - 1]["instances"] for i in (2, 3)]
     assert sum(ran) > sum(_instances(first)[1:]), (ran, _instances(first))
+    assert [s["instances"] for s in met["stages"]][1:3] == ran  # the report says what each stage ran on
     # Stage 3 ran on the fleet its re-plan gave it: its trials' instances.
     placed = replanned.read_json("stages", "3", "placement.json")["placement"]
     assert len([i for i, tasks in placed.items() if tasks]) == record["after"]["stages"][2]["instances"]

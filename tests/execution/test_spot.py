@@ -28,7 +28,7 @@ from rubberband_airflow.planning.errors import ProblemError
 from rubberband_airflow.planning.plan import parse_plan
 from rubberband_airflow.planning.problem import parse_problem
 from rubberband_airflow.planning.simulator import simulate
-from rubberband_airflow.predictions import replan_lines, replan_rows
+from rubberband_airflow.predictions import replan_lines, replan_rows, stage_predictions
 from rubberband_airflow.report import build_report, summary_lines
 from rubberband_airflow.run_view import read_run, run_view_html, view_data
 from rubberband_airflow.search_space import sample
@@ -231,6 +231,7 @@ def test_after_a_spot_refusal_the_re_plans_go_on_demand_then_back_to_spot_once_t
     assert back["stages"][2]["market"] == "spot" and RunPlan.from_json(back).market(3) == Market.SPOT
     assert RunPlan.from_json(back).problem.instance_type(TYPE + SPOT_SUFFIX).price_per_hour == SPOT_PRICE
     assert record["spot_retry"]["batches"] == ["stage-1-batch-1"] and "spot_fallback" not in record
+    assert record["state"]["buy_markets"] == ["spot"]  # the spec offers spot only: nothing bought on demand
     assert len(record["state"]["fleet"]) == 2
     [line] = replan_lines({"replans": replan_rows([record], t0)})  # the report's line of this re-plan
     assert line.endswith(f"; back on spot: EC2 last refused spot capacity "
@@ -564,3 +565,6 @@ def test_after_a_spot_refusal_the_re_plan_buys_on_demand_and_may_release_the_spo
     missing, terminated = runner.stage_targets(backend, run_plan, 2, ["i-spot", "i-od"],
                                                run_plan.allocation(2).instances)
     assert "i-spot" in terminated and "i-od" not in terminated
+    # The report's predictions of the stage ends count that re-plan too (its fleet of both markets).
+    predicted = stage_predictions(plan, [{**record, "after": after}], {1: 5.0, 2: 20.0})
+    assert [p["plan"] for p in predicted] == ["first plan", "re-plan before stage 2"]

@@ -91,6 +91,9 @@ def test_corrections_replace_observed_and_scale_the_rest(resnet_problem):
     ({"next_stage": 2, "elapsed_seconds": 1, "observed": {"stage_overhead_seconds": None}},
      "state.observed.stage_overhead_seconds"),
     ({"next_stage": 2, "elapsed_seconds": 1, "colour": 1}, "state.colour"),
+    ({"next_stage": 2, "elapsed_seconds": 1, "buy_markets": ["reserved"]}, "state.buy_markets"),
+    ({"next_stage": 2, "elapsed_seconds": 1, "buy_markets": []}, "state.buy_markets"),
+    ({"next_stage": 2, "elapsed_seconds": 1, "buy_markets": ["spot"]}, "state.buy_markets"),  # on demand only
     ([], "state"),
 ])
 def test_state_errors_name_the_field(resnet_problem, state, field):
