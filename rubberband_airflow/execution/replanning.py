@@ -48,8 +48,8 @@ def revise(storage: RunStorage, before: dict[str, Any], stage: int, now: float |
     as the offer it was bought in. A spot plan whose launches EC2 refused spot capacity
     (``spot_fallback``) buys on demand only (its live spot instances kept or released) until
     ``SPOT_RETRY_SECONDS`` after the latest refusal, then spot again (and on demand where the spec
-    offers it). Each re-planned
-    stage names its market. When no plan meets the deadline, the fastest is taken."""
+    offers it). Each re-planned stage names its market. When no plan meets the deadline, the
+    fastest is taken."""
     now = time.time() if now is None else now
     first = storage.read_json("plan.json") or before
     problem = parse_problem(first["problem"])

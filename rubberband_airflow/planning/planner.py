@@ -189,7 +189,9 @@ def _neighbours(problem: Problem, plan: Plan, family: str = "elastic") -> list[P
 
 
 def _order(plan: Plan) -> list[tuple]:
-    return [(s.gpus_per_trial, s.instances, s.market or "") for s in plan.stages] + [(plan.instance_type,)]
+    """A total order of plans, so that a search's ties fall the same way in every process."""
+    return [(s.gpus_per_trial, s.instances, s.market or "", s.release or "",
+             -1.0 if s.launch_after is None else s.launch_after) for s in plan.stages] + [(plan.instance_type,)]
 
 
 def _market_moves(problem: Problem, plan: Plan) -> set[Plan]:

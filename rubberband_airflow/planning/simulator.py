@@ -281,9 +281,10 @@ def run_stage(problem: Problem, itype: InstanceType, fleet: Fleet, i: int, stage
     start = fleet.end + w.stage_overhead_seconds
     terminated = list(fleet.terminated)
     if stage.release is not None:  # the other market's live instances go first
-        kept = [j for j, k in enumerate(fleet.live) if problem.instance_type(fleet.offers[k]).market != stage.release]
-        for k in fleet.live:
-            if problem.instance_type(fleet.offers[k]).market == stage.release:
+        released = [problem.instance_type(fleet.offers[k]).market == stage.release for k in fleet.live]
+        kept = [j for j, gone in enumerate(released) if not gone]
+        for k, gone in zip(fleet.live, released):
+            if gone:
                 terminated[k] = start
         fleet = replace(fleet, live=tuple(fleet.live[j] for j in kept), live_ready=fleet.live_ready[:, kept])
     keep = min(len(fleet.live), stage.instances)

@@ -236,7 +236,7 @@ def _spot_twin_problems(draw):
     return parse_problem({**data, "instance_types": [own, spot]})
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_spot_twin_problems())
 def test_a_plan_offered_both_markets_is_within_one_percent_of_the_exhaustive_optimum(problem):
     """The exhaustive reference tries every stage's market and release too (each plan once)."""
