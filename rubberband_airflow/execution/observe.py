@@ -185,10 +185,10 @@ def observed(storage: RunStorage, next_stage: int, results: StageResults | None 
 
 
 def run_state(storage: RunStorage, problem: Problem, instance_type: str, next_stage: int,
-              now: float | None = None, also: tuple[str, ...] = ()) -> dict[str, Any]:
+              now: float | None = None) -> dict[str, Any]:
     """The state JSON of the run before ``next_stage`` (stages before it done), for ``problem``:
-    the live fleet of ``instance_type``, an offer's name (``offer_name``), of ``also`` (offers
-    whose live instances count as it) and of the problem's other offers (each as itself). The
+    the live fleet of the problem's offers, each instance as the offer it was bought in
+    (``offer_name``; ``instance_type`` is the plan's, which the problem must have). The
     elapsed time is the last stage's end, or ``now`` less the stage overhead if that is later."""
     now = time.time() if now is None else now
     started = float((storage.read_json("run.json") or {})["started"])
@@ -203,12 +203,11 @@ def run_state(storage: RunStorage, problem: Problem, instance_type: str, next_st
     spent = billed_cost(done, prices, problem.billing) \
         + problem.billing.data_price_per_gb * problem.workload.checkpoint_gb * restores
     fleet = []
-    names = {t.name for t in problem.instance_types} - set(also)
+    names = {t.name for t in problem.instance_types}
     for e in ledger:
-        bought = offer_name(e)
-        if e.get("terminated") is not None or bought not in (instance_type, *also, *names):
+        label = offer_name(e)
+        if e.get("terminated") is not None or label not in names:
             continue
-        label = bought if bought in names else instance_type
         itype = problem.instance_type(label)
         requested = float(e.get("requested") or now)
         running = float(e["running"]) if e.get("running") is not None \
