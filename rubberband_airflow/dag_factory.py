@@ -120,6 +120,14 @@ def _attempt(ctx: Any) -> int:
     return int(getattr(ctx["dag_run"], "clear_number", 0) or 0) + 1
 
 
+def _try(ctx: Any) -> tuple[int, bool]:
+    """The running task's try number and whether it is the first try of its clear (Airflow's own rule:
+    a clear sets ``max_tries`` to the try number then plus the task's retries)."""
+    ti = ctx["ti"]
+    first = int(ti.max_tries) - int(ti.task.retries or 0) + 1
+    return int(ti.try_number), int(ti.try_number) <= first
+
+
 class _Run:
     """What a task of one run works with: the run's storage (start_run's XCom), its own copy
     of the spec and the trigger form's values (the snapshot start_run wrote), and the plan its
@@ -204,6 +212,7 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
         def body() -> list[str]:
             r = _Run(conn_id)
+            runner.note_start_try(r.storage, stage, *_try(get_current_context()))
             if stage > 1:
                 before = replanning.current_plan(r.storage, stage - 1)
                 r.use(before, stage)  # past the plan's last stage: skipped, the stage before promoted by its own task

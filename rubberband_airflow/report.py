@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from rubberband_airflow.execution import recovery, replanning
+from rubberband_airflow.execution import recovery, replanning, runner
 from rubberband_airflow.execution.backends.base import billed_cost, entry_price
 from rubberband_airflow.execution.results import Mode, best_trial, is_done
 from rubberband_airflow.execution.storage import RunStorage
@@ -45,6 +45,9 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         # before to the first trial the agents start in this one: promotion, scaling and placement.
         spawned = [r.get("spawned", r.get("started")) for r in results.values()]
         first = min((float(t) for t in spawned if t is not None), default=start)
+        # Less the time its start waited to be tried again (a retry, or a morning's clear of a start
+        # that failed at night): the orchestrator's overhead, not a night's (None where unknown).
+        wait = runner.start_retry_wait(storage, stage, first)
         ends = [r["finished"] for r in results.values() if r.get("finished")]
         end = max(ends) if ends else storage.read_json("stages", str(stage), "end.json")["time"]
         executed = replanning.current_plan(storage, stage) or plan  # the stage's re-plan, if any
@@ -54,7 +57,8 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
                        "gpus_per_trial": alloc.get("gpus_per_trial"), "instances": alloc.get("instances"),
                        "epochs": alloc.get("epochs"), "market": alloc.get("market"),
                        "release": alloc.get("release"), "start": start, "end": end,
-                       "overhead_seconds": first - previous_end if previous_end else None,
+                       "overhead_seconds": first - previous_end - wait if previous_end and wait is not None else None,
+                       "start_retry_wait_seconds": wait,
                        "seconds": end - start,
                        "best_metric": _best_metric(done, mode)})
         previous_end = end
@@ -211,6 +215,24 @@ def overhead_lines(rep: dict[str, Any]) -> list[str]:
     return [line]
 
 
+def late_start_lines(rep: dict[str, Any]) -> list[str]:
+    """The stages whose start was tried again, and how long the stage waited for it."""
+    lines = []
+    for s in rep["stages"]:
+        wait = s.get("start_retry_wait_seconds", 0.0)
+        if wait is None:
+            lines.append(f"Stage {s['stage']} started late: its start was tried again after a try that recorded "
+                         "nothing (its host gone); its stage overhead is not measured")
+        elif wait > 0:
+            lines.append(f"Stage {s['stage']} started {wait:.1f} s late: its start was tried again; that wait is "
+                         "left out of its measured stage overhead")
+    return lines
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def summary_lines(rep: dict[str, Any]) -> list[str]:
     """The report as a few readable lines (the task log and `make demo` print these)."""
     lines = [f"RubberBand run {rep['run']}"]
@@ -241,7 +263,7 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
                  f"{'best':>8}")
     for s in rep["stages"]:
         lines.append(f"{s['stage']:>5} {s['trials']:>6} {s['trials'] - len(s['failed']):>4} {s['instances'] or '-':>4} "
-                     f"{s['gpus_per_trial'] or '-':>2} {s['seconds']:>8.1f} {s['overhead_seconds'] or 0:>8.1f} "
+                     f"{s['gpus_per_trial'] or '-':>2} {s['seconds']:>8.1f} {_seconds(s['overhead_seconds']):>8} "
                      f"{s['best_metric'] if s['best_metric'] is not None else float('nan'):>8.4f}")
     markets = [s.get("market") for s in rep["stages"]]
     if len(set(markets) - {None}) > 1:  # the plan bought in both markets
@@ -249,6 +271,7 @@ def summary_lines(rep: dict[str, Any]) -> list[str]:
             f"stage {s['stage']} {s.get('market') or '-'}" + (f" ({s['release']} released)" if s.get("release") else "")
             for s in rep["stages"]))
     lines += overhead_lines(rep)
+    lines += late_start_lines(rep)
     lines += replan_lines(rep)
     for f in rep.get("spot_fallbacks") or []:
         lines.append(f"Spot refused for batch {f['batch']} ({f['refused']}): its {len(f['instances'])} instances "

@@ -14,7 +14,9 @@ docs/planning-model.md section 7). Times are seconds from the run's start (``run
   trial held its slot, from its process's start or the end of the trial, finished or failed,
   before it on the same slot, to its result, less its epochs); the stage overhead (from a stage
   barrier to the first trial's start, less the launch latency of its instance when that instance
-  was requested after the barrier; stage 1's barrier is the run's start); the launch latency per
+  was requested after the barrier, and less the time the stage's start waited to be tried again,
+  ``runner.start_retry_wait``: a stage where that is unknown is not counted; stage 1's barrier is
+  the run's start); the launch latency per
   offer (``offer_name``: request to first heartbeat).
 """
 
@@ -25,6 +27,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
+from rubberband_airflow.execution import runner
 from rubberband_airflow.execution.backends.base import billed_cost, offer_name
 from rubberband_airflow.execution.results import is_done
 from rubberband_airflow.execution.storage import RunStorage
@@ -134,10 +137,15 @@ def _stage_epochs(storage: RunStorage, results: Mapping[str, Mapping[str, Any]],
     return {g: sum(v) / len(v) for g, v in per_g.items() if v}, trials
 
 
-def _stage_overhead(results: Mapping[str, Mapping[str, Any]], barrier: float,
+def _stage_overhead(storage: RunStorage, stage: int, results: Mapping[str, Mapping[str, Any]], barrier: float,
                     ledger: Mapping[str, Mapping[str, Any]]) -> float | None:
     """From the barrier before a stage to its first trial's start, less its instance's launch
-    latency when that instance was requested after the barrier."""
+    latency when that instance was requested after the barrier, and less the time the stage's start
+    waited to be tried again (None where that is unknown)."""
+    starts = [float(s) for r in results.values() if (s := r.get("spawned", r.get("started"))) is not None]
+    wait = runner.start_retry_wait(storage, stage, min(starts)) if starts else 0.0
+    if wait is None:
+        return None
     out = []
     for result in results.values():
         start = result.get("spawned", result.get("started"))
@@ -146,7 +154,7 @@ def _stage_overhead(results: Mapping[str, Mapping[str, Any]], barrier: float,
             continue
         requested, ready = entry.get("requested"), entry.get("ready")
         launch = ready - requested if requested is not None and ready is not None and requested >= barrier else 0.0
-        out.append(float(start) - barrier - max(0.0, launch))
+        out.append(float(start) - barrier - wait - max(0.0, launch))
     return max(0.0, min(out)) if out else None
 
 
@@ -167,7 +175,7 @@ def observed(storage: RunStorage, next_stage: int, results: StageResults | None 
             if n and g in per_g:
                 overheads.append(max(0.0, seconds - n * per_g[g]))
         if barrier is not None:
-            h = _stage_overhead(results.every(stage), float(barrier), ledger)
+            h = _stage_overhead(storage, stage, results.every(stage), float(barrier), ledger)
             if h is not None:
                 stage_overheads.append(h)
         barrier = results.end(stage)

@@ -58,7 +58,7 @@ CLAIM_STALE_SECONDS = 300.0
 # The claims this process is making now (their tokens): a claim of this process that is not one of
 # them was abandoned (its maker failed, and storage failed to delete it).
 _CLAIMING: set[str] = set()
-_STAGE_FILES = ("trials.json", "start.json", "end.json")
+_STAGE_FILES = ("trials.json", "start.json", "start-tries.json", "end.json")
 
 
 def _record_path(stage: int, instance: str) -> tuple[str, ...]:

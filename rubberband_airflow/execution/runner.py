@@ -29,7 +29,8 @@ from rubberband_airflow.planning.problem import SHA, InstanceType, Problem, pars
 from rubberband_airflow.planning.validation import describe
 
 __all__ = ["RunSpec", "TrialTimeout", "RunPlan", "LaunchBatch", "StageOutcome", "StageFailed", "start_run",
-           "stage_trials", "unfinished", "wanted_instances", "carry_over", "begin_stage", "reconcile", "hung_reason",
+           "stage_trials", "unfinished", "wanted_instances", "carry_over", "begin_stage", "note_start_try",
+           "start_retry_wait", "reconcile", "hung_reason",
            "scale_targets", "stage_targets", "launch_batches", "scale_out", "scale_in", "recorded_launches", "scale",
            "start_stage",
            "prewarm_due", "prewarm", "place", "stage_placement", "assign_stage", "stage_results", "wait_stage",
@@ -271,6 +272,32 @@ def stage_trials(storage: RunStorage, stage: int) -> list[str]:
     if data is None:
         raise RuntimeError(f"stage {stage} has no trials yet: the stage before it was not promoted")
     return list(data["trials"])
+
+
+def note_start_try(storage: RunStorage, stage: int, try_number: int, first_of_clear: bool) -> None:
+    """Record, once per try, when a try of the stage's start began (``stages/<i>/start-tries.json``)
+    and whether it was the first try of its clear (Airflow's): the stage overhead a run measures
+    leaves out the time its start waited to be tried again (``start_retry_wait``)."""
+    tries = storage.read_json("stages", str(stage), "start-tries.json") or []
+    if any(t.get("try") == try_number for t in tries):  # the same try, its body tried again in a storage burst
+        return
+    storage.write_json(tries + [{"try": try_number, "time": time.time(), "first_of_clear": first_of_clear}],
+                       "stages", str(stage), "start-tries.json")
+
+
+def start_retry_wait(storage: RunStorage, stage: int, first_trial: float) -> float | None:
+    """Seconds the stage waited for its start to be tried again before its first trial began (an
+    Airflow retry, or a clear of a start that failed at night): from its first try's beginning to
+    that of the latest try before the trial. 0 where the start ran once (or recorded no try: a run
+    from before the record); None where the wait is unknown: the earliest try recorded was not its
+    clear's first (the one before it ended before its body began: its host was gone)."""
+    tries = sorted(storage.read_json("stages", str(stage), "start-tries.json") or [], key=lambda t: t["time"])
+    before = [t for t in tries if float(t["time"]) <= first_trial]
+    if not before:
+        return 0.0
+    if not before[0].get("first_of_clear", True):
+        return None
+    return float(before[-1]["time"]) - float(before[0]["time"])
 
 
 def begin_stage(storage: RunStorage, stage: int) -> None:

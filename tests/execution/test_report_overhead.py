@@ -3,9 +3,10 @@ stage to the first trial an agent starts in the next, scaling and placement incl
 
 import pytest
 
-from rubberband_airflow.execution import runner
+from rubberband_airflow.execution import observe, runner
 from rubberband_airflow.execution.storage import RunStorage
-from rubberband_airflow.report import build_report
+from rubberband_airflow.report import build_report, summary_lines
+from rubberband_airflow.tuning import measured_stage_overhead
 
 
 def _result(t0: float, spawned: float, finished: float) -> dict:
@@ -32,3 +33,39 @@ def test_overhead_runs_from_the_last_result_to_the_next_stages_first_trial(tmp_p
     report = build_report(storage, "dag")
     assert report["stage_overhead_seconds"] == [pytest.approx(3.0), pytest.approx(6.0)]
     assert report["actual"]["jct_seconds"] == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize("tries, overhead, said", [
+    # Its start failed at night and was cleared an hour later (each the first try of its clear).
+    ([(1, 13.0, True), (2, 3613.0, True)], 6.0, "Stage 2 started 3600.0 s late: its start was tried again"),
+    # Airflow's retry 5 s after a try that failed 10 s in, then a try whose host was gone (no record).
+    ([(1, 13.0, True), (3, 3613.0, False)], 6.0, "Stage 2 started 3600.0 s late"),
+    # Its first try's host was gone before its body began: the wait is unknown.
+    ([(2, 3613.0, False)], None, "Stage 2 started late: its start was tried again after a try that recorded"),
+])
+def test_a_start_tried_again_leaves_its_wait_out_of_the_measured_overhead(tmp_path, tries, overhead, said):
+    """The stage overhead a report and a re-plan measure, and the next runs plan with, is the
+    orchestrator's: a start that waited an hour to be tried again does not make it an hour."""
+    storage = RunStorage(f"file://{tmp_path}/run")
+    plan = {"instance_type": "local-1", "stages": [{"gpus_per_trial": 1, "instances": 1, "epochs": 1},
+                                                   {"gpus_per_trial": 1, "instances": 1, "epochs": 2}]}
+    runner.start_run(storage, runner.RunSpec("m:f", "accuracy", "max", 0), [{"x": 1}, {"x": 2}], plan, 1)
+    t0 = storage.read_json("run.json")["started"]
+    storage.write_json({"stage": 1, "time": t0 + 1.0}, "stages", "1", "start.json")
+    storage.write_result("trial-0000", 1, _result(t0, 3.0, 10.0))
+    storage.write_result("trial-0001", 1, _result(t0, 3.5, 12.0))
+    storage.write_json({"stage": 1, "time": t0 + 12.5}, "stages", "1", "end.json")
+    storage.write_json({"trials": ["trial-0001"]}, "stages", "2", "trials.json")
+    storage.write_json([{"try": k, "time": t0 + t, "first_of_clear": first} for k, t, first in tries],
+                       "stages", "2", "start-tries.json")
+    storage.write_json({"stage": 2, "time": t0 + 3613.0}, "stages", "2", "start.json")
+    storage.write_result("trial-0001", 2, _result(t0, 3618.0, 3630.0))
+    storage.write_json({"stage": 2, "time": t0 + 3630.5}, "stages", "2", "end.json")
+
+    report = build_report(storage, "dag")
+    assert report["stage_overhead_seconds"] == [pytest.approx(3.0), pytest.approx(overhead) if overhead else None]
+    assert any(line.startswith(said) for line in summary_lines(report)), summary_lines(report)
+    # What the next runs of the DAG plan with (stage 2 on), and what a re-plan before stage 3 counts.
+    assert measured_stage_overhead([report]) == (pytest.approx(overhead) if overhead else None)
+    measured = observe.observed(storage, 3)["stage_overhead_seconds"]
+    assert measured == pytest.approx((3.0 + overhead) / 2 if overhead else 3.0)
