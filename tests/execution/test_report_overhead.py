@@ -14,7 +14,8 @@ def _result(t0: float, spawned: float, finished: float) -> dict:
             "started": t0 + spawned + 0.5, "finished": t0 + finished}
 
 
-def test_overhead_runs_from_the_last_result_to_the_next_stages_first_trial(tmp_path):
+def _stage_1_ran(tmp_path) -> tuple[RunStorage, float]:
+    """A run of two trials whose stage 1 ended 12 s in (its first trial spawned 3 s in), trial-0001 promoted."""
     storage = RunStorage(f"file://{tmp_path}/run")
     plan = {"instance_type": "local-1", "stages": [{"gpus_per_trial": 1, "instances": 1, "epochs": 1},
                                                    {"gpus_per_trial": 1, "instances": 1, "epochs": 2}]}
@@ -25,6 +26,11 @@ def test_overhead_runs_from_the_last_result_to_the_next_stages_first_trial(tmp_p
     storage.write_result("trial-0001", 1, _result(t0, 3.5, 12.0))
     storage.write_json({"stage": 1, "time": t0 + 12.5}, "stages", "1", "end.json")
     storage.write_json({"trials": ["trial-0001"]}, "stages", "2", "trials.json")
+    return storage, t0
+
+
+def test_overhead_runs_from_the_last_result_to_the_next_stages_first_trial(tmp_path):
+    storage, t0 = _stage_1_ran(tmp_path)
     # Stage 2's scaling task starts 1 s after the last result; its trial starts 6 s after it.
     storage.write_json({"stage": 2, "time": t0 + 13.0}, "stages", "2", "start.json")
     storage.write_result("trial-0001", 2, _result(t0, 18.0, 30.0))
@@ -46,16 +52,7 @@ def test_overhead_runs_from_the_last_result_to_the_next_stages_first_trial(tmp_p
 def test_a_start_tried_again_leaves_its_wait_out_of_the_measured_overhead(tmp_path, tries, overhead, said):
     """The stage overhead a report and a re-plan measure, and the next runs plan with, is the
     orchestrator's: a start that waited an hour to be tried again does not make it an hour."""
-    storage = RunStorage(f"file://{tmp_path}/run")
-    plan = {"instance_type": "local-1", "stages": [{"gpus_per_trial": 1, "instances": 1, "epochs": 1},
-                                                   {"gpus_per_trial": 1, "instances": 1, "epochs": 2}]}
-    runner.start_run(storage, runner.RunSpec("m:f", "accuracy", "max", 0), [{"x": 1}, {"x": 2}], plan, 1)
-    t0 = storage.read_json("run.json")["started"]
-    storage.write_json({"stage": 1, "time": t0 + 1.0}, "stages", "1", "start.json")
-    storage.write_result("trial-0000", 1, _result(t0, 3.0, 10.0))
-    storage.write_result("trial-0001", 1, _result(t0, 3.5, 12.0))
-    storage.write_json({"stage": 1, "time": t0 + 12.5}, "stages", "1", "end.json")
-    storage.write_json({"trials": ["trial-0001"]}, "stages", "2", "trials.json")
+    storage, t0 = _stage_1_ran(tmp_path)
     storage.write_json([{"try": k, "time": t0 + t, "first_of_clear": first} for k, t, first in tries],
                        "stages", "2", "start-tries.json")
     storage.write_json({"stage": 2, "time": t0 + 3613.0}, "stages", "2", "start.json")
