@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from rubberband_airflow.execution import recovery, replanning, runner
+from rubberband_airflow.execution import observe, recovery, replanning, runner
 from rubberband_airflow.execution.backends.base import billed_cost, entry_price
 from rubberband_airflow.execution.results import Mode, best_trial, is_done
 from rubberband_airflow.execution.storage import RunStorage
@@ -33,9 +33,10 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
     stages = []
     previous_end = run.get("started")
     results_by_trial: dict[str, dict[str, Any]] = {}
+    read: dict[int, dict[str, dict[str, Any] | None]] = {}
     for stage in _stage_numbers(storage):
         trials = storage.read_json("stages", str(stage), "trials.json")["trials"]
-        found = storage.read_results(stage, trials)
+        found = read[stage] = storage.read_results(stage, trials)
         results = {t: r or {"state": "failed", "error": "no result"} for t, r in found.items()}
         for t, r in results.items():
             results_by_trial.setdefault(t, {})[str(stage)] = r
@@ -106,6 +107,11 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         "stage_overhead_seconds": [s["overhead_seconds"] for s in stages],
         "planned_stage_overhead": {"seconds": (problem_data or {}).get("workload", {}).get("stage_overhead_seconds"),
                                    "from": plan.get("stage_overhead_from")},
+        # The time a trial held its slot beyond its epochs, as the re-plans measure it (observe.observed).
+        "trial_overhead_seconds": observe.observed(storage, len(stages) + 1, observe.StageResults(storage, read))
+        .get("trial_overhead_seconds"),
+        "planned_trial_overhead": {"seconds": (problem_data or {}).get("workload", {}).get("trial_overhead_seconds"),
+                                   "from": plan.get("trial_overhead_from")},
         "replans": replan_rows(records, started),
         "stage_predictions": predictions,
         "baselines": plan.get("baselines"),
@@ -203,7 +209,8 @@ OVERHEAD_SOURCES = {"spec": "fixed by the spec", "past runs": "measured in the D
 
 
 def overhead_lines(rep: dict[str, Any]) -> list[str]:
-    """The stage overhead the plan assumed, where it came from, and the run's own (stage 2 on)."""
+    """The stage overhead the plan assumed, where it came from, and the run's own (stage 2 on); the
+    same of the trial overhead."""
     planned = rep.get("planned_stage_overhead") or {}
     if planned.get("seconds") is None:
         return []
@@ -212,7 +219,15 @@ def overhead_lines(rep: dict[str, Any]) -> list[str]:
     measured = [o for o in (rep.get("stage_overhead_seconds") or [])[1:] if o is not None]
     if measured:
         line += f", this run {sum(measured) / len(measured):.1f} s"
-    return [line]
+    lines = [line]
+    trial = rep.get("planned_trial_overhead") or {}
+    if trial.get("seconds") is not None:
+        source = OVERHEAD_SOURCES.get(trial.get("from") or "profile", "")
+        line = f"Trial overhead: planned {trial['seconds']:.1f} s" + (f" ({source})" if source else "")
+        if rep.get("trial_overhead_seconds") is not None:
+            line += f", this run {rep['trial_overhead_seconds']:.1f} s"
+        lines.append(line)
+    return lines
 
 
 def late_start_lines(rep: dict[str, Any]) -> list[str]:

@@ -139,6 +139,21 @@ def measured_stage_overhead(reports: list[dict[str, Any]]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def measured_trial_overhead(reports: list[dict[str, Any]]) -> float | None:
+    """The time a trial held its slot beyond its epochs in the deployment (process start, checkpoint
+    restore and save, the agent's pause between trials), averaged over past runs' reports."""
+    values = [float(u) for rep in reports if (u := rep.get("trial_overhead_seconds")) is not None]
+    return sum(values) / len(values) if values else None
+
+
+def trial_overhead(history: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """The trial overhead a run plans with and where it comes from: the mean of the DAG's past runs,
+    else None (the profile's, measured without Airflow)."""
+    if (measured := measured_trial_overhead(history)) is not None:
+        return measured, "past runs"
+    return None, "profile"
+
+
 CALIBRATION_DAG_ID = "rubberband_calibration"  # its runs, under a storage root, measure that deployment
 
 
@@ -170,7 +185,8 @@ def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: d
                      calibration: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The planning problem of one run: the profile, the spec, the trigger form's values and,
     where the spec does not fix it, the stage overhead measured in the DAG's past runs or, before
-    its first, in the deployment's calibration runs (``stage_overhead``)."""
+    its first, in the deployment's calibration runs (``stage_overhead``); the trial overhead
+    measured in the DAG's past runs (``trial_overhead``)."""
     s = settings(spec, params)
     sha = {"num_trials": s.sha.num_trials, "eta": s.sha.eta, "min_epochs": s.sha.min_epochs}
     if s.sha.num_stages is not None:
@@ -179,6 +195,8 @@ def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: d
                               "instance_types": _instance_types(spec, s.instance_types, s.max_instances)}
     if (h := stage_overhead(spec, history or [], calibration or [])[0]) is not None:
         tuning["stage_overhead_seconds"] = h
+    if (u := trial_overhead(history or [])[0]) is not None:
+        tuning["trial_overhead_seconds"] = u
     if spec.billing:
         tuning["billing"] = spec.billing
     tuning["planner"] = {**spec.planner, "seed": s.seed}

@@ -42,9 +42,11 @@ class StageResults:
     """The results of a run's stages, by trial, each stage's read once (a re-plan looks at a
     stage's results several times; hundreds of trials are hundreds of reads each time)."""
 
-    def __init__(self, storage: RunStorage) -> None:
+    def __init__(self, storage: RunStorage,
+                 known: Mapping[int, Mapping[str, dict[str, Any] | None]] | None = None) -> None:
+        """``known``: the results of stages already read, by stage (None: a trial without one)."""
         self.storage = storage
-        self._by_stage: dict[int, dict[str, dict[str, Any]]] = {}
+        self._by_stage = {k: {t: r for t, r in v.items() if r is not None} for k, v in (known or {}).items()}
 
     def __call__(self, stage: int) -> dict[str, dict[str, Any]]:
         """The stage's finished (done) results."""

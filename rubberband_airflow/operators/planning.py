@@ -20,6 +20,7 @@ from rubberband_airflow.tuning import (
     past_runs,
     planning_problem,
     stage_overhead,
+    trial_overhead,
 )
 
 
@@ -29,7 +30,8 @@ class RubberBandPlanOperator(BaseOperator):
 
     Builds the planning problem from the spec's profile, the spec, the run's params and the
     stage overhead measured in the DAG's last runs (so a nightly DAG plans better each night) or,
-    before its first, by the deployment's calibration DAG (``rubberband_calibration``), and
+    before its first, by the deployment's calibration DAG (``rubberband_calibration``), the trial
+    overhead measured in the DAG's last runs (the profile's before its first), and
     returns the plan as plain JSON with its predicted JCT and cost and the baselines. A bad input
     or an impossible deadline fails the task (no retry), the latter with the fastest achievable JCT.
 
@@ -62,6 +64,7 @@ class RubberBandPlanOperator(BaseOperator):
         out["problem"] = problem
         out["history_runs"] = len(history)
         out["stage_overhead_from"] = stage_overhead(spec, history, calibration)[1]
+        out["trial_overhead_from"] = trial_overhead(history)[1]
         pred = out["predicted"]
         self.log.info("Plan: %s, stages %s; predicted JCT p%g %.0f s, mean cost $%.2f (deadline %.0f s)",
                       out["instance_type"], [(s["instances"], s["gpus_per_trial"]) for s in out["stages"]],

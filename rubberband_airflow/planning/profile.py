@@ -49,7 +49,8 @@ def to_problem(profile_data: dict[str, Any], tuning: dict[str, Any]) -> dict[str
 
     ``tuning`` has ``sha``, ``deadline_seconds``, ``instance_types`` (each: name, gpus,
     price_per_hour, max_instances; pending and boot default to the profile's), and optionally
-    ``stage_overhead_seconds`` (the orchestrator's, measured from past runs), ``billing`` and
+    ``stage_overhead_seconds`` (the orchestrator's, measured from past runs),
+    ``trial_overhead_seconds`` (measured in past runs: the profile's otherwise), ``billing`` and
     ``planner``.
     """
     for key in ("sha", "deadline_seconds", "instance_types"):
@@ -72,7 +73,8 @@ def to_problem(profile_data: dict[str, Any], tuning: dict[str, Any]) -> dict[str
     problem = {
         "sha": tuning["sha"],
         "workload": {"epoch_seconds": {str(g): round(v, 6) for g, v in curve.items()},
-                     "trial_overhead_seconds": round(profile_data["trial_overhead_seconds"], 6),
+                     "trial_overhead_seconds": round(float(tuning.get("trial_overhead_seconds",
+                                                                         profile_data["trial_overhead_seconds"])), 6),
                      "stage_overhead_seconds": round(float(stage_overhead), 6),
                      "straggler_sigma": round(profile_data["straggler_sigma"], 6),
                      "checkpoint_gb": profile_data["checkpoint_gb"]},

@@ -91,12 +91,16 @@ def runs(migrated_home, tmp_path_factory) -> dict:
         (dags / f"{name}.yaml").write_text(yaml.safe_dump(_spec(name, store, tmp)))
         (dags / f"{name}.py").write_text("from pathlib import Path\nfrom rubberband_airflow.dag_factory import "
                                          "tuning_dag\ndag = tuning_dag(Path(__file__).with_suffix('.yaml'))\n")
-    r = run([sys.executable, "-c", RUN_ALL, CALIBRATION_DAG_ID, *CASES], airflow_env(migrated_home, dags), timeout=600)
+    # The calibration DAG runs twice: its second run plans with what its first measured.
+    r = run([sys.executable, "-c", RUN_ALL, CALIBRATION_DAG_ID, CALIBRATION_DAG_ID, *CASES],
+            airflow_env(migrated_home, dags), timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     out = {}
-    for name in (CALIBRATION_DAG_ID, *CASES):
+    for name in CASES:
         [folder] = sorted((store / name).glob("manual__*"))
         out[name] = RunStorage(f"file://{folder}")
+    first, second = sorted((store / CALIBRATION_DAG_ID).glob("manual__*"), key=lambda f: f.name)
+    out[CALIBRATION_DAG_ID], out["calibration_again"] = RunStorage(f"file://{first}"), RunStorage(f"file://{second}")
     return out
 
 
@@ -180,7 +184,8 @@ def test_a_dags_first_run_plans_with_the_stage_overhead_the_calibration_dag_meas
     assert calibration.read_json("plan.json")["stage_overhead_from"] == "profile"
     measured = calibration.read_json("report.json")["stage_overhead_seconds"][1:]
     assert len(measured) == 2 and all(h > 0 for h in measured)
-    # A DAG without runs of its own plans its first run with that measurement, and its report says so.
+    # A DAG without runs of its own plans its first run with the calibration runs' mean, and its report says so.
+    measured += runs["calibration_again"].read_json("report.json")["stage_overhead_seconds"][1:]
     plan, rep = first.read_json("plan.json"), first.read_json("report.json")
     assert plan["history_runs"] == 0 and plan["stage_overhead_from"] == "calibration"
     assert plan["problem"]["workload"]["stage_overhead_seconds"] == pytest.approx(sum(measured) / len(measured))
@@ -190,3 +195,22 @@ def test_a_dags_first_run_plans_with_the_stage_overhead_the_calibration_dag_meas
                for line in summary_lines(rep))
     # A spec that fixes the overhead keeps its own.
     assert runs["slow_fixed"].read_json("plan.json")["stage_overhead_from"] == "spec"
+
+
+def test_a_dags_next_run_plans_with_the_trial_overhead_its_past_runs_measured(runs):
+    """The profile measures a trial's overhead without Airflow; a run measures the deployment's (its
+    process's start, the agent's pause, checkpoints on run storage), and the DAG's next runs plan with it."""
+    first, again = runs[CALIBRATION_DAG_ID], runs["calibration_again"]
+    rep = first.read_json("report.json")
+    profiled = first.read_json("plan.json")["problem"]["workload"]["trial_overhead_seconds"]
+    assert rep["planned_trial_overhead"] == {"seconds": profiled, "from": "profile"}
+    measured = rep["trial_overhead_seconds"]
+    assert measured is not None and measured > 0
+    plan = again.read_json("plan.json")
+    assert plan["trial_overhead_from"] == "past runs" and plan["history_runs"] == 1
+    assert plan["problem"]["workload"]["trial_overhead_seconds"] == pytest.approx(measured, abs=1e-6)
+    lines = summary_lines(again.read_json("report.json"))
+    assert any(line.startswith(f"Trial overhead: planned {measured:.1f} s (measured in the DAG's past runs), "
+                               "this run ") for line in lines), lines
+    # A DAG's own runs only: another DAG's first run keeps its profile's (its trainable is its own).
+    assert runs["fast_replanned"].read_json("plan.json")["trial_overhead_from"] == "profile"

@@ -21,6 +21,7 @@ from rubberband_airflow.tuning import (
     run_uri,
     settings,
     stage_overhead,
+    trial_overhead,
     write_snapshot,
 )
 from tests.airflow.conftest import ROOT
@@ -182,3 +183,12 @@ def test_a_bad_interruption_rate_names_its_field(tmp_path, monkeypatch):
         parse_spec(data, "bad.yaml")
     assert str(err.value) == ("bad.yaml: backend.instance_types[0].interruptions_per_hour: "
                               "must be a number, got string 'often'")
+
+
+def test_past_runs_give_the_trial_overhead_else_the_profile(spec):
+    past = [{"trial_overhead_seconds": 1.5}, {"trial_overhead_seconds": None}, {"trial_overhead_seconds": 2.5}]
+    assert trial_overhead(past) == (pytest.approx(2.0), "past runs")
+    assert trial_overhead([{"stage_overhead_seconds": [0.1, 2.0]}]) == (None, "profile")  # reports from before
+    assert planning_problem(spec, {}, PROFILE, past, [])["workload"]["trial_overhead_seconds"] == pytest.approx(2.0)
+    profiled = planning_problem(spec, {}, PROFILE, [], [{"trial_overhead_seconds": 9.0}])
+    assert profiled["workload"]["trial_overhead_seconds"] == PROFILE["trial_overhead_seconds"]  # never calibration's
