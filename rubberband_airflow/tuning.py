@@ -126,11 +126,19 @@ def _instance_types(spec: TuningSpec, chosen: list[str], max_instances: int | No
     return types
 
 
-def past_runs(root: RunStorage, limit: int = 5, exclude_run_id: str | None = None) -> list[dict[str, Any]]:
+def past_runs(root: RunStorage, limit: int | None = 5, exclude_run_id: str | None = None) -> list[dict[str, Any]]:
     """Reports of a DAG's latest finished runs (``root``: its folder), newest first; with
     ``exclude_run_id``, none of that DAG run's attempts."""
     return [rep for _, rep in newest_reports(root) if exclude_run_id is None
             or rep.get("run_id") != exclude_run_id][:limit]
+
+
+def like_this_run(history: list[dict[str, Any]], num_trials: int, limit: int = 5) -> list[dict[str, Any]]:
+    """The latest past runs (``limit``) a run of ``num_trials`` trials plans its overheads with: those
+    of as many trials where there are any (the overheads grow with the trials started at once: a DAG
+    triggered at several sizes), else all."""
+    same = [rep for rep in history if len(rep.get("trials") or {}) == num_trials]
+    return (same or history)[:limit]
 
 
 def measured_stage_overhead(reports: list[dict[str, Any]]) -> float | None:

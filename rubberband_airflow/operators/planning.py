@@ -17,8 +17,10 @@ from rubberband_airflow.tuning import (
     CALIBRATION_DAG_ID,
     calibration_runs,
     dag_uri,
+    like_this_run,
     past_runs,
     planning_problem,
+    settings,
     stage_overhead,
     trial_overhead,
 )
@@ -28,11 +30,11 @@ class RubberBandPlanOperator(BaseOperator):
     """
     Plan a tuning run: the cheapest allocation that meets the deadline at the planner's quantile.
 
-    Builds the planning problem from the spec's profile, the spec, the run's params and the
-    stage overhead measured in the DAG's last runs (so a nightly DAG plans better each night) or,
-    before its first, by the deployment's calibration DAG (``rubberband_calibration``), the trial
-    overhead measured in the DAG's last runs (the profile's before its first), and
-    returns the plan as plain JSON with its predicted JCT and cost and the baselines. A bad input
+    Builds the planning problem from the spec's profile, the spec, the run's params, and the
+    stage and trial overheads measured in the DAG's last runs (of as many trials, where there are
+    any), so a nightly DAG plans better each night; before its first run, the stage overhead the
+    deployment's calibration DAG (``rubberband_calibration``) measured and the profile's trial
+    overhead. Returns the plan as plain JSON with its predicted JCT and cost and the baselines. A bad input
     or an impossible deadline fails the task (no retry), the latter with the fastest achievable JCT.
 
     :param spec_path: path of the tuning spec (YAML) the run is planned for (templated)
@@ -51,8 +53,9 @@ class RubberBandPlanOperator(BaseOperator):
         try:
             # Not this run's earlier attempts: a cleared run plans as its first attempt did, and keeps
             # what that finished when nothing else changed (see the tuning DAG's start_run).
-            history = past_runs(storage_for(spec, dag_uri(spec, context["dag"].dag_id)),
-                                exclude_run_id=context["run_id"])
+            history = like_this_run(past_runs(storage_for(spec, dag_uri(spec, context["dag"].dag_id)), limit=None,
+                                              exclude_run_id=context["run_id"]),
+                                    settings(spec, dict(context["params"])).sha.num_trials)
             calibration = calibration_runs(spec, context["dag"].dag_id, history,
                                            lambda: past_runs(storage_for(spec, dag_uri(spec, CALIBRATION_DAG_ID))))
             problem = planning_problem(spec, dict(context["params"]), load_profile(spec), history, calibration)

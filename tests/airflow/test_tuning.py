@@ -14,6 +14,7 @@ from rubberband_airflow.tuning import (
     DEFAULT_INTERRUPTIONS_PER_HOUR,
     RunSnapshot,
     calibration_runs,
+    like_this_run,
     measured_stage_overhead,
     past_runs,
     planning_problem,
@@ -192,3 +193,12 @@ def test_past_runs_give_the_trial_overhead_else_the_profile(spec):
     assert planning_problem(spec, {}, PROFILE, past, [])["workload"]["trial_overhead_seconds"] == pytest.approx(2.0)
     profiled = planning_problem(spec, {}, PROFILE, [], [{"trial_overhead_seconds": 9.0}])
     assert profiled["workload"]["trial_overhead_seconds"] == PROFILE["trial_overhead_seconds"]  # never calibration's
+
+
+def test_a_run_plans_its_overheads_with_past_runs_of_as_many_trials_where_there_are_any():
+    runs = [{"trials": dict.fromkeys(range(n)), "trial_overhead_seconds": u} for n, u in
+            [(256, 8.0), (16, 1.0), (256, 6.0), (64, 3.0)]]
+    assert [r["trial_overhead_seconds"] for r in like_this_run(runs, 256)] == [8.0, 6.0]
+    assert trial_overhead(like_this_run(runs, 256)) == (pytest.approx(7.0), "past runs")
+    assert like_this_run(runs, 32) == runs[:5]  # none of its size: the latest of all sizes
+    assert like_this_run(runs * 2, 32) == (runs * 2)[:5]
