@@ -107,9 +107,7 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         "stage_overhead_seconds": [s["overhead_seconds"] for s in stages],
         "planned_stage_overhead": {"seconds": (problem_data or {}).get("workload", {}).get("stage_overhead_seconds"),
                                    "from": plan.get("stage_overhead_from")},
-        # The time a trial held its slot beyond its epochs, as the re-plans measure it (observe.observed).
-        "trial_overhead_seconds": observe.observed(storage, len(stages) + 1, observe.StageResults(storage, read))
-        .get("trial_overhead_seconds"),
+        "trial_overhead_seconds": _trial_overhead(storage, len(stages) + 1, read),
         "planned_trial_overhead": {"seconds": (problem_data or {}).get("workload", {}).get("trial_overhead_seconds"),
                                    "from": plan.get("trial_overhead_from")},
         "replans": replan_rows(records, started),
@@ -125,6 +123,17 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         "spot_fallbacks": spot_fallbacks(ledger),
         "ledger": ledger,
     }
+
+
+def _trial_overhead(storage: RunStorage, next_stage: int,
+                    read: dict[int, dict[str, dict[str, Any] | None]]) -> float | None:
+    """The time a trial held its slot beyond its epochs, as the re-plans measure it (``observe.observed``);
+    None where it cannot be measured (the report is written whatever a run's files hold)."""
+    try:
+        return observe.observed(storage, next_stage, observe.StageResults(storage, read)).get("trial_overhead_seconds")
+    except (KeyError, TypeError, ValueError) as e:
+        log.warning("the run's trial overhead could not be measured: %r", e)
+        return None
 
 
 def recoveries(storage: RunStorage, ledger: list[dict[str, Any]], prices: dict[str, float],
