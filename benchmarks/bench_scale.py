@@ -233,12 +233,28 @@ def _targets(runs: list[dict[str, Any]]) -> list[str]:
              f"{small['trials']} trials: {met(growth <= scale)} ({growth:.1f} times for {scale:.0f} times the "
              f"trials); storage requests at most 1 per waiting trial per 10 s (6 per trial-minute): "
              f"{met(max(rates(big)) <= 6)} (at most {max(rates(big)):.2f})"]
+    worst = max((s for s in big["stages"] if s["requests_per_trial_minute"] is not None),
+                key=lambda s: s["requests_per_trial_minute"])
+    kinds, minutes = worst["triggerer_requests_by_kind"], worst["trial_minutes_waited"]
+    polls = sum(n for k, n in kinds.items() if k == "list" or k.endswith("heartbeat.json"))
+    reads = kinds.get("GET stage-<i>.json", 0)
+    lines[-1] += (f" (stage {worst['stage']}: {polls / minutes:.2f} of them the polling shared by the waiting "
+                  f"trials, listings of the results and looks at the instances; {reads / minutes:.2f} each trial's "
+                  f"one read of its result, {reads} reads over waits of {60 * minutes / max(1, worst['trials']):.0f} s "
+                  "each on average; the rest the stage's one-off reads of its plan, spec and placement)")
     if others and max(others) > 6:
         lines[-1] += (f"; with fewer trials up to {max(others):.1f}, where a stage's fixed reads and each trial's "
                       "one read of its result weigh on short waits of few trials")
     lines[-1] += (f"; predicted JCT within 5% and cost within 2%, in the run of {again['trials']} trials planned "
                   f"with the overheads the one before it measured: {met(abs(jct) <= 0.05 and abs(cost) <= 0.02)} "
-                  f"({jct:+.0%} and {cost:+.0%}).")
+                  f"({jct:+.0%} and {cost:+.0%}")
+    if again.get("measured_trial_overhead") is not None:
+        lines[-1] += (f": it planned with a trial overhead of {again['planned_trial_overhead']:.1f} s and measured "
+                      f"{again['measured_trial_overhead']:.1f} s; on this machine's 2 cores a trial's start slows "
+                      f"with the trials started at once, and its plan ran {again['instances_per_stage']} instances "
+                      f"per stage where the run before it ran {big['instances_per_stage']}, while the planning "
+                      "model takes a trial's overhead to be the same however many trials start at once")
+    lines[-1] += ")."
     return lines + [""]
 
 

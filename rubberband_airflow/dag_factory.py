@@ -223,7 +223,8 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                     raise AirflowFailException(str(e)) from None
                 if replan:
                     try:
-                        replanning.replan_before(r.storage, r.backend, before, stage)
+                        replanning.replan_before(r.storage, r.backend, before, stage,
+                                                 continued=r.clear - (r.attempt - 1))
                     except ProblemError as e:
                         raise AirflowFailException(f"re-plan before stage {stage}: {e}") from None
             r.use(replanning.current_plan(r.storage, stage), stage)

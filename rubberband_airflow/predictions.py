@@ -43,7 +43,10 @@ def replan_rows(records: list[dict[str, Any]], started: float | None) -> list[di
         out.append({"stage": r.get("stage"), "seconds": t - started if isinstance(t, (int, float)) and started
                     else None, "observed": r.get("observed") or {}, "infeasible": r.get("infeasible"),
                     "before": _summary(r.get("before")), "after": _summary(r.get("after")),
-                    "spot_fallback": r.get("spot_fallback"), "spot_retry": retry})
+                    "spot_fallback": r.get("spot_fallback"), "spot_retry": retry,
+                    # A re-plan made again by a late retry of the stage's start: how long after the one it replaced.
+                    "replaced_seconds_before": t - r["replaced"]["time"] if isinstance(r.get("replaced"), dict)
+                    and isinstance(t, (int, float)) else None})
     return out
 
 
@@ -119,7 +122,9 @@ def replan_lines(rep: dict[str, Any]) -> list[str]:
                         if (f := r.get("spot_fallback")) else "")
                      + (f"; back on spot: EC2 last refused spot capacity "
                         f"{_num(back['refused_seconds_before'], ' s')} before ({', '.join(back['batches'])})"
-                        if (back := r.get("spot_retry")) else ""))
+                        if (back := r.get("spot_retry")) else "")
+                     + (f"; made again by a retry of the stage's start {_num(late, ' s')} after the re-plan before it"
+                        if (late := r.get("replaced_seconds_before")) is not None else ""))
     for p in rep.get("stage_predictions") or []:
         lines.append(f"Stage {p['stage']} ended at {p['actual_end_seconds']:.1f} s, predicted "
                      f"{_num(p['predicted_end_seconds'], ' s')} by the {p['plan']} "

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 # After EC2 refused a spot plan's launch spot capacity, its re-plans go on demand; the first re-plan
 # this long after the latest refusal plans on spot again (EC2's capacity is short for minutes, often).
 SPOT_RETRY_SECONDS = 600.0
+# A retried start re-plans again where its stage's re-plan is older than this and nothing acted on it.
+STALE_SECONDS = 60.0
 
 
 def current_plan(storage: RunStorage, stage: int) -> dict[str, Any] | None:
@@ -152,11 +154,12 @@ def _workload(fixed: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]
             + [t for n, t in types.items() if n not in names]}
 
 
-def replan_before(storage: RunStorage, backend: ComputeBackend, before: dict[str, Any], stage: int) -> dict[str, Any]:
+def replan_before(storage: RunStorage, backend: ComputeBackend, before: dict[str, Any], stage: int,
+                  continued: int = 0) -> dict[str, Any]:
     """Re-plan before ``stage`` (``replan_stage``) once the instances that are gone or whose agent
     quit are retired, so that the fleet it counts is the one the stage will have."""
     runner.reconcile(backend)
-    after = replan_stage(storage, before, stage)
+    after = replan_stage(storage, before, stage, continued)
     log.info("re-plan before stage %d: instances per stage %s -> %s; predicted JCT %.1f s -> %.1f s, "
              "cost $%.4f -> $%.4f", stage, [s["instances"] for s in before["stages"]],
              [s["instances"] for s in after["stages"]], before["predicted"]["jct_seconds"]["mean"],
@@ -165,12 +168,30 @@ def replan_before(storage: RunStorage, backend: ComputeBackend, before: dict[str
     return after
 
 
-def replan_stage(storage: RunStorage, before: dict[str, Any], stage: int) -> dict[str, Any]:
+def replan_stage(storage: RunStorage, before: dict[str, Any], stage: int, continued: int = 0,
+                 now: float | None = None) -> dict[str, Any]:
     """Re-plan before ``stage`` once: write the revised plan (create-only), then its record; a
     second call (a retry) returns the plan written first, and writes its record where the try
-    that wrote the plan failed before the record (what was observed, with the plan in force)."""
+    that wrote the plan failed before the record (what was observed, with the plan in force).
+    A retry more than ``STALE_SECONDS`` after the re-plan, before the stage acted on it (no launch
+    decided in this continuation of the run, ``continued``, no trial placed), re-plans again from
+    the run's state now: a start that failed at night and is cleared in the morning starts the stage
+    then, and plans it from then (the record keeps the time and allocation of the plan it replaced)."""
+    now = time.time() if now is None else now
     written = storage.read_json("stages", str(stage), "plan.json")
     if written is not None:
+        first = storage.read_json("stages", str(stage), "replan.json")
+        if first is not None and now - float(first["time"]) > STALE_SECONDS \
+                and not runner.recorded_launches(storage, stage, continued) \
+                and not storage.exists("stages", str(stage), "placement.json"):
+            after, record = revise(storage, before, stage, now)
+            record["replaced"] = {"time": first["time"], "instances": [s["instances"] for s in written["stages"]],
+                                  "predicted": written.get("predicted")}
+            storage.write_json(after, "stages", str(stage), "plan.json")  # nothing ran on the plan it replaces
+            storage.write_json(record, "stages", str(stage), "replan.json")
+            log.warning("stage %d starts %.0f s after its re-plan, which it had not acted on: re-planned again",
+                        stage, now - float(first["time"]))
+            return after
         if not storage.exists("stages", str(stage), "replan.json"):
             try:
                 _, record = revise(storage, before, stage)

@@ -10,6 +10,7 @@ from rubberband_airflow.execution import observe, replanning, runner
 from rubberband_airflow.execution.runner import RunPlan, RunSpec
 from rubberband_airflow.execution.storage import RunStorage
 from rubberband_airflow.planning.replan import parse_state
+from rubberband_airflow.predictions import replan_lines, replan_rows
 from rubberband_airflow.search_space import sample
 from rubberband_airflow.workloads import synthetic
 from tests.execution.conftest import plan_json, run_stage
@@ -95,6 +96,23 @@ def test_state_at_each_barrier_is_what_the_run_measured(storage, local_backend):
     # The executed plan's problem has the observed epoch time, so its trial limits follow the slowdown.
     assert RunPlan.from_json(after).problem.workload.epoch_seconds[1] == pytest.approx(1.5 * EPOCH, rel=0.25)
     assert replanning.replan_stage(storage, plan, 3) == after
+    # A retry an hour after the re-plan, before the stage acted on it (its start failed at night
+    # and was cleared in the morning), re-plans from then; the record keeps the plan it replaced.
+    late = record["time"] + 3600
+    again = replanning.replan_stage(storage, plan, 3, continued=1, now=late)
+    renewed = storage.read_json("stages", "3", "replan.json")
+    assert renewed["replaced"] == {"time": record["time"], "instances": [s["instances"] for s in after["stages"]],
+                                   "predicted": after["predicted"]}
+    h = renewed["observed"]["stage_overhead_seconds"]
+    assert renewed["state"]["elapsed_seconds"] == pytest.approx(late - started - h)
+    assert "infeasible" in renewed and again["predicted"]["jct_seconds"]["quantile"] > 3600
+    assert replanning.current_plan(storage, 3) == again and renewed["after"] == again
+    [row] = replan_rows([renewed], started)
+    assert any(line.endswith("made again by a retry of the stage's start 3600.0 s after the re-plan before it")
+               for line in replan_lines({"replans": [row]})), replan_lines({"replans": [row]})
+    # Once the stage acted on its plan (its trials placed), a retry keeps it, however late.
+    runner.start_stage(storage, backend, RunPlan.from_json(again), 3)
+    assert replanning.replan_stage(storage, plan, 3, continued=2, now=late + 3600) == again
     backend.terminate_all()
 
 
