@@ -114,7 +114,7 @@ def write_doc(result: dict[str, Any]) -> None:
              "predicted JCT | actual JCT | JCT error | on time | predicted cost | actual cost | cost error |",
              "|---|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for r in result["runs"]:
-        measured = ", ".join(f"{x:.1f}" for x in r["measured_stage_overhead"])
+        measured = ", ".join("-" if x is None else f"{x:.1f}" for x in r["measured_stage_overhead"])
         lines.append(f"| {r['dag_id']} | {r['stage_overhead_from']} | {r['planned_stage_overhead']:.1f} s | "
                      f"{measured} s | {', '.join(map(str, r['instances_per_stage']))} | {r['predicted_jct']:.1f} s | "
                      f"{r['actual_jct']:.1f} s | {_error(r, 'jct'):+.0%} | "
@@ -122,7 +122,7 @@ def write_doc(result: dict[str, Any]) -> None:
                      f"${r['predicted_cost']:.4f} | ${r['actual_cost']:.4f} | "
                      f"{_error(r, 'cost'):+.0%} |")
     first, blind = result["runs"][-1], result["runs"][0]
-    between = [x for r in result["runs"] for x in r["measured_stage_overhead"][1:]]
+    between = [x for r in result["runs"] for x in r["measured_stage_overhead"][1:] if x is not None]
     verdict = "met" if abs(_error(first, "jct")) <= 0.10 else "missed"
     lines += ["", f"Between stages this stack takes {min(between):.0f} to {max(between):.0f} s, where the agent alone "
                   f"takes {AGENT_STAGE_OVERHEAD:g} s. Planned with the agent's overhead, the first run took instances "

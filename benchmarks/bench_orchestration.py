@@ -48,7 +48,7 @@ def main() -> None:
                      "actual_jct": rep["actual"]["jct_seconds"],
                      "predicted_cost": rep["predicted"]["cost_usd"]["mean"], "actual_cost": rep["actual"]["cost_usd"]})
         print(f"run {k + 1}: overheads {rep['stage_overhead_seconds']}", flush=True)
-    between = [o for r in runs for o in r["stage_overhead_seconds"][1:]]
+    between = [o for r in runs for o in r["stage_overhead_seconds"][1:] if o is not None]
     result = {"runs": runs, "stage_overhead_seconds": {"mean": statistics.mean(between),
                                                        "median": statistics.median(between),
                                                        "max": max(between), "n": len(between)},

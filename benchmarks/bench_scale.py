@@ -334,7 +334,8 @@ def write_doc(result: dict[str, Any]) -> None:
         for s in r["stages"]:
             if parts := s.get("barrier_seconds"):
                 top = max(parts, key=parts.get)
-                lines.append(f"- {r['trials']} trials, before stage {s['stage']}: the largest part of the "
+                lines.append(f"- {r['trials']} trials{' again' if r.get('again') else ''}, before stage {s['stage']}: "
+                             "the largest part of the "
                              f"{s['overhead_seconds']:.1f} s is {names[top]}, {parts[top]:.1f} s.")
     startups = [p[k] for r in runs for s in r["stages"] if (p := s.get("barrier_seconds"))
                 if p.get(k := "start_startup") is not None]

@@ -212,10 +212,13 @@ def tuning_dag(spec_path: str | Path) -> DAG:
         the stage's trials on slots (each trial's GPUs on one instance); returns the trials."""
         def body() -> list[str]:
             r = _Run(conn_id)
-            runner.note_start_try(r.storage, stage, *_try(get_current_context()))
+            continued = r.clear - (r.attempt - 1)
+            before = replanning.current_plan(r.storage, stage - 1) if stage > 1 else None
             if stage > 1:
-                before = replanning.current_plan(r.storage, stage - 1)
                 r.use(before, stage)  # past the plan's last stage: skipped, the stage before promoted by its own task
+            this_try, first_of_clear = _try(get_current_context())
+            runner.note_start_try(r.storage, stage, this_try, first_of_clear, continued)
+            if stage > 1:
                 assert before is not None and r.plan is not None
                 try:
                     runner.promote_stage(r.storage, r.backend, r.plan, stage - 1, r.spec.mode)
@@ -223,14 +226,13 @@ def tuning_dag(spec_path: str | Path) -> DAG:
                     raise AirflowFailException(str(e)) from None
                 if replan:
                     try:
-                        replanning.replan_before(r.storage, r.backend, before, stage,
-                                                 continued=r.clear - (r.attempt - 1))
+                        replanning.replan_before(r.storage, r.backend, before, stage, continued, this_try)
                     except ProblemError as e:
                         raise AirflowFailException(f"re-plan before stage {stage}: {e}") from None
             r.use(replanning.current_plan(r.storage, stage), stage)
             assert r.plan is not None
             placement = runner.start_stage(r.storage, r.backend, r.plan, stage, r.spec.trial_timeout, r.clear,
-                                           BATCH_SIZE, continued=r.clear - (r.attempt - 1))
+                                           BATCH_SIZE, continued=continued, start_try=this_try)
             # A trial whose result was carried over from an earlier attempt is not placed; its wait ends at once.
             return runner.placed_trials(placement, runner.stage_trials(r.storage, stage))
 

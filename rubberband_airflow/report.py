@@ -48,7 +48,7 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         first = min((float(t) for t in spawned if t is not None), default=start)
         # Less the time its start waited to be tried again (a retry, or a morning's clear of a start
         # that failed at night): the orchestrator's overhead, not a night's (None where unknown).
-        wait = runner.start_retry_wait(storage, stage, first)
+        wait = runner.start_retry_wait(storage, stage, first, previous_end) if previous_end else 0.0
         ends = [r["finished"] for r in results.values() if r.get("finished")]
         end = max(ends) if ends else storage.read_json("stages", str(stage), "end.json")["time"]
         executed = replanning.current_plan(storage, stage) or plan  # the stage's re-plan, if any
@@ -58,7 +58,8 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
                        "gpus_per_trial": alloc.get("gpus_per_trial"), "instances": alloc.get("instances"),
                        "epochs": alloc.get("epochs"), "market": alloc.get("market"),
                        "release": alloc.get("release"), "start": start, "end": end,
-                       "overhead_seconds": first - previous_end - wait if previous_end and wait is not None else None,
+                       "overhead_seconds": max(0.0, first - previous_end - wait)
+                       if previous_end and wait is not None else None,
                        "start_retry_wait_seconds": wait,
                        "seconds": end - start,
                        "best_metric": _best_metric(done, mode)})

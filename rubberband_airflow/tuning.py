@@ -143,7 +143,7 @@ def like_this_run(history: list[dict[str, Any]], num_trials: int, limit: int = 5
 
 def measured_stage_overhead(reports: list[dict[str, Any]]) -> float | None:
     """The orchestrator's time between stages (stage 2 on), averaged over past runs' reports."""
-    values = [o for rep in reports for o in (rep.get("stage_overhead_seconds") or [])[1:] if o is not None]
+    values = [o for rep in reports for o in (rep.get("stage_overhead_seconds") or [])[1:] if o is not None and o >= 0]
     return sum(values) / len(values) if values else None
 
 

@@ -145,9 +145,10 @@ def _stage_overhead(storage: RunStorage, stage: int, results: Mapping[str, Mappi
     latency when that instance was requested after the barrier, and less the time the stage's start
     waited to be tried again (None where that is unknown)."""
     starts = [float(s) for r in results.values() if (s := r.get("spawned", r.get("started"))) is not None]
-    wait = runner.start_retry_wait(storage, stage, min(starts)) if starts else 0.0
+    wait = runner.start_retry_wait(storage, stage, min(starts), barrier) if starts else 0.0
     if wait is None:
         return None
+    began = barrier + wait  # about when the try that started the stage began: launches before it are not its
     out = []
     for result in results.values():
         start = result.get("spawned", result.get("started"))
@@ -155,7 +156,7 @@ def _stage_overhead(storage: RunStorage, stage: int, results: Mapping[str, Mappi
         if start is None:
             continue
         requested, ready = entry.get("requested"), entry.get("ready")
-        launch = ready - requested if requested is not None and ready is not None and requested >= barrier else 0.0
+        launch = ready - requested if requested is not None and ready is not None and requested >= began else 0.0
         out.append(float(start) - barrier - wait - max(0.0, launch))
     return max(0.0, min(out)) if out else None
 

@@ -3,10 +3,12 @@ state (docs/planning-model.md section 7; docs/airflow.md, "Re-planning").
 
 A run's first plan is ``plan.json``. The re-plan before stage i writes the whole run's revised
 plan to ``stages/<i>/plan.json`` once (a retried re-plan returns the plan written first, so the
-stage's tasks never mix two plans) and its record to ``stages/<i>/replan.json``: ``time``,
-``state`` (what it started from), ``observed``, ``before`` and ``after`` (each a plan as
-``plan.json`` holds it), and ``infeasible`` when no plan met the deadline and the fastest was
-taken. The revised plan keeps the stages already run, holds the re-planned ones from stage i on,
+stage's tasks never mix two plans; only a later try of the stage's start, long after, before the
+stage launched or placed anything, plans it again: ``replan_stage``) and its record to
+``stages/<i>/replan.json``: ``time``, ``start_try``, ``state`` (what it started from),
+``observed``, ``before`` and ``after`` (each a plan as ``plan.json`` holds it), ``infeasible``
+when no plan met the deadline and the fastest was taken, and ``replaced`` when it replaced an
+earlier re-plan. The revised plan keeps the stages already run, holds the re-planned ones from stage i on,
 its ``predicted`` counts JCT from the run's start and cost with what was spent, and its
 ``problem`` is the first plan's corrected by what the run observed.
 """
@@ -155,11 +157,11 @@ def _workload(fixed: dict[str, Any], original: dict[str, Any]) -> dict[str, Any]
 
 
 def replan_before(storage: RunStorage, backend: ComputeBackend, before: dict[str, Any], stage: int,
-                  continued: int = 0) -> dict[str, Any]:
+                  continued: int = 0, start_try: int | None = None) -> dict[str, Any]:
     """Re-plan before ``stage`` (``replan_stage``) once the instances that are gone or whose agent
     quit are retired, so that the fleet it counts is the one the stage will have."""
     runner.reconcile(backend)
-    after = replan_stage(storage, before, stage, continued)
+    after = replan_stage(storage, before, stage, continued, start_try=start_try)
     log.info("re-plan before stage %d: instances per stage %s -> %s; predicted JCT %.1f s -> %.1f s, "
              "cost $%.4f -> $%.4f", stage, [s["instances"] for s in before["stages"]],
              [s["instances"] for s in after["stages"]], before["predicted"]["jct_seconds"]["mean"],
@@ -169,25 +171,33 @@ def replan_before(storage: RunStorage, backend: ComputeBackend, before: dict[str
 
 
 def replan_stage(storage: RunStorage, before: dict[str, Any], stage: int, continued: int = 0,
-                 now: float | None = None) -> dict[str, Any]:
+                 now: float | None = None, start_try: int | None = None) -> dict[str, Any]:
     """Re-plan before ``stage`` once: write the revised plan (create-only), then its record; a
     second call (a retry) returns the plan written first, and writes its record where the try
     that wrote the plan failed before the record (what was observed, with the plan in force).
-    A retry more than ``STALE_SECONDS`` after the re-plan, before the stage acted on it (no launch
-    decided in this continuation of the run, ``continued``, no trial placed), re-plans again from
-    the run's state now: a start that failed at night and is cleared in the morning starts the stage
-    then, and plans it from then (the record keeps the time and allocation of the plan it replaced)."""
+    Another try of the stage's start (``start_try``, Airflow's; the record keeps the one that
+    re-planned) more than ``STALE_SECONDS`` after the re-plan (by its record), before the stage
+    launched or placed anything on it (no launch decided in this continuation of the run,
+    ``continued``, no trial placed), re-plans again from the run's state now: a start that failed
+    at night and is cleared in the morning plans the stage from the morning (the record keeps the
+    time, allocation and prediction of the plan it replaced). Instances the plan before had the
+    stage release or drop are gone from the state, which the new plan starts from."""
     now = time.time() if now is None else now
     written = storage.read_json("stages", str(stage), "plan.json")
     if written is not None:
         first = storage.read_json("stages", str(stage), "replan.json")
-        if first is not None and now - float(first["time"]) > STALE_SECONDS \
+        if first is not None and start_try is not None and first.get("start_try") != start_try \
+                and now - float(first["time"]) > STALE_SECONDS \
                 and not runner.recorded_launches(storage, stage, continued) \
                 and not storage.exists("stages", str(stage), "placement.json"):
-            after, record = revise(storage, before, stage, now)
-            record["replaced"] = {"time": first["time"], "instances": [s["instances"] for s in written["stages"]],
-                                  "predicted": written.get("predicted")}
-            storage.write_json(after, "stages", str(stage), "plan.json")  # nothing ran on the plan it replaces
+            try:
+                after, record = revise(storage, before, stage, now)
+            except ProblemError as e:  # the state no longer plans: the stage runs the plan written
+                log.warning("stage %d keeps its re-plan: planning again failed: %s", stage, e)
+                return dict(written)
+            record.update(start_try=start_try, replaced={"time": first["time"], "predicted": written.get("predicted"),
+                                                         "instances": [s["instances"] for s in written["stages"]]})
+            storage.write_json(after, "stages", str(stage), "plan.json")  # the stage ran nothing on the one replaced
             storage.write_json(record, "stages", str(stage), "replan.json")
             log.warning("stage %d starts %.0f s after its re-plan, which it had not acted on: re-planned again",
                         stage, now - float(first["time"]))
@@ -200,7 +210,8 @@ def replan_stage(storage: RunStorage, before: dict[str, Any], stage: int, contin
                           "note": f"recorded by a retry, which could not observe the run again: {e}"}
             storage.create_json({**record, "after": written}, "stages", str(stage), "replan.json")
         return dict(written)
-    after, record = revise(storage, before, stage)
+    after, record = revise(storage, before, stage, now)
+    record["start_try"] = start_try
     if not storage.create_json(after, "stages", str(stage), "plan.json"):  # another try's plan stands, with its record
         return dict(storage.read_json("stages", str(stage), "plan.json"))
     storage.write_json(record, "stages", str(stage), "replan.json")

@@ -274,35 +274,45 @@ def stage_trials(storage: RunStorage, stage: int) -> list[str]:
     return list(data["trials"])
 
 
-def note_start_try(storage: RunStorage, stage: int, try_number: int, first_of_clear: bool) -> None:
-    """Record, once per try, when a try of the stage's start began (``stages/<i>/start-tries.json``)
-    and whether it was the first try of its clear (Airflow's): the stage overhead a run measures
-    leaves out the time its start waited to be tried again (``start_retry_wait``)."""
+def note_start_try(storage: RunStorage, stage: int, try_number: int, first_of_clear: bool,
+                   continued: int = 0) -> None:
+    """Record, once per try, when a try of the stage's start began (``stages/<i>/start-tries.json``),
+    whether it was the first try of its clear (Airflow's) and in which continuation of the run's
+    attempt (``continued``: clears of failed tasks since the attempt began): the stage overhead a
+    run measures leaves out the time its start waited to be tried again (``start_retry_wait``)."""
     tries = storage.read_json("stages", str(stage), "start-tries.json") or []
     if any(t.get("try") == try_number for t in tries):  # the same try, its body tried again in a storage burst
         return
-    storage.write_json(tries + [{"try": try_number, "time": time.time(), "first_of_clear": first_of_clear}],
-                       "stages", str(stage), "start-tries.json")
+    storage.write_json(tries + [{"try": try_number, "time": time.time(), "first_of_clear": first_of_clear,
+                                 "continued": continued}], "stages", str(stage), "start-tries.json")
 
 
-def start_retry_wait(storage: RunStorage, stage: int, first_trial: float) -> float | None:
-    """Seconds the stage waited for its start to be tried again before its first trial began (an
-    Airflow retry, or a clear of a start that failed at night): from its first try's beginning to
-    that of the latest try before the trial. 0 where the start ran once (or recorded no try: a run
-    from before the record); None where the wait is unknown: the earliest try recorded was not its
-    clear's first (the one before it ended before its body began: its host was gone)."""
+def start_retry_wait(storage: RunStorage, stage: int, first_trial: float, barrier: float) -> float | None:
+    """Seconds the stage waited after its ``barrier`` for its start to be tried again (an Airflow
+    retry, or a clear of a start that failed at night): from its first try's beginning (or the
+    barrier, if later) to that of the try that placed its trials (the placement names it; else the
+    latest try before ``first_trial``). 0 where the start ran once (or recorded no try: a run from
+    before the record); None where the wait is unknown: a try before the earliest recorded one left
+    no record (the earliest was not its clear's first, or was the first of a clear of a later
+    continuation that was not the task's first try: its host was gone, or its storage failed)."""
     tries = sorted(storage.read_json("stages", str(stage), "start-tries.json") or [], key=lambda t: t["time"])
-    before = [t for t in tries if float(t["time"]) <= first_trial]
+    placing = (storage.read_json("stages", str(stage), "placement.json") or {}).get("start_try")
+    before = [t for t in tries if float(t["time"]) <= first_trial] if placing is None else \
+        tries[:1 + next((k for k, t in enumerate(tries) if t.get("try") == placing), len(tries) - 1)]
     if not before:
         return 0.0
-    if not before[0].get("first_of_clear", True):
+    earliest = before[0]
+    if not earliest.get("first_of_clear", True) or (earliest.get("continued", 0) > 0 and earliest.get("try", 1) > 1):
         return None
-    return float(before[-1]["time"]) - float(before[0]["time"])
+    return max(0.0, float(before[-1]["time"]) - max(float(earliest["time"]), barrier))
 
 
 def begin_stage(storage: RunStorage, stage: int) -> None:
-    """Record when the stage started (a retried task keeps the first time)."""
-    if storage.read_json("stages", str(stage), "start.json") is None:
+    """Record when the stage started: by the try that places its trials (a retried task keeps the
+    time of the try that placed them; a try cleared in the morning, of a start that failed at night
+    before placing them, starts the stage in the morning)."""
+    if storage.read_json("stages", str(stage), "start.json") is None \
+            or not storage.exists("stages", str(stage), "placement.json"):
         storage.write_json({"stage": stage, "time": time.time()}, "stages", str(stage), "start.json")
 
 
@@ -447,15 +457,16 @@ def scale(backend: ComputeBackend, run_plan: RunPlan, stage: int, batch_size: in
 
 def start_stage(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
                 timeout: TrialTimeout = TrialTimeout(), clear: int = 0, batch_size: int = 8,
-                continued: int = 0) -> dict[str, list[dict[str, Any]]]:
+                continued: int = 0, start_try: int | None = None) -> dict[str, list[dict[str, Any]]]:
     """Start a stage: record its start, grow or shrink the fleet to the plan's, and place its
-    trials (``stage_placement``, whose placement it returns). The stage's results are read once for
-    both (hundreds of trials are hundreds of reads)."""
+    trials (``stage_placement``, whose placement it returns; ``start_try``: the Airflow try of the
+    stage's start, which the placement names). The stage's results are read once for both
+    (hundreds of trials are hundreds of reads)."""
     begin_stage(storage, stage)
     todo = unfinished(storage, stage)
     scaled = scale(backend, run_plan, stage, batch_size, continued, todo)
     log.info("stage %d: launched %s, terminated %s", stage, scaled["launched"], scaled["terminated"])
-    return stage_placement(storage, backend, run_plan, stage, timeout, clear, todo)
+    return stage_placement(storage, backend, run_plan, stage, timeout, clear, todo, start_try)
 
 
 def prewarm_due(storage: RunStorage, run_plan: RunPlan, stage: int) -> float | None:
@@ -524,18 +535,18 @@ def place(trials: list[str], instances: list[str], ready_in: dict[str, float], s
 
 def stage_placement(storage: RunStorage, backend: ComputeBackend, run_plan: RunPlan, stage: int,
                     timeout: TrialTimeout = TrialTimeout(), clear: int = 0,
-                    todo: list[str] | None = None) -> dict[str, list[dict[str, Any]]]:
+                    todo: list[str] | None = None, start_try: int | None = None) -> dict[str, list[dict[str, Any]]]:
     """Place the stage's trials on the live fleet's slots as the plan expects them to run, each
     with its time limit, and write the assignments the agents read. An instance whose agent has
     not reported yet is expected ready after the plan's pending and boot latency. The placement
     is written once: a retried (or concurrent) place returns the one written first, so a trial
     is never placed on two instances. ``clear`` is Airflow's clear number of the run then, kept
-    with it; ``todo``: the stage's
+    with it, and ``start_try`` the try of the stage's start that placed them; ``todo``: the stage's
     ``unfinished`` trials, where already read."""
     placement = _written_placement(storage, stage)
     if placement is None:
         placement = _new_placement(storage, backend, run_plan, stage, timeout, todo)
-        if not storage.create_json({"stage": stage, "placement": placement, "clear": clear},
+        if not storage.create_json({"stage": stage, "placement": placement, "clear": clear, "start_try": start_try},
                                    "stages", str(stage), "placement.json"):
             placement = _written_placement(storage, stage)
             assert placement is not None

@@ -99,7 +99,8 @@ def test_state_at_each_barrier_is_what_the_run_measured(storage, local_backend):
     # A retry an hour after the re-plan, before the stage acted on it (its start failed at night
     # and was cleared in the morning), re-plans from then; the record keeps the plan it replaced.
     late = record["time"] + 3600
-    again = replanning.replan_stage(storage, plan, 3, continued=1, now=late)
+    assert replanning.replan_stage(storage, plan, 3, continued=1, now=late, start_try=None) == after  # the same try
+    again = replanning.replan_stage(storage, plan, 3, continued=1, now=late, start_try=2)
     renewed = storage.read_json("stages", "3", "replan.json")
     assert renewed["replaced"] == {"time": record["time"], "instances": [s["instances"] for s in after["stages"]],
                                    "predicted": after["predicted"]}
@@ -112,7 +113,7 @@ def test_state_at_each_barrier_is_what_the_run_measured(storage, local_backend):
                for line in replan_lines({"replans": [row]})), replan_lines({"replans": [row]})
     # Once the stage acted on its plan (its trials placed), a retry keeps it, however late.
     runner.start_stage(storage, backend, RunPlan.from_json(again), 3)
-    assert replanning.replan_stage(storage, plan, 3, continued=2, now=late + 3600) == again
+    assert replanning.replan_stage(storage, plan, 3, continued=2, now=late + 3600, start_try=3) == again
     backend.terminate_all()
 
 

@@ -42,19 +42,25 @@ def test_overhead_runs_from_the_last_result_to_the_next_stages_first_trial(tmp_p
 
 
 @pytest.mark.parametrize("tries, overhead, said", [
+    # (try, seconds from the run's start, first try of its clear, continuation of the attempt)
     # Its start failed at night and was cleared an hour later (each the first try of its clear).
-    ([(1, 13.0, True), (2, 3613.0, True)], 6.0, "Stage 2 started 3600.0 s late: its start was tried again"),
+    ([(1, 13.0, True, 0), (2, 3613.0, True, 1)], 6.0, "Stage 2 started 3600.0 s late: its start was tried again"),
     # Airflow's retry 5 s after a try that failed 10 s in, then a try whose host was gone (no record).
-    ([(1, 13.0, True), (3, 3613.0, False)], 6.0, "Stage 2 started 3600.0 s late"),
+    ([(1, 13.0, True, 0), (3, 3613.0, False, 0)], 6.0, "Stage 2 started 3600.0 s late"),
     # Its first try's host was gone before its body began: the wait is unknown.
-    ([(2, 3613.0, False)], None, "Stage 2 started late: its start was tried again after a try that recorded"),
+    ([(2, 3613.0, False, 0)], None, "Stage 2 started late: its start was tried again after a try that recorded"),
+    # Its tries at night left no record (storage out), the morning's clear ran it: unknown too.
+    ([(3, 3613.0, True, 1)], None, "Stage 2 started late: its start was tried again after a try that recorded"),
+    # It first ran before the stage before it ended (a trial of it failed at night and ran again in the
+    # morning, 12 s in here): the wait counts from that end, not from the first try.
+    ([(1, 5.0, True, 0), (2, 3613.0, True, 1)], 5.0, "Stage 2 started 3601.0 s late"),
 ])
 def test_a_start_tried_again_leaves_its_wait_out_of_the_measured_overhead(tmp_path, tries, overhead, said):
     """The stage overhead a report and a re-plan measure, and the next runs plan with, is the
     orchestrator's: a start that waited an hour to be tried again does not make it an hour."""
     storage, t0 = _stage_1_ran(tmp_path)
-    storage.write_json([{"try": k, "time": t0 + t, "first_of_clear": first} for k, t, first in tries],
-                       "stages", "2", "start-tries.json")
+    storage.write_json([{"try": k, "time": t0 + t, "first_of_clear": first, "continued": c}
+                        for k, t, first, c in tries], "stages", "2", "start-tries.json")
     storage.write_json({"stage": 2, "time": t0 + 3613.0}, "stages", "2", "start.json")
     storage.write_result("trial-0001", 2, _result(t0, 3618.0, 3630.0))
     storage.write_json({"stage": 2, "time": t0 + 3630.5}, "stages", "2", "end.json")
@@ -66,3 +72,19 @@ def test_a_start_tried_again_leaves_its_wait_out_of_the_measured_overhead(tmp_pa
     assert measured_stage_overhead([report]) == (pytest.approx(overhead) if overhead else None)
     measured = observe.observed(storage, 3)["stage_overhead_seconds"]
     assert measured == pytest.approx((3.0 + overhead) / 2 if overhead else 3.0)
+
+
+def test_the_wait_runs_to_the_try_that_placed_the_trials_whatever_the_agents_clock(tmp_path):
+    """The agent's clock 2 s behind the worker's: its first trial seems to spawn before the try that
+    placed it began; the placement names that try, so the night still is not overhead."""
+    storage, t0 = _stage_1_ran(tmp_path)
+    storage.write_json([{"try": 1, "time": t0 + 13.0, "first_of_clear": True, "continued": 0},
+                        {"try": 2, "time": t0 + 3613.0, "first_of_clear": True, "continued": 1}],
+                       "stages", "2", "start-tries.json")
+    storage.write_json({"stage": 2, "placement": {}, "clear": 1, "start_try": 2}, "stages", "2", "placement.json")
+    storage.write_json({"stage": 2, "time": t0 + 3613.0}, "stages", "2", "start.json")
+    storage.write_result("trial-0001", 2, _result(t0, 3612.0, 3630.0))
+    storage.write_json({"stage": 2, "time": t0 + 3630.5}, "stages", "2", "end.json")
+    report = build_report(storage, "dag")
+    assert report["stages"][1]["start_retry_wait_seconds"] == pytest.approx(3600.0)
+    assert report["stage_overhead_seconds"][1] == 0.0
