@@ -6,7 +6,9 @@ is answered with S3's ``500 InternalError``.
 ``flaky:///path`` is the local path. While the file named by ``RUBBERBAND_TEST_STORM`` exists,
 every operation of an agent or worker process with that variable raises an OSError, as s3fs
 does for a burst of S3 errors, and appends a line (its pid and ``agent.py`` or ``worker.py``) to
-``<storm file>.hits``. The test itself is spared, unless ``RUBBERBAND_TEST_STORM_HERE`` is set
+``<storm file>.hits``. A process that creates a file whose path ends with
+``RUBBERBAND_TEST_STORM_AFTER`` starts the storm itself (creates the storm file) right after. The
+test itself is spared, unless ``RUBBERBAND_TEST_STORM_HERE`` is set
 in it too (the storm then reaches code under test in the test's process: triggers). A process
 gets the protocol from the ``sitecustomize`` that ``storm_env`` writes (fsspec's own plugin
 registration), or from ``register``.
@@ -30,6 +32,7 @@ from tests.served import Served
 
 STORM = "RUBBERBAND_TEST_STORM"
 STORM_HERE = "RUBBERBAND_TEST_STORM_HERE"
+STORM_AFTER = "RUBBERBAND_TEST_STORM_AFTER"  # a path suffix: the process that creates it starts the storm at once
 
 
 class FlakyFileSystem(LocalFileSystem):
@@ -71,7 +74,11 @@ class FlakyFileSystem(LocalFileSystem):
 
     def link(self, *args: Any, **kwargs: Any) -> Any:
         self._weather()
-        return super().link(*args, **kwargs)
+        out = super().link(*args, **kwargs)  # how a file is created only where none is (RunStorage.create_bytes)
+        after, storm = os.environ.get(STORM_AFTER), os.environ.get(STORM)
+        if after and storm and str(args[1] if len(args) > 1 else kwargs.get("dst", "")).endswith(after):
+            Path(storm).touch()  # this process's next operation is in the storm, with no watcher's delay
+        return out
 
     def mv(self, *args: Any, **kwargs: Any) -> Any:
         self._weather()

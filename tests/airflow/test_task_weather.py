@@ -22,7 +22,7 @@ from rubberband_airflow.tuning import past_runs, stage_overhead
 from rubberband_airflow.workloads import synthetic
 from tests.airflow.conftest import ROOT, airflow_env, run
 from tests.airflow.test_dag_runs import _agents_alive
-from tests.flaky_fs import STORM_HERE, storm_env
+from tests.flaky_fs import STORM_AFTER, STORM_HERE, storm_env
 
 # Test setup: the DAG run with `dag.test`, as `airflow dags test` runs one (each task named by a
 # further argument failing every try as a task whose host is gone would; `once:<task>` only its
@@ -61,10 +61,11 @@ STORM_SECONDS = 12.0  # longer than a task's first try and its Airflow retry, 5 
 
 
 def _storm_at_the_barrier(store: Path, storm: Path, done: threading.Event) -> None:
-    """Start the storm as soon as stage 1 is promoted (by the stage's promote or the next start,
-    whichever comes first: the rest of both then runs in it), and end it STORM_SECONDS later."""
+    """The storm starts as soon as stage 1 is promoted (by the stage's promote or the next start,
+    whichever comes first: the rest of both then runs in it; the process that promotes starts it,
+    ``STORM_AFTER``); end it STORM_SECONDS later."""
     while not done.is_set():
-        if any(store.glob("*/*/stages/1/promoted.json")):
+        if storm.exists() or any(store.glob("*/*/stages/1/promoted.json")):
             storm.touch()
             time.sleep(STORM_SECONDS)
             storm.unlink()
@@ -98,6 +99,7 @@ def _dag(name: str, migrated_home: Path, tmp_path: Path, stages: int = 2) -> tup
 
 def test_a_storage_error_burst_at_a_stage_barrier_fails_no_task_and_loses_no_trial(migrated_home, tmp_path):
     store, env = _dag("weather_storm", migrated_home, tmp_path)
+    env[STORM_AFTER] = "stages/1/promoted.json"  # its promoter starts the storm, at once
     storm = tmp_path / "storm"
 
     done = threading.Event()
