@@ -176,6 +176,10 @@ def measure(stack: Stack, proxy: _Proxy, trials: int, again: bool = False) -> di
                        / len(waits)})
         previous_last = last_result
     plan = storage.read_json("plan.json")
+    # Billed after the last result: the model terminates every instance at the last result
+    # (docs/planning-model.md, section 4); the run terminates them at its teardown task.
+    after = [float(e["terminated"]) - max(float(e["running"]), previous_last or 0.0) for e in storage.ledger()
+             if e.get("running") is not None and e.get("terminated") is not None]
     out = {"trials": trials, "again": again, "state": state, "deadline_seconds": DEADLINES.get(trials, 60.0),
            "instances_per_stage": [s["instances"] for s in plan["stages"]], "wall_seconds": wall,
            "triggerer_cpu_seconds": cpu,
@@ -186,6 +190,8 @@ def measure(stack: Stack, proxy: _Proxy, trials: int, again: bool = False) -> di
            "planned_trial_overhead": plan["problem"]["workload"]["trial_overhead_seconds"],
            "trial_overhead_from": plan.get("trial_overhead_from"),
            "measured_trial_overhead": rep.get("trial_overhead_seconds"),
+           "billed_after_last_result_seconds": sum(max(0.0, a) for a in after),
+           "terminated_after_last_result_seconds": max(after, default=None),
            "stages": stages}
     print(json.dumps(out), flush=True)
     return out
@@ -249,11 +255,19 @@ def _targets(runs: list[dict[str, Any]]) -> list[str]:
                   f"with the overheads the one before it measured: {met(abs(jct) <= 0.05 and abs(cost) <= 0.02)} "
                   f"({jct:+.0%} and {cost:+.0%}")
     if again.get("measured_trial_overhead") is not None:
-        lines[-1] += (f": it planned with a trial overhead of {again['planned_trial_overhead']:.1f} s and measured "
-                      f"{again['measured_trial_overhead']:.1f} s; on this machine's 2 cores a trial's start slows "
-                      f"with the trials started at once, and its plan ran {again['instances_per_stage']} instances "
-                      f"per stage where the run before it ran {big['instances_per_stage']}, while the planning "
-                      "model takes a trial's overhead to be the same however many trials start at once")
+        measured = [s["overhead_seconds"] for s in again["stages"] if s["overhead_seconds"] is not None]
+        lines[-1] += (f": it planned with a stage overhead of {again['planned_stage_overhead']:.1f} s and measured "
+                      f"{', '.join(f'{x:.1f}' for x in measured)} s, with a trial overhead of "
+                      f"{again['planned_trial_overhead']:.1f} s and measured {again['measured_trial_overhead']:.1f} s "
+                      f"(instances per stage {again['instances_per_stage']}, the run before it "
+                      f"{big['instances_per_stage']}; on this machine's 2 cores a trial's start slows with the trials "
+                      "started at once, where the planning model takes it to be the same however many start)")
+        if again.get("billed_after_last_result_seconds") is not None:
+            lines[-1] += (f"; its instances were billed {again['billed_after_last_result_seconds']:.0f} instance-"
+                          f"seconds after the last result (terminated up to "
+                          f"{again['terminated_after_last_result_seconds']:.1f} s after it, by the final promote's "
+                          "and the teardown's tasks), which the planning model does not bill: it terminates every "
+                          "instance at the last result")
     lines[-1] += ")."
     return lines + [""]
 
@@ -308,9 +322,11 @@ def write_doc(result: dict[str, Any]) -> None:
               "stages the DAG runs one task, the next stage's start, which "
               "promotes the stage before; the stage's own promote task runs beside it, off that path). On this "
               "machine a trial is a process of its own, forked from its agent's "
-              "fork server (which imported the worker and s3fs once), that makes a dozen requests to moto's "
-              "server, and the trials of an instance start together: the *trial start* column is the time from "
-              "the fork to the worker running, which grows with the trials started at once on 2 shared cores. "
+              "fork server (which imported the worker and s3fs and loaded botocore's models of S3 once), handed "
+              "its assignment and the run's settings by its agent, that makes a few requests to moto's server "
+              "per epoch, and the trials of an instance start together: the *trial start* column is the time "
+              "from the fork to the worker running (its S3 client made, its checkpoint looked at), which grows "
+              "with the trials started at once on 2 shared cores. "
               "The requests include each trial's one-off read of its result once listed "
               "and each stage's one-off reads of the plan, spec "
               "and placement; the steady part is one listing of the stage's results per 2 s and one look at its "

@@ -59,14 +59,18 @@ SPOT_NOTICE_SECONDS = 120.0  # the notice's lead time, where its time cannot be 
 # an interpreter start and those imports were a CPU-second per trial, and on a 2-core machine a
 # hundred trials starting at once waited half a minute for them.
 _FORKS = multiprocessing.get_context("forkserver")
-_FORKS.set_forkserver_preload(["rubberband_airflow.execution.worker", "s3fs", "gcsfs", "adlfs"])
+# Its S3 clients' service models too (``trial_clients``): parsing them was half of what remained.
+_FORKS.set_forkserver_preload(["rubberband_airflow.execution.worker", "rubberband_airflow.execution.trial_clients",
+                               "s3fs", "gcsfs", "adlfs"])
 
 
 class TrialProcess:
     """A trial's worker, forked from the agent's fork server; waited for like a ``Popen``."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], stderr: str) -> None:
-        self._process = _FORKS.Process(target=worker.forked_main, args=(argv, env, stderr), name="rubberband-trial")
+    def __init__(self, argv: list[str], env: dict[str, str], stderr: str, task: dict[str, Any] | None = None,
+                 spec: dict[str, Any] | None = None) -> None:
+        self._process = _FORKS.Process(target=worker.forked_main, args=(argv, env, stderr, task, spec),
+                                       name="rubberband-trial")
         self._process.start()
         assert self._process.pid is not None
         self.pid: int = self._process.pid
@@ -118,6 +122,7 @@ class Agent:
     _busy: float = field(default_factory=time.monotonic)  # when it last had a trial running or assigned
     _failures: int = 0  # steps failed in a row (storage weather)
     _spot_checked: float = float("-inf")  # monotonic time of the last look for a notice
+    _run: dict[str, Any] | None = None  # run.json, read once: the run writes it before any trial is assigned
 
     def free_slots(self) -> list[int]:
         busy = {s for r in self.running for s in r.slots}
@@ -156,7 +161,9 @@ class Agent:
         # Workers stay in the agent's process group: terminating the instance ends them too. Their
         # stderr goes to a file (a pipe would block a worker that writes much), whose tail explains a crash.
         stderr = tempfile.NamedTemporaryFile(prefix="rubberband-trial-", suffix=".stderr")
-        process = TrialProcess(argv, env, stderr.name)
+        if self._run is None:
+            self._run = self.storage.read_json("run.json")
+        process = TrialProcess(argv, env, stderr.name, task, self._run)
         self.seen.add(_key(task))
         limit = float(task.get("limit_seconds") or self.trial_timeout)
         self.running.append(_Running(task, slots, process, time.time(), limit, stderr))

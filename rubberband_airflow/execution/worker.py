@@ -54,7 +54,10 @@ def _device(rank: int, slots: list[int], torch: Any | None) -> str:
 
 
 def _rank_main(rank: int, world_size: int, port: int, run_uri: str, trial: str, stage: int,
-               task: dict[str, Any], spec: dict[str, Any], slots: list[int]) -> None:
+               task: dict[str, Any], spec: dict[str, Any], slots: list[int]) -> list[dict[str, Any]]:
+    """Run one rank of the trial; returns the records it reported."""
+    from rubberband_airflow.execution import trial_clients
+
     interruption.install()
     # A trainable that does not compute (a sleeping synthetic one) runs without torch on the CPU.
     torch = _torch() if computes(spec["trainable"]) else None
@@ -68,7 +71,7 @@ def _rank_main(rank: int, world_size: int, port: int, run_uri: str, trial: str, 
     if dist is not None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
                                 init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    storage = RunStorage(run_uri)
+    storage = trial_clients.storage(run_uri)
     config = patiently(lambda: storage.read_config(trial), "reading the config")
     ctx = TrialContext(trial_id=trial, config=config, start_epoch=int(task["start_epoch"]),
                        stop_epoch=int(task["stop_epoch"]), rank=rank, world_size=world_size, device=device,
@@ -82,6 +85,7 @@ def _rank_main(rank: int, world_size: int, port: int, run_uri: str, trial: str, 
             dist.destroy_process_group()
     if rank == 0:
         _check_reports(ctx, spec)
+    return ctx.reports
 
 
 def _check_reports(ctx: TrialContext, spec: dict[str, Any]) -> None:
@@ -97,15 +101,24 @@ def _check_reports(ctx: TrialContext, spec: dict[str, Any]) -> None:
                           f"{', '.join(k for k in final[-1] if k not in ('epoch', 'stage', 'time'))})")
 
 
-def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[int], try_number: int = 1) -> int:
+def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[int], try_number: int = 1,
+             task: dict[str, Any] | None = None, spec: dict[str, Any] | None = None) -> int:
     """Run the trial's stage (its ``try_number``-th try) and write its result; returns the process
-    exit status. Stopped at a checkpoint for a spot interruption, it writes none (the trial resumes elsewhere)."""
+    exit status. Stopped at a checkpoint for a spot interruption, it writes none (the trial resumes elsewhere).
+
+    ``task`` (its assignment) and ``spec`` (``run.json``) are read from the run's files unless the
+    agent, which read them already, hands them over: a stage's assignments are several requests.
+    """
+    from rubberband_airflow.execution import trial_clients
+
     interruption.install()
-    storage = RunStorage(run_uri)
-    spec = patiently(lambda: storage.read_json("run.json"), "reading run.json") or {}
-    task = patiently(lambda: next((t for t in storage.assignments(instance) if t["trial"] == trial
-                                   and t["stage"] == stage and int(t.get("try") or 1) == try_number), None),
-                     "reading the assignment")
+    storage = trial_clients.storage(run_uri)
+    if spec is None:
+        spec = patiently(lambda: storage.read_json("run.json"), "reading run.json") or {}
+    if task is None:
+        task = patiently(lambda: next((t for t in storage.assignments(instance) if t["trial"] == trial
+                                       and t["stage"] == stage and int(t.get("try") or 1) == try_number), None),
+                         "reading the assignment")
     started = time.time()
     # When the agent spawned this process: the slot was busy from then (its fork included).
     spawned = float(os.environ.get("RUBBERBAND_SPAWNED", started))
@@ -115,12 +128,16 @@ def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[in
         if task is None:
             raise TrialFailed(f"trial {trial} is not assigned to {instance} in stage {stage}")
         start = _resume_epoch(storage, trial, task)
-        if start != int(task["start_epoch"]):
+        # Running from here: its storage client made (its first request) and its epoch known.
+        result["started"] = time.time()
+        resumed = start != int(task["start_epoch"])
+        if resumed:
             result["resumed_from_epoch"] = start
         task = {**task, "start_epoch": start}
         world = int(task["gpus"])
+        metrics: list[dict[str, Any]] = []
         if world == 1:
-            _rank_main(0, 1, 0, run_uri, trial, stage, task, spec, slots)
+            metrics = _rank_main(0, 1, 0, run_uri, trial, stage, task, spec, slots)
         else:
             if _torch() is None:
                 raise TrialFailed(f"a trial on {world} GPUs needs torch: install rubberband-airflow[torch]")
@@ -128,7 +145,10 @@ def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[in
 
             mp.spawn(_rank_main, args=(world, _free_port(), run_uri, trial, stage, task, spec, slots),
                      nprocs=world, join=True)
-        metrics = patiently(lambda: storage.metrics(trial), "reading the metrics")
+        # The stage's records are those this process reported, unless it ran only part of the stage
+        # (resumed) or in other processes: then the stored ones (a listing and a read per epoch).
+        if resumed or not any(m["epoch"] == task["stop_epoch"] for m in metrics):
+            metrics = patiently(lambda: storage.metrics(trial), "reading the metrics")
         last = [m for m in metrics if m["epoch"] == task["stop_epoch"]][-1]
         # When the stage's epochs ended: what a re-plan measures epoch times by, without reading
         # every epoch record of hundreds of trials again.
@@ -171,7 +191,8 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}{where}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, task: dict[str, Any] | None = None,
+         spec: dict[str, Any] | None = None) -> int:
     p = argparse.ArgumentParser(prog="rubberband-worker")
     p.add_argument("run_uri")
     p.add_argument("trial")
@@ -180,18 +201,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--try", dest="try_number", type=int, default=1, help="the try of the trial's stage (1: the first)")
     a = p.parse_args(argv)
     slots = [int(s) for s in os.environ.get("RUBBERBAND_SLOTS", "").split(",") if s.strip()]
-    return run_task(a.run_uri, a.trial, a.stage, a.instance, slots, a.try_number)
+    return run_task(a.run_uri, a.trial, a.stage, a.instance, slots, a.try_number, task, spec)
 
 
-def forked_main(argv: list[str], env: dict[str, str], stderr: str) -> None:
-    """A trial forked by the agent: the trial's environment, stderr to the agent's file, then ``main``."""
+def forked_main(argv: list[str], env: dict[str, str], stderr: str, task: dict[str, Any] | None = None,
+                spec: dict[str, Any] | None = None) -> None:
+    """A trial forked by the agent: the trial's environment, stderr to the agent's file, then ``main``
+    with the assignment and ``run.json`` the agent read."""
     os.environ.clear()
     os.environ.update(env)
     sys.argv = [__file__, *argv]  # as if started as ``python -m rubberband_airflow.execution.worker``
     out = os.open(stderr, os.O_WRONLY | os.O_APPEND)
     os.dup2(out, 2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    sys.exit(main(argv))
+    sys.exit(main(argv, task, spec))
 
 
 if __name__ == "__main__":
