@@ -155,14 +155,14 @@ class Agent:
             yield task
 
     def start(self, task: dict[str, Any], slots: list[int]) -> None:
+        if self._run is None:
+            self._run = self.storage.read_json("run.json")
         env = {**os.environ, "RUBBERBAND_SLOTS": ",".join(map(str, slots)), "OMP_NUM_THREADS": "1",
                "RUBBERBAND_SPAWNED": repr(time.time())}
         argv = [self.storage.uri, task["trial"], str(task["stage"]), self.instance, "--try", str(_key(task)[2])]
         # Workers stay in the agent's process group: terminating the instance ends them too. Their
         # stderr goes to a file (a pipe would block a worker that writes much), whose tail explains a crash.
         stderr = tempfile.NamedTemporaryFile(prefix="rubberband-trial-", suffix=".stderr")
-        if self._run is None:
-            self._run = self.storage.read_json("run.json")
         process = TrialProcess(argv, env, stderr.name, task, self._run)
         self.seen.add(_key(task))
         limit = float(task.get("limit_seconds") or self.trial_timeout)

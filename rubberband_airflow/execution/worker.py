@@ -152,9 +152,10 @@ def run_task(run_uri: str, trial: str, stage: int, instance: str, slots: list[in
         last = [m for m in metrics if m["epoch"] == task["stop_epoch"]][-1]
         # When the stage's epochs ended: what a re-plan measures epoch times by, without reading
         # every epoch record of hundreds of trials again.
-        ends = sorted((m["epoch"], float(m["time"])) for m in metrics if m.get("stage") == stage and "time" in m)
+        # (an epoch reported twice counts by its last report, as stored)
+        ends = {int(m["epoch"]): float(m["time"]) for m in metrics if m.get("stage") == stage and "time" in m}
         result.update(state="done", epoch=int(task["stop_epoch"]), metric=last[spec["metric"]],
-                      epoch_ends=[t for _, t in ends])
+                      epoch_ends=[ends[e] for e in sorted(ends)])
         code = 0
     except BaseException as e:  # the reason is the product here: record it, whatever it is
         if interruption.requested():  # the instance is going, not the trial's fault: no result

@@ -287,3 +287,25 @@ def test_reconcile_forgets_an_instance_that_died_and_keeps_the_rest(storage, loc
     assert len(out["launched"]) == 1 and len(out["live"]) == 2 and first not in out["live"]
     backend.terminate_all()
     assert agent_processes(storage) == []
+
+
+def test_the_fork_servers_s3_preload_reads_no_aws_config_and_opens_no_connection(tmp_path):
+    """The agent's fork server imports ``trial_clients``: a broken AWS config or an unknown profile
+    must not stop it (every trial would fail to start), nor may it read a secret or reach the network."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config").write_text("[profile broken\nregion = \n")  # not even INI
+    (tmp_path / "credentials").write_text("[default]\naws_secret_access_key = SECRET-IN-FILE\n")
+    probe = ("import socket, gc\n"
+             "def no(*a, **k): raise SystemExit('a connection from the preload: %r' % (a,))\n"
+             "socket.socket.connect = no\n"
+             "from rubberband_airflow.execution import trial_clients\n"
+             "assert trial_clients.LOADER is not None, 'nothing preloaded'\n"
+             "gc.collect()\n"
+             "assert not [o for o in gc.get_objects() if isinstance(o, str) and o == 'SECRET-IN-FILE']\n"
+             "print('ok')\n")
+    env = {**os.environ, "AWS_CONFIG_FILE": str(tmp_path / "config"), "AWS_PROFILE": "nope",
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials"), "AWS_DEFAULTS_MODE": "auto"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
