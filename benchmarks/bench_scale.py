@@ -260,8 +260,9 @@ def _targets(runs: list[dict[str, Any]]) -> list[str]:
                       f"{', '.join(f'{x:.1f}' for x in measured)} s, with a trial overhead of "
                       f"{again['planned_trial_overhead']:.1f} s and measured {again['measured_trial_overhead']:.1f} s "
                       f"(instances per stage {[s['instances'] for s in again['stages']]}, the run before it "
-                      f"{[s['instances'] for s in big['stages']]}; on this machine's 2 cores a trial's start slows with the trials "
-                      "started at once, where the planning model takes it to be the same however many start)")
+                      f"{[s['instances'] for s in big['stages']]}; on this machine's 2 cores a trial's start "
+                      "slows with the trials started at once, where the planning model takes it to be the same "
+                      "however many start)")
         if again.get("billed_after_last_result_seconds") is not None:
             lines[-1] += (f"; its instances were billed {again['billed_after_last_result_seconds']:.0f} instance-"
                           f"seconds after the last result (terminated up to "
