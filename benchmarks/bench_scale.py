@@ -190,6 +190,8 @@ def measure(stack: Stack, proxy: _Proxy, trials: int, again: bool = False) -> di
            "planned_trial_overhead": plan["problem"]["workload"]["trial_overhead_seconds"],
            "trial_overhead_from": plan.get("trial_overhead_from"),
            "measured_trial_overhead": rep.get("trial_overhead_seconds"),
+           "planned_teardown": plan["problem"]["workload"].get("teardown_seconds", 0.0),
+           "measured_teardown": rep.get("teardown_seconds"),
            "billed_after_last_result_seconds": sum(max(0.0, a) for a in after),
            "terminated_after_last_result_seconds": max(after, default=None),
            "stages": stages}
@@ -267,8 +269,12 @@ def _targets(runs: list[dict[str, Any]]) -> list[str]:
             lines[-1] += (f"; its instances were billed {again['billed_after_last_result_seconds']:.0f} instance-"
                           f"seconds after the last result (terminated up to "
                           f"{again['terminated_after_last_result_seconds']:.1f} s after it, by the final promote's "
-                          "and the teardown's tasks), which the planning model does not bill: it terminates every "
-                          "instance at the last result")
+                          "and the teardown's tasks)")
+            if again.get("planned_teardown") is not None:
+                lines[-1] += (f", where its plan billed each instance live at the end "
+                              f"{again['planned_teardown']:.1f} s (the teardown its predecessors measured)")
+            else:
+                lines[-1] += ", which its plan did not bill"
     lines[-1] += ")."
     return lines + [""]
 

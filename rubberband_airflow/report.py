@@ -109,6 +109,9 @@ def build_report(storage: RunStorage, dag_id: str) -> dict[str, Any]:
         "planned_stage_overhead": {"seconds": (problem_data or {}).get("workload", {}).get("stage_overhead_seconds"),
                                    "from": plan.get("stage_overhead_from")},
         "trial_overhead_seconds": _trial_overhead(storage, len(stages) + 1, read),
+        "teardown_seconds": _teardown(ledger, final["end"]) if final and final["stage"] == planned else None,
+        "planned_teardown": {"seconds": (problem_data or {}).get("workload", {}).get("teardown_seconds", 0.0),
+                             "from": plan.get("teardown_from")},
         "planned_trial_overhead": {"seconds": (problem_data or {}).get("workload", {}).get("trial_overhead_seconds"),
                                    "from": plan.get("trial_overhead_from")},
         "replans": replan_rows(records, started),
@@ -214,6 +217,16 @@ def _pct(actual: float | None, predicted: float | None) -> str:
     return f"{(actual - predicted) / predicted * 100:+.1f}%"
 
 
+def _teardown(ledger: list[dict[str, Any]], end: float) -> float | None:
+    """Seconds from the last result (``end``) to the termination of the instances live then, on
+    average: what the model's ``teardown_seconds`` stands for. None until they are terminated."""
+    live = [e for e in ledger if e.get("running") is not None and float(e["running"]) <= end
+            and (e.get("terminated") is None or float(e["terminated"]) >= end)]
+    if not live or any(e.get("terminated") is None for e in live):
+        return None
+    return sum(float(e["terminated"]) - end for e in live) / len(live)
+
+
 OVERHEAD_SOURCES = {"spec": "fixed by the spec", "past runs": "measured in the DAG's past runs",
                     "calibration": "measured by the calibration DAG", "profile": "the profile's estimate"}
 
@@ -236,6 +249,13 @@ def overhead_lines(rep: dict[str, Any]) -> list[str]:
         line = f"Trial overhead: planned {trial['seconds']:.1f} s" + (f" ({source})" if source else "")
         if rep.get("trial_overhead_seconds") is not None:
             line += f", this run {rep['trial_overhead_seconds']:.1f} s"
+        lines.append(line)
+    down = rep.get("planned_teardown") or {}
+    if down.get("seconds") is not None and (down.get("from") or rep.get("teardown_seconds") is not None):
+        source = OVERHEAD_SOURCES.get(down.get("from") or "", "not measured yet")
+        line = f"Teardown (last result to instances terminated): planned {down['seconds']:.1f} s ({source})"
+        if rep.get("teardown_seconds") is not None:
+            line += f", this run {rep['teardown_seconds']:.1f} s"
         lines.append(line)
     return lines
 

@@ -162,6 +162,23 @@ def trial_overhead(history: list[dict[str, Any]]) -> tuple[float | None, str]:
     return None, "profile"
 
 
+def measured_teardown(reports: list[dict[str, Any]]) -> float | None:
+    """The time from a run's last result to its instances' termination, the median of past runs'
+    reports (a night whose teardown waited for Airflow would otherwise weigh on 5 runs' costs)."""
+    values = sorted(float(e) for rep in reports if (e := rep.get("teardown_seconds")) is not None and e >= 0)
+    return None if not values else (values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
+
+
+def teardown(history: list[dict[str, Any]], calibration: list[dict[str, Any]]) -> tuple[float | None, str]:
+    """The teardown a run plans with and where it comes from: measured in the DAG's past runs, else
+    in the deployment's calibration runs, else None (0: the instances end with the last result)."""
+    if (measured := measured_teardown(history)) is not None:
+        return measured, "past runs"
+    if (measured := measured_teardown(calibration)) is not None:
+        return measured, "calibration"
+    return None, "none"
+
+
 CALIBRATION_DAG_ID = "rubberband_calibration"  # its runs, under a storage root, measure that deployment
 
 
@@ -194,7 +211,8 @@ def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: d
     """The planning problem of one run: the profile, the spec, the trigger form's values and,
     where the spec does not fix it, the stage overhead measured in the DAG's past runs or, before
     its first, in the deployment's calibration runs (``stage_overhead``); the trial overhead
-    measured in the DAG's past runs (``trial_overhead``)."""
+    measured in the DAG's past runs (``trial_overhead``); the teardown measured in its past runs or
+    the calibration runs (``teardown``)."""
     s = settings(spec, params)
     sha = {"num_trials": s.sha.num_trials, "eta": s.sha.eta, "min_epochs": s.sha.min_epochs}
     if s.sha.num_stages is not None:
@@ -205,6 +223,8 @@ def planning_problem(spec: TuningSpec, params: dict[str, Any] | None, profile: d
         tuning["stage_overhead_seconds"] = h
     if (u := trial_overhead(history or [])[0]) is not None:
         tuning["trial_overhead_seconds"] = u
+    if (e := teardown(history or [], calibration or [])[0]) is not None:
+        tuning["teardown_seconds"] = e
     if spec.billing:
         tuning["billing"] = spec.billing
     tuning["planner"] = {**spec.planner, "seed": s.seed}

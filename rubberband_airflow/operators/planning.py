@@ -22,6 +22,7 @@ from rubberband_airflow.tuning import (
     planning_problem,
     settings,
     stage_overhead,
+    teardown,
     trial_overhead,
 )
 
@@ -68,6 +69,7 @@ class RubberBandPlanOperator(BaseOperator):
         out["history_runs"] = len(history)
         out["stage_overhead_from"] = stage_overhead(spec, history, calibration)[1]
         out["trial_overhead_from"] = trial_overhead(history)[1]
+        out["teardown_from"] = teardown(history, calibration)[1]
         pred = out["predicted"]
         self.log.info("Plan: %s, stages %s; predicted JCT p%g %.0f s, mean cost $%.2f (deadline %.0f s)",
                       out["instance_type"], [(s["instances"], s["gpus_per_trial"]) for s in out["stages"]],

@@ -56,6 +56,7 @@ class Workload:
     stage_overhead_seconds: float
     straggler_sigma: float = 0.0
     checkpoint_gb: float = 0.0
+    teardown_seconds: float = 0.0  # the last result to the termination of the instances still live
 
 
 MARKETS = ("on-demand", "spot")
@@ -196,7 +197,8 @@ class Problem:
             "workload": {"epoch_seconds": {str(g): s for g, s in sorted(w.epoch_seconds.items())},
                          "trial_overhead_seconds": w.trial_overhead_seconds,
                          "stage_overhead_seconds": w.stage_overhead_seconds,
-                         "straggler_sigma": w.straggler_sigma, "checkpoint_gb": w.checkpoint_gb},
+                         "straggler_sigma": w.straggler_sigma, "checkpoint_gb": w.checkpoint_gb,
+                         **({"teardown_seconds": w.teardown_seconds} if w.teardown_seconds else {})},
             "instance_types": [_type_dict(t) for t in self.instance_types],
             "billing": dict(self.billing.__dict__),
             "deadline_seconds": self.deadline_seconds,
@@ -243,6 +245,7 @@ def parse_problem(data: Any) -> Problem:
         stage_overhead_seconds=r.number("stage_overhead_seconds"),
         straggler_sigma=r.number("straggler_sigma", 0.0, at_most=5.0),
         checkpoint_gb=r.number("checkpoint_gb", 0.0),
+        teardown_seconds=r.number("teardown_seconds", 0.0),
     )
     r.done()
 

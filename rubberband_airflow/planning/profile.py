@@ -50,8 +50,8 @@ def to_problem(profile_data: dict[str, Any], tuning: dict[str, Any]) -> dict[str
     ``tuning`` has ``sha``, ``deadline_seconds``, ``instance_types`` (each: name, gpus,
     price_per_hour, max_instances; pending and boot default to the profile's), and optionally
     ``stage_overhead_seconds`` (the orchestrator's, measured from past runs),
-    ``trial_overhead_seconds`` (measured in past runs: the profile's otherwise), ``billing`` and
-    ``planner``.
+    ``trial_overhead_seconds`` (measured in past runs: the profile's otherwise),
+    ``teardown_seconds`` (measured in past runs: 0 otherwise), ``billing`` and ``planner``.
     """
     for key in ("sha", "deadline_seconds", "instance_types"):
         if key not in tuning:
@@ -77,7 +77,9 @@ def to_problem(profile_data: dict[str, Any], tuning: dict[str, Any]) -> dict[str
                                                                          profile_data["trial_overhead_seconds"])), 6),
                      "stage_overhead_seconds": round(float(stage_overhead), 6),
                      "straggler_sigma": round(profile_data["straggler_sigma"], 6),
-                     "checkpoint_gb": profile_data["checkpoint_gb"]},
+                     "checkpoint_gb": profile_data["checkpoint_gb"],
+                     **({"teardown_seconds": round(float(tuning["teardown_seconds"]), 6)}
+                        if tuning.get("teardown_seconds") is not None else {})},
         "instance_types": types,
         "deadline_seconds": tuning["deadline_seconds"],
     }

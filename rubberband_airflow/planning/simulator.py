@@ -321,10 +321,12 @@ def run_stage(problem: Problem, itype: InstanceType, fleet: Fleet, i: int, stage
 
 
 def bill(problem: Problem, itype: InstanceType, fleet: Fleet) -> Outcome:
-    """The outcome of a run whose every stage is done: the live instances end with it."""
+    """The outcome of a run whose every stage is done: the live instances are terminated the
+    workload's ``teardown_seconds`` after it."""
     end = fleet.end
     running_at = np.stack(fleet.running, axis=1)
-    terminated_at = np.stack([t if t is not None else end for t in fleet.terminated], axis=1)
+    teardown = end + problem.workload.teardown_seconds
+    terminated_at = np.stack([t if t is not None else teardown for t in fleet.terminated], axis=1)
     billed = billed_seconds(running_at, terminated_at, problem.billing.minimum_seconds,
                             problem.billing.increment_seconds)
     prices = np.array([problem.instance_type(o).price_per_hour for o in fleet.offers]) / 3600.0

@@ -13,6 +13,9 @@ import pytest
 import yaml
 
 from rubberband_airflow.execution.storage import RunStorage
+from rubberband_airflow.planning.plan import parse_plan
+from rubberband_airflow.planning.problem import parse_problem
+from rubberband_airflow.planning.simulator import simulate
 from rubberband_airflow.predictions import observed_text
 from rubberband_airflow.report import summary_lines
 from rubberband_airflow.run_view import run_view_html
@@ -214,3 +217,31 @@ def test_a_dags_next_run_plans_with_the_trial_overhead_its_past_runs_measured(ru
                                "this run ") for line in lines), lines
     # A DAG's own runs only: another DAG's first run keeps its profile's (its trainable is its own).
     assert runs["fast_replanned"].read_json("plan.json")["trial_overhead_from"] == "profile"
+
+
+def test_a_dags_next_run_bills_its_instances_until_the_teardown_its_past_runs_measured(runs):
+    """The instances end at the teardown task, seconds after the last result: the next run's plan
+    and its predicted cost count them (docs/planning-model.md, section 4)."""
+    first, again = runs[CALIBRATION_DAG_ID], runs["calibration_again"]
+    rep = first.read_json("report.json")
+    assert rep["planned_teardown"] == {"seconds": 0.0, "from": "none"}
+    end = rep["actual"]["stage_end_seconds"][-1] + first.read_json("run.json")["started"]
+    live = [e for e in first.ledger() if e["running"] <= end <= e["terminated"]]
+    assert live, first.ledger()
+    measured = rep["teardown_seconds"]
+    assert measured == pytest.approx(sum(e["terminated"] - end for e in live) / len(live)) and measured > 0
+    plan = again.read_json("plan.json")
+    assert plan["teardown_from"] == "past runs"
+    assert plan["problem"]["workload"]["teardown_seconds"] == pytest.approx(measured, abs=1e-6)
+    # The prediction counts it: the same plan without it predicts less, by the live instances' teardown.
+    problem = parse_problem(plan["problem"])
+    without = parse_problem({**plan["problem"], "workload": {**plan["problem"]["workload"], "teardown_seconds": 0}})
+    executed = parse_plan(plan, problem)
+    with_it, no_it = simulate(problem, executed), simulate(without, parse_plan(plan, without))
+    price = problem.instance_type(plan["instance_type"]).price_per_hour
+    live_at_end = plan["stages"][-1]["instances"]
+    assert with_it["cost_usd"]["mean"] - no_it["cost_usd"]["mean"] == pytest.approx(
+        live_at_end * measured * price / 3600, rel=0.05, abs=live_at_end * price / 3600)
+    lines = summary_lines(again.read_json("report.json"))
+    assert any(line.startswith(f"Teardown (last result to instances terminated): planned {measured:.1f} s "
+                               "(measured in the DAG's past runs), this run ") for line in lines), lines

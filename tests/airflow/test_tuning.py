@@ -22,6 +22,7 @@ from rubberband_airflow.tuning import (
     run_uri,
     settings,
     stage_overhead,
+    teardown,
     trial_overhead,
     write_snapshot,
 )
@@ -202,3 +203,15 @@ def test_a_run_plans_its_overheads_with_past_runs_of_as_many_trials_where_there_
     assert trial_overhead(like_this_run(runs, 256)) == (pytest.approx(7.0), "past runs")
     assert like_this_run(runs, 32) == runs[:5]  # none of its size: the latest of all sizes
     assert like_this_run(runs * 2, 32) == (runs * 2)[:5]
+
+
+def test_past_runs_give_the_teardown_by_their_median_else_calibration_else_none(spec):
+    past = [{"teardown_seconds": 4.0}, {"teardown_seconds": None}, {"teardown_seconds": 3600.0},
+            {"teardown_seconds": 5.0}, {}]
+    # One night whose teardown waited an hour for Airflow does not make the next runs plan with it
+    assert teardown(past, [{"teardown_seconds": 9.0}]) == (pytest.approx(5.0), "past runs")
+    assert teardown(past[:1] + past[3:4], []) == (pytest.approx(4.5), "past runs")
+    assert teardown([{}], [{"teardown_seconds": 9.0}]) == (pytest.approx(9.0), "calibration")
+    assert teardown([], []) == (None, "none")
+    assert planning_problem(spec, {}, PROFILE, past, [])["workload"]["teardown_seconds"] == pytest.approx(5.0)
+    assert "teardown_seconds" not in planning_problem(spec, {}, PROFILE, [], [])["workload"]

@@ -68,7 +68,7 @@ def reference_run(problem: Problem, plan: Plan, draws: Draws, sample: int) -> tu
         end = latest
         ends.append(end)
     for inst in live:
-        inst["terminated"] = end
+        inst["terminated"] = end + w.teardown_seconds
     b = problem.billing
     seconds = sum(_billed(x["running"], x["terminated"], b.minimum_seconds, b.increment_seconds) for x in every)
     first_restoring = 2 if problem.sha.done == 0 else 1  # stage 1 of the job restores nothing

@@ -26,7 +26,7 @@ def problems(draw, *, noise: bool = True, max_instances: int = 4, max_types: int
             "pending_sigma": draw(st.sampled_from([0.0, 0.5])) if noise else 0.0,
             "max_instances": draw(st.integers(1, max_instances)),
         })
-    return {
+    problem = {
         "sha": {"num_trials": draw(st.integers(1, max_trials)), "eta": draw(st.integers(2, 4)),
                 "min_epochs": draw(st.integers(1, 3))},
         "workload": {
@@ -44,6 +44,10 @@ def problems(draw, *, noise: bool = True, max_instances: int = 4, max_types: int
         "planner": {"jct_quantile": draw(st.sampled_from([0.5, 0.9, 0.95])), "samples": draw(st.integers(1, 12)),
                     "seed": draw(st.integers(0, 2**16))},
     }
+    # Drawn last, so that the problems drawn before it was modelled stay the same
+    if teardown := draw(st.sampled_from([0.0, 0.0, 45.0, 7.5])):
+        problem["workload"]["teardown_seconds"] = teardown
+    return problem
 
 
 @st.composite

@@ -35,6 +35,15 @@ def test_data_price_adds_one_restore_per_promoted_trial(resnet_problem):
     assert round(out["cost_usd"]["mean"], 6) == round(14.2766 + 21 * 0.1 * 0.09, 6)
 
 
+def test_a_teardown_bills_the_instances_live_at_the_end_for_it_and_leaves_the_jct(resnet_problem):
+    resnet_problem["workload"]["teardown_seconds"] = 90.0
+    problem = parse_problem(resnet_problem)
+    out = simulate(problem, parse_plan(WORKED_PLAN, problem))
+    assert out["jct_seconds"]["mean"] == 2334.0
+    # One p3.8xlarge ($12.24 an hour) is live at the end: 90 s more of it
+    assert round(out["cost_usd"]["mean"], 4) == round(14.2766 + 90 * 12.24 / 3600, 4)
+
+
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
 def test_vectorised_equals_event_by_event(data):
