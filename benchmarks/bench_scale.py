@@ -190,7 +190,7 @@ def measure(stack: Stack, proxy: _Proxy, trials: int, again: bool = False) -> di
            "planned_trial_overhead": plan["problem"]["workload"]["trial_overhead_seconds"],
            "trial_overhead_from": plan.get("trial_overhead_from"),
            "measured_trial_overhead": rep.get("trial_overhead_seconds"),
-           "planned_teardown": plan["problem"]["workload"].get("teardown_seconds", 0.0),
+           "planned_teardown": plan["problem"]["workload"].get("teardown_seconds"),  # None: not billed
            "measured_teardown": rep.get("teardown_seconds"),
            "billed_after_last_result_seconds": sum(max(0.0, a) for a in after),
            "terminated_after_last_result_seconds": max(after, default=None),

@@ -199,8 +199,10 @@ def calibration_runs(spec: TuningSpec, dag_id: str, history: list[dict[str, Any]
                      read: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The calibration reports a run of ``dag_id`` plans with (``read`` reads them from the
     calibration DAG's folder under the same storage root): only where neither the spec nor the
-    DAG's past runs give its stage overhead, and never for the calibration DAG itself."""
-    if dag_id == CALIBRATION_DAG_ID or stage_overhead(spec, history, [])[0] is not None:
+    DAG's past runs give its stage overhead, or its past runs its teardown, and never for the
+    calibration DAG itself."""
+    if dag_id == CALIBRATION_DAG_ID or (stage_overhead(spec, history, [])[0] is not None
+                                        and teardown(history, [])[0] is not None):
         return []
     return read()
 

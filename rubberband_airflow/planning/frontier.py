@@ -101,10 +101,11 @@ def stage_costs(problem: Problem, itype: InstanceType, stage: int, g: int, befor
     else:
         span = makespan(problem.sha.trials(stage + 1), d, carried * slots, new * slots, pending + itype.boot_seconds)
     kept = np.where(after <= before, before * h + after * span, before * (h + span))
-    if stage == problem.num_stages - 1:  # the instances live at the end bill until the teardown
-        kept = kept + after * w.teardown_seconds
     first_life = np.maximum(0.0, span - pending)  # a new instance lives at least this long
     slack = new * (b.increment_seconds + np.maximum(0.0, b.minimum_seconds - first_life))
+    if stage == problem.num_stages - 1:  # the instances live at the end bill until the teardown
+        e = w.teardown_seconds
+        kept = kept + carried * e + new * (np.maximum(0.0, span - pending + e) - first_life)
     return h + span, kept + new * first_life, slack
 
 

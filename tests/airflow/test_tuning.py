@@ -73,16 +73,21 @@ def test_the_overhead_comes_from_the_spec_then_past_runs_then_calibration_then_t
     assert planning_problem(spec, {}, PROFILE, [], calibration)["workload"]["stage_overhead_seconds"] == 6.0
     fixed = dataclasses.replace(spec, stage_overhead_seconds=0.5)
     assert stage_overhead(fixed, past, calibration) == (0.5, "spec")
-    # The calibration runs are read only where neither the spec nor past runs give the overhead.
+    # The calibration runs are read only where neither the spec nor past runs give the overhead, or
+    # past runs the teardown (reports from before it was measured; a spec that fixes the overhead).
     reads = []
 
     def read():
         reads.append(1)
         return calibration
 
+    measured = [{**past[0], "teardown_seconds": 3.0}]
     assert calibration_runs(spec, "tune", [], read) == calibration and len(reads) == 1
-    assert calibration_runs(spec, "tune", past, read) == [] and calibration_runs(fixed, "tune", [], read) == []
-    assert calibration_runs(spec, CALIBRATION_DAG_ID, [], read) == [] and len(reads) == 1
+    assert calibration_runs(spec, "tune", measured, read) == [] and len(reads) == 1
+    assert calibration_runs(spec, "tune", past, read) == calibration and len(reads) == 2
+    assert calibration_runs(fixed, "tune", [], read) == calibration and len(reads) == 3
+    assert stage_overhead(fixed, past, calibration) == (0.5, "spec")  # the spec's all the same
+    assert calibration_runs(spec, CALIBRATION_DAG_ID, [], read) == [] and len(reads) == 3
 
 
 def test_a_relative_profile_path_is_the_spec_files_folders(tmp_path):

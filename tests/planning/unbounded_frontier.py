@@ -47,9 +47,10 @@ def stage_table(problem: Problem, itype: InstanceType) -> StageTable:
             span = makespan(n, d, carried * slots, new * slots, delay)
             seconds[i, :, :, k] = h + span
             kept = np.where(after <= before, before * h + after * span, before * (h + span))
-            if i == problem.num_stages - 1:  # the instances live at the end bill until the teardown
-                kept = kept + after * w.teardown_seconds
             first_life = np.maximum(0.0, span - pending)  # a new instance lives at least this long
+            if i == problem.num_stages - 1:  # the instances live at the end bill until the teardown
+                e = w.teardown_seconds
+                kept = kept + carried * e + new * (np.maximum(0.0, span - pending + e) - first_life)
             inst_seconds[i, :, :, k] = kept + new * first_life
             slack[i, :, :, k] = new * (b.increment_seconds + np.maximum(0.0, b.minimum_seconds - first_life))
     return StageTable(gpus, seconds, inst_seconds, slack)
