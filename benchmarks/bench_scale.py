@@ -178,8 +178,18 @@ def measure(stack: Stack, proxy: _Proxy, trials: int, again: bool = False) -> di
     plan = storage.read_json("plan.json")
     # Billed after the last result: the model terminates every instance at the last result
     # (docs/planning-model.md, section 4); the run terminates them at its teardown task.
-    after = [float(e["terminated"]) - max(float(e["running"]), previous_last or 0.0) for e in storage.ledger()
+    ledger = storage.ledger()
+    after = [float(e["terminated"]) - max(float(e["running"]), previous_last or 0.0) for e in ledger
              if e.get("running") is not None and e.get("terminated") is not None]
+    # Billed before an instance's first trial: the model's instances (launch latency 0) run one at once.
+    first_trial: dict[str, float] = {}
+    for trial in rep["trials"].values():
+        for r in trial["results"].values():
+            if r.get("instance") and (spawned := r.get("spawned") or r.get("started")) is not None:
+                first_trial[r["instance"]] = min(float(spawned), first_trial.get(r["instance"], float("inf")))
+    idle = [first_trial[e["instance"]] - float(e["running"]) for e in ledger
+            if e.get("running") is not None and e["instance"] in first_trial]
+    price = next(t["price_per_hour"] for t in plan["problem"]["instance_types"] if t["name"] == plan["instance_type"])
     out = {"trials": trials, "again": again, "state": state, "deadline_seconds": DEADLINES.get(trials, 60.0),
            "instances_per_stage": [s["instances"] for s in plan["stages"]], "wall_seconds": wall,
            "triggerer_cpu_seconds": cpu,
@@ -193,6 +203,9 @@ def measure(stack: Stack, proxy: _Proxy, trials: int, again: bool = False) -> di
            "planned_teardown": plan["problem"]["workload"].get("teardown_seconds"),  # None: not billed
            "measured_teardown": rep.get("teardown_seconds"),
            "billed_after_last_result_seconds": sum(max(0.0, a) for a in after),
+           "billed_before_first_trial_seconds": sum(max(0.0, x) for x in idle),
+           "billed_seconds": (rep["actual"]["cost_usd"] or 0.0) * 3600 / price,
+           "predicted_billed_seconds": rep["predicted"]["cost_usd"]["mean"] * 3600 / price,
            "terminated_after_last_result_seconds": max(after, default=None),
            "stages": stages}
     print(json.dumps(out), flush=True)
@@ -275,6 +288,13 @@ def _targets(runs: list[dict[str, Any]]) -> list[str]:
                               f"{again['planned_teardown']:.1f} s (the teardown its predecessors measured)")
             else:
                 lines[-1] += ", which its plan did not bill"
+        if again.get("billed_before_first_trial_seconds") is not None:
+            lines[-1] += (f"; of the {again['billed_seconds']:.0f} instance-seconds it was billed (predicted "
+                          f"{again['predicted_billed_seconds']:.0f}), "
+                          f"{again['billed_before_first_trial_seconds']:.0f} were before each instance's first "
+                          "trial (its agent's start, the placement, its first poll), which the model counts as "
+                          "none: it requests a stage's instances at the stage's start, when its first trials "
+                          "start, and the local type's launch latency is 0 s")
     lines[-1] += ")."
     return lines + [""]
 
