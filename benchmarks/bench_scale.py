@@ -266,9 +266,9 @@ def _targets(runs: list[dict[str, Any]]) -> list[str]:
     if others and max(others) > 6:
         lines[-1] += (f"; with fewer trials up to {max(others):.1f}, where a stage's fixed reads and each trial's "
                       "one read of its result weigh on short waits of few trials")
-    lines[-1] += (f"; predicted JCT within 5% and cost within 2%, in the run of {again['trials']} trials planned "
-                  f"with the overheads the one before it measured: {met(abs(jct) <= 0.05 and abs(cost) <= 0.02)} "
-                  f"({jct:+.0%} and {cost:+.0%}")
+    lines[-1] += (f"; in the run of {again['trials']} trials planned with the overheads the one before it "
+                  f"measured, predicted JCT within 5%: {met(abs(jct) <= 0.05)} ({jct:+.0%}), cost within 2%: "
+                  f"{met(abs(cost) <= 0.02)} ({cost:+.0%}")
     if again.get("measured_trial_overhead") is not None:
         measured = [s["overhead_seconds"] for s in again["stages"] if s["overhead_seconds"] is not None]
         lines[-1] += (f": it planned with a stage overhead of {again['planned_stage_overhead']:.1f} s and measured "
