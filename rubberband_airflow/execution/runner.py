@@ -276,15 +276,25 @@ def stage_trials(storage: RunStorage, stage: int) -> list[str]:
 
 def note_start_try(storage: RunStorage, stage: int, try_number: int, first_of_clear: bool,
                    continued: int = 0) -> None:
-    """Record, once per try, when a try of the stage's start began (``stages/<i>/start-tries.json``),
+    """Record, once per try, when a try of the stage's start began (``stages/<i>/start-tries/<try>.json``),
     whether it was the first try of its clear (Airflow's) and in which continuation of the run's
     attempt (``continued``: clears of failed tasks since the attempt began): the stage overhead a
-    run measures leaves out the time its start waited to be tried again (``start_retry_wait``)."""
-    tries = storage.read_json("stages", str(stage), "start-tries.json") or []
-    if any(t.get("try") == try_number for t in tries):  # the same try, its body tried again in a storage burst
-        return
-    storage.write_json(tries + [{"try": try_number, "time": time.time(), "first_of_clear": first_of_clear,
-                                 "continued": continued}], "stages", str(stage), "start-tries.json")
+    run measures leaves out the time its start waited to be tried again (``start_retry_wait``).
+    A file per try, written once: two live tries (a zombie and its successor) keep both records,
+    and the same try's body tried again in a storage burst keeps its first."""
+    storage.create_json({"try": try_number, "time": time.time(), "first_of_clear": first_of_clear,
+                         "continued": continued}, "stages", str(stage), "start-tries", f"{try_number}.json")
+
+
+def start_tries(storage: RunStorage, stage: int) -> list[dict[str, Any]]:
+    """Every recorded try of the stage's start, by when it began (with those of a run recorded
+    before each try had a file of its own, in ``start-tries.json``)."""
+    names = [n for n in storage.listdir("stages", str(stage), "start-tries") if n.endswith(".json")]
+    tries = [t for t in storage.read_json_many([("stages", str(stage), "start-tries", n) for n in names])
+             if isinstance(t, dict)]
+    seen = {t.get("try") for t in tries}
+    tries += [t for t in storage.read_json("stages", str(stage), "start-tries.json") or [] if t.get("try") not in seen]
+    return sorted(tries, key=lambda t: float(t["time"]))
 
 
 def start_retry_wait(storage: RunStorage, stage: int, first_trial: float, barrier: float) -> float | None:
@@ -295,7 +305,7 @@ def start_retry_wait(storage: RunStorage, stage: int, first_trial: float, barrie
     before the record); None where the wait is unknown: a try before the earliest recorded one left
     no record (the earliest was not its clear's first, or was the first of a clear of a later
     continuation that was not the task's first try: its host was gone, or its storage failed)."""
-    tries = sorted(storage.read_json("stages", str(stage), "start-tries.json") or [], key=lambda t: t["time"])
+    tries = start_tries(storage, stage)
     placing = (storage.read_json("stages", str(stage), "placement.json") or {}).get("start_try")
     before = [t for t in tries if float(t["time"]) <= first_trial] if placing is None else \
         tries[:1 + next((k for k, t in enumerate(tries) if t.get("try") == placing), len(tries) - 1)]

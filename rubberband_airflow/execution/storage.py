@@ -18,6 +18,7 @@ Layout under the run (attempt) prefix:
     trials/<trial>/checkpoint.pt         the latest checkpoint, headed by its trial and epoch
     trials/<trial>/stage-<i>.json        the trial's result in stage i: done or failed, and why (written once)
     trials/<trial>/stage-<i>.try-<k>.json  its result in the k-th try of stage i (a failed trial run again)
+    stages/<i>/start-tries/<try>.json    when a try of the stage's start began (written once per try)
     stages/<i>/placement.json            the stage's placement (written once: a retried place reuses it)
     stages/<i>/<instance>.json           the trials assigned to an instance in stage i, in order
     stages/<i>/recovery/<instance>.json  where the trials of an instance lost in stage i went

@@ -88,3 +88,30 @@ def test_the_wait_runs_to_the_try_that_placed_the_trials_whatever_the_agents_clo
     report = build_report(storage, "dag")
     assert report["stages"][1]["start_retry_wait_seconds"] == pytest.approx(3600.0)
     assert report["stage_overhead_seconds"][1] == 0.0
+
+
+def test_two_live_tries_of_a_start_both_keep_their_record(tmp_path):
+    """A zombie try of a start and the try that replaced it record at the same moment: neither
+    record is lost (each try has its own file), and a try's body run again keeps its first time."""
+    import threading
+
+    storage, t0 = _stage_1_ran(tmp_path)
+    go = threading.Barrier(8)
+
+    def note(k: int) -> None:
+        go.wait()
+        runner.note_start_try(storage, 2, k, first_of_clear=k == 1)
+
+    threads = [threading.Thread(target=note, args=(k,)) for k in range(1, 9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = {t["try"]: t["time"] for t in runner.start_tries(storage, 2)}
+    assert sorted(first) == list(range(1, 9))
+    runner.note_start_try(storage, 2, 3, first_of_clear=False)  # try 3's body again, after a storage burst
+    assert {t["try"]: t["time"] for t in runner.start_tries(storage, 2)} == first
+    # A run recorded before each try had its own file still reads, with the new records beside it.
+    storage.write_json([{"try": 20, "time": t0 - 100.0, "first_of_clear": True, "continued": 0}],
+                       "stages", "2", "start-tries.json")
+    assert [t["try"] for t in runner.start_tries(storage, 2)][0] == 20
