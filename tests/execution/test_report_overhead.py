@@ -112,6 +112,9 @@ def test_two_live_tries_of_a_start_both_keep_their_record(tmp_path):
     runner.note_start_try(storage, 2, 3, first_of_clear=False)  # try 3's body again, after a storage burst
     assert {t["try"]: t["time"] for t in runner.start_tries(storage, 2)} == first
     # A run recorded before each try had its own file still reads, with the new records beside it.
-    storage.write_json([{"try": 20, "time": t0 - 100.0, "first_of_clear": True, "continued": 0}],
+    storage.write_json([{"try": 20, "time": t0 - 100.0, "first_of_clear": True, "continued": 0},
+                        {"try": 3, "time": t0 - 50.0, "first_of_clear": False, "continued": 0}],
                        "stages", "2", "start-tries.json")
-    assert [t["try"] for t in runner.start_tries(storage, 2)][0] == 20
+    both = runner.start_tries(storage, 2)
+    assert [t["try"] for t in both][0] == 20 and sorted(t["try"] for t in both) == [*range(1, 9), 20]
+    assert next(t for t in both if t["try"] == 3)["time"] == first[3]  # a try in both counts once, by its file
