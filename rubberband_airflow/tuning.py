@@ -6,6 +6,7 @@ connection (``rubberband_airflow.hooks.storage``) and hands the results in.
 from __future__ import annotations
 
 import json
+import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -165,8 +166,8 @@ def trial_overhead(history: list[dict[str, Any]]) -> tuple[float | None, str]:
 def measured_teardown(reports: list[dict[str, Any]]) -> float | None:
     """The time from a run's last result to its instances' termination, the median of past runs'
     reports (a night whose teardown waited for Airflow would otherwise weigh on 5 runs' costs)."""
-    values = sorted(float(e) for rep in reports if (e := rep.get("teardown_seconds")) is not None and e >= 0)
-    return None if not values else (values[(len(values) - 1) // 2] + values[len(values) // 2]) / 2
+    values = [float(e) for rep in reports if (e := rep.get("teardown_seconds")) is not None and e >= 0]
+    return statistics.median(values) if values else None
 
 
 def teardown(history: list[dict[str, Any]], calibration: list[dict[str, Any]]) -> tuple[float | None, str]:
